@@ -1,0 +1,89 @@
+"""Accuracy of an ONNX model on a CIFAR-10 split, through onnxruntime (numpy only, no torch).
+
+Preprocessing is read from the model's own metadata, exactly as the server does it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.data import load_split
+
+
+def predict(model_path: str | Path, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, list[str]]:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    labels = json.loads(meta["labels"])
+    pre = json.loads(meta["preprocessing"])
+    mul = (pre["scale"] / np.asarray(pre["std"], np.float32)).astype(np.float32)
+    add = (-np.asarray(pre["mean"], np.float32) / np.asarray(pre["std"], np.float32)).astype(np.float32)
+    preds = []
+    for i in range(0, len(images), batch_size):
+        x = (images[i:i + batch_size].astype(np.float32) * mul + add).transpose(0, 3, 1, 2)
+        preds.append(session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})[0].argmax(1))
+    return np.concatenate(preds), labels
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(labels * n + preds, minlength=n * n).reshape(n, n)
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted"); ax.set_ylabel("true"); ax.set_title(title)
+    threshold = cm.max() / 2
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > threshold else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(model_path: str | Path, data: str | Path, split: str = "val", batch_size: int = 500) -> dict:
+    ds = load_split(data, split)
+    preds, labels = predict(model_path, ds.images, batch_size)
+    n = len(labels)
+    cm = confusion_matrix(ds.labels, preds, n)
+    per_class = (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()
+    return {"model": str(model_path), "data": str(data), "split": split, "images": int(len(ds)),
+            "top1": float((preds == ds.labels).mean()), "classes": labels,
+            "per_class": dict(zip(labels, per_class)), "confusion_matrix": cm.tolist()}
+
+
+def format_report(result: dict) -> str:
+    classes = result["classes"]
+    lines = [f"{result['model']} on {result['split']} ({result['images']} images): "
+             f"top-1 {100 * result['top1']:.2f}%", "", "per-class accuracy:"]
+    lines += [f"  {c:<11} {100 * a:6.2f}%" for c, a in result["per_class"].items()]
+    lines += ["", "confusion matrix (rows: true, columns: predicted):",
+              " " * 12 + " ".join(f"{c[:5]:>5}" for c in classes)]
+    for c, row in zip(classes, result["confusion_matrix"]):
+        lines.append(f"  {c:<10}" + " ".join(f"{v:5d}" for v in row))
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = evaluate(args.model, args.data, args.split, args.batch_size)
+    print(format_report(result))
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_confusion(np.array(result["confusion_matrix"]), result["classes"], out / "confusion_matrix.png",
+                       f"validation top-1 {100 * result['top1']:.2f}% ({result['images']} images)")
+        print(f"\nwrote {out / 'evaluation.json'} and {out / 'confusion_matrix.png'}")
+    return 0

@@ -1,0 +1,228 @@
+"""Dynamic batching, framework-free: an asyncio queue of requests in front of one batch function.
+
+- ``submit(items)`` queues a request of ``len(items)`` images and awaits its own slice of the
+  results. A request larger than ``max_batch_size`` is split across consecutive batches.
+- One worker task forms batches. With ``max_queue_delay_s == 0`` it is greedy: whenever the
+  runtime is free it takes everything queued (up to the max), so a lone request never waits.
+  With a delay it waits for a full batch or until the oldest request has waited that long.
+- The batch function runs in a one-thread executor, so the event loop keeps accepting requests
+  and the next batch forms while one computes.
+- The queue is bounded in images: a submit that would overflow it raises ``Overloaded`` at once.
+- A request whose deadline passed, or whose caller went away (its future was cancelled), is
+  dropped before compute.
+- If the batch function raises, every request of that batch gets one ``InferenceFailed``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+
+log = logging.getLogger("cnnserve.batcher")
+
+BatchFn = Callable[[list[np.ndarray]], Sequence[np.ndarray]]
+
+
+class BatchObserver:
+    """Hooks for metrics; the defaults do nothing. Called on the event loop."""
+
+    def queue_depth(self, images: int) -> None: ...
+    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None: ...
+    def dropped(self, reason: str, images: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Request:
+    items: np.ndarray
+    future: asyncio.Future
+    deadline: float | None
+    enqueued: float
+    taken: int = 0                      # images already given to a batch
+    done: int = 0                       # images whose results came back
+    pieces: list = field(default_factory=list)  # (start, outputs) per finished chunk
+
+
+class Batcher:
+    def __init__(self, run_batch: BatchFn, *, max_batch_size: int = 64, max_queue_delay_s: float = 0.0,
+                 max_queue_size: int = 1024, observer: BatchObserver | None = None, name: str = "batcher") -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.observer = observer or BatchObserver()
+        self.name = name
+        self._queue: deque[_Request] = deque()
+        self._queued_images = 0
+        self._has_items = asyncio.Event()
+        self._full = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-infer")
+        self._worker: asyncio.Task | None = None
+        self._closed = False
+        self._mean_batch_s = 0.01  # running estimate, for Retry-After
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-worker")
+
+    async def submit(self, items: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
+        """Queue ``items`` (first axis = images) and return the batch function's outputs for
+        exactly these images. ``deadline`` is a ``time.monotonic()`` instant."""
+        if self._closed:
+            raise NotReady(f"{self.name} is shut down")
+        n = len(items)
+        if n == 0:
+            raise ValueError("empty request")
+        if self._queued_images + n > self.max_queue_size:
+            self.observer.dropped("queue_full", n)
+            backlog = (self._queued_images / self.max_batch_size + 1) * self._mean_batch_s
+            raise Overloaded(f"queue full ({self._queued_images} images waiting, limit {self.max_queue_size})",
+                             retry_after_s=max(1.0, backlog))
+        request = _Request(items, asyncio.get_running_loop().create_future(), deadline, time.monotonic())
+        self._queue.append(request)
+        self._queued_images += n
+        self._idle.clear()
+        self._has_items.set()
+        if self._queued_images >= self.max_batch_size:
+            self._full.set()
+        self.observer.queue_depth(self._queued_images)
+        return await request.future
+
+    async def _wait_for_batch(self) -> None:
+        await self._has_items.wait()
+        if self.max_queue_delay_s <= 0 or self._queued_images >= self.max_batch_size:
+            return
+        # Remaining time of the oldest request's delay, not a fresh full delay.
+        remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+        if remaining > 0:
+            try:
+                await asyncio.wait_for(self._full.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def _take_batch(self) -> list[tuple[_Request, int, int]]:
+        """Chunks (request, start, end) for the next batch, dropping dead requests."""
+        chunks, size, now = [], 0, time.monotonic()
+        while self._queue and size < self.max_batch_size:
+            request = self._queue[0]
+            left = len(request.items) - request.taken
+            expired = request.deadline is not None and request.deadline <= now
+            if expired or request.future.done():
+                self._queue.popleft()
+                self._queued_images -= left
+                # A gRPC call past its deadline is cancelled by grpc itself: still a "deadline" drop.
+                self.observer.dropped("deadline" if expired else "cancelled", left)
+                if not request.future.done():
+                    request.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                continue
+            take = min(left, self.max_batch_size - size)
+            chunks.append((request, request.taken, request.taken + take))
+            request.taken += take
+            size += take
+            self._queued_images -= take
+            if request.taken == len(request.items):
+                self._queue.popleft()
+        if not self._queue:
+            self._has_items.clear()
+        if self._queued_images < self.max_batch_size:
+            self._full.clear()
+        self.observer.queue_depth(self._queued_images)
+        return chunks
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_batch()
+            chunks = self._take_batch()
+            if not chunks:
+                if not self._queue:
+                    self._idle.set()
+                continue
+            parts = [r.items if (s == 0 and e == len(r.items)) else r.items[s:e] for r, s, e in chunks]
+            started = time.monotonic()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.run_batch, parts)
+            except Exception as e:  # noqa: BLE001 - one error for every waiter of the batch
+                log.exception("%s: batch of %d images failed", self.name, sum(e_ - s for _, s, e_ in chunks))
+                error = InferenceFailed(f"inference failed: {type(e).__name__}: {e}")
+                for request, _, _ in chunks:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+                continue
+            finally:
+                if not self._queue:
+                    self._idle.set()
+            elapsed = time.monotonic() - started
+            self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * elapsed
+            size = sum(e - s for _, s, e in chunks)
+            self.observer.batch_done(size, [started - r.enqueued for r, s, _ in chunks if s == 0], elapsed)
+            self._deliver(chunks, outputs)
+
+    @staticmethod
+    def _deliver(chunks: list[tuple[_Request, int, int]], outputs: Sequence[np.ndarray]) -> None:
+        offset = 0
+        for request, start, end in chunks:
+            n = end - start
+            piece = tuple(out[offset:offset + n] for out in outputs)
+            offset += n
+            if request.future.done():
+                continue
+            request.pieces.append((start, piece))
+            request.done += n
+            if request.done == len(request.items):
+                if len(request.pieces) == 1:
+                    result = request.pieces[0][1]
+                else:
+                    request.pieces.sort(key=lambda p: p[0])
+                    result = tuple(np.concatenate([p[1][i] for p in request.pieces]) for i in range(len(outputs)))
+                request.future.set_result(_retype(outputs, result))
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until everything admitted has been answered; False on timeout."""
+        try:
+            await asyncio.wait_for(self._wait_idle(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _wait_idle(self) -> None:
+        while self._queue or not self._idle.is_set():
+            await self._idle.wait()
+            await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        """Stop the worker; requests still queued get NotReady."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                request.future.set_exception(NotReady("server shutting down"))
+        self._queued_images = 0
+        self._executor.shutdown(wait=True)
+
+
+def _retype(template: Any, values: tuple) -> Any:
+    """Rebuild a NamedTuple batch output from its sliced fields."""
+    return type(template)._make(values) if hasattr(template, "_make") else values
+

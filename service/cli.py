@@ -1,0 +1,146 @@
+"""The ``cnnserve`` command: serve, classify, train, export, evaluate.
+
+train/export need the ``train`` extra (torch, onnx); they are imported only when called, so the
+serving install never loads torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+DEFAULT_DATA = "../shared/data/cifar10/cifar10-train-jpeg.tar.gz"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; help shows the description, default and environment variable."""
+    group = parser.add_argument_group("server settings (flag, or CNNSERVE_<NAME> environment variable)")
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        help_text = f"{field.description} [default: {shown}; env CNNSERVE_{name.upper()}]".replace("%", "%%")
+        annotation = field.annotation
+        if annotation is bool:
+            group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+            continue
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        group.add_argument(_flag(name), dest=name, default=None, choices=choices, metavar=name.upper(),
+                           help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**given)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service import app
+
+    return app.run(settings_from_args(args))
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from service import client
+
+    return client.main(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from export.train import TrainConfig, train
+
+    cfg = TrainConfig(data=args.data, out_dir=args.out_dir, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, seed=args.seed, threads=args.threads, limit_train=args.limit_train,
+                      val_size=args.val_size)
+    best = train(cfg, resume=not args.no_resume)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.export_onnx import export
+
+    export(args.checkpoint, args.output, data=args.data, opset=args.opset)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from export.evaluate import main
+
+    return main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gRPC + HTTP server",
+                       description="Serve the models of a model repository over gRPC and HTTP.")
+    add_settings_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("classify", help="classify image files with a running server")
+    p.add_argument("images", nargs="+", type=Path, help="JPEG/PNG files")
+    p.add_argument("--target", default=None,
+                   help="host:port of the server (default localhost:8001 for gRPC, localhost:8000 with --http)")
+    p.add_argument("--http", action="store_true", help="use HTTP /predict instead of gRPC Classify")
+    p.add_argument("--top-k", type=int, default=None, help="labels per image, 1-10 (server default 5)")
+    p.add_argument("--model", default=None, help="model name (default: the server's default)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up (default 10)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("train", help="train the CNN on CIFAR-10 (needs the train extra)")
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"image-folder tree/.tar.gz or CIFAR-10 python archive "
+                                                        f"(default {DEFAULT_DATA})")
+    p.add_argument("--out-dir", default="runs/cifar10", help="checkpoints, metrics.jsonl, curves.png")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--val-size", type=int, default=5000, help="held-out stratified validation images")
+    p.add_argument("--limit-train", type=int, default=0, help="train on N images only (smoke runs)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt in --out-dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX with parity check (needs the train extra)")
+    p.add_argument("--checkpoint", default="runs/cifar10/best.pt")
+    p.add_argument("--output", default="models/cifar10/1/model.onnx")
+    p.add_argument("--data", default=DEFAULT_DATA, help="images for the parity check (validation split)")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="accuracy of an ONNX model through onnxruntime (no torch)")
+    p.add_argument("--model", default="models/cifar10/1/model.onnx")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--split", default="val", choices=["val", "train", "all", "test"],
+                   help="val: the held-out 5,000 (default); test: a CIFAR-10 python archive's test batch")
+    p.add_argument("--out-dir", default=None, help="write confusion_matrix.png and evaluation.json here")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValidationError as e:
+        print(f"cnnserve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

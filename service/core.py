@@ -1,0 +1,214 @@
+"""The protocol-agnostic core: model lookup, validation, decoding, batching, top-k.
+
+Every transport (HTTP /predict, gRPC Classify, both Open Inference Protocol bindings) calls
+these methods and translates ``service.errors`` exceptions with the maps in that module; none of
+them validates or batches on its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from service import codec, repository
+from service.batcher import Batcher
+from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge
+from service.metrics import Metrics, ModelStats, StatsObserver
+from service.runtime import BatchOutput, ModelRuntime
+from service.settings import Settings
+
+log = logging.getLogger("cnnserve.core")
+
+MAX_TOP_K = 10
+# Encoded images up to this size are decoded on the event loop (tens of microseconds); larger ones
+# in a worker thread so that one big photo cannot stall every other request.
+INLINE_DECODE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """Interleaved RGB uint8 pixels."""
+    data: bytes
+    height: int
+    width: int
+
+
+ImageInput = Union[bytes, RawImage]
+
+
+@dataclass
+class LoadedModel:
+    runtime: ModelRuntime
+    batcher: Batcher
+    stats: ModelStats
+
+    @property
+    def name(self) -> str:
+        return self.runtime.name
+
+    @property
+    def version(self) -> str:
+        return self.runtime.version
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Top-k of every image of a request, in request order."""
+    model: str
+    version: str
+    indices: np.ndarray        # int64 [n, k]
+    probabilities: np.ndarray  # float32 [n, k]
+    labels: np.ndarray         # object [n, k]
+
+
+class InferenceCore:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, dict[str, LoadedModel]] = {}
+        self._runtimes: list[ModelRuntime] = []
+        self.ready = False
+        self.draining = False
+
+    # ---- life cycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        """Create and warm up a session per model version (blocking: run it in a thread)."""
+        for spec in repository.scan(self.settings.model_repository):
+            started = time.monotonic()
+            runtime = ModelRuntime(spec, self.settings)
+            runtime.warm_up(self.settings.max_batch_size)
+            log.info("loaded %s/%s from %s on %s in %.2fs", spec.name, spec.version, spec.path, runtime.provider,
+                     time.monotonic() - started)
+            self._runtimes.append(runtime)
+
+    def start(self) -> None:
+        """Create the batchers on the running loop and report ready."""
+        s = self.settings
+        for runtime in self._runtimes:
+            stats = ModelStats()
+            batcher = Batcher(runtime.run_batch, max_batch_size=s.max_batch_size,
+                              max_queue_delay_s=s.max_queue_delay_ms / 1000.0, max_queue_size=s.max_queue_size,
+                              observer=StatsObserver(self.metrics, runtime.name, stats),
+                              name=f"{runtime.name}-{runtime.version}")
+            batcher.start()
+            self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats)
+            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    def begin_drain(self) -> None:
+        """Readiness turns false; admitted and new requests are still served until stop()."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.ready and not self.draining
+
+    async def drain(self, timeout: float) -> bool:
+        results = await asyncio.gather(*(m.batcher.drain(timeout) for m in self.all_models()))
+        return all(results)
+
+    async def close(self) -> None:
+        self.ready = False
+        await asyncio.gather(*(m.batcher.close() for m in self.all_models()))
+
+    # ---- lookup -----------------------------------------------------------------------------
+    def all_models(self) -> list[LoadedModel]:
+        return [m for versions in self.models.values() for m in versions.values()]
+
+    def model(self, name: str | None = None, version: str | None = None) -> LoadedModel:
+        """The model to answer a request. No name: the only model (or the first by name); no
+        version: the highest. Raises NotReady before warm-up, ModelNotFound for unknown ones."""
+        if not self.ready:
+            raise NotReady("models are still loading")
+        if not name:
+            name = next(iter(sorted(self.models)))
+        versions = self.models.get(name)
+        if versions is None:
+            raise ModelNotFound(f"unknown model {name!r} (available: {', '.join(sorted(self.models))})")
+        if not version:
+            version = max(versions, key=int)
+        found = versions.get(str(version))
+        if found is None:
+            raise ModelNotFound(f"model {name!r} has no version {version!r} "
+                                f"(available: {', '.join(sorted(versions, key=int))})")
+        return found
+
+    def deadline(self, timeout_s: float | None) -> float | None:
+        """A monotonic deadline from a client's timeout, else from default_timeout_ms."""
+        if timeout_s is None and self.settings.default_timeout_ms > 0:
+            timeout_s = self.settings.default_timeout_ms / 1000.0
+        return None if timeout_s is None else time.monotonic() + timeout_s
+
+    # ---- validation and decoding ------------------------------------------------------------
+    def check_top_k(self, top_k: int | None, num_classes: int = MAX_TOP_K) -> int:
+        k = self.settings.default_top_k if top_k is None else top_k
+        limit = min(MAX_TOP_K, num_classes)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+            raise InvalidParameter(f"top_k must be an integer from 1 to {limit}, got {top_k!r}")
+        return k
+
+    def check_image_count(self, n: int) -> None:
+        if n == 0:
+            raise InvalidInput("the request holds no image")
+        if n > self.settings.max_images_per_request:
+            raise PayloadTooLarge(f"{n} images in one request; the limit is {self.settings.max_images_per_request}")
+
+    def _decode_all(self, images: list[ImageInput]) -> np.ndarray:
+        max_pixels = self.settings.max_image_pixels
+        out = np.empty((len(images), codec.SIZE, codec.SIZE, 3), np.uint8)
+        for i, image in enumerate(images):
+            try:
+                if isinstance(image, RawImage):
+                    out[i] = codec.raw_to_image(image.data, image.height, image.width, max_pixels)
+                else:
+                    out[i] = codec.decode_image(image, max_pixels)
+            except (InvalidInput, PayloadTooLarge) as e:
+                if len(images) > 1:
+                    e.message = f"image {i}: {e.message}"
+                    e.args = (e.message,)
+                raise
+        return out
+
+    async def decode(self, images: list[ImageInput]) -> np.ndarray:
+        self.check_image_count(len(images))
+        encoded = sum(len(im.data) if isinstance(im, RawImage) else len(im) for im in images)
+        if encoded <= INLINE_DECODE_BYTES:
+            return self._decode_all(images)
+        return await asyncio.to_thread(self._decode_all, images)
+
+    # ---- inference --------------------------------------------------------------------------
+    async def _submit(self, model: LoadedModel, batch: np.ndarray, deadline: float | None) -> BatchOutput:
+        started = time.monotonic()
+        ok = False
+        try:
+            result = await model.batcher.submit(batch, deadline)
+            ok = True
+            return result
+        finally:
+            model.stats.request_done(ok, time.monotonic() - started)
+
+    async def classify(self, images: list[ImageInput], top_k: int | None = None, model: str | None = None,
+                       version: str | None = None, deadline: float | None = None) -> Classification:
+        """Decode, batch, and return each image's top-k, in order."""
+        target = self.model(model, version)
+        k = self.check_top_k(top_k, target.runtime.num_classes)
+        pixels = await self.decode(images)
+        out = await self._submit(target, pixels, deadline)
+        idx = out.order[:, :k]
+        return Classification(target.name, target.version, idx, np.take_along_axis(out.probabilities, idx, axis=1),
+                              target.runtime.labels_array[idx])
+
+    async def infer_tensor(self, target: LoadedModel, tensor: np.ndarray, deadline: float | None = None) -> BatchOutput:
+        """Run a preprocessed float32 [n,3,32,32] tensor (Open Inference Protocol input)."""
+        expected = tuple(target.runtime.input_shape[1:])
+        if tensor.dtype != np.float32 or tensor.ndim != 4 or tensor.shape[1:] != expected:
+            raise InvalidInput(f"input must be FP32 [-1,{','.join(map(str, expected))}], got "
+                               f"{tensor.dtype} {list(tensor.shape)}")
+        self.check_image_count(len(tensor))
+        return await self._submit(target, tensor, deadline)

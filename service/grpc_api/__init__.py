@@ -1,0 +1,1 @@
+"""gRPC transport: thin servicers over service.core, plus health and reflection."""

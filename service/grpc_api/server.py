@@ -1,0 +1,56 @@
+"""The grpc.aio server: Classifier, Open Inference Protocol, health and reflection on one port."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.core import InferenceCore
+from service.grpc_api import classifier
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("cnnserve.grpc")
+
+
+class GrpcServer:
+    def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings) -> None:
+        limit = settings.max_request_bytes
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), self.server)
+        self.service_names = [classifier.SERVICE_NAME]
+        try:
+            from service.grpc_api import v2
+        except ImportError:  # the Open Inference Protocol servicer is optional until it is built
+            v2 = None
+        if v2 is not None:
+            v2.add_to_server(core, metrics, self.server)
+            self.service_names.append(v2.SERVICE_NAME)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.server.start()
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting calls; let calls in flight finish for up to ``grace`` seconds."""
+        await self.server.stop(grace)

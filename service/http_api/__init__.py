@@ -1,0 +1,1 @@
+"""HTTP transport: a FastAPI app of thin routes over service.core."""

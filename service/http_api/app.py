@@ -1,0 +1,56 @@
+"""The FastAPI application: routers plus the one error mapping for everything HTTP."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.core import InferenceCore
+from service.errors import ServiceError
+from service.http_api import routes
+from service.http_api.common import HttpContext, error_response, json_response
+from service.metrics import Metrics
+
+log = logging.getLogger("cnnserve.http")
+
+
+def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
+    app = FastAPI(title="cnnserve", version=__version__,
+                  description="CIFAR-10 image classification: /predict, Open Inference Protocol (/v2), metrics.")
+    ctx = HttpContext(core, metrics)
+    app.include_router(routes.build_router(ctx))
+    try:
+        from service.http_api import v2
+    except ImportError:  # the Open Inference Protocol router is optional until it is built
+        v2 = None
+    if v2 is not None:
+        app.include_router(v2.build_router(ctx))
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path"))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        ctx.metrics.rejected.labels("invalid").inc()
+        route = request.scope.get("route")
+        ctx.metrics.requests.labels("http", getattr(route, "name", "unknown"), "422").inc()
+        return json_response({"error": "; ".join(parts) or "invalid request"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return json_response({"error": str(exc.detail)}, exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
+
+    return app

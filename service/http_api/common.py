@@ -1,0 +1,101 @@
+"""What every HTTP route shares: JSON responses, error mapping, metrics, body limits, deadlines,
+and the race between a request's work and its client going away."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any, Awaitable
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from service.core import InferenceCore
+from service.errors import Cancelled, InvalidParameter, Overloaded, PayloadTooLarge, ServiceError, http_status
+from service.metrics import Metrics
+
+TIMEOUT_HEADER = "x-request-timeout-ms"
+
+
+def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def error_response(error: ServiceError) -> Response:
+    headers = None
+    if isinstance(error, Overloaded):
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    return json_response({"error": error.message}, http_status(error), headers)
+
+
+class HttpContext:
+    """Per-app helpers bound to the core and metrics."""
+
+    def __init__(self, core: InferenceCore, metrics: Metrics) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.max_body = core.settings.max_request_bytes
+
+    def record(self, method: str, status: int, started: float) -> None:
+        self.metrics.requests.labels("http", method, str(status)).inc()
+        self.metrics.request_duration.labels("http", method).observe(time.perf_counter() - started)
+
+    async def handle(self, method: str, work: Awaitable[Response], request: Request | None = None) -> Response:
+        """Run a route's work: map domain errors, record metrics, and — when ``request`` is given —
+        stop waiting (and let the batcher drop the work) if the client disconnects."""
+        started = time.perf_counter()
+        try:
+            response = await (work if request is None else self._unless_disconnected(work, request))
+        except ServiceError as e:
+            if e.reason not in ("queue_full", "deadline", "cancelled"):  # the batcher counted those
+                self.metrics.rejected.labels(e.reason).inc()
+            response = error_response(e)
+        self.record(method, response.status_code, started)
+        return response
+
+    @staticmethod
+    async def _unless_disconnected(work: Awaitable[Response], request: Request) -> Response:
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise Cancelled("client disconnected")
+
+    async def body(self, request: Request) -> bytes:
+        """The request body, refused with 413 as soon as it exceeds max_request_bytes."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {self.max_body}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLarge(f"body exceeds the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def deadline(self, request: Request) -> float | None:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return self.core.deadline(None)
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = -1.0
+        if not ms > 0 or math.isinf(ms):
+            raise InvalidParameter(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+        return self.core.deadline(ms / 1000.0)
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,122 @@
+"""cnnserve's own HTTP API: /predict, /healthz, /readyz, /metrics."""
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Optional
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.core import Classification
+from service.errors import InvalidInput, UnsupportedMediaType
+from service.http_api.common import TIMEOUT_HEADER, HttpContext, json_response
+
+PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
+
+Bodies:
+- `image/jpeg`, `image/png` (or any `image/*`, or `application/octet-stream`): one image.
+- `multipart/form-data`: one or more parts named `file`.
+- `application/json`: `{{"images": ["<base64 JPEG/PNG>", ...], "top_k": 3}}`.
+
+Images that are not 32x32 RGB are converted to RGB, centre-cropped to a square and resized.
+Header `{TIMEOUT_HEADER}`: give up (504) if the request is still queued after this many milliseconds.
+Errors: `{{"error": "..."}}` with 400 bad image, 404 unknown model, 413 too large, 415 unsupported
+type, 422 invalid parameter, 429 queue full (with Retry-After), 503 not ready, 504 deadline.
+"""
+
+IMAGE_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
+
+
+def classification_json(result: Classification) -> dict:
+    return {
+        "model": result.model,
+        "model_version": result.version,
+        "results": [
+            {"predictions": [{"label": l, "index": i, "probability": p} for l, i, p in zip(ls, ix, ps)]}
+            for ls, ix, ps in zip(result.labels.tolist(), result.indices.tolist(), result.probabilities.tolist())
+        ],
+    }
+
+
+def _json_images(body: bytes) -> tuple[list[bytes], object, object, object]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise InvalidInput('JSON body must be an object with "images": a list of base64 strings')
+    images = []
+    for i, item in enumerate(doc["images"]):
+        if not isinstance(item, str):
+            raise InvalidInput(f"images[{i}] must be a base64 string")
+        try:
+            images.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"images[{i}] is not valid base64") from None
+    return images, doc.get("top_k"), doc.get("model"), doc.get("model_version")
+
+
+def build_router(ctx: HttpContext) -> APIRouter:
+    router = APIRouter()
+    core = ctx.core
+
+    async def _predict(request: Request, top_k: Optional[int], model: Optional[str],
+                       version: Optional[str]) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        deadline = ctx.deadline(request)
+        if content_type == "multipart/form-data":
+            # python-multipart spools parts; the whole body is still bounded by max_request_bytes.
+            declared = request.headers.get("content-length")
+            if declared is None or not declared.isdigit():
+                await ctx.body(request)
+            elif int(declared) > ctx.max_body:
+                await ctx.body(request)  # raises 413
+            form = await request.form(max_files=core.settings.max_images_per_request, max_fields=16,
+                                      max_part_size=ctx.max_body)
+            images = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
+            if not images:
+                raise InvalidInput('multipart body has no file part named "file"')
+        elif content_type == "application/json":
+            images, json_top_k, json_model, json_version = _json_images(await ctx.body(request))
+            top_k = top_k if top_k is not None else json_top_k
+            model = model or json_model
+            version = version or json_version
+        elif content_type.startswith(IMAGE_TYPES):
+            images = [await ctx.body(request)]
+        else:
+            raise UnsupportedMediaType(
+                f"unsupported Content-Type {content_type or '(none)'!r}: send image/jpeg, image/png, "
+                "multipart/form-data or application/json")
+        if model is not None and not isinstance(model, str) or version is not None and not isinstance(version, str):
+            raise InvalidInput("model and model_version must be strings")
+        result = await core.classify(images, top_k=top_k, model=model, version=version, deadline=deadline)
+        return json_response(classification_json(result))
+
+    @router.post("/predict", summary="Classify images (top-k labels with probabilities)", description=PREDICT_DOC,
+                 responses={200: {"description": "One result per image, in order"}})
+    async def predict(request: Request,
+                      top_k: Optional[int] = Query(None, description="Labels per image, 1-10 (default 5)"),
+                      model: Optional[str] = Query(None, description="Model name (default: the bundled one)"),
+                      version: Optional[str] = Query(None, description="Model version (default: highest)")):
+        return await ctx.handle("predict", _predict(request, top_k, model, version), request)
+
+    @router.get("/healthz", summary="Liveness: the process answers")
+    async def healthz():
+        return json_response({"status": "live"})
+
+    @router.get("/readyz", summary="Readiness: every model loaded and warm, not draining")
+    async def readyz():
+        models = [{"name": m.name, "version": m.version, "provider": m.runtime.provider} for m in core.all_models()]
+        if core.is_ready:
+            return json_response({"status": "ready", "models": models})
+        reason = "draining" if core.draining else "loading models"
+        return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)
+
+    @router.get("/metrics", summary="Prometheus metrics")
+    async def metrics():
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -1,0 +1,124 @@
+"""One ONNX Runtime session per model version: providers, options, metadata, and the batch
+function the batcher calls (preprocess → run → softmax → ranking, all over the whole batch)."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from service.codec import Normalizer
+from service.postprocess import ranking, softmax
+from service.repository import ModelSpec
+from service.settings import Settings
+
+log = logging.getLogger("cnnserve.runtime")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class GpuRequired(RuntimeError):
+    """--require-gpu was given and the session did not get the CUDA provider."""
+
+
+class BatchOutput(NamedTuple):
+    logits: np.ndarray         # float32 [n, classes]
+    probabilities: np.ndarray  # float32 [n, classes]
+    order: np.ndarray          # int64 [n, classes], most probable class first
+
+
+def provider_options(settings: Settings) -> list[tuple[str, dict]]:
+    out = []
+    for name in settings.providers:
+        opts: dict = {}
+        if name == CUDA:
+            opts = {"device_id": settings.cuda_device_id,
+                    "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
+            if settings.gpu_mem_limit_mb:
+                opts["gpu_mem_limit"] = settings.gpu_mem_limit_mb * 1024 * 1024
+        out.append((name, opts))
+    return out
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = settings.intra_op_threads
+    so.inter_op_num_threads = settings.inter_op_threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0")
+    return so
+
+
+class ModelRuntime:
+    """A loaded model version. ``run_batch`` is thread-safe (ORT sessions are) and is called from
+    the batcher's executor thread, never on the event loop."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        self.spec = spec
+        self.name, self.version = spec.name, spec.version
+        providers = provider_options(settings)
+        self.session = ort.InferenceSession(str(spec.path), sess_options=session_options(settings),
+                                            providers=[p for p, _ in providers],
+                                            provider_options=[o for _, o in providers])
+        self.provider = self.session.get_providers()[0]
+        if CUDA in settings.providers and self.provider != CUDA:
+            message = (f"{spec.name}/{spec.version}: CUDA was asked for but the session runs on {self.provider} "
+                       f"(built into this onnxruntime: {', '.join(ort.get_available_providers())}; CUDA also needs an "
+                       f"NVIDIA driver and the CUDA/cuDNN libraries onnxruntime's log names)")
+            if settings.require_gpu:
+                raise GpuRequired(message + "; refusing to start because require_gpu is set")
+            log.warning(message + "; running on the CPU")
+
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.labels: list[str] = json.loads(meta["labels"])
+            pre = json.loads(meta["preprocessing"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{spec.path}: model metadata lacks labels/preprocessing ({e})") from None
+        self.preprocessing = pre
+        self.normalizer = Normalizer(pre["scale"], pre["mean"], pre["std"])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = [d if isinstance(d, int) else -1 for d in inp.shape]  # [-1, 3, 32, 32]
+        self.output_name = self.session.get_outputs()[0].name
+        self.num_classes = len(self.labels)
+        self.labels_array = np.array(self.labels, dtype=object)
+
+    def prepare(self, parts: list[np.ndarray]) -> np.ndarray:
+        """Concatenate requests' images into one model input. uint8 [n,32,32,3] parts (decoded
+        images) are normalised together in one vectorised step; float32 [n,3,32,32] parts (Open
+        Inference Protocol tensors, already preprocessed) are used as they are."""
+        if all(p.dtype == np.uint8 for p in parts):
+            return self.normalizer(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        if all(p.dtype == np.float32 for p in parts):
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        sizes = [len(p) for p in parts]
+        x = np.empty((sum(sizes), *self.input_shape[1:]), np.float32)
+        starts = np.cumsum([0, *sizes])
+        is_u8 = [p.dtype == np.uint8 for p in parts]
+        if any(is_u8):
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i, u in enumerate(is_u8) if u])
+            x[rows] = self.normalizer(np.concatenate([p for p, u in zip(parts, is_u8) if u]))
+        for i, p in enumerate(parts):
+            if not is_u8[i]:
+                x[starts[i]:starts[i + 1]] = p
+        return x
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def run_batch(self, parts: list[np.ndarray]) -> BatchOutput:
+        logits = self.run(self.prepare(parts))
+        probs = softmax(logits.copy())
+        return BatchOutput(logits, probs, ranking(probs))
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run every power-of-two batch size up to the max once, so first requests pay no
+        allocation or (CUDA) kernel-selection cost."""
+        sizes = sorted({min(2 ** i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+        for n in sizes:
+            self.run(np.zeros((n, *self.input_shape[1:]), np.float32))

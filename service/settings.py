@@ -1,0 +1,98 @@
+"""Every knob of the server, in one place.
+
+Each field is settable as a ``cnnserve serve`` flag (``--max-batch-size 32``) and as an
+environment variable with the ``CNNSERVE_`` prefix (``CNNSERVE_MAX_BATCH_SIZE=32``); flags win.
+List fields take a comma-separated string in the environment (``CNNSERVE_PROVIDERS=cpu``).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+PROVIDER_ALIASES = {
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class Settings(BaseSettings):
+    """cnnserve server settings (flags or CNNSERVE_* environment variables)."""
+
+    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", extra="forbid", validate_default=True)
+
+    host: str = Field("0.0.0.0", description="Address both servers bind to.")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: pick a free one).")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one).")
+    model_repository: str = Field(
+        "models", description="Folder of models laid out as <name>/<version>/model.onnx (Triton style).")
+
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime execution providers in order of preference (cuda, cpu, tensorrt or full "
+                    "names). CUDA absent: one warning, then CPU; see --require-gpu.")
+    require_gpu: bool = Field(False, description="Refuse to start unless the session really runs on CUDA.")
+    cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal.")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "HEURISTIC", description="cuDNN convolution algorithm search. EXHAUSTIVE finds the fastest kernel but "
+                                 "benchmarks every new batch shape (slow first requests).")
+    gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit in MiB (0: no limit).")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ORT intra-op threads (0: ORT's default, one per core). Lower it to leave cores "
+                             "for request decoding.")
+    inter_op_threads: int = Field(1, ge=1, description="ORT inter-op threads (the graph is a chain: 1 is right).")
+    ort_allow_spinning: bool = Field(
+        False, description="Let ORT's idle intra-op threads spin. Off by default: on a few cores spinning "
+                           "threads steal the CPU the event loop needs to decode and answer requests.")
+
+    max_batch_size: int = Field(
+        64, ge=1, le=1024, description="Most images in one ORT run. Larger batches raise throughput until "
+                                        "the runtime saturates, and raise per-batch latency.")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0.0, le=10_000, description="How long the first queued image waits for company. 0 is greedy: "
+                                           "whenever the runtime is free it takes everything queued, so a lone "
+                                           "request never waits; batches still form under load.")
+    max_queue_size: int = Field(
+        1024, ge=1, description="Most images waiting in one model's queue; more are rejected at once "
+                                "(HTTP 429 + Retry-After / RESOURCE_EXHAUSTED).")
+    default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request gives none.")
+    default_timeout_ms: float = Field(
+        0.0, ge=0.0, description="Deadline for requests that carry none (0: none). HTTP clients set their own "
+                                 "with the X-Request-Timeout-Ms header, gRPC clients with the call's deadline.")
+
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest HTTP body or gRPC message.")
+    max_images_per_request: int = Field(256, ge=1, description="Most images in one request.")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1024, description="Largest decoded image (width x height) before it is refused, "
+                                          "against decompression bombs.")
+
+    drain_seconds: float = Field(
+        5.0, ge=0.0, description="After SIGTERM: seconds to keep serving while readiness reports false, so "
+                                 "load balancers stop sending traffic before the listeners close.")
+    shutdown_timeout_seconds: float = Field(
+        20.0, ge=0.0, description="After the drain: most seconds to finish admitted requests before exit.")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [PROVIDER_ALIASES.get(str(v).lower(), str(v)) for v in value]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one execution provider is needed")
+        for v in value:
+            if not v.endswith("ExecutionProvider"):
+                raise ValueError(f"unknown execution provider {v!r} (try cuda, cpu, tensorrt)")
+        return value

@@ -27,7 +27,7 @@ def scan(root: str | Path) -> list[ModelSpec]:
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for version_dir in model_dir.iterdir():
             if version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) > 0 \
-                    and (version_dir / MODEL_FILENAME).is_file():
+                    and (version_dir / MODEL_FILENAME).exists() and not (version_dir / MODEL_FILENAME).is_dir():
                 specs.append(ModelSpec(model_dir.name, version_dir.name, version_dir / MODEL_FILENAME))
     if not specs:
         raise FileNotFoundError(f"model repository {root} holds no <name>/<version>/{MODEL_FILENAME}")

@@ -61,7 +61,8 @@ class ModelRuntime:
         self.spec = spec
         self.name, self.version = spec.name, spec.version
         providers = provider_options(settings)
-        self.session = ort.InferenceSession(str(spec.path), sess_options=session_options(settings),
+        # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
+        self.session = ort.InferenceSession(spec.path.read_bytes(), sess_options=session_options(settings),
                                             providers=[p for p, _ in providers],
                                             provider_options=[o for _, o in providers])
         self.provider = self.session.get_providers()[0]

@@ -1,0 +1,94 @@
+"""Graceful drain: under load, SIGTERM flips readiness at once, serving goes on for the drain
+period, then the listeners close, everything admitted finishes, and the process exits 0."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import httpx
+
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from tests.conftest import ServerProcess, distinct_images, png_bytes, wait_until
+
+DRAIN_S = 1.5
+
+
+def test_sigterm_under_load_drops_no_admitted_request():
+    s = ServerProcess("--drain-seconds", str(DRAIN_S), "--shutdown-timeout-seconds", "10")
+    image = png_bytes(distinct_images(1)[0])
+    stop = threading.Event()
+    grpc_outcomes: list[tuple[float, str]] = []
+    http_outcomes: list[tuple[float, str]] = []
+    readiness: list[tuple[float, object]] = []
+
+    def grpc_load():
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=image)] * 4), timeout=10)
+                    grpc_outcomes.append((time.monotonic(), "OK"))
+                except grpc.RpcError as e:
+                    grpc_outcomes.append((time.monotonic(), e.code().name))
+                    time.sleep(0.01)
+
+    def http_load():
+        while not stop.is_set():
+            try:
+                # A fresh connection each time: a closed listener then shows as a refused connect,
+                # never as a dropped request.
+                r = httpx.post(f"{s.http}/predict", content=image, timeout=10,
+                               headers={"Content-Type": "image/png", "Connection": "close"})
+                http_outcomes.append((time.monotonic(), str(r.status_code)))
+            except httpx.ConnectError:
+                http_outcomes.append((time.monotonic(), "refused"))
+                time.sleep(0.01)
+            except httpx.HTTPError as e:
+                http_outcomes.append((time.monotonic(), f"broken: {type(e).__name__}"))
+
+    def watch_readiness():
+        while not stop.is_set():
+            try:
+                readiness.append((time.monotonic(), httpx.get(f"{s.http}/readyz", timeout=2,
+                                                              headers={"Connection": "close"}).status_code))
+            except httpx.ConnectError:
+                readiness.append((time.monotonic(), "closed"))
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=f) for f in (grpc_load, grpc_load, grpc_load, http_load, http_load,
+                                                    watch_readiness)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_until(lambda: len(grpc_outcomes) > 20 and len(http_outcomes) > 5, timeout=30)
+        sent_at = time.monotonic()
+        s.terminate()
+        s.proc.wait(timeout=DRAIN_S + 15)
+        exited_at = time.monotonic()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+        s.stop()
+
+    assert s.proc.returncode == 0, s.log
+    assert exited_at - sent_at < DRAIN_S + 10
+    after = [(t, v) for t, v in readiness if t > sent_at]
+    first_503 = next(t for t, v in after if v == 503)
+    first_closed = next((t for t, v in after if v == "closed"), exited_at)
+    assert first_503 - sent_at < 0.5, "readiness must turn false at once"
+    assert first_503 < first_closed, "readiness flipped before the listeners closed"
+    assert first_closed - sent_at >= DRAIN_S * 0.9, "listeners stayed open for the drain period"
+
+    # Every admitted request succeeded; refusals only came once the listeners had closed.
+    grpc_codes = {v for _, v in grpc_outcomes}
+    assert grpc_codes <= {"OK", "UNAVAILABLE"}, grpc_codes
+    http_codes = {v for _, v in http_outcomes}
+    assert http_codes <= {"200", "refused"}, http_codes
+    served_during_drain = [t for t, v in grpc_outcomes + http_outcomes if v in ("OK", "200") and t > first_503]
+    assert served_during_drain, "requests kept being served while draining"
+    assert all(t >= first_503 for t, v in grpc_outcomes if v == "UNAVAILABLE")
+    assert all(t >= first_503 for t, v in http_outcomes if v == "refused")
+    assert "draining: readiness is false" in s.log and "stopped" in s.log

@@ -1,0 +1,433 @@
+"""The server as users meet it: a real process on 127.0.0.1, real gRPC and HTTP clients, the
+real model. Expected answers come from a direct onnxruntime run of the same pixels."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import grpc
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from tests.conftest import MODEL_PATH, ROOT, ServerProcess, distinct_images, jpeg_bytes, png_bytes
+
+LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class Reference:
+    """The model run directly: normalisation from the model's metadata, softmax in numpy."""
+
+    def __init__(self):
+        self.session = ort.InferenceSession(str(MODEL_PATH), providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        pre = json.loads(meta["preprocessing"])
+        self.labels = json.loads(meta["labels"])
+        self.mean = np.array(pre["mean"], np.float32)
+        self.std = np.array(pre["std"], np.float32)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        x = ((pixels.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(0, 3, 1, 2)
+        logits = self.session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0].astype(np.float64)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Reference()
+
+
+def classify_grpc(target: str, images: list[pb.Image], timeout: float = 30, **fields) -> pb.ClassifyResponse:
+    with grpc.insecure_channel(target) as channel:
+        return pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=images, **fields), timeout=timeout)
+
+
+def metric_samples(base_url: str) -> dict[tuple, float]:
+    text = httpx.get(f"{base_url}/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def assert_matches_reference(result_predictions, probs_row: np.ndarray, k: int):
+    order = np.argsort(-probs_row, kind="stable")[:k]
+    got_idx = [p["index"] if isinstance(p, dict) else p.index for p in result_predictions]
+    got_p = [p["probability"] if isinstance(p, dict) else p.probability for p in result_predictions]
+    got_labels = [p["label"] if isinstance(p, dict) else p.label for p in result_predictions]
+    assert got_idx[0] == order[0]
+    assert np.allclose(got_p, probs_row[got_idx], atol=1e-5)
+    assert np.allclose(sorted(got_p, reverse=True), probs_row[order], atol=1e-5)
+    assert got_labels == [LABELS[i] for i in got_idx]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_real_cifar_images_over_grpc_and_http_match_a_direct_onnxruntime_run(server, reference, cifar_val_sample):
+    images, labels, _ = cifar_val_sample
+    probs = reference.probabilities(images)
+    response = classify_grpc(server.grpc_target, [pb.Image(encoded=png_bytes(im)) for im in images], top_k=3)
+    assert response.model == "cifar10" and response.model_version == "1"
+    assert len(response.results) == len(images)
+    for result, row in zip(response.results, probs):
+        assert_matches_reference(result.predictions, row, 3)
+    top1 = np.array([r.predictions[0].index for r in response.results])
+    assert (top1 == labels).mean() >= 0.6  # real images, real model: mostly right
+
+    files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(images[:10])]
+    answer = httpx.post(f"{server.http}/predict", files=files, params={"top_k": 5}).json()
+    for result, row in zip(answer["results"], probs[:10]):
+        assert_matches_reference(result["predictions"], row, 5)
+
+
+def test_every_http_body_kind_and_grpc_raw_pixels(server, reference):
+    pixels = distinct_images(3, seed=1)
+    probs = reference.probabilities(pixels)
+    url = f"{server.http}/predict"
+
+    r = httpx.post(url, content=png_bytes(pixels[0]), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert set(body) == {"model", "model_version", "results"} and len(body["results"]) == 1
+    assert len(body["results"][0]["predictions"]) == 5  # default top_k
+    assert set(body["results"][0]["predictions"][0]) == {"label", "index", "probability"}
+    assert_matches_reference(body["results"][0]["predictions"], probs[0], 5)
+
+    # JPEG is lossy: compare with the decoded pixels, not the originals.
+    jpg = jpeg_bytes(pixels[1])
+    decoded = np.asarray(Image.open(__import__("io").BytesIO(jpg)).convert("RGB"))
+    r = httpx.post(url, content=jpg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 2})
+    assert_matches_reference(r.json()["results"][0]["predictions"], reference.probabilities(decoded[None])[0], 2)
+
+    doc = {"images": [base64.b64encode(png_bytes(p)).decode() for p in pixels], "top_k": 1}
+    r = httpx.post(url, json=doc)
+    assert [res["predictions"][0]["index"] for res in r.json()["results"]] == list(probs.argmax(1))
+
+    raw = [pb.Image(raw=pb.RawImage(pixels=p.tobytes(), height=32, width=32)) for p in pixels]
+    response = classify_grpc(server.grpc_target, raw, top_k=4)
+    for result, row in zip(response.results, probs):
+        assert_matches_reference(result.predictions, row, 4)
+
+
+def test_images_of_other_sizes_and_modes_are_converted(server):
+    rng = np.random.default_rng(5)
+    big = Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    grey = Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), mode="L")
+    rgba = Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8), mode="RGBA")
+    files = []
+    for i, (im, fmt) in enumerate([(big, "JPEG"), (grey, "PNG"), (rgba, "PNG"), (big, "PNG")]):
+        buf = __import__("io").BytesIO()
+        im.save(buf, format=fmt)
+        files.append(("file", (f"{i}.{fmt.lower()}", buf.getvalue(), f"image/{fmt.lower()}")))
+    r = httpx.post(f"{server.http}/predict", files=files, params={"top_k": 1})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 4
+    # Same photo as JPEG and as PNG: same class after centre-crop and resize.
+    res = r.json()["results"]
+    assert res[0]["predictions"][0]["index"] == res[3]["predictions"][0]["index"]
+
+
+def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(server, reference):
+    pixels = distinct_images(64, seed=2)
+    probs = reference.probabilities(pixels)
+    before = metric_samples(server.http)
+
+    async def main():
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            calls = [stub.Classify(pb.ClassifyRequest(images=[pb.Image(raw=pb.RawImage(
+                pixels=p.tobytes(), height=32, width=32))], top_k=3), timeout=30) for p in pixels]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(main())
+    for response, row in zip(responses, probs):
+        assert len(response.results) == 1
+        assert_matches_reference(response.results[0].predictions, row, 3)
+    after = metric_samples(server.http)
+    batches = sample(after, "cnnserve_batch_size_count", model="cifar10") - sample(before, "cnnserve_batch_size_count", model="cifar10")
+    images = sample(after, "cnnserve_batch_size_sum", model="cifar10") - sample(before, "cnnserve_batch_size_sum", model="cifar10")
+    assert images == 64
+    assert batches < 64, "64 concurrent requests should have shared batches"
+
+
+HTTP_BAD = [
+    ("garbage png", dict(content=b"not an image at all", headers={"Content-Type": "image/png"}), 400),
+    ("empty body", dict(content=b"", headers={"Content-Type": "image/jpeg"}), 400),
+    ("truncated jpeg", dict(content=b"\xff\xd8\xff\xe0" + b"\x00" * 50, headers={"Content-Type": "image/jpeg"}), 400),
+    ("text body", dict(content=b"hello", headers={"Content-Type": "text/plain"}), 415),
+    ("json not json", dict(content=b"{nope", headers={"Content-Type": "application/json"}), 400),
+    ("json no images", dict(json={"pictures": []}), 400),
+    ("json empty images", dict(json={"images": []}), 400),
+    ("json bad base64", dict(json={"images": ["@@@"]}), 400),
+    ("json number image", dict(json={"images": [3]}), 400),
+    ("json top_k string", dict(json={"images": [base64.b64encode(png_bytes(distinct_images(1)[0])).decode()],
+                                     "top_k": "five"}), 422),
+    ("multipart without file", dict(files={"other": ("a.png", b"x", "image/png")}), 400),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,status", HTTP_BAD, ids=[c[0] for c in HTTP_BAD])
+def test_http_bad_input_gets_its_code_and_a_json_error(server, name, kwargs, status):
+    r = httpx.post(f"{server.http}/predict", **kwargs)
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+
+
+@pytest.mark.parametrize("params,status", [
+    ({"top_k": 0}, 422), ({"top_k": 11}, 422), ({"top_k": "abc"}, 422),
+    ({"model": "nope"}, 404), ({"version": "9"}, 404),
+])
+def test_http_bad_parameters(server, params, status):
+    r = httpx.post(f"{server.http}/predict", params=params, content=png_bytes(distinct_images(1)[0]),
+                   headers={"Content-Type": "image/png"})
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+
+
+def test_http_limits_and_unknown_routes(server):
+    url = f"{server.http}/predict"
+    # Over max_request_bytes (16 MiB by default): refused from the Content-Length alone.
+    r = httpx.post(url, content=b"\xff\xd8\xff" + b"\x00" * (17 * 1024 * 1024), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 413 and "error" in r.json()
+    # A decompression bomb: tiny PNG, 5000x5000 pixels > max_image_pixels (4096*4096).
+    buf = __import__("io").BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 100_000
+    r = httpx.post(url, content=buf.getvalue(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 413 and "pixels" in r.json()["error"]
+    r = httpx.post(url, content=png_bytes(distinct_images(1)[0]),
+                   headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "soon"})
+    assert r.status_code == 422
+    r = httpx.get(f"{server.http}/no/such/route")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(url)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+GRPC_BAD = [
+    ("no source", dict(images=[pb.Image()]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("no images", dict(images=[]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("garbage bytes", dict(images=[pb.Image(encoded=b"garbage")]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("raw wrong length", dict(images=[pb.Image(raw=pb.RawImage(pixels=b"\x00" * 10, height=32, width=32))]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("raw zero size", dict(images=[pb.Image(raw=pb.RawImage(pixels=b"", height=0, width=0))]),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("top_k zero", dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], top_k=0),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("top_k eleven", dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], top_k=11),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("unknown model", dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], model="resnet"),
+     grpc.StatusCode.NOT_FOUND),
+    ("unknown version", dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], model_version="7"),
+     grpc.StatusCode.NOT_FOUND),
+    ("too many images", dict(images=[pb.Image(encoded=b"x")] * 257), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("message too large", dict(images=[pb.Image(encoded=b"\x00" * (17 * 1024 * 1024))]),
+     grpc.StatusCode.RESOURCE_EXHAUSTED),
+]
+
+
+@pytest.mark.parametrize("name,fields,code", GRPC_BAD, ids=[c[0] for c in GRPC_BAD])
+def test_grpc_bad_input_gets_its_status(server, name, fields, code):
+    with pytest.raises(grpc.RpcError) as info:
+        classify_grpc(server.grpc_target, **fields)
+    assert info.value.code() == code
+    assert info.value.details()
+
+
+def test_server_still_serves_after_bad_input(server):
+    # Runs after the bad-input tests in file order; also hammer it once more here.
+    for _ in range(3):
+        httpx.post(f"{server.http}/predict", content=b"junk", headers={"Content-Type": "image/png"})
+    response = classify_grpc(server.grpc_target, [pb.Image(encoded=png_bytes(distinct_images(1)[0]))], top_k=1)
+    assert len(response.results[0].predictions) == 1
+    assert server.proc.poll() is None
+
+
+def test_health_reflection_and_metrics(server):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "cnnserve.v1.Classifier"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"cnnserve.v1.Classifier", "grpc.health.v1.Health"} <= names
+
+    assert httpx.get(f"{server.http}/healthz").json() == {"status": "live"}
+    ready = httpx.get(f"{server.http}/readyz")
+    assert ready.status_code == 200 and ready.json()["models"][0]["name"] == "cifar10"
+    assert httpx.get(f"{server.http}/docs").status_code == 200
+    assert "/predict" in httpx.get(f"{server.http}/openapi.json").json()["paths"]
+
+    before = metric_samples(server.http)
+    image = png_bytes(distinct_images(1)[0])
+    classify_grpc(server.grpc_target, [pb.Image(encoded=image)])
+    httpx.post(f"{server.http}/predict", content=image, headers={"Content-Type": "image/png"})
+    httpx.post(f"{server.http}/predict", content=b"bad", headers={"Content-Type": "image/png"})
+    after = metric_samples(server.http)
+
+    def moved(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert moved("cnnserve_requests_total", protocol="grpc", method="Classify", code="OK") == 1
+    assert moved("cnnserve_requests_total", protocol="http", method="predict", code="200") == 1
+    assert moved("cnnserve_requests_total", protocol="http", method="predict", code="400") == 1
+    assert moved("cnnserve_rejected_total", reason="invalid") == 1
+    assert moved("cnnserve_images_total", model="cifar10") == 2
+    assert moved("cnnserve_request_duration_seconds_count", protocol="grpc", method="Classify") == 1
+    assert moved("cnnserve_inference_duration_seconds_count", model="cifar10") >= 1
+    assert moved("cnnserve_queue_duration_seconds_count", model="cifar10") == 2
+    providers = [dict(k[1]).get("provider") for k in after if k[0] == "cnnserve_model_info"]
+    assert providers and all(p.endswith("ExecutionProvider") for p in providers)
+    assert sample(after, "cnnserve_queue_depth", model="cifar10") == 0
+
+
+def test_cli_classify_over_grpc_and_http(server, tmp_path):
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes(distinct_images(1, seed=9)[0]))
+    for extra in (["--target", server.grpc_target], ["--http", "--target", f"127.0.0.1:{server.http_port}"]):
+        out = subprocess.run([sys.executable, "-m", "service.cli", "classify", str(path), "--top-k", "2", *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "model cifar10 version 1" in out.stdout
+        line = [l for l in out.stdout.splitlines() if l.startswith(str(path))][0]
+        assert line.count("%") == 2 and any(label in line for label in LABELS)
+    out = subprocess.run([sys.executable, "-m", "service.cli", "classify", str(path), "--top-k", "0", "--target",
+                          server.grpc_target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is present: CUDA really runs here")
+def test_cuda_fallback_is_announced_and_require_gpu_refuses(server):
+    # The shared server asked for CPU only; ask for the default (CUDA, then CPU) here.
+    s = ServerProcess("--providers", "cuda,cpu", "--drain-seconds", "0")
+    try:
+        assert "CUDA was asked for but the session runs on CPUExecutionProvider" in s.log
+        assert httpx.get(f"{s.http}/readyz").json()["models"][0]["provider"] == "CPUExecutionProvider"
+    finally:
+        assert s.stop() == 0
+    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port", "0",
+                          "--grpc-port", "0", "--require-gpu"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert "refusing to start because require_gpu is set" in out.stderr
+
+
+def test_readiness_is_false_until_the_model_is_loaded_and_warm(tmp_path):
+    # The model file is a pipe: loading blocks until the test writes the model into it.
+    version_dir = tmp_path / "cifar10" / "1"
+    version_dir.mkdir(parents=True)
+    os.mkfifo(version_dir / "model.onnx")
+    s = ServerProcess("--model-repository", str(tmp_path), "--drain-seconds", "0", wait_ready=False)
+    try:
+        assert httpx.get(f"{s.http}/healthz").status_code == 200
+        r = httpx.get(f"{s.http}/readyz")
+        assert r.status_code == 503 and "loading" in r.json()["error"]
+        r = httpx.post(f"{s.http}/predict", content=png_bytes(distinct_images(1)[0]), headers={"Content-Type": "image/png"})
+        assert r.status_code == 503
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="")).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            classify_grpc(s.grpc_target, [pb.Image(encoded=png_bytes(distinct_images(1)[0]))])
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        writer = threading.Thread(target=lambda: (version_dir / "model.onnx").write_bytes(MODEL_PATH.read_bytes()))
+        writer.start()
+        s.wait_ready(60)
+        writer.join(10)
+        assert httpx.get(f"{s.http}/readyz").status_code == 200
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="")).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    """Batches of one image and a 600-image queue: easy to fill, slow to drain."""
+    s = ServerProcess("--max-batch-size", "1", "--max-queue-size", "600", "--drain-seconds", "0")
+    yield s
+    assert s.stop() == 0
+
+
+def _multipart(n: int, seed: int) -> list:
+    return [("file", (f"{i}.png", png_bytes(p), "image/png")) for i, p in enumerate(distinct_images(n, seed))]
+
+
+def test_full_queue_answers_429_and_resource_exhausted_and_no_5xx(slow_server):
+    big = _multipart(256, seed=3)
+
+    async def http_flood():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{slow_server.http}/predict", files=big) for _ in range(4)))
+
+    responses = asyncio.run(http_flood())
+    codes = sorted(r.status_code for r in responses)
+    assert 429 in codes and 200 in codes and all(c in (200, 429) for c in codes), codes
+    rejected = [r for r in responses if r.status_code == 429]
+    assert int(rejected[0].headers["Retry-After"]) >= 1 and "queue full" in rejected[0].json()["error"]
+
+    raw = [pb.Image(raw=pb.RawImage(pixels=p.tobytes(), height=32, width=32)) for p in distinct_images(256, seed=4)]
+
+    async def grpc_flood():
+        async with grpc.aio.insecure_channel(slow_server.grpc_target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            calls = [stub.Classify(pb.ClassifyRequest(images=raw, top_k=1), timeout=120) for _ in range(4)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(grpc_flood())
+    errors = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+    assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
+    assert any(isinstance(o, pb.ClassifyResponse) for o in outcomes)
+    assert slow_server.proc.poll() is None
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(slow_server):
+    blockers = [pb.Image(raw=pb.RawImage(pixels=p.tobytes(), height=32, width=32)) for p in distinct_images(256, 6)]
+    before = metric_samples(slow_server.http)
+
+    async def main():
+        async with grpc.aio.insecure_channel(slow_server.grpc_target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            slow = [stub.Classify(pb.ClassifyRequest(images=blockers, top_k=1), timeout=120) for _ in range(2)]
+            tasks = [asyncio.ensure_future(c) for c in slow]
+            await asyncio.sleep(0.05)  # the 512 blocker images are queued now
+            late = stub.Classify(pb.ClassifyRequest(images=blockers[:1], top_k=1), timeout=0.02)
+            async with httpx.AsyncClient(timeout=60) as client:
+                http_late = client.post(f"{slow_server.http}/predict", content=png_bytes(distinct_images(1)[0]),
+                                        headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "20"})
+                results = await asyncio.gather(late, http_late, return_exceptions=True)
+            await asyncio.gather(*tasks)
+            return results
+
+    late_grpc, late_http = asyncio.run(main())
+    assert isinstance(late_grpc, grpc.RpcError) and late_grpc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert late_http.status_code == 504 and "deadline" in late_http.json()["error"]
+    after = metric_samples(slow_server.http)
+    assert sample(after, "cnnserve_images_total", model="cifar10") - \
+        sample(before, "cnnserve_images_total", model="cifar10") == 512  # the late ones never ran
+    # The HTTP one was queued and dropped; the gRPC one too, unless grpc itself expired it first.
+    assert sample(after, "cnnserve_rejected_total", reason="deadline") - \
+        sample(before, "cnnserve_rejected_total", reason="deadline") >= 1

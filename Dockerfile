@@ -45,11 +45,12 @@ RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir -r requirements.txt
 COPY . .
 RUN pip install --no-cache-dir --no-deps . \
- && cnnserve --help > /dev/null
+ && cnnserve serve --help > /dev/null \
+ && python -c "import service.app"
 
 FROM gpu-base AS gpu
-RUN groupadd --system --gid 10001 cnnserve \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cnnserve
+RUN groupadd --gid 10001 cnnserve \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cnnserve
 COPY --from=gpu-builder /opt/venv /opt/venv
 COPY models/ /models/
 # NVIDIA_* tell the NVIDIA container runtime / device plugin what to expose (the base sets them too).
@@ -89,11 +90,12 @@ RUN python -m venv /opt/venv \
 COPY . .
 # --no-deps: dependencies are in place (with the chosen onnxruntime flavour).
 RUN pip install --no-cache-dir --no-deps . \
- && cnnserve --help > /dev/null
+ && cnnserve serve --help > /dev/null \
+ && python -c "import service.app"
 
 FROM cpu-base AS cpu
-RUN groupadd --system --gid 10001 cnnserve \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cnnserve
+RUN groupadd --gid 10001 cnnserve \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cnnserve
 COPY --from=cpu-builder /opt/venv /opt/venv
 COPY models/ /models/
 ENV HOME=/tmp \

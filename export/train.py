@@ -128,6 +128,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     """Train; returns the path of ``best.pt`` (weights, normalisation, classes, metrics)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)

@@ -35,7 +35,7 @@ class BatchObserver:
     """Hooks for metrics; the defaults do nothing. Called on the event loop."""
 
     def queue_depth(self, images: int) -> None: ...
-    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None: ...
+    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None: ...
     def dropped(self, reason: str, images: int) -> None: ...
 
 
@@ -170,7 +170,7 @@ class Batcher:
             elapsed = time.monotonic() - started
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * elapsed
             size = sum(e - s for _, s, e in chunks)
-            self.observer.batch_done(size, [started - r.enqueued for r, s, _ in chunks if s == 0], elapsed)
+            self.observer.batch_done(size, len(chunks), [started - r.enqueued for r, s, _ in chunks if s == 0], elapsed)
             self._deliver(chunks, outputs)
 
     @staticmethod

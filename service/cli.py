@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="write confusion_matrix.png and evaluation.json here")
     p.add_argument("--batch-size", type=int, default=500)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("loadtest", help="load-test a running server: throughput, latency, batching")
+    from service import loadtest
+    loadtest.add_arguments(p)
+    p.set_defaults(func=loadtest.main)
     return parser
 
 

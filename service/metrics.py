@@ -55,7 +55,7 @@ class ModelObserver(BatchObserver):
     def queue_depth(self, images: int) -> None:
         self._depth.set(images)
 
-    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
+    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
         self._batch.observe(size)
         self._infer.observe(compute_s)
         self._images.inc(size)
@@ -74,7 +74,8 @@ class ModelStats:
         self.success_count = self.success_ns = 0
         self.fail_count = self.fail_ns = 0
         self.queue_count = self.queue_ns = 0
-        self.compute_count = self.compute_ns = 0
+        self.compute_count = self.compute_ns = 0  # per executed batch
+        self.request_compute_count = self.request_compute_ns = 0  # per request, Triton's meaning
         self.inference_count = 0  # images computed
         self.execution_count = 0  # batches run
         self.last_inference_ms = 0
@@ -96,12 +97,15 @@ class StatsObserver(ModelObserver):
         super().__init__(metrics, model)
         self.stats = stats
 
-    def batch_done(self, size: int, queue_waits_s: list[float], compute_s: float) -> None:
-        super().batch_done(size, queue_waits_s, compute_s)
+    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
+        super().batch_done(size, requests, queue_waits_s, compute_s)
         s = self.stats
         ns = int(compute_s * 1e9)
         s.compute_count += 1
         s.compute_ns += ns
+        # Triton charges every request of a batch the whole batch's compute time.
+        s.request_compute_count += requests
+        s.request_compute_ns += ns * requests
         s.queue_count += len(queue_waits_s)
         s.queue_ns += int(sum(queue_waits_s) * 1e9)
         s.inference_count += size

@@ -17,7 +17,7 @@ class Recorder(BatchObserver):
         self.batches: list[int] = []
         self.drops: list[tuple[str, int]] = []
 
-    def batch_done(self, size, queue_waits_s, compute_s):
+    def batch_done(self, size, requests, queue_waits_s, compute_s):
         self.batches.append(size)
 
     def dropped(self, reason, images):

@@ -8,7 +8,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.core import InferenceCore
-from service.grpc_api import classifier
+from service.grpc_api import classifier, v2
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
 from service.metrics import Metrics
 from service.settings import Settings
@@ -26,13 +26,8 @@ class GrpcServer:
         ])
         classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), self.server)
         self.service_names = [classifier.SERVICE_NAME]
-        try:
-            from service.grpc_api import v2
-        except ImportError:  # the Open Inference Protocol servicer is optional until it is built
-            v2 = None
-        if v2 is not None:
-            v2.add_to_server(core, metrics, self.server)
-            self.service_names.append(v2.SERVICE_NAME)
+        v2.add_to_server(core, metrics, self.server)
+        self.service_names.append(v2.SERVICE_NAME)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

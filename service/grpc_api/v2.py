@@ -21,7 +21,6 @@ from service.grpc_api.classifier import Instrumented
 from service.metrics import Metrics
 
 SERVICE_NAME = "inference.GRPCInferenceService"
-assert pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == SERVICE_NAME
 
 
 def _parameters(params) -> dict:

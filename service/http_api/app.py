@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.core import InferenceCore
 from service.errors import ServiceError
-from service.http_api import routes
+from service.http_api import routes, v2
 from service.http_api.common import HttpContext, error_response, json_response
 from service.metrics import Metrics
 
@@ -22,12 +22,7 @@ def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
                   description="CIFAR-10 image classification: /predict, Open Inference Protocol (/v2), metrics.")
     ctx = HttpContext(core, metrics)
     app.include_router(routes.build_router(ctx))
-    try:
-        from service.http_api import v2
-    except ImportError:  # the Open Inference Protocol router is optional until it is built
-        v2 = None
-    if v2 is not None:
-        app.include_router(v2.build_router(ctx))
+    app.include_router(v2.build_router(ctx))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):

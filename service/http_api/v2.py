@@ -79,8 +79,9 @@ def build_router(ctx: HttpContext) -> APIRouter:
     # ---- inference ------------------------------------------------------------------------------
     async def _infer(request: Request, name: str, version: Optional[str]) -> Response:
         deadline = ctx.deadline(request)
-        body = v2.decompress(await ctx.body(request), request.headers.get("content-encoding"), ctx.max_body)
-        parsed = v2.parse_rest_request(name, version or "", body, request.headers.get(v2.HEADER_LENGTH))
+        parsed = await v2.read_rest_request(name, version or "", await ctx.body(request),
+                                            request.headers.get(v2.HEADER_LENGTH),
+                                            request.headers.get("content-encoding"), ctx.max_body)
         result = await v2.infer(core, parsed, deadline)
         content, header_length = v2.encode_rest_response(result)
         if header_length is None:

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import io
 import json
 import math
 import os
@@ -45,11 +43,8 @@ import platform
 import random
 import resource
 import sys
-import tarfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -232,6 +227,8 @@ def generate_images(n: int, seed: int = 0, quality: int = 90) -> list[bytes]:
 
 def read_images(path: str, limit: int) -> list[bytes]:
     """JPEG/PNG files from a folder (recursively, sorted) or a .tar/.tar.gz archive."""
+    import tarfile
+
     p = Path(path)
     out: list[bytes] = []
     if p.is_dir():
@@ -378,6 +375,9 @@ def raw_http_request(payload: Payload, host: str) -> bytes:
 def check_target(cfg: LoadConfig, payload: Payload) -> str:
     """Send one request with a plain blocking client and check the answer's shape.
     Returns a one-line description; raises LoadTestError with the reason otherwise."""
+    import urllib.error
+    import urllib.request
+
     address, k, target = cfg.resolved_address(), cfg.images_per_request, cfg.target
     if target.startswith("grpc"):
         import grpc
@@ -852,6 +852,8 @@ def _child(cfg: LoadConfig, index: int, images: list[bytes], tensor, counters, r
 
 def scrape_metrics(url: str, model: str | None = None, timeout: float = 5.0) -> dict:
     """_sum/_count of the batch size, queue wait and compute histograms, and images computed."""
+    import urllib.request
+
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -1202,6 +1204,8 @@ def write_json(report: dict, path: str | Path) -> None:
 
 def append_csv(report: dict, path: str | Path) -> None:
     """One row per run; the header is written when the file is new or empty."""
+    import csv
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0

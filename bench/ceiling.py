@@ -1,0 +1,202 @@
+"""The ceiling: what ONNX Runtime alone does on this machine, with no server in the way.
+
+For batch sizes 1, 2, 4, ..., 256 and intra-op threads "default" (ORT: one per core) and 1, it
+times ``session.run`` on a ready float32 input in this process — no decoding, no normalisation,
+no softmax, no batching queue — and reports images/s and the median time of one run. The session
+options are the server's own (``service.runtime.session_options``: sequential execution, all
+graph optimisations, idle threads not spinning unless ``--allow-spinning``), so the figures are
+what the server's runtime could do at best.
+
+Rounds are interleaved (every point once per round, order reversed every other round), so a
+slow patch of the machine spreads over all points instead of spoiling one; each point prints
+min / median / max over the rounds.
+
+    .venv/bin/python bench/ceiling.py            # full run (about 2 minutes)
+    .venv/bin/python bench/ceiling.py --quick    # smoke run (seconds)
+
+Writes bench/results/ceiling.json (machine, settings, every round) and docs/img/ceiling.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.loadtest import machine_info, spread  # noqa: E402
+
+DEFAULT_MODEL = ROOT / "models" / "cifar10" / "1" / "model.onnx"
+BATCH_SIZES = [2 ** i for i in range(9)]  # 1 .. 256
+QUICK_BATCH_SIZES = [1, 4, 16, 64, 256]
+
+
+def make_session(model: str | Path, threads: int, allow_spinning: bool = False):
+    """An InferenceSession on the CPU with the server's session options and ``threads`` intra-op
+    threads (0: ORT's default)."""
+    import onnxruntime as ort
+
+    from service.runtime import session_options
+    from service.settings import Settings
+
+    settings = Settings(providers=["cpu"], intra_op_threads=threads, ort_allow_spinning=allow_spinning)
+    session = ort.InferenceSession(str(model), sess_options=session_options(settings),
+                                   providers=["CPUExecutionProvider"])
+    return session
+
+
+def input_batch(session, batch_size: int, seed: int = 0) -> np.ndarray:
+    shape = [batch_size] + [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape[1:]]
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def time_runs(session, x: np.ndarray, seconds: float, min_runs: int = 5, warm: int = 3) -> dict:
+    """Run ``session`` on ``x`` back to back for about ``seconds``; images/s and per-run times."""
+    name = session.get_inputs()[0].name
+    out = [session.get_outputs()[0].name]
+    run = session.run
+    feed = {name: x}
+    for _ in range(warm):
+        run(out, feed)
+    times = []
+    perf = time.perf_counter
+    started = perf()
+    while True:
+        t = perf()
+        run(out, feed)
+        done = perf()
+        times.append(done - t)
+        if done - started >= seconds and len(times) >= min_runs:
+            break
+    total = perf() - started
+    arr = np.asarray(times) * 1000.0
+    return {"img_per_s": len(x) * len(times) / total, "latency_ms_median": float(np.median(arr)),
+            "latency_ms_p99": float(np.percentile(arr, 99)), "runs": len(times)}
+
+
+def ceiling_once(session, batch_sizes: list[int], seconds: float) -> dict:
+    """One pass over the batch sizes: best images/s (and at which size) and 1-image latency."""
+    points = {bs: time_runs(session, input_batch(session, bs), seconds) for bs in batch_sizes}
+    best = max(points, key=lambda bs: points[bs]["img_per_s"])
+    one = points.get(1) or time_runs(session, input_batch(session, 1), seconds)
+    return {"best_img_per_s": points[best]["img_per_s"], "best_batch_size": best,
+            "latency_1_ms": one["latency_ms_median"], "points": points}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rows in result["summary"].items():
+        bs = [r["batch_size"] for r in rows]
+        for ax, key in ((ax1, "img_per_s"), (ax2, "latency_ms")):
+            med = np.array([r[key]["median"] for r in rows])
+            lo = med - np.array([r[key]["min"] for r in rows])
+            hi = np.array([r[key]["max"] for r in rows]) - med
+            ax.errorbar(bs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    ax1.set(xscale="log", xlabel="batch size", ylabel="images/s (median, min-max bars)",
+            title="ONNX Runtime alone: throughput")
+    ax2.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per session.run (median of runs)",
+            title="ONNX Runtime alone: time per batch")
+    for ax in (ax1, ax2):
+        ax.set_xticks(result["config"]["batch_sizes"], [str(b) for b in result["config"]["batch_sizes"]])
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    m = result["machine"]
+    fig.suptitle(f"{m['cpu_model']} ({m['cpu_count']} cores), onnxruntime {m['onnxruntime']}, "
+                 f"{result['config']['rounds']} rounds", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def thread_label(threads: int) -> str:
+    return "intra-op threads: default" if threads == 0 else f"intra-op threads: {threads}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,2,4,...,256)")
+    ap.add_argument("--threads", default="0,1", help="intra-op thread settings, 0 = ORT default (default 0,1)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="seconds per point per round (default 1)")
+    ap.add_argument("--allow-spinning", action="store_true", help="let ORT's idle threads spin (server: off)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 0.15 s per point, 5 batch sizes")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "ceiling.json"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "ceiling.png"))
+    args = ap.parse_args(argv)
+
+    if args.quick:
+        rounds, seconds, sizes = 2, 0.15, QUICK_BATCH_SIZES
+    else:
+        rounds, seconds, sizes = args.rounds, args.seconds, BATCH_SIZES
+    if args.batch_sizes:
+        sizes = [int(s) for s in args.batch_sizes.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    if not Path(args.model).is_file():
+        print(f"ceiling: no model at {args.model} (run cnnserve export first)", file=sys.stderr)
+        return 1
+
+    machine = machine_info()
+    sessions = {t: make_session(args.model, t, args.allow_spinning) for t in threads}
+    inputs = {bs: input_batch(sessions[threads[0]], bs) for bs in sizes}
+    points = [(t, bs) for t in threads for bs in sizes]
+    print(f"ceiling: {args.model}, {rounds} rounds x {len(points)} points x {seconds:g} s; "
+          f"{machine['cpu_model']}, {machine['cpu_count']} cores, load {machine['load_average']}", file=sys.stderr)
+    rounds_out = []
+    for r in range(rounds):
+        order = points if r % 2 == 0 else points[::-1]
+        this = []
+        for t, bs in order:
+            m = time_runs(sessions[t], inputs[bs], seconds)
+            this.append({"threads": t, "batch_size": bs, **m})
+        rounds_out.append(this)
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
+
+    summary: dict[str, list] = {}
+    print(f"\n{'threads':>9} {'batch':>6} {'images/s min / median / max':>34} {'ms per run min / median / max':>34}")
+    for t in threads:
+        rows = []
+        for bs in sizes:
+            ips = [p["img_per_s"] for rnd in rounds_out for p in rnd if p["threads"] == t and p["batch_size"] == bs]
+            lat = [p["latency_ms_median"] for rnd in rounds_out for p in rnd
+                   if p["threads"] == t and p["batch_size"] == bs]
+            row = {"batch_size": bs, "img_per_s": spread(ips), "latency_ms": spread(lat)}
+            rows.append(row)
+            a, b = row["img_per_s"], row["latency_ms"]
+            print(f"{'default' if t == 0 else t:>9} {bs:>6} {a['min']:10.0f} / {a['median']:8.0f} / {a['max']:8.0f}"
+                  f" {b['min']:12.3f} / {b['median']:8.3f} / {b['max']:8.3f}")
+        summary[thread_label(t)] = rows
+        best = max(rows, key=lambda row: row["img_per_s"]["median"])
+        print(f"{'':>9} best: {best['img_per_s']['median']:.0f} images/s at batch {best['batch_size']}; "
+              f"1 image: {next((row['latency_ms']['median'] for row in rows if row['batch_size'] == 1), float('nan')):.3f} ms")
+
+    result = {
+        "benchmark": "ceiling",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine,
+        "config": {"model": str(args.model), "batch_sizes": sizes, "threads": threads, "rounds": rounds,
+                   "seconds_per_point": seconds, "allow_spinning": args.allow_spinning, "quick": args.quick},
+        "summary": summary,
+        "rounds": rounds_out,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, Path(args.plot))
+    print(f"\nwrote {args.json} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -189,7 +189,7 @@ class Batcher:
                     result = request.pieces[0][1]
                 else:
                     request.pieces.sort(key=lambda p: p[0])
-                    result = tuple(np.concatenate([p[1][i] for p in request.pieces]) for i in range(len(outputs)))
+                    result = tuple(_concat([p[1][i] for p in request.pieces]) for i in range(len(outputs)))
                 request.future.set_result(_retype(outputs, result))
 
     async def drain(self, timeout: float) -> bool:
@@ -220,6 +220,13 @@ class Batcher:
                 request.future.set_exception(NotReady("server shutting down"))
         self._queued_images = 0
         self._executor.shutdown(wait=True)
+
+
+def _concat(pieces: list) -> Any:
+    """Join one output's slices: arrays along axis 0, lists end to end."""
+    if isinstance(pieces[0], np.ndarray):
+        return np.concatenate(pieces)
+    return [row for piece in pieces for row in piece]
 
 
 def _retype(template: Any, values: tuple) -> Any:

@@ -60,9 +60,9 @@ class Classification:
     """Top-k of every image of a request, in request order."""
     model: str
     version: str
-    indices: np.ndarray        # int64 [n, k]
-    probabilities: np.ndarray  # float32 [n, k]
-    labels: np.ndarray         # object [n, k]
+    indices: list[list[int]]           # [n][k]
+    probabilities: list[list[float]]   # [n][k]
+    labels: list[list[str]]            # [n][k]
 
 
 class InferenceCore:
@@ -200,9 +200,11 @@ class InferenceCore:
         k = self.check_top_k(top_k, target.runtime.num_classes)
         pixels = await self.decode(images)
         out = await self._submit(target, pixels, deadline)
-        idx = out.order[:, :k]
-        return Classification(target.name, target.version, idx, np.take_along_axis(out.probabilities, idx, axis=1),
-                              target.runtime.labels_array[idx])
+        if k == target.runtime.num_classes:
+            return Classification(target.name, target.version, out.ranked_indices, out.ranked_probabilities,
+                                  out.ranked_labels)
+        return Classification(target.name, target.version, [r[:k] for r in out.ranked_indices],
+                              [r[:k] for r in out.ranked_probabilities], [r[:k] for r in out.ranked_labels])
 
     async def infer_tensor(self, target: LoadedModel, tensor: np.ndarray, deadline: float | None = None) -> BatchOutput:
         """Run a preprocessed float32 [n,3,32,32] tensor (Open Inference Protocol input)."""

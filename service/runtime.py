@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +29,11 @@ class BatchOutput(NamedTuple):
     logits: np.ndarray         # float32 [n, classes]
     probabilities: np.ndarray  # float32 [n, classes]
     order: np.ndarray          # int64 [n, classes], most probable class first
+    # The same ranking as Python lists, made once per batch in the executor thread so that each
+    # request only slices them: [n][classes] indices, probabilities and labels, best first.
+    ranked_indices: list
+    ranked_probabilities: list
+    ranked_labels: list
 
 
 def provider_options(settings: Settings) -> list[tuple[str, dict]]:
@@ -43,11 +49,20 @@ def provider_options(settings: Settings) -> list[tuple[str, dict]]:
     return out
 
 
+def default_intra_op_threads() -> int:
+    """Usable cores (CPU affinity, so taskset is honoured) minus one for the event loop."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def session_options(settings: Settings) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = settings.intra_op_threads
+    so.intra_op_num_threads = settings.intra_op_threads or default_intra_op_threads()
     so.inter_op_num_threads = settings.inter_op_threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0")
     return so
@@ -115,7 +130,9 @@ class ModelRuntime:
     def run_batch(self, parts: list[np.ndarray]) -> BatchOutput:
         logits = self.run(self.prepare(parts))
         probs = softmax(logits.copy())
-        return BatchOutput(logits, probs, ranking(probs))
+        order = ranking(probs)
+        return BatchOutput(logits, probs, order, order.tolist(), np.take_along_axis(probs, order, axis=1).tolist(),
+                           self.labels_array[order].tolist())
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run every power-of-two batch size up to the max once, so first requests pay no

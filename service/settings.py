@@ -41,8 +41,8 @@ class Settings(BaseSettings):
                                  "benchmarks every new batch shape (slow first requests).")
     gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit in MiB (0: no limit).")
     intra_op_threads: int = Field(
-        0, ge=0, description="ORT intra-op threads (0: ORT's default, one per core). Lower it to leave cores "
-                             "for request decoding.")
+        0, ge=0, description="ORT intra-op threads. 0: one per usable core minus one (at least 1), leaving a "
+                             "core to the event loop that decodes and answers requests.")
     inter_op_threads: int = Field(1, ge=1, description="ORT inter-op threads (the graph is a chain: 1 is right).")
     ort_allow_spinning: bool = Field(
         False, description="Let ORT's idle intra-op threads spin. Off by default: on a few cores spinning "

@@ -431,3 +431,37 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(slow_serve
     # The HTTP one was queued and dropped; the gRPC one too, unless grpc itself expired it first.
     assert sample(after, "cnnserve_rejected_total", reason="deadline") - \
         sample(before, "cnnserve_rejected_total", reason="deadline") >= 1
+
+
+
+def test_a_caller_that_goes_away_is_dropped_before_compute():
+    import socket
+    import time
+
+    # A lone request waits up to 1.5 s for company: ample time to hang up while it is queued.
+    s = ServerProcess("--max-queue-delay-ms", "1500", "--drain-seconds", "0")
+    try:
+        image = png_bytes(distinct_images(1, seed=8)[0])
+        before = metric_samples(s.http)
+        sock = socket.create_connection(("127.0.0.1", s.http_port))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(image) + image)
+        time.sleep(0.2)
+        sock.close()
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            call = pb_grpc.ClassifierStub(channel).Classify.future(
+                pb.ClassifyRequest(images=[pb.Image(encoded=image)], top_k=1), timeout=30)
+            time.sleep(0.2)
+            call.cancel()
+        time.sleep(1.8)  # past the queue delay: the batcher has looked at (and dropped) both
+        after = metric_samples(s.http)
+        assert sample(after, "cnnserve_rejected_total", reason="cancelled") - \
+            sample(before, "cnnserve_rejected_total", reason="cancelled") == 2
+        assert sample(after, "cnnserve_images_total", model="cifar10") == \
+            sample(before, "cnnserve_images_total", model="cifar10")  # neither was computed
+        # Still serving, and the delay holds a lone request back for company.
+        started = time.monotonic()
+        assert len(classify_grpc(s.grpc_target, [pb.Image(encoded=image)], top_k=2).results) == 1
+        assert time.monotonic() - started >= 1.2
+    finally:
+        assert s.stop() == 0

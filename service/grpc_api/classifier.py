@@ -72,7 +72,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         Prediction, Classification = pb.Prediction, pb.Classification
         results = [
             Classification(predictions=[Prediction(label=l, index=i, probability=p) for l, i, p in zip(ls, ix, ps)])
-            for ls, ix, ps in zip(result.labels.tolist(), result.indices.tolist(), result.probabilities.tolist())
+            for ls, ix, ps in zip(result.labels, result.indices, result.probabilities)
         ]
         return pb.ClassifyResponse(model=result.model, model_version=result.version, results=results)
 

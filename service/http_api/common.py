@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, Awaitable
+from typing import Any, Awaitable, TypeVar
 
 import orjson
 from fastapi import Request
@@ -16,6 +16,7 @@ from service.errors import Cancelled, InvalidParameter, Overloaded, PayloadTooLa
 from service.metrics import Metrics
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
+T = TypeVar("T")
 
 
 def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -37,17 +38,25 @@ class HttpContext:
         self.core = core
         self.metrics = metrics
         self.max_body = core.settings.max_request_bytes
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
 
     def record(self, method: str, status: int, started: float) -> None:
-        self.metrics.requests.labels("http", method, str(status)).inc()
-        self.metrics.request_duration.labels("http", method).observe(time.perf_counter() - started)
+        # Label children are resolved once per (method, status): labels() costs a lock and a dict.
+        counter = self._counters.get((method, status))
+        if counter is None:
+            counter = self._counters[(method, status)] = self.metrics.requests.labels("http", method, str(status))
+        duration = self._durations.get(method)
+        if duration is None:
+            duration = self._durations[method] = self.metrics.request_duration.labels("http", method)
+        counter.inc()
+        duration.observe(time.perf_counter() - started)
 
-    async def handle(self, method: str, work: Awaitable[Response], request: Request | None = None) -> Response:
-        """Run a route's work: map domain errors, record metrics, and — when ``request`` is given —
-        stop waiting (and let the batcher drop the work) if the client disconnects."""
+    async def handle(self, method: str, work: Awaitable[Response]) -> Response:
+        """Run a route's work: map domain errors to responses and record metrics."""
         started = time.perf_counter()
         try:
-            response = await (work if request is None else self._unless_disconnected(work, request))
+            response = await work
         except ServiceError as e:
             if e.reason not in ("queue_full", "deadline", "cancelled"):  # the batcher counted those
                 self.metrics.rejected.labels(e.reason).inc()
@@ -56,17 +65,29 @@ class HttpContext:
         return response
 
     @staticmethod
-    async def _unless_disconnected(work: Awaitable[Response], request: Request) -> Response:
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(_disconnected(request))
+    async def unless_disconnected(work: Awaitable[T], request: Request) -> T:
+        """Await ``work`` in this task; a watcher task cancels it if the client goes away, which
+        also cancels its place in the batcher queue (dropped before compute). Call it only once
+        the body has been read: the watcher consumes the request's remaining ASGI messages."""
+        this = asyncio.current_task()
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            await _disconnected(request)
+            gone = True
+            this.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+            return await work
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            this.uncancel()
+            raise Cancelled("client disconnected") from None
         finally:
             watcher.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        raise Cancelled("client disconnected")
 
     async def body(self, request: Request) -> bytes:
         """The request body, refused with 413 as soon as it exceeds max_request_bytes."""

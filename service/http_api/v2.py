@@ -82,7 +82,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         parsed = await v2.read_rest_request(name, version or "", await ctx.body(request),
                                             request.headers.get(v2.HEADER_LENGTH),
                                             request.headers.get("content-encoding"), ctx.max_body)
-        result = await v2.infer(core, parsed, deadline)
+        result = await ctx.unless_disconnected(v2.infer(core, parsed, deadline), request)
         content, header_length = v2.encode_rest_response(result)
         if header_length is None:
             return Response(content, media_type="application/json")
@@ -92,6 +92,6 @@ def build_router(ctx: HttpContext) -> APIRouter:
     @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version")
     async def model_infer(request: Request, name: str, version: Optional[str] = None):
-        return await ctx.handle("v2_infer", _infer(request, name, version), request)
+        return await ctx.handle("v2_infer", _infer(request, name, version))
 
     return router

@@ -94,7 +94,8 @@ $ pip install -e '.[train]'
 $ cnnserve train --data ../shared/data/cifar10/cifar10-train-jpeg.tar.gz --epochs {len(history)} --out-dir runs/cifar10
 $ cnnserve export --checkpoint runs/cifar10/best.pt --output models/cifar10/1/model.onnx
 $ cnnserve evaluate --model models/cifar10/1/model.onnx --out-dir models/cifar10
-$ python -m export.model_card --run runs/cifar10 --model models/cifar10/1/model.onnx --evaluation models/cifar10/evaluation.json
+$ python -m export.model_card --run runs/cifar10 --model models/cifar10/1/model.onnx \\
+      --evaluation models/cifar10/evaluation.json --notes models/cifar10/notes.md
 ```
 
 Training is seeded (data split, initialisation, augmentation, shuffling); on another CPU or
@@ -109,10 +110,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("models/cifar10/1/model.onnx"))
     parser.add_argument("--evaluation", type=Path, default=Path("models/cifar10/evaluation.json"))
     parser.add_argument("--machine", default=None, help="where training ran (default: this machine)")
+    parser.add_argument("--notes", type=Path, default=None, help="markdown appended to the card (run-specific notes)")
     args = parser.parse_args()
     card_dir = args.model.parent.parent
     shutil.copyfile(args.run / "curves.png", card_dir / "curves.png")
     text = render(args.run, args.model, json.loads(args.evaluation.read_text()), card_dir, args.machine or machine())
+    if args.notes:
+        text += "\n" + args.notes.read_text()
     (card_dir / "README.md").write_text(text)
     print(f"wrote {card_dir / 'README.md'}")
 

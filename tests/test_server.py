@@ -465,3 +465,24 @@ def test_a_caller_that_goes_away_is_dropped_before_compute():
         assert time.monotonic() - started >= 1.2
     finally:
         assert s.stop() == 0
+
+
+def test_chunked_uploads_without_content_length(server):
+    boundary = "cnnservetestboundary"
+    parts = b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n".encode() + png_bytes(p) + b"\r\n"
+        for i, p in enumerate(distinct_images(2, seed=11)))
+    body = parts + f"--{boundary}--\r\n".encode()
+
+    def chunks(data: bytes):
+        for i in range(0, len(data), 1000):
+            yield data[i:i + 1000]
+
+    r = httpx.post(f"{server.http}/predict", content=chunks(body),
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 2
+    r = httpx.post(f"{server.http}/predict", content=chunks(png_bytes(distinct_images(1)[0])),
+                   headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 1

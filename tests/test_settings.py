@@ -53,3 +53,20 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [n for n in Settings.model_fields if f"`CNNSERVE_{n.upper()}`" not in readme]
     assert not missing, f"README's settings table lacks {missing}"
+
+
+def test_json_log_lines(capsys):
+    import json
+    import logging
+
+    from service import logs
+
+    logs.configure("INFO", "json")
+    try:
+        logging.getLogger("cnnserve.test").warning("hello %s", "world")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        doc = json.loads(line)
+        assert doc["level"] == "WARNING" and doc["logger"] == "cnnserve.test" and doc["message"] == "hello world"
+        assert doc["ts"].endswith("Z")
+    finally:
+        logging.getLogger().handlers.clear()

@@ -100,7 +100,9 @@ class HttpContext:
             if size > self.max_body:
                 raise PayloadTooLarge(f"body exceeds the limit of {self.max_body} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        request._body = body  # Starlette's own cache: request.form()/json() read it instead of the spent stream
+        return body
 
     def deadline(self, request: Request) -> float | None:
         raw = request.headers.get(TIMEOUT_HEADER)

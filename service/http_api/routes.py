@@ -88,12 +88,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         deadline = ctx.deadline(request)
         if content_type == "multipart/form-data":
-            # python-multipart spools parts; the whole body is still bounded by max_request_bytes.
-            declared = request.headers.get("content-length")
-            if declared is None or not declared.isdigit():
-                await ctx.body(request)
-            elif int(declared) > ctx.max_body:
-                await ctx.body(request)  # raises 413
+            await ctx.body(request)  # bounded by max_request_bytes; form() then parses the cached body
             form = await request.form(max_files=core.settings.max_images_per_request, max_fields=16,
                                       max_part_size=ctx.max_body)
             images = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
@@ -110,7 +105,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
             raise UnsupportedMediaType(
                 f"unsupported Content-Type {content_type or '(none)'!r}: send image/jpeg, image/png, "
                 "multipart/form-data or application/json")
-        if model is not None and not isinstance(model, str) or version is not None and not isinstance(version, str):
+        if (model is not None and not isinstance(model, str)) or (version is not None and not isinstance(version, str)):
             raise InvalidInput("model and model_version must be strings")
         result = await ctx.unless_disconnected(
             core.classify(images, top_k=top_k, model=model, version=version, deadline=deadline), request)

@@ -40,8 +40,13 @@ async def serve(settings: Settings) -> int:
     started = time.monotonic()
     metrics = Metrics()
     core = InferenceCore(settings, metrics)
-    grpc_server = GrpcServer(core, metrics, settings)
-    sock = _bind(settings.host, settings.http_port)
+    try:
+        grpc_server = GrpcServer(core, metrics, settings)
+        sock = _bind(settings.host, settings.http_port)
+    except (OSError, RuntimeError) as e:  # port in use, address not local, ...
+        log.error("cannot listen on %s (http %d, grpc %d): %s", settings.host, settings.http_port,
+                  settings.grpc_port, e)
+        return 1
     http_port = sock.getsockname()[1]
     config = uvicorn.Config(create_app(core, metrics), lifespan="off", access_log=False, log_config=None,
                             log_level=settings.log_level.lower(), loop="none", http="httptools",

@@ -45,6 +45,20 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
 
 
+def peek_pixels(data: bytes) -> int | None:
+    """width x height from a PNG or JPEG header without decoding (None: unknown format or
+    unreadable header). Lets the caller choose where to decode before paying for it."""
+    if data.startswith(PNG_MAGIC) and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    if data.startswith(JPEG_MAGIC):
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            return None
+        return height * width
+    return None
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Encoded JPEG/PNG (or any format Pillow reads) → uint8 [32,32,3]. Raises InvalidInput
     for bytes that are not an image and PayloadTooLarge for images over ``max_pixels``."""

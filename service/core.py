@@ -24,9 +24,11 @@ from service.settings import Settings
 log = logging.getLogger("cnnserve.core")
 
 MAX_TOP_K = 10
-# Encoded images up to this size are decoded on the event loop (tens of microseconds); larger ones
-# in a worker thread so that one big photo cannot stall every other request.
+# Small images are decoded on the event loop (tens of microseconds: a thread hand-off would cost
+# more); anything larger, or of unknown size, in a worker thread so that one big photo (or a small
+# file that inflates to many pixels) cannot stall every other request.
 INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PIXELS = 256 * 256
 
 
 @dataclass(frozen=True)
@@ -177,13 +179,30 @@ class InferenceCore:
 
     async def decode(self, images: list[ImageInput]) -> np.ndarray:
         self.check_image_count(len(images))
-        encoded = sum(len(im.data) if isinstance(im, RawImage) else len(im) for im in images)
-        if encoded <= INLINE_DECODE_BYTES:
+        if self._small(images):
             return self._decode_all(images)
         return await asyncio.to_thread(self._decode_all, images)
 
+    @staticmethod
+    def _small(images: list[ImageInput]) -> bool:
+        total_bytes = total_pixels = 0
+        for im in images:
+            if isinstance(im, RawImage):
+                total_bytes += len(im.data)
+                total_pixels += im.height * im.width
+                continue
+            pixels = codec.peek_pixels(im)
+            if pixels is None:
+                return False
+            total_bytes += len(im)
+            total_pixels += pixels
+        return total_bytes <= INLINE_DECODE_BYTES and total_pixels <= INLINE_DECODE_PIXELS
+
     # ---- inference --------------------------------------------------------------------------
     async def _submit(self, model: LoadedModel, batch: np.ndarray, deadline: float | None) -> BatchOutput:
+        if len(batch) > model.batcher.max_queue_size:
+            # It could never be admitted: a 429 would invite retries that cannot succeed.
+            raise PayloadTooLarge(f"{len(batch)} images exceed the queue's capacity of {model.batcher.max_queue_size}")
         started = time.monotonic()
         ok = False
         try:

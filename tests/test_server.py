@@ -486,3 +486,29 @@ def test_chunked_uploads_without_content_length(server):
     r = httpx.post(f"{server.http}/predict", content=chunks(png_bytes(distinct_images(1)[0])),
                    headers={"Content-Type": "image/png"})
     assert r.status_code == 200 and len(r.json()["results"]) == 1
+
+
+def test_a_request_larger_than_the_queue_is_413_not_429():
+    s = ServerProcess("--max-queue-size", "4", "--drain-seconds", "0")
+    try:
+        files = [("file", (f"{i}.png", png_bytes(p), "image/png")) for i, p in enumerate(distinct_images(5))]
+        r = httpx.post(f"{s.http}/predict", files=files)
+        assert r.status_code == 413 and "capacity" in r.json()["error"]
+        r = httpx.post(f"{s.http}/predict", files=files[:4])
+        assert r.status_code == 200 and len(r.json()["results"]) == 4
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_port_in_use_is_a_clear_error_not_a_traceback():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port",
+                              str(port), "--grpc-port", "0", "--providers", "cpu"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert out.returncode == 1
+    assert "cannot listen" in out.stderr and "Traceback" not in out.stderr

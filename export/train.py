@@ -35,7 +35,7 @@ from export.model import Cifar10CNN
 class TrainConfig:
     data: str
     out_dir: str = "runs/cifar10"
-    epochs: int = 40
+    epochs: int = 65
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9

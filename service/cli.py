@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA, help=f"image-folder tree/.tar.gz or CIFAR-10 python archive "
                                                         f"(default {DEFAULT_DATA})")
     p.add_argument("--out-dir", default="runs/cifar10", help="checkpoints, metrics.jsonl, curves.png")
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=65)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,6 @@ from protos/ (regenerate with `python scripts/gen_protos.py`)."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from tests.conftest import ROOT
 

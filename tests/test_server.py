@@ -3,6 +3,7 @@ real model. Expected answers come from a direct onnxruntime run of the same pixe
 from __future__ import annotations
 
 import asyncio
+import io
 import base64
 import json
 import os
@@ -112,7 +113,7 @@ def test_every_http_body_kind_and_grpc_raw_pixels(server, reference):
 
     # JPEG is lossy: compare with the decoded pixels, not the originals.
     jpg = jpeg_bytes(pixels[1])
-    decoded = np.asarray(Image.open(__import__("io").BytesIO(jpg)).convert("RGB"))
+    decoded = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
     r = httpx.post(url, content=jpg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 2})
     assert_matches_reference(r.json()["results"][0]["predictions"], reference.probabilities(decoded[None])[0], 2)
 
@@ -133,7 +134,7 @@ def test_images_of_other_sizes_and_modes_are_converted(server):
     rgba = Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8), mode="RGBA")
     files = []
     for i, (im, fmt) in enumerate([(big, "JPEG"), (grey, "PNG"), (rgba, "PNG"), (big, "PNG")]):
-        buf = __import__("io").BytesIO()
+        buf = io.BytesIO()
         im.save(buf, format=fmt)
         files.append(("file", (f"{i}.{fmt.lower()}", buf.getvalue(), f"image/{fmt.lower()}")))
     r = httpx.post(f"{server.http}/predict", files=files, params={"top_k": 1})
@@ -207,7 +208,7 @@ def test_http_limits_and_unknown_routes(server):
     r = httpx.post(url, content=b"\xff\xd8\xff" + b"\x00" * (17 * 1024 * 1024), headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 413 and "error" in r.json()
     # A decompression bomb: tiny PNG, 5000x5000 pixels > max_image_pixels (4096*4096).
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     Image.new("L", (5000, 5000)).save(buf, format="PNG")
     assert len(buf.getvalue()) < 100_000
     r = httpx.post(url, content=buf.getvalue(), headers={"Content-Type": "image/png"})

@@ -90,9 +90,12 @@ async def serve(settings: Settings) -> int:
     log.info("closing listeners; finishing admitted requests (at most %.1fs)", settings.shutdown_timeout_seconds)
     http_server.should_exit = True
     await http_loop
-    await asyncio.gather(http_server.shutdown(sockets=[sock]),
-                         grpc_server.stop(settings.shutdown_timeout_seconds),
-                         core.drain(settings.shutdown_timeout_seconds))
+    *_, drained = await asyncio.gather(http_server.shutdown(sockets=[sock]),
+                                       grpc_server.stop(settings.shutdown_timeout_seconds),
+                                       core.drain(settings.shutdown_timeout_seconds))
+    if not drained:
+        log.warning("shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
+                    settings.shutdown_timeout_seconds)
     await core.close()
     if not loader.done():
         loader.cancel()

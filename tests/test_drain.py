@@ -19,34 +19,37 @@ def test_sigterm_under_load_drops_no_admitted_request():
     s = ServerProcess("--drain-seconds", str(DRAIN_S), "--shutdown-timeout-seconds", "10")
     image = png_bytes(distinct_images(1)[0])
     stop = threading.Event()
-    grpc_outcomes: list[tuple[float, str]] = []
-    http_outcomes: list[tuple[float, str]] = []
+    # (sent, answered, outcome)
+    grpc_outcomes: list[tuple[float, float, str]] = []
+    http_outcomes: list[tuple[float, float, str]] = []
     readiness: list[tuple[float, object]] = []
 
     def grpc_load():
         with grpc.insecure_channel(s.grpc_target) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             while not stop.is_set():
+                sent = time.monotonic()
                 try:
                     stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=image)] * 4), timeout=10)
-                    grpc_outcomes.append((time.monotonic(), "OK"))
+                    grpc_outcomes.append((sent, time.monotonic(), "OK"))
                 except grpc.RpcError as e:
-                    grpc_outcomes.append((time.monotonic(), e.code().name))
+                    grpc_outcomes.append((sent, time.monotonic(), e.code().name))
                     time.sleep(0.01)
 
     def http_load():
         while not stop.is_set():
+            sent = time.monotonic()
             try:
                 # A fresh connection each time: a closed listener then shows as a refused connect,
                 # never as a dropped request.
                 r = httpx.post(f"{s.http}/predict", content=image, timeout=10,
                                headers={"Content-Type": "image/png", "Connection": "close"})
-                http_outcomes.append((time.monotonic(), str(r.status_code)))
+                http_outcomes.append((sent, time.monotonic(), str(r.status_code)))
             except httpx.ConnectError:
-                http_outcomes.append((time.monotonic(), "refused"))
+                http_outcomes.append((sent, time.monotonic(), "refused"))
                 time.sleep(0.01)
             except httpx.HTTPError as e:
-                http_outcomes.append((time.monotonic(), f"broken: {type(e).__name__}"))
+                http_outcomes.append((sent, time.monotonic(), f"broken: {type(e).__name__}"))
 
     def watch_readiness():
         while not stop.is_set():
@@ -55,6 +58,8 @@ def test_sigterm_under_load_drops_no_admitted_request():
                                                               headers={"Connection": "close"}).status_code))
             except httpx.ConnectError:
                 readiness.append((time.monotonic(), "closed"))
+            except httpx.TransportError:  # caught in the listener's backlog as it closed
+                readiness.append((time.monotonic(), "broken"))
             time.sleep(0.02)
 
     threads = [threading.Thread(target=f) for f in (grpc_load, grpc_load, grpc_load, http_load, http_load,
@@ -82,13 +87,24 @@ def test_sigterm_under_load_drops_no_admitted_request():
     assert first_503 < first_closed, "readiness flipped before the listeners closed"
     assert first_closed - sent_at >= DRAIN_S * 0.9, "listeners stayed open for the drain period"
 
-    # Every admitted request succeeded; refusals only came once the listeners had closed.
-    grpc_codes = {v for _, v in grpc_outcomes}
-    assert grpc_codes <= {"OK", "UNAVAILABLE"}, grpc_codes
-    http_codes = {v for _, v in http_outcomes}
-    assert http_codes <= {"200", "refused"}, http_codes
-    served_during_drain = [t for t, v in grpc_outcomes + http_outcomes if v in ("OK", "200") and t > first_503]
+    # The server closes its listeners no earlier than DRAIN_S after the signal. Everything answered
+    # before then succeeded: nothing admitted was dropped, nothing was refused while serving.
+    closing_at = sent_at + DRAIN_S
+    assert {v for _, done, v in grpc_outcomes if done < closing_at} == {"OK"}
+    assert {v for _, done, v in http_outcomes if done < closing_at} == {"200"}
+    served_during_drain = [done for _, done, v in grpc_outcomes + http_outcomes
+                           if v in ("OK", "200") and done > first_503]
     assert served_during_drain, "requests kept being served while draining"
-    assert all(t >= first_503 for t, v in grpc_outcomes if v == "UNAVAILABLE")
-    assert all(t >= first_503 for t, v in http_outcomes if v == "refused")
+    # After it, only failures a client can retry, and only for requests sent as the listeners
+    # closed: refused connects, connections caught in the listen backlog (reset or closed unread),
+    # UNAVAILABLE, and grpc-core's CANCELLED for calls it had received but not yet handed to Python
+    # (grpc/grpc#41785). The margin: under CPU contention a client's timestamp runs ahead of its
+    # send, and the server's drain clock starts when it handles the signal.
+    close_race = closing_at - 0.25
+    bad_grpc = [(round(sent - closing_at, 3), v) for sent, _, v in grpc_outcomes
+                if v != "OK" and not (sent >= close_race and v in ("UNAVAILABLE", "CANCELLED"))]
+    assert not bad_grpc, bad_grpc
+    bad_http = [(round(sent - closing_at, 3), v) for sent, _, v in http_outcomes if v != "200" and not (
+        sent >= close_race and v in ("refused", "broken: ReadError", "broken: RemoteProtocolError"))]
+    assert not bad_http, bad_http
     assert "draining: readiness is false" in s.log and "stopped" in s.log

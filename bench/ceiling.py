@@ -36,17 +36,21 @@ BATCH_SIZES = [2 ** i for i in range(9)]  # 1 .. 256
 QUICK_BATCH_SIZES = [1, 4, 16, 64, 256]
 
 
-def make_session(model: str | Path, threads: int, allow_spinning: bool = False):
-    """An InferenceSession on the CPU with the server's session options and ``threads`` intra-op
-    threads (0: ORT's default)."""
+def make_session(model: str | Path, threads: int, allow_spinning: bool = False, provider: str = "cpu"):
+    """An InferenceSession with the server's session options and provider options: on the CPU with
+    ``threads`` intra-op threads (0: ORT's default), or on CUDA (``provider="cuda"``; it refuses
+    to fall back to the CPU, so a CUDA figure is never a CPU one)."""
     import onnxruntime as ort
 
-    from service.runtime import session_options
+    from service.runtime import CUDA, provider_options, session_options
     from service.settings import Settings
 
-    settings = Settings(providers=["cpu"], intra_op_threads=threads, ort_allow_spinning=allow_spinning)
+    settings = Settings(providers=[provider], intra_op_threads=threads, ort_allow_spinning=allow_spinning)
+    providers = provider_options(settings)
     session = ort.InferenceSession(str(model), sess_options=session_options(settings),
-                                   providers=["CPUExecutionProvider"])
+                                   providers=[p for p, _ in providers], provider_options=[o for _, o in providers])
+    if provider == "cuda" and session.get_providers()[0] != CUDA:
+        raise SystemExit(f"ceiling: CUDA was asked for but the session runs on {session.get_providers()[0]}")
     return session
 
 
@@ -131,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds per point per round (default 1)")
     ap.add_argument("--allow-spinning", action="store_true", help="let ORT's idle threads spin (server: off)")
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                    help="execution provider (default cpu; cuda: --threads only sizes the CPU-side pool)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 0.15 s per point, 5 batch sizes")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "ceiling.json"))
-    ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "ceiling.png"))
+    ap.add_argument("--json", default=None, help="default bench/results/ceiling[-cuda].json")
+    ap.add_argument("--plot", default=None, help="default docs/img/ceiling[-cuda].png")
     args = ap.parse_args(argv)
+    suffix = "-cuda" if args.provider == "cuda" else ""
+    args.json = args.json or str(ROOT / "bench" / "results" / f"ceiling{suffix}.json")
+    args.plot = args.plot or str(ROOT / "docs" / "img" / f"ceiling{suffix}.png")
 
     if args.quick:
         rounds, seconds, sizes = 2, 0.15, QUICK_BATCH_SIZES
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     machine = machine_info()
-    sessions = {t: make_session(args.model, t, args.allow_spinning) for t in threads}
+    sessions = {t: make_session(args.model, t, args.allow_spinning, args.provider) for t in threads}
     inputs = {bs: input_batch(sessions[threads[0]], bs) for bs in sizes}
     points = [(t, bs) for t in threads for bs in sizes]
     print(f"ceiling: {args.model}, {rounds} rounds x {len(points)} points x {seconds:g} s; "
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine,
-        "config": {"model": str(args.model), "batch_sizes": sizes, "threads": threads, "rounds": rounds,
+        "config": {"model": str(args.model), "provider": args.provider, "batch_sizes": sizes, "threads": threads, "rounds": rounds,
                    "seconds_per_point": seconds, "allow_spinning": args.allow_spinning, "quick": args.quick},
         "summary": summary,
         "rounds": rounds_out,

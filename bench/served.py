@@ -190,7 +190,7 @@ def run_loadtest(server: Server, protocol: str, concurrency: int, duration: floa
         cmd = [sys.executable, "-m", "service.cli", "loadtest", "--target", protocol,
                "--address", server.address(protocol), "--metrics-url", f"{server.http}/metrics",
                "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
-               "--processes", str(processes), "--timeout", "60", "--quiet", "--json", str(out), *(extra or [])]
+               "--processes", str(min(processes, concurrency)), "--timeout", "60", "--quiet", "--json", str(out), *(extra or [])]
         cmd, preexec = pinned_command(cmd, cpus)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=preexec,
                               timeout=warmup + duration + 180)
@@ -301,6 +301,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                    help="execution provider of the servers and the ceiling (default cpu; cuda: --require-gpu)")
     ap.add_argument("--pinned", action="store_true", help="server on --server-cpus, load generator on --client-cpus")
     ap.add_argument("--server-cpus", default="0", help="taskset list for the servers with --pinned (default 0)")
     ap.add_argument("--client-cpus", default="1", help="taskset list for the load generator with --pinned "
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per point (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per point (default 1)")
-    ap.add_argument("--client-processes", type=int, default=1, help="loadtest --processes (default 1)")
+    ap.add_argument("--client-processes", type=int, default=1,
+                    help="loadtest --processes, at most the concurrency (default 1)")
     ap.add_argument("--ceiling-seconds", type=float, default=0.5, help="seconds per batch size (default 0.5)")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for both servers (repeatable), e.g. --server-arg=--max-queue-delay-ms=1")
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="default docs/img/served[-pinned].png")
     args = ap.parse_args(argv)
 
-    suffix = "-pinned" if args.pinned else ""
+    suffix = ("-pinned" if args.pinned else "") + ("-cuda" if args.provider == "cuda" else "")
     json_path = Path(args.json or ROOT / "bench" / "results" / f"served{suffix}.json")
     plot_path = Path(args.plot or ROOT / "docs" / "img" / f"served{suffix}.png")
     if args.quick:
@@ -353,8 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     from ceiling import BATCH_SIZES, QUICK_BATCH_SIZES, make_session
 
     machine = machine_info()
-    session = make_session(MODEL_REPOSITORY / "cifar10" / "1" / "model.onnx", threads)
+    session = make_session(MODEL_REPOSITORY / "cifar10" / "1" / "model.onnx", threads, provider=args.provider)
     server_extra = ["--intra-op-threads", str(threads)] if args.pinned else []
+    if args.provider == "cuda":
+        server_extra += ["--providers", "cuda", "--require-gpu"]
     servers: dict[str, Server] = {}
     try:
         for b in batching:
@@ -433,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine,
-        "config": {"pinned": args.pinned, "server_cpus": server_cpus, "client_cpus": client_cpus,
+        "config": {"provider": args.provider, "pinned": args.pinned, "server_cpus": server_cpus, "client_cpus": client_cpus,
                    "concurrency": concurrency, "protocols": protocols, "batching": batching, "rounds": rounds,
                    "duration_s": duration, "warmup_s": warmup, "client_processes": args.client_processes,
                    "ceiling_seconds_per_batch_size": ceiling_s, "quick": args.quick,

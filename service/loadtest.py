@@ -196,7 +196,23 @@ def machine_info() -> dict:
         "numpy": _package_version("numpy"),
         "grpcio": _package_version("grpcio"),
         "cnnserve": _package_version("cnnserve"),
+        "gpus": _gpus(),
     }
+
+
+def _gpus() -> list[str] | None:
+    """NVIDIA GPUs as nvidia-smi names them (None where there is no nvidia-smi)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def spread(values: list[float]) -> dict:

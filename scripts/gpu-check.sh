@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The CUDA path, checked on a machine with an NVIDIA GPU: tests/test_gpu.py (CUDA session vs the
+# CPU's answers, the server on CUDA under gRPC/HTTP load), then the CUDA ceiling and the served
+# benchmark against it. CI has no GPU; run this where there is one and keep what it writes.
+#
+# Needs: an NVIDIA driver, the project's environment (pip install -e '.[dev]' brings
+# onnxruntime-gpu, built for CUDA 13 and cuDNN 9), and those libraries where the loader finds
+# them: the GPU image has them; a pip-only machine can install NVIDIA's cu13 wheels and put their
+# lib folders on LD_LIBRARY_PATH.
+#
+#     scripts/gpu-check.sh [OUTDIR]      # default bench/results/gpu; PYTHON overrides the interpreter
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench/results/gpu}
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    "$PYTHON" -c 'import onnxruntime as ort; print("onnxruntime", ort.__version__, ort.get_available_providers())'
+} 2>&1 | tee "$out/environment.txt" || status=1
+"$PYTHON" -m pytest -v -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.txt" || status=1
+"$PYTHON" bench/ceiling.py --provider cuda --threads 0 --rounds 3 --seconds 0.5 \
+    --json "$out/ceiling-cuda.json" --plot "$out/ceiling-cuda.png" 2>&1 | tee "$out/ceiling-cuda.txt" || status=1
+"$PYTHON" bench/served.py --provider cuda --protocols grpc,http --batching on --concurrency 1,16,64,256 \
+    --rounds 2 --duration 3 --warmup 1 --client-processes 4 \
+    --json "$out/served-cuda.json" --plot "$out/served-cuda.png" 2>&1 | tee "$out/served-cuda.txt" || status=1
+echo "gpu-check: exit $status; results in $out"
+exit $status

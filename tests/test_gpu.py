@@ -1,0 +1,103 @@
+"""The CUDA path on a real NVIDIA GPU: the session really runs on CUDA, agrees with the CPU, and the
+server serves gRPC and HTTP from it under concurrent load.
+
+Skipped, with the reason, on a machine without an NVIDIA GPU (CI has none). A machine with a GPU
+runs them and fails them if CUDA does not work there. scripts/gpu-check.sh runs them on a lent GPU
+machine and records their output (docs/gpu.md).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from service import cli
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from service.repository import scan
+from service.runtime import CPU, CUDA, ModelRuntime
+from service.settings import Settings
+from tests.conftest import MODEL_PATH, MODEL_REPOSITORY, ServerProcess, distinct_images, png_bytes
+
+
+def _gpus() -> list[str]:
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in out.splitlines() if line.startswith("GPU ")]
+
+
+pytestmark = pytest.mark.skipif(not _gpus(), reason="no NVIDIA GPU here (nvidia-smi lists none): the CUDA "
+                                                    "path runs on a GPU machine, see scripts/gpu-check.sh")
+
+# TF32 and cuDNN's algorithm choice make CUDA's float results differ slightly from the CPU's.
+PROBABILITY_TOLERANCE = 5e-3
+
+
+@pytest.fixture(scope="module")
+def runtimes():
+    spec = next(s for s in scan(MODEL_REPOSITORY) if s.path == MODEL_PATH)
+    cuda = ModelRuntime(spec, Settings(providers=["cuda"], require_gpu=True))
+    cpu = ModelRuntime(spec, Settings(providers=["cpu"]))
+    return cuda, cpu
+
+
+def test_session_runs_on_cuda_and_agrees_with_the_cpu(runtimes):
+    cuda, cpu = runtimes
+    assert cuda.provider == CUDA and cpu.provider == CPU
+    images = distinct_images(256, seed=3)
+    for batch in (1, 7, 64, 256):  # odd and power-of-two sizes; the largest the default max batch
+        on_gpu, on_cpu = cuda.run_batch([images[:batch]]), cpu.run_batch([images[:batch]])
+        np.testing.assert_allclose(on_gpu.probabilities, on_cpu.probabilities, atol=PROBABILITY_TOLERANCE)
+        # Top-1 agrees wherever the CPU's answer is not a near-tie.
+        top2 = np.sort(on_cpu.probabilities, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 2 * PROBABILITY_TOLERANCE
+        assert np.array_equal(on_gpu.order[clear, 0], on_cpu.order[clear, 0])
+
+
+def test_server_on_cuda_serves_grpc_and_http_under_load(runtimes, tmp_path):
+    _, cpu = runtimes
+    s = ServerProcess("--providers", "cuda", "--require-gpu", "--drain-seconds", "0")
+    try:
+        ready = httpx.get(f"{s.http}/readyz").json()
+        assert [m["provider"] for m in ready["models"]] == [CUDA]
+        assert f'provider="{CUDA}"' in httpx.get(f"{s.http}/metrics").text
+
+        images = distinct_images(16, seed=5)
+        expected = cpu.run_batch([images])
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            reply = stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=png_bytes(im)) for im in images],
+                                                     top_k=3), timeout=30)
+            # 64 concurrent callers: batches form on the GPU and every answer comes back.
+            with ThreadPoolExecutor(64) as pool:
+                replies = list(pool.map(lambda im: stub.Classify(
+                    pb.ClassifyRequest(images=[pb.Image(encoded=png_bytes(im))]), timeout=30), list(images) * 8))
+        for i, result in enumerate(reply.results):
+            assert result.predictions[0].index == expected.order[i, 0]
+            assert abs(result.predictions[0].probability - expected.ranked_probabilities[i][0]) < PROBABILITY_TOLERANCE
+        assert [r.results[0].predictions[0].index for r in replies] == [int(c) for c in expected.order[:, 0]] * 8
+
+        r = httpx.post(f"{s.http}/predict?top_k=1", content=png_bytes(images[0]),
+                       headers={"Content-Type": "image/png"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["predictions"][0]["label"] == expected.ranked_labels[0][0]
+
+        report = tmp_path / "loadtest.json"
+        rc = cli.main(["loadtest", "--quiet", "--model-file", str(MODEL_PATH), "--target", "grpc",
+                       "--address", s.grpc_target, "--metrics-url", f"{s.http}/metrics", "--concurrency", "64",
+                       "--duration", "2", "--warmup", "0.5", "--json", str(report), "--fail-on-error"])
+        summary = json.loads(report.read_text())
+        assert rc == 0 and summary["summary"]["errors"] == 0 and summary["summary"]["ok"] > 0
+        assert summary["server"]["batch_size_mean"] > 1
+    finally:
+        assert s.stop() == 0, s.log

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA path, checked on a machine with an NVIDIA GPU: tests/test_gpu.py (CUDA session vs the
-# CPU's answers, the server on CUDA under gRPC/HTTP load), then the CUDA ceiling and the served
-# benchmark against it. CI has no GPU; run this where there is one and keep what it writes.
+# CPU's answers, the server on CUDA under gRPC/HTTP load), what a change of batch size costs
+# (bench/cudnn_shapes.py), then the CUDA ceiling and the served benchmark against it. CI has no GPU; run this where there is one and keep what it writes.
 #
 # Needs: an NVIDIA driver, the project's environment (pip install -e '.[dev]' brings
 # onnxruntime-gpu, built for CUDA 13 and cuDNN 9), and those libraries where the loader finds
@@ -21,7 +21,8 @@ status=0
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     "$PYTHON" -c 'import onnxruntime as ort; print("onnxruntime", ort.__version__, ort.get_available_providers())'
-} 2>&1 | tee "$out/environment.txt" || status=1
+    "$PYTHON" bench/cudnn_shapes.py
+} 2>&1 | tee "$out/runtime.txt" || status=1
 "$PYTHON" -m pytest -v -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.txt" || status=1
 "$PYTHON" bench/ceiling.py --provider cuda --threads 0 --rounds 3 --seconds 0.5 \
     --json "$out/ceiling-cuda.json" --plot "$out/ceiling-cuda.png" 2>&1 | tee "$out/ceiling-cuda.txt" || status=1

@@ -76,7 +76,9 @@ async def serve(settings: Settings) -> int:
             core.start()
             await grpc_server.set_serving(True)
             log.info("ready in %.2fs: %s", time.monotonic() - started,
-                     ", ".join(f"{m.name}/{m.version} on {m.runtime.provider}" for m in core.all_models()))
+                     ", ".join(f"{m.name}/{m.version} on {m.runtime.provider}"
+                               + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")
+                               for m in core.all_models()))
         except (GpuRequired, FileNotFoundError, ValueError, OSError) as e:
             log.error("cannot load models: %s", e)
             exit_code = 1

@@ -103,6 +103,10 @@ class ModelRuntime:
         self.output_name = self.session.get_outputs()[0].name
         self.num_classes = len(self.labels)
         self.labels_array = np.array(self.labels, dtype=object)
+        pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and self.provider == CUDA)
+        #: Batches smaller than this are padded with zeros to it (0: never). Samples are independent
+        #: in this model, so padding rows change nothing in the real ones.
+        self.pad_to = settings.max_batch_size if pad else 0
 
     def prepare(self, parts: list[np.ndarray]) -> np.ndarray:
         """Concatenate requests' images into one model input. uint8 [n,32,32,3] parts (decoded
@@ -125,6 +129,11 @@ class ModelRuntime:
         return x
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if n < self.pad_to:
+            padded = np.zeros((self.pad_to, *x.shape[1:]), x.dtype)
+            padded[:n] = x
+            return self.session.run([self.output_name], {self.input_name: padded})[0][:n]
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def run_batch(self, parts: list[np.ndarray]) -> BatchOutput:
@@ -138,5 +147,7 @@ class ModelRuntime:
         """Run every power-of-two batch size up to the max once, so first requests pay no
         allocation or (CUDA) kernel-selection cost."""
         sizes = sorted({min(2 ** i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+        if self.pad_to:
+            sizes = [max(sizes)]  # every smaller batch runs at the padded shape
         for n in sizes:
             self.run(np.zeros((n, *self.input_shape[1:]), np.float32))

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         64, ge=1, le=1024, description="Most images in one ORT run. Larger batches raise throughput until "
                                         "the runtime saturates, and raise per-batch latency.")
+    pad_batches: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pad every batch with zeros to max_batch_size, so the runtime sees one input "
+                            "shape. On CUDA each change of batch size re-plans cuDNN's convolutions, which "
+                            "costs many times the GPU work of a whole padded batch; on the CPU padding costs "
+                            "compute in proportion. auto: pad on CUDA only.")
     max_queue_delay_ms: float = Field(
         0.0, ge=0.0, le=10_000, description="How long the first queued image waits for company. 0 is greedy: "
                                            "whenever the runtime is free it takes everything queued, so a lone "

@@ -54,6 +54,7 @@ def runtimes():
 def test_session_runs_on_cuda_and_agrees_with_the_cpu(runtimes):
     cuda, cpu = runtimes
     assert cuda.provider == CUDA and cpu.provider == CPU
+    assert cuda.pad_to == Settings().max_batch_size, "auto pads batches on CUDA"
     images = distinct_images(256, seed=3)
     for batch in (1, 7, 64, 256):  # odd and power-of-two sizes; the largest the default max batch
         on_gpu, on_cpu = cuda.run_batch([images[:batch]]), cpu.run_batch([images[:batch]])
@@ -70,6 +71,7 @@ def test_server_on_cuda_serves_grpc_and_http_under_load(runtimes, tmp_path):
     try:
         ready = httpx.get(f"{s.http}/readyz").json()
         assert [m["provider"] for m in ready["models"]] == [CUDA]
+        assert f"on {CUDA}, batches padded to 64" in s.log
         assert f'provider="{CUDA}"' in httpx.get(f"{s.http}/metrics").text
 
         images = distinct_images(16, seed=5)

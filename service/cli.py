@@ -59,8 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from export.train import TrainConfig, train
 
     cfg = TrainConfig(data=args.data, out_dir=args.out_dir, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, threads=args.threads, limit_train=args.limit_train,
-                      val_size=args.val_size)
+                      lr=args.lr, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                      seed=args.seed, threads=args.threads, limit_train=args.limit_train, val_size=args.val_size)
     best = train(cfg, resume=not args.no_resume)
     print(f"best checkpoint: {best}")
     return 0
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=65)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases (default 5e-4)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--val-size", type=int, default=5000, help="held-out stratified validation images")

@@ -37,6 +37,13 @@ def render(run: Path, model: Path, evaluation: dict, card_dir: Path, train_machi
     per_class = "\n".join(f"| {c} | {100 * a:.1f} % |" for c, a in evaluation["per_class"].items())
     top1 = 100 * evaluation["top1"]
     rel_model = os.path.relpath(model, card_dir)
+    wd, ls = cfg.get("weight_decay", 5e-4), cfg.get("label_smoothing", 0.1)
+    regularisation = f"weight decay {wd:g} on weights (not\n  biases); " + (
+        f"label smoothing {ls:g}." if ls else "no label smoothing.")
+    # The flags that differ from `cnnserve train`'s defaults, so the command reproduces this run.
+    flags = "".join(f" --{name.replace('_', '-')} {cfg[name]:g}"
+                    for name, default in (("lr", 0.05), ("weight_decay", 5e-4), ("label_smoothing", 0.1))
+                    if name in cfg and cfg[name] != default)
     return f"""# cifar10 — model card
 
 A CIFAR-10 classifier of the project's fixed architecture (conv 3→32, conv 32→32, max-pool,
@@ -71,8 +78,7 @@ an hour:
   on whole batches in torch (no DataLoader workers fighting for 2 cores). The network's 4.2 M
   parameters sit almost all in the 8192→512 layer, which overfits without it.
 - **Optimiser**: SGD, Nesterov momentum 0.9, batch 128, peak learning rate {cfg.get('lr', 0.05)}, warm-up over
-  the first 15 % of steps then cosine decay to 0 ("one cycle"); weight decay 5e-4 on weights (not
-  biases); label smoothing 0.1.
+  the first 15 % of steps then cosine decay to 0 ("one cycle"); {regularisation}
 - **Weight averaging**: an exponential moving average of the weights (decay 0.999) is evaluated
   every epoch; it is consistently 1–4 points better than the raw weights mid-training and the
   checkpoint with the best validation accuracy (raw or EMA) is exported.
@@ -91,7 +97,7 @@ an hour:
 
 ```console
 $ pip install -e '.[train]'
-$ cnnserve train --data ../shared/data/cifar10/cifar10-train-jpeg.tar.gz --epochs {len(history)} --out-dir runs/cifar10
+$ cnnserve train --data ../shared/data/cifar10/cifar10-train-jpeg.tar.gz --epochs {len(history)}{flags} --out-dir runs/cifar10
 $ cnnserve export --checkpoint runs/cifar10/best.pt --output models/cifar10/1/model.onnx
 $ cnnserve evaluate --model models/cifar10/1/model.onnx --out-dir models/cifar10
 $ python -m export.model_card --run runs/cifar10 --model models/cifar10/1/model.onnx \\

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -107,6 +108,7 @@ class ModelRuntime:
         #: Batches smaller than this are padded with zeros to it (0: never). Samples are independent
         #: in this model, so padding rows change nothing in the real ones.
         self.pad_to = settings.max_batch_size if pad else 0
+        self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
 
     def prepare(self, parts: list[np.ndarray]) -> np.ndarray:
         """Concatenate requests' images into one model input. uint8 [n,32,32,3] parts (decoded
@@ -131,7 +133,10 @@ class ModelRuntime:
     def run(self, x: np.ndarray) -> np.ndarray:
         n = len(x)
         if n < self.pad_to:
-            padded = np.zeros((self.pad_to, *x.shape[1:]), x.dtype)
+            padded = getattr(self._padded, "buffer", None)
+            if padded is None:
+                padded = self._padded.buffer = np.zeros((self.pad_to, *self.input_shape[1:]), np.float32)
+            # Rows past n keep an earlier batch's inputs: finite, and their outputs are dropped.
             padded[:n] = x
             return self.session.run([self.output_name], {self.input_name: padded})[0][:n]
         return self.session.run([self.output_name], {self.input_name: x})[0]

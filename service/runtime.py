@@ -105,7 +105,7 @@ class ModelRuntime:
         self.num_classes = len(self.labels)
         self.labels_array = np.array(self.labels, dtype=object)
         pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and self.provider == CUDA)
-        #: Batches smaller than this are padded with zeros to it (0: never). Samples are independent
+        #: Batches smaller than this are padded up to it (0: never). Samples are independent
         #: in this model, so padding rows change nothing in the real ones.
         self.pad_to = settings.max_batch_size if pad else 0
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         64, ge=1, le=1024, description="Most images in one ORT run. Larger batches raise throughput until "
                                         "the runtime saturates, and raise per-batch latency.")
     pad_batches: Literal["auto", "on", "off"] = Field(
-        "auto", description="Pad every batch with zeros to max_batch_size, so the runtime sees one input "
+        "auto", description="Pad every batch to max_batch_size, so the runtime sees one input "
                             "shape. On CUDA each change of batch size re-plans cuDNN's convolutions, which "
                             "costs many times the GPU work of a whole padded batch; on the CPU padding costs "
                             "compute in proportion. auto: pad on CUDA only.")

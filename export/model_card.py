@@ -42,7 +42,8 @@ def render(run: Path, model: Path, evaluation: dict, card_dir: Path, train_machi
         f"label smoothing {ls:g}." if ls else "no label smoothing.")
     # The flags that differ from `cnnserve train`'s defaults, so the command reproduces this run.
     flags = "".join(f" --{name.replace('_', '-')} {cfg[name]:g}"
-                    for name, default in (("lr", 0.05), ("weight_decay", 5e-4), ("label_smoothing", 0.1))
+                    for name, default in (("batch_size", 128), ("lr", 0.05), ("weight_decay", 5e-4),
+                                          ("label_smoothing", 0.1))
                     if name in cfg and cfg[name] != default)
     return f"""# cifar10 — model card
 
@@ -77,7 +78,7 @@ an hour:
 - **Augmentation**: random 32×32 crops of 4-pixel reflect-padded images and horizontal flips, done
   on whole batches in torch (no DataLoader workers fighting for 2 cores). The network's 4.2 M
   parameters sit almost all in the 8192→512 layer, which overfits without it.
-- **Optimiser**: SGD, Nesterov momentum 0.9, batch 128, peak learning rate {cfg.get('lr', 0.05)}, warm-up over
+- **Optimiser**: SGD, Nesterov momentum 0.9, batch {cfg.get('batch_size', 128)}, peak learning rate {cfg.get('lr', 0.05)}, warm-up over
   the first 15 % of steps then cosine decay to 0 ("one cycle"); {regularisation}
 - **Weight averaging**: an exponential moving average of the weights (decay 0.999) is evaluated
   every epoch; it is consistently 1–4 points better than the raw weights mid-training and the

@@ -163,7 +163,7 @@ def trained_smoke(tmp_path_factory):
     tar = make_tar(root / "tree", root / "smoke.tar.gz")
     out = root / "run"
     args = ["train", "--data", str(tar), "--out-dir", str(out), "--epochs", "2", "--batch-size", "32",
-            "--val-size", "50", "--threads", "2"]
+            "--val-size", "50", "--threads", "2", "--weight-decay", "2e-4", "--label-smoothing", "0.05"]
     assert cli_main(args) == 0
     return tar, out, args
 
@@ -174,6 +174,8 @@ def test_training_writes_metrics_plot_checkpoints_and_resumes(trained_smoke, cap
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
     assert {"train_loss", "train_acc", "val_acc", "val_acc_ema", "lr", "elapsed_s"} <= set(json.loads(lines[0]))
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["weight_decay"], config["label_smoothing"]) == (2e-4, 0.05)
     best = torch.load(out / "best.pt", weights_only=False)
     assert best["classes"] == list(data.CIFAR10_CLASSES) and len(best["mean"]) == 3
     assert cli_main(args) == 0  # same configuration: resumes from last.pt, nothing left to do
@@ -199,6 +201,19 @@ def test_export_checks_parity_and_writes_metadata(trained_smoke, tmp_path, capsy
     assert inp.name == "input" and inp.type == "tensor(float)" and inp.shape[1:] == [3, 32, 32]
     assert isinstance(inp.shape[0], str)  # dynamic batch
     assert outp.name == "logits" and outp.shape[1:] == [10]
+
+    # The model card of this run: figures from its evaluation, recipe and command from its config.
+    from export.model_card import render
+
+    assert cli_main(["evaluate", "--model", str(target), "--data", str(tar), "--split", "all",
+                     "--out-dir", str(tmp_path)]) == 0
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    card = render(out, target, evaluation, tmp_path, "a test machine")
+    assert f"**{100 * evaluation['top1']:.2f} %**" in card
+    assert hashlib.sha256(target.read_bytes()).hexdigest() in card
+    assert "weight decay 0.0002" in card and "label smoothing 0.05." in card
+    assert "batch 32," in card
+    assert "--epochs 2 --batch-size 32 --weight-decay 0.0002 --label-smoothing 0.05 --out-dir" in card
 
 
 # ---- the shipped model ------------------------------------------------------------------------

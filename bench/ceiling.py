@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine,
-        "config": {"model": str(args.model), "provider": args.provider, "batch_sizes": sizes, "threads": threads, "rounds": rounds,
-                   "seconds_per_point": seconds, "allow_spinning": args.allow_spinning, "quick": args.quick},
+        "config": {"model": str(args.model), "provider": args.provider, "batch_sizes": sizes, "threads": threads,
+                   "rounds": rounds, "seconds_per_point": seconds, "allow_spinning": args.allow_spinning, "quick": args.quick},
         "summary": summary,
         "rounds": rounds_out,
     }

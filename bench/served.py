@@ -190,7 +190,8 @@ def run_loadtest(server: Server, protocol: str, concurrency: int, duration: floa
         cmd = [sys.executable, "-m", "service.cli", "loadtest", "--target", protocol,
                "--address", server.address(protocol), "--metrics-url", f"{server.http}/metrics",
                "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
-               "--processes", str(min(processes, concurrency)), "--timeout", "60", "--quiet", "--json", str(out), *(extra or [])]
+               "--processes", str(min(processes, concurrency)), "--timeout", "60", "--quiet", "--json", str(out),
+               *(extra or [])]
         cmd, preexec = pinned_command(cmd, cpus)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=preexec,
                               timeout=warmup + duration + 180)
@@ -438,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine,
-        "config": {"provider": args.provider, "pinned": args.pinned, "server_cpus": server_cpus, "client_cpus": client_cpus,
+        "config": {"provider": args.provider, "pinned": args.pinned, "server_cpus": server_cpus,
+                   "client_cpus": client_cpus,
                    "concurrency": concurrency, "protocols": protocols, "batching": batching, "rounds": rounds,
                    "duration_s": duration, "warmup_s": warmup, "client_processes": args.client_processes,
                    "ceiling_seconds_per_batch_size": ceiling_s, "quick": args.quick,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA path, checked on a machine with an NVIDIA GPU: tests/test_gpu.py (CUDA session vs the
 # CPU's answers, the server on CUDA under gRPC/HTTP load), what a change of batch size costs
-# (bench/cudnn_shapes.py), then the CUDA ceiling and the served benchmark against it. CI has no GPU; run this where there is one and keep what it writes.
+# (bench/cudnn_shapes.py), then the CUDA ceiling and the served benchmark against it. CI has no
+# GPU; run this where there is one and keep what it writes.
 #
 # Needs: an NVIDIA driver, the project's environment (pip install -e '.[dev]' brings
 # onnxruntime-gpu, built for CUDA 13 and cuDNN 9), and those libraries where the loader finds

@@ -136,7 +136,8 @@ class ModelRuntime:
             padded = getattr(self._padded, "buffer", None)
             if padded is None:
                 padded = self._padded.buffer = np.zeros((self.pad_to, *self.input_shape[1:]), np.float32)
-            # Rows past n keep an earlier batch's inputs: finite, and their outputs are dropped.
+            # Rows past n keep an earlier batch's inputs (even a client's NaN tensor): each sample is
+            # computed on its own and those rows' outputs are dropped, so they never reach real rows.
             padded[:n] = x
             return self.session.run([self.output_name], {self.input_name: padded})[0][:n]
         return self.session.run([self.output_name], {self.input_name: x})[0]

@@ -23,6 +23,9 @@ def test_padded_batches_give_the_unpadded_answers():
         assert b.logits.shape == (n, 10)
         np.testing.assert_allclose(b.logits, a.logits, atol=1e-4)
         assert b.ranked_labels == a.ranked_labels
+    # A client's NaN tensor left in the padding buffer does not reach the next batch's answers.
+    padded.run_batch([np.full((12, 3, 32, 32), np.nan, np.float32)])
+    np.testing.assert_allclose(padded.run_batch([images[:2]]).logits, exact.run_batch([images[:2]]).logits, atol=1e-4)
 
 
 def test_server_pads_when_asked_and_says_so():

@@ -46,7 +46,7 @@ RUN python3 -m venv /opt/venv \
 COPY . .
 RUN pip install --no-cache-dir --no-deps . \
  && cnnserve serve --help > /dev/null \
- && python -c "import service.app"
+ && python -c "import service.lifecycle"
 
 FROM gpu-base AS gpu
 RUN groupadd --gid 10001 cnnserve \
@@ -91,7 +91,7 @@ COPY . .
 # --no-deps: dependencies are in place (with the chosen onnxruntime flavour).
 RUN pip install --no-cache-dir --no-deps . \
  && cnnserve serve --help > /dev/null \
- && python -c "import service.app"
+ && python -c "import service.lifecycle"
 
 FROM cpu-base AS cpu
 RUN groupadd --gid 10001 cnnserve \

@@ -16,6 +16,7 @@ min / median / max over the rounds.
 
 Writes bench/results/ceiling.json (machine, settings, every round) and docs/img/ceiling.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from service.loadtest import machine_info, spread  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "cifar10" / "1" / "model.onnx"
-BATCH_SIZES = [2 ** i for i in range(9)]  # 1 .. 256
+BATCH_SIZES = [2**i for i in range(9)]  # 1 .. 256
 QUICK_BATCH_SIZES = [1, 4, 16, 64, 256]
 
 
@@ -47,8 +48,12 @@ def make_session(model: str | Path, threads: int, allow_spinning: bool = False, 
 
     settings = Settings(providers=[provider], intra_op_threads=threads, ort_allow_spinning=allow_spinning)
     providers = provider_options(settings)
-    session = ort.InferenceSession(str(model), sess_options=session_options(settings),
-                                   providers=[p for p, _ in providers], provider_options=[o for _, o in providers])
+    session = ort.InferenceSession(
+        str(model),
+        sess_options=session_options(settings),
+        providers=[p for p, _ in providers],
+        provider_options=[o for _, o in providers],
+    )
     if provider == "cuda" and session.get_providers()[0] != CUDA:
         raise SystemExit(f"ceiling: CUDA was asked for but the session runs on {session.get_providers()[0]}")
     return session
@@ -79,8 +84,12 @@ def time_runs(session, x: np.ndarray, seconds: float, min_runs: int = 5, warm: i
             break
     total = perf() - started
     arr = np.asarray(times) * 1000.0
-    return {"img_per_s": len(x) * len(times) / total, "latency_ms_median": float(np.median(arr)),
-            "latency_ms_p99": float(np.percentile(arr, 99)), "runs": len(times)}
+    return {
+        "img_per_s": len(x) * len(times) / total,
+        "latency_ms_median": float(np.median(arr)),
+        "latency_ms_p99": float(np.percentile(arr, 99)),
+        "runs": len(times),
+    }
 
 
 def ceiling_once(session, batch_sizes: list[int], seconds: float) -> dict:
@@ -88,8 +97,12 @@ def ceiling_once(session, batch_sizes: list[int], seconds: float) -> dict:
     points = {bs: time_runs(session, input_batch(session, bs), seconds) for bs in batch_sizes}
     best = max(points, key=lambda bs: points[bs]["img_per_s"])
     one = points.get(1) or time_runs(session, input_batch(session, 1), seconds)
-    return {"best_img_per_s": points[best]["img_per_s"], "best_batch_size": best,
-            "latency_1_ms": one["latency_ms_median"], "points": points}
+    return {
+        "best_img_per_s": points[best]["img_per_s"],
+        "best_batch_size": best,
+        "latency_1_ms": one["latency_ms_median"],
+        "points": points,
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -106,17 +119,29 @@ def plot(result: dict, path: Path) -> None:
             lo = med - np.array([r[key]["min"] for r in rows])
             hi = np.array([r[key]["max"] for r in rows]) - med
             ax.errorbar(bs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
-    ax1.set(xscale="log", xlabel="batch size", ylabel="images/s (median, min-max bars)",
-            title="ONNX Runtime alone: throughput")
-    ax2.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per session.run (median of runs)",
-            title="ONNX Runtime alone: time per batch")
+    ax1.set(
+        xscale="log",
+        xlabel="batch size",
+        ylabel="images/s (median, min-max bars)",
+        title="ONNX Runtime alone: throughput",
+    )
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="ms per session.run (median of runs)",
+        title="ONNX Runtime alone: time per batch",
+    )
     for ax in (ax1, ax2):
         ax.set_xticks(result["config"]["batch_sizes"], [str(b) for b in result["config"]["batch_sizes"]])
         ax.grid(True, alpha=0.3)
         ax.legend()
     m = result["machine"]
-    fig.suptitle(f"{m['cpu_model']} ({m['cpu_count']} cores), onnxruntime {m['onnxruntime']}, "
-                 f"{result['config']['rounds']} rounds", fontsize=9)
+    fig.suptitle(
+        f"{m['cpu_model']} ({m['cpu_count']} cores), onnxruntime {m['onnxruntime']}, "
+        f"{result['config']['rounds']} rounds",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -135,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds per point per round (default 1)")
     ap.add_argument("--allow-spinning", action="store_true", help="let ORT's idle threads spin (server: off)")
-    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                    help="execution provider (default cpu; cuda: --threads only sizes the CPU-side pool)")
+    ap.add_argument(
+        "--provider",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="execution provider (default cpu; cuda: --threads only sizes the CPU-side pool)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 0.15 s per point, 5 batch sizes")
     ap.add_argument("--json", default=None, help="default bench/results/ceiling[-cuda].json")
     ap.add_argument("--plot", default=None, help="default docs/img/ceiling[-cuda].png")
@@ -160,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     sessions = {t: make_session(args.model, t, args.allow_spinning, args.provider) for t in threads}
     inputs = {bs: input_batch(sessions[threads[0]], bs) for bs in sizes}
     points = [(t, bs) for t in threads for bs in sizes]
-    print(f"ceiling: {args.model}, {rounds} rounds x {len(points)} points x {seconds:g} s; "
-          f"{machine['cpu_model']}, {machine['cpu_count']} cores, load {machine['load_average']}", file=sys.stderr)
+    print(
+        f"ceiling: {args.model}, {rounds} rounds x {len(points)} points x {seconds:g} s; "
+        f"{machine['cpu_model']}, {machine['cpu_count']} cores, load {machine['load_average']}",
+        file=sys.stderr,
+    )
     rounds_out = []
     for r in range(rounds):
         order = points if r % 2 == 0 else points[::-1]
@@ -178,25 +210,37 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for bs in sizes:
             ips = [p["img_per_s"] for rnd in rounds_out for p in rnd if p["threads"] == t and p["batch_size"] == bs]
-            lat = [p["latency_ms_median"] for rnd in rounds_out for p in rnd
-                   if p["threads"] == t and p["batch_size"] == bs]
+            lat = [
+                p["latency_ms_median"] for rnd in rounds_out for p in rnd if p["threads"] == t and p["batch_size"] == bs
+            ]
             row = {"batch_size": bs, "img_per_s": spread(ips), "latency_ms": spread(lat)}
             rows.append(row)
             a, b = row["img_per_s"], row["latency_ms"]
-            print(f"{'default' if t == 0 else t:>9} {bs:>6} {a['min']:10.0f} / {a['median']:8.0f} / {a['max']:8.0f}"
-                  f" {b['min']:12.3f} / {b['median']:8.3f} / {b['max']:8.3f}")
+            print(
+                f"{'default' if t == 0 else t:>9} {bs:>6} {a['min']:10.0f} / {a['median']:8.0f} / {a['max']:8.0f}"
+                f" {b['min']:12.3f} / {b['median']:8.3f} / {b['max']:8.3f}"
+            )
         summary[thread_label(t)] = rows
         best = max(rows, key=lambda row: row["img_per_s"]["median"])
-        print(f"{'':>9} best: {best['img_per_s']['median']:.0f} images/s at batch {best['batch_size']}; "
-              f"1 image: {next((row['latency_ms']['median'] for row in rows if row['batch_size'] == 1), float('nan')):.3f} ms")
+        one = next((row["latency_ms"]["median"] for row in rows if row["batch_size"] == 1), float("nan"))
+        rate = best["img_per_s"]["median"]
+        print(f"{'':>9} best: {rate:.0f} images/s at batch {best['batch_size']}; 1 image: {one:.3f} ms")
 
     result = {
         "benchmark": "ceiling",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine,
-        "config": {"model": str(args.model), "provider": args.provider, "batch_sizes": sizes, "threads": threads,
-                   "rounds": rounds, "seconds_per_point": seconds, "allow_spinning": args.allow_spinning, "quick": args.quick},
+        "config": {
+            "model": str(args.model),
+            "provider": args.provider,
+            "batch_sizes": sizes,
+            "threads": threads,
+            "rounds": rounds,
+            "seconds_per_point": seconds,
+            "allow_spinning": args.allow_spinning,
+            "quick": args.quick,
+        },
         "summary": summary,
         "rounds": rounds_out,
     }

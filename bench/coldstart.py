@@ -19,6 +19,7 @@ Prints min / median / max over the rounds.
 
 Writes bench/results/coldstart.json and docs/img/coldstart.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,21 @@ def burst(server: Server, seconds: float, concurrency: int) -> dict:
     """gRPC then HTTP load for ``seconds`` each; ok/error counts per protocol."""
     out = {}
     for target in ("grpc", "http"):
-        cfg = loadtest.LoadConfig(target=target, address=server.address(target), concurrency=concurrency,
-                                  duration=seconds, warmup=0.0, metrics_url="none", progress=False)
+        cfg = loadtest.LoadConfig(
+            target=target,
+            address=server.address(target),
+            concurrency=concurrency,
+            duration=seconds,
+            warmup=0.0,
+            metrics_url="none",
+            progress=False,
+        )
         report = loadtest.run(cfg)
-        out[target] = {"ok": report["summary"]["ok"], "errors": report["summary"]["errors"],
-                       "img_per_s": report["summary"]["img_per_s"]}
+        out[target] = {
+            "ok": report["summary"]["ok"],
+            "errors": report["summary"]["errors"],
+            "img_per_s": report["summary"]["img_per_s"],
+        }
     return out
 
 
@@ -58,14 +69,18 @@ def plot(result: dict, path: Path) -> None:
     rounds = result["rounds"]
     xs = list(range(1, len(rounds) + 1))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label, style in (("listening_s", "spawn → listening (log line)", "o-"),
-                              ("ready_s", "spawn → ready (/readyz 200)", "s-"),
-                              ("stop_s", "SIGTERM → exit", "^--")):
+    for key, label, style in (
+        ("listening_s", "spawn → listening (log line)", "o-"),
+        ("ready_s", "spawn → ready (/readyz 200)", "s-"),
+        ("stop_s", "SIGTERM → exit", "^--"),
+    ):
         ax1.plot(xs, [r[key] for r in rounds], style, label=label)
     ax1.set(xlabel="round", ylabel="seconds", title="start-up and shutdown", ylim=(0, None))
-    for key, label, style in (("rss_ready_mib", "VmRSS when ready", "o-"),
-                              ("rss_after_burst_mib", "VmRSS after load burst", "s-"),
-                              ("hwm_mib", "VmHWM (peak)", "x--")):
+    for key, label, style in (
+        ("rss_ready_mib", "VmRSS when ready", "o-"),
+        ("rss_after_burst_mib", "VmRSS after load burst", "s-"),
+        ("hwm_mib", "VmHWM (peak)", "x--"),
+    ):
         ax2.plot(xs, [r[key] for r in rounds], style, label=label)
     ax2.set(xlabel="round", ylabel="MiB", title="resident memory", ylim=(0, None))
     for ax in (ax1, ax2):
@@ -73,8 +88,9 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     m = result["machine"]
-    fig.suptitle(f"{m['cpu_model']} ({m['cpu_count']} cores), python {m['python']}, onnxruntime "
-                 f"{m['onnxruntime']}", fontsize=9)
+    fig.suptitle(
+        f"{m['cpu_model']} ({m['cpu_count']} cores), python {m['python']}, onnxruntime {m['onnxruntime']}", fontsize=9
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -86,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="fresh server starts (default 5)")
     ap.add_argument("--burst", type=float, default=3.0, help="seconds of load per protocol (default 3)")
     ap.add_argument("--concurrency", type=int, default=64, help="callers during the burst (default 64)")
-    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for the server (repeatable), e.g. --server-arg=--max-batch-size=256")
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for the server (repeatable), e.g. --server-arg=--max-batch-size=256",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 0.5 s bursts")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "coldstart.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "coldstart.png"))
@@ -98,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     machine = machine_info()
-    print(f"coldstart: {rounds} rounds, {burst_s:g} s bursts at concurrency {args.concurrency}; "
-          f"{machine['cpu_model']}, {machine['cpu_count']} cores, load {machine['load_average']}", file=sys.stderr)
+    print(
+        f"coldstart: {rounds} rounds, {burst_s:g} s bursts at concurrency {args.concurrency}; "
+        f"{machine['cpu_model']}, {machine['cpu_count']} cores, load {machine['load_average']}",
+        file=sys.stderr,
+    )
     out = []
     command = None
     for r in range(rounds):
@@ -115,20 +139,37 @@ def main(argv: list[str] | None = None) -> int:
             mem_after = server.memory()
         finally:
             stop_s = server.stop()
-        row = {"round": r, "listening_s": listening_s, "ready_s": ready_s, "ready_in_logged_s": server.ready_in_s,
-               "rss_ready_mib": mem_ready["VmRSS"], "rss_after_burst_mib": mem_after["VmRSS"],
-               "hwm_mib": mem_after["VmHWM"], "stop_s": stop_s, "exit_code": server.proc.returncode, "burst": load}
+        row = {
+            "round": r,
+            "listening_s": listening_s,
+            "ready_s": ready_s,
+            "ready_in_logged_s": server.ready_in_s,
+            "rss_ready_mib": mem_ready["VmRSS"],
+            "rss_after_burst_mib": mem_after["VmRSS"],
+            "hwm_mib": mem_after["VmHWM"],
+            "stop_s": stop_s,
+            "exit_code": server.proc.returncode,
+            "burst": load,
+        }
         out.append(row)
         errors = sum(v["errors"] for v in load.values())
-        print(f"  round {r + 1}: listening {listening_s:.2f} s, ready {ready_s:.2f} s (server log: ready in "
-              f"{server.ready_in_s:.2f} s), RSS {mem_ready['VmRSS']:.0f} → {mem_after['VmRSS']:.0f} MiB "
-              f"(peak {mem_after['VmHWM']:.0f}), stop {stop_s:.2f} s, exit {server.proc.returncode}"
-              + (f", {errors} request errors" if errors else ""), file=sys.stderr)
+        print(
+            f"  round {r + 1}: listening {listening_s:.2f} s, ready {ready_s:.2f} s (server log: ready in "
+            f"{server.ready_in_s:.2f} s), RSS {mem_ready['VmRSS']:.0f} → {mem_after['VmRSS']:.0f} MiB "
+            f"(peak {mem_after['VmHWM']:.0f}), stop {stop_s:.2f} s, exit {server.proc.returncode}"
+            + (f", {errors} request errors" if errors else ""),
+            file=sys.stderr,
+        )
 
-    fields = {"listening_s": "listening after spawn, s", "ready_s": "ready (/readyz 200) after spawn, s",
-              "ready_in_logged_s": "server's own 'ready in', s", "rss_ready_mib": "VmRSS when ready, MiB",
-              "rss_after_burst_mib": "VmRSS after load burst, MiB", "hwm_mib": "VmHWM (peak), MiB",
-              "stop_s": "SIGTERM → exit, s"}
+    fields = {
+        "listening_s": "listening after spawn, s",
+        "ready_s": "ready (/readyz 200) after spawn, s",
+        "ready_in_logged_s": "server's own 'ready in', s",
+        "rss_ready_mib": "VmRSS when ready, MiB",
+        "rss_after_burst_mib": "VmRSS after load burst, MiB",
+        "hwm_mib": "VmHWM (peak), MiB",
+        "stop_s": "SIGTERM → exit, s",
+    }
     summary = {f: spread([row[f] for row in out]) for f in fields}
     print(f"\n{'':36} {'min':>9} {'median':>9} {'max':>9}")
     for f, label in fields.items():
@@ -141,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "server_command": command,
         "machine": machine,
-        "config": {"rounds": rounds, "burst_s": burst_s, "concurrency": args.concurrency,
-                   "server_args": args.server_arg, "quick": args.quick},
+        "config": {
+            "rounds": rounds,
+            "burst_s": burst_s,
+            "concurrency": args.concurrency,
+            "server_args": args.server_arg,
+            "quick": args.quick,
+        },
         "summary": summary,
         "rounds": out,
     }

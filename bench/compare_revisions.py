@@ -8,6 +8,7 @@ differs. Both servers run at once; gRPC Classify and HTTP /predict (JPEG) at con
 are measured in interleaved rounds (the order flips every round) with ``cnnserve loadtest``.
 Prints min/median/max images/s and p50 latency; writes bench/results/compare-revisions.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,22 @@ def checkout(rev: str, tmp: Path) -> Path:
 
 
 def start(tree: Path) -> tuple[subprocess.Popen, int, int]:
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port",
-           "0", "--providers", "cpu", "--model-repository", str(ROOT / "models")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--providers",
+        "cpu",
+        "--model-repository",
+        str(ROOT / "models"),
+    ]
     proc = subprocess.Popen(cmd, cwd=tree, stderr=subprocess.PIPE, text=True)
     ports = None
     for line in proc.stderr:
@@ -58,8 +73,10 @@ def main() -> int:
     args = ap.parse_args()
     results: dict[str, dict[str, list]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {f"before ({args.before})": checkout(args.before, Path(tmp)),
-                 f"after ({args.after})": checkout(args.after, Path(tmp))}
+        trees = {
+            f"before ({args.before})": checkout(args.before, Path(tmp)),
+            f"after ({args.after})": checkout(args.after, Path(tmp)),
+        }
         servers = {name: start(tree) for name, tree in trees.items()}
         try:
             for rnd in range(args.rounds):
@@ -67,11 +84,22 @@ def main() -> int:
                 for name, (_, http_port, grpc_port) in order:
                     for target, port in (("grpc", grpc_port), ("http", http_port)):
                         for c in (1, 64):
-                            r = run(LoadConfig(target=target, address=f"127.0.0.1:{port}", concurrency=c,
-                                               duration=args.duration, warmup=0.5, metrics_url="none"))["summary"]
-                            results.setdefault(f"{target} c={c} images/s", {}).setdefault(name, []).append(r["img_per_s"])
+                            r = run(
+                                LoadConfig(
+                                    target=target,
+                                    address=f"127.0.0.1:{port}",
+                                    concurrency=c,
+                                    duration=args.duration,
+                                    warmup=0.5,
+                                    metrics_url="none",
+                                )
+                            )["summary"]
+                            results.setdefault(f"{target} c={c} images/s", {}).setdefault(name, []).append(
+                                r["img_per_s"]
+                            )
                             results.setdefault(f"{target} c={c} p50 ms", {}).setdefault(name, []).append(
-                                r["latency_ms"]["p50"])
+                                r["latency_ms"]["p50"]
+                            )
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
         finally:
             for proc, _, _ in servers.values():
@@ -82,11 +110,24 @@ def main() -> int:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     summary = {metric: {name: spread(v) for name, v in per.items()} for metric, per in results.items()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": machine_info(), "before": args.before, "after": args.after,
-                                           "rounds": args.rounds, "results": summary}, indent=1) + "\n")
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "machine": machine_info(),
+                "before": args.before,
+                "after": args.after,
+                "rounds": args.rounds,
+                "results": summary,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"{'metric':<20}" + "".join(f"{name:>34}" for name in trees))
     for metric, per in summary.items():
-        print(f"{metric:<20}" + "".join(f"{s['min']:>10.2f} /{s['median']:>9.2f} /{s['max']:>9.2f}" for s in per.values()))
+        print(
+            f"{metric:<20}" + "".join(f"{s['min']:>10.2f} /{s['median']:>9.2f} /{s['max']:>9.2f}" for s in per.values())
+        )
     print(f"(min / median / max over {args.rounds} rounds)  wrote {args.json}")
     return 0
 

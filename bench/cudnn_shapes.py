@@ -7,6 +7,7 @@ the way a dynamic batcher's batches do, against the same sequences padded to one
 
     python bench/cudnn_shapes.py            # needs onnxruntime-gpu and an NVIDIA GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ def timed(session, inputs: list[np.ndarray], pad_to: int = 0) -> float:
     for x in inputs:
         if pad_to and len(x) < pad_to:
             padded = np.zeros((pad_to, *x.shape[1:]), np.float32)
-            padded[:len(x)] = x
+            padded[: len(x)] = x
             x = padded
         start = time.perf_counter()
         session.run(None, {"input": x})
@@ -49,19 +50,27 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes.split(","):
         settings = Settings(providers=["cuda"], cudnn_conv_algo_search=mode)
         providers = provider_options(settings)
-        session = ort.InferenceSession(args.model, sess_options=session_options(settings),
-                                       providers=[p for p, _ in providers],
-                                       provider_options=[o for _, o in providers])
+        session = ort.InferenceSession(
+            args.model,
+            sess_options=session_options(settings),
+            providers=[p for p, _ in providers],
+            provider_options=[o for _, o in providers],
+        )
         if session.get_providers()[0] != CUDA:
             print(f"cudnn_shapes: the session runs on {session.get_providers()[0]}, not CUDA", file=sys.stderr)
             return 1
         first = {n: timed(session, [x[n]]) for n in range(1, 65)}
-        print(f"{mode}: first run of each size 1..64: total {sum(first.values()):.0f} ms, "
-              f"size 1 (CUDA start) {first[1]:.1f} ms, others median {np.median(list(first.values())[1:]):.2f} ms")
-        print(f"{mode}: steady, one size: " + ", ".join(f"{n}: {timed(session, [x[n]] * 50):.3f}"
-                                                        for n in (1, 8, 16, 64)))
-        print(f"{mode}: sizes alternating 8/16: {timed(session, [x[8], x[16]] * 50):.3f}; "
-              f"mixed 5..12: {timed(session, mixed):.3f}; the same padded to 64: {timed(session, mixed, 64):.3f}")
+        print(
+            f"{mode}: first run of each size 1..64: total {sum(first.values()):.0f} ms, "
+            f"size 1 (CUDA start) {first[1]:.1f} ms, others median {np.median(list(first.values())[1:]):.2f} ms"
+        )
+        print(
+            f"{mode}: steady, one size: " + ", ".join(f"{n}: {timed(session, [x[n]] * 50):.3f}" for n in (1, 8, 16, 64))
+        )
+        print(
+            f"{mode}: sizes alternating 8/16: {timed(session, [x[8], x[16]] * 50):.3f}; "
+            f"mixed 5..12: {timed(session, mixed):.3f}; the same padded to 64: {timed(session, mixed, 64):.3f}"
+        )
     return 0
 
 

@@ -16,6 +16,7 @@ it measures the client sooner than the server; use it for its web UI and ramp-up
 Environment: ``LOCUST_IMAGES=DIR`` sends the JPEG/PNG files of DIR (round-robin) instead of the
 generated images; ``LOCUST_TOP_K=K`` asks for K labels per image.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,6 +37,7 @@ except ImportError:  # importable without locust (syntax checks, test collection
     def task(fn):  # type: ignore[no-redef]
         return fn
 
+
 # A 32x32 JPEG (smooth colours plus noise), used when Pillow is not installed where Locust runs.
 FALLBACK_JPEG = base64.b64decode(
     "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8UHRofHh0aHBwgJC4nICIsIxwcKDcp"
@@ -53,7 +55,8 @@ FALLBACK_JPEG = base64.b64decode(
     "i9PTY9Z0uayv27m/a6iETeGIX7p2uRj+vr19jXowdppW/wA2c1SPW11/wxtWF8sfIZmkU4Knpk9v0PP0r0YxurPb+vJHPNpJ"
     "paf1/X6mzb30Yi3FtoU8sCMep47DH4U50nexg1eXL/X9dt/xPni01MiEfNyR/CeV+or52k1zf1/X4v5HvuFm2jpLTVPNlBcl"
     "nA5bIXAPUEfTA969SjDey0/4bucDjNO39f1v/wAOdBY6oHIUcSYBGWJx7YH1r0acbe9LY5qvNF81v6/r+rG/BqBCqzAqo6AL"
-    "k8Y6npiu32Se2pxyhpe+3p6N+fp1P//Z")
+    "k8Y6npiu32Se2pxyhpe+3p6N+fp1P//Z"
+)
 
 
 def _generated(n: int = 64, seed: int = 0) -> list[bytes]:
@@ -106,8 +109,9 @@ class PredictUser(FastHttpUser):
     @task
     def predict(self) -> None:
         data, content_type = next(self._images)
-        with self.client.post(PATH, data=data, headers={"Content-Type": content_type}, name="/predict",
-                              catch_response=True) as response:
+        with self.client.post(
+            PATH, data=data, headers={"Content-Type": content_type}, name="/predict", catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return

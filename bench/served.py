@@ -31,6 +31,7 @@ Targets (PASS/MISS, from the medians):
 
 Writes bench/results/served[-pinned].json and docs/img/served[-pinned].png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,9 +90,25 @@ class Server:
     thread that notes when it listens and when it is ready."""
 
     def __init__(self, *extra: str, cpus: str | None = None, model_repository: Path = MODEL_REPOSITORY) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port", "0",
-               "--grpc-port", "0", "--providers", "cpu", "--drain-seconds", "0",
-               "--model-repository", str(model_repository), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--providers",
+            "cpu",
+            "--drain-seconds",
+            "0",
+            "--model-repository",
+            str(model_repository),
+            *extra,
+        ]
         self.command, preexec = pinned_command(cmd, cpus)
         self.lines: list[str] = []
         self.listening = threading.Event()
@@ -99,8 +116,15 @@ class Server:
         self.spawned = time.monotonic()
         self.listening_at = self.ready_logged_at = None
         self.ready_in_s: float | None = None
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, preexec_fn=preexec, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=preexec,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -182,19 +206,49 @@ class Server:
         return time.monotonic() - started
 
 
-def run_loadtest(server: Server, protocol: str, concurrency: int, duration: float, warmup: float,
-                 processes: int = 1, cpus: str | None = None, extra: list[str] | None = None) -> dict:
+def run_loadtest(
+    server: Server,
+    protocol: str,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    processes: int = 1,
+    cpus: str | None = None,
+    extra: list[str] | None = None,
+) -> dict:
     """``cnnserve loadtest --json`` in a subprocess (optionally pinned); returns its report."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "service.cli", "loadtest", "--target", protocol,
-               "--address", server.address(protocol), "--metrics-url", f"{server.http}/metrics",
-               "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
-               "--processes", str(min(processes, concurrency)), "--timeout", "60", "--quiet", "--json", str(out),
-               *(extra or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "loadtest",
+            "--target",
+            protocol,
+            "--address",
+            server.address(protocol),
+            "--metrics-url",
+            f"{server.http}/metrics",
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+            "--processes",
+            str(min(processes, concurrency)),
+            "--timeout",
+            "60",
+            "--quiet",
+            "--json",
+            str(out),
+            *(extra or []),
+        ]
         cmd, preexec = pinned_command(cmd, cpus)
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=preexec,
-                              timeout=warmup + duration + 180)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=preexec, timeout=warmup + duration + 180
+        )
         if not out.exists():
             raise RuntimeError(f"loadtest failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         report = json.loads(out.read_text())
@@ -241,17 +295,38 @@ def check_targets(agg: dict, ceiling: dict) -> list[dict]:
     ratio4 = None if grpc64 is None or http64 is None else http64 / grpc64
     gap2 = None if p50_1 is None else p50_1 - one
     return [
-        target(1, "64 concurrent single-image gRPC >= 60% of ceiling images/s", ratio1, 0.60,
-               lambda v: v >= 0.60, None if ratio1 is None else
-               f"{grpc64:.0f} / {best:.0f} img/s = {100 * ratio1:.0f}%"),
-        target(2, "concurrency-1 gRPC median latency within 0.5 ms of one 1-image session.run", gap2, 0.5,
-               lambda v: v <= 0.5, None if gap2 is None else
-               f"p50 {p50_1:.3f} ms - run {one:.3f} ms = {gap2:+.3f} ms"),
-        target(3, "batching on vs off at concurrency 64 (gRPC) >= 4x images/s", ratio3, 4.0,
-               lambda v: v >= 4.0, None if ratio3 is None else f"{grpc64:.0f} / {off64:.0f} img/s = {ratio3:.2f}x"),
-        target(4, "HTTP /predict JPEG at concurrency 64 >= 50% of gRPC images/s", ratio4, 0.5,
-               lambda v: v >= 0.5, None if ratio4 is None else f"{http64:.0f} / {grpc64:.0f} img/s = "
-                                                                f"{100 * ratio4:.0f}%"),
+        target(
+            1,
+            "64 concurrent single-image gRPC >= 60% of ceiling images/s",
+            ratio1,
+            0.60,
+            lambda v: v >= 0.60,
+            None if ratio1 is None else f"{grpc64:.0f} / {best:.0f} img/s = {100 * ratio1:.0f}%",
+        ),
+        target(
+            2,
+            "concurrency-1 gRPC median latency within 0.5 ms of one 1-image session.run",
+            gap2,
+            0.5,
+            lambda v: v <= 0.5,
+            None if gap2 is None else f"p50 {p50_1:.3f} ms - run {one:.3f} ms = {gap2:+.3f} ms",
+        ),
+        target(
+            3,
+            "batching on vs off at concurrency 64 (gRPC) >= 4x images/s",
+            ratio3,
+            4.0,
+            lambda v: v >= 4.0,
+            None if ratio3 is None else f"{grpc64:.0f} / {off64:.0f} img/s = {ratio3:.2f}x",
+        ),
+        target(
+            4,
+            "HTTP /predict JPEG at concurrency 64 >= 50% of gRPC images/s",
+            ratio4,
+            0.5,
+            lambda v: v >= 0.5,
+            None if ratio4 is None else f"{http64:.0f} / {grpc64:.0f} img/s = {100 * ratio4:.0f}%",
+        ),
     ]
 
 
@@ -277,23 +352,45 @@ def plot(result: dict, path: Path) -> None:
             hi = [r[field]["max"] - r[field]["median"] for r in rows]
             ax.errorbar(xs, med, yerr=[lo, hi], fmt=style, capsize=3, label=label)
     c = result["ceiling"]
-    ax1.axhline(c["best_img_per_s"]["median"], color="k", lw=1, ls=":",
-                label=f"ceiling: bare session.run, best batch ({c['best_img_per_s']['median']:.0f} img/s)")
+    ax1.axhline(
+        c["best_img_per_s"]["median"],
+        color="k",
+        lw=1,
+        ls=":",
+        label=f"ceiling: bare session.run, best batch ({c['best_img_per_s']['median']:.0f} img/s)",
+    )
     ax1.axhline(0.6 * c["best_img_per_s"]["median"], color="grey", lw=0.8, ls="-.", label="60% of ceiling")
-    ax2.axhline(c["latency_1_ms"]["median"], color="k", lw=1, ls=":",
-                label=f"1-image session.run ({c['latency_1_ms']['median']:.2f} ms)")
-    ax1.set(xscale="log", xlabel="concurrent callers (1 image each)", ylabel="images/s (median, min-max bars)",
-            title="served throughput")
-    ax2.set(xscale="log", yscale="log", xlabel="concurrent callers (1 image each)", ylabel="p50 latency, ms",
-            title="served latency (client side)")
+    ax2.axhline(
+        c["latency_1_ms"]["median"],
+        color="k",
+        lw=1,
+        ls=":",
+        label=f"1-image session.run ({c['latency_1_ms']['median']:.2f} ms)",
+    )
+    ax1.set(
+        xscale="log",
+        xlabel="concurrent callers (1 image each)",
+        ylabel="images/s (median, min-max bars)",
+        title="served throughput",
+    )
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent callers (1 image each)",
+        ylabel="p50 latency, ms",
+        title="served latency (client side)",
+    )
     for ax in (ax1, ax2):
         ax.set_xticks(conc, [str(x) for x in conc])
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     m = result["machine"]
     mode = "pinned: server core 0, client core 1" if result["config"]["pinned"] else "unpinned"
-    fig.suptitle(f"{m['cpu_model']} ({m['cpu_count']} cores), {mode}, onnxruntime {m['onnxruntime']}, "
-                 f"{result['config']['rounds']} rounds", fontsize=9)
+    fig.suptitle(
+        f"{m['cpu_model']} ({m['cpu_count']} cores), {mode}, onnxruntime {m['onnxruntime']}, "
+        f"{result['config']['rounds']} rounds",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -302,25 +399,35 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                    help="execution provider of the servers and the ceiling (default cpu; cuda: --require-gpu)")
+    ap.add_argument(
+        "--provider",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="execution provider of the servers and the ceiling (default cpu; cuda: --require-gpu)",
+    )
     ap.add_argument("--pinned", action="store_true", help="server on --server-cpus, load generator on --client-cpus")
     ap.add_argument("--server-cpus", default="0", help="taskset list for the servers with --pinned (default 0)")
-    ap.add_argument("--client-cpus", default="1", help="taskset list for the load generator with --pinned "
-                                                        "(default 1)")
+    ap.add_argument("--client-cpus", default="1", help="taskset list for the load generator with --pinned (default 1)")
     ap.add_argument("--concurrency", default=None, help="comma-separated (default 1,4,16,64,256)")
     ap.add_argument("--protocols", default="grpc,http", help="grpc,http (default both)")
     ap.add_argument("--batching", default="on,off", help="on,off (default both)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per point (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per point (default 1)")
-    ap.add_argument("--client-processes", type=int, default=1,
-                    help="loadtest --processes, at most the concurrency (default 1)")
+    ap.add_argument(
+        "--client-processes", type=int, default=1, help="loadtest --processes, at most the concurrency (default 1)"
+    )
     ap.add_argument("--ceiling-seconds", type=float, default=0.5, help="seconds per batch size (default 0.5)")
-    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for both servers (repeatable), e.g. --server-arg=--max-queue-delay-ms=1")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 2 rounds, concurrency 1,16,64, 1 s points, short ceiling")
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for both servers (repeatable), e.g. --server-arg=--max-queue-delay-ms=1",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 rounds, concurrency 1,16,64, 1 s points, short ceiling"
+    )
     ap.add_argument("--json", default=None, help="default bench/results/served[-pinned].json")
     ap.add_argument("--plot", default=None, help="default docs/img/served[-pinned].png")
     args = ap.parse_args(argv)
@@ -349,8 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         server_cpus, client_cpus = args.server_cpus, args.client_cpus
         missing = (parse_cpus(server_cpus) | parse_cpus(client_cpus)) - available
         if missing:
-            print(f"served: --pinned needs CPUs {sorted(missing)}, this process may use {sorted(available)}",
-                  file=sys.stderr)
+            print(
+                f"served: --pinned needs CPUs {sorted(missing)}, this process may use {sorted(available)}",
+                file=sys.stderr,
+            )
             return 1
         threads = 1
 
@@ -368,33 +477,53 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers.values():
             s.wait_ready()
         points = [(p, b, c) for p in protocols for b in batching for c in concurrency]
-        print(f"served: {'pinned' if args.pinned else 'unpinned'}, {rounds} rounds x {len(points)} points x "
-              f"({warmup:g} + {duration:g}) s; {machine['cpu_model']}, {machine['cpu_count']} cores, "
-              f"load {machine['load_average']}", file=sys.stderr)
+        print(
+            f"served: {'pinned' if args.pinned else 'unpinned'}, {rounds} rounds x {len(points)} points x "
+            f"({warmup:g} + {duration:g}) s; {machine['cpu_model']}, {machine['cpu_count']} cores, "
+            f"load {machine['load_average']}",
+            file=sys.stderr,
+        )
         ceilings, runs = [], []
         for r in range(rounds):
-            ceil = measure_ceiling(session, parse_cpus(server_cpus), QUICK_BATCH_SIZES if args.quick else BATCH_SIZES,
-                                   ceiling_s)
+            ceil = measure_ceiling(
+                session, parse_cpus(server_cpus), QUICK_BATCH_SIZES if args.quick else BATCH_SIZES, ceiling_s
+            )
             ceil["round"] = r
             ceilings.append(ceil)
-            print(f"round {r + 1}/{rounds}: ceiling {ceil['best_img_per_s']:.0f} img/s (batch "
-                  f"{ceil['best_batch_size']}), 1-image run {ceil['latency_1_ms']:.3f} ms", file=sys.stderr)
+            print(
+                f"round {r + 1}/{rounds}: ceiling {ceil['best_img_per_s']:.0f} img/s (batch "
+                f"{ceil['best_batch_size']}), 1-image run {ceil['latency_1_ms']:.3f} ms",
+                file=sys.stderr,
+            )
             shift = (r * len(points)) // max(rounds, 1)
             for p, b, c in points[shift:] + points[:shift]:
                 report = run_loadtest(servers[b], p, c, duration, warmup, args.client_processes, client_cpus)
                 s, lat, srv = report["summary"], report["summary"]["latency_ms"], report["server"] or {}
-                run = {"round": r, "protocol": p, "batching": b, "concurrency": c, "img_per_s": s["img_per_s"],
-                       "p50_ms": lat["p50"], "p99_ms": lat["p99"], "ok": s["ok"], "errors": s["errors"],
-                       "errors_by_code": report["errors_by_code"],
-                       "ratio_to_ceiling": s["img_per_s"] / ceil["best_img_per_s"],
-                       "server_batch_size_mean": srv.get("batch_size_mean"),
-                       "server_queue_ms_mean": srv.get("queue_ms_mean"),
-                       "client_cpu_percent": report["client"]["cpu_percent"], "command": report["command"]}
+                run = {
+                    "round": r,
+                    "protocol": p,
+                    "batching": b,
+                    "concurrency": c,
+                    "img_per_s": s["img_per_s"],
+                    "p50_ms": lat["p50"],
+                    "p99_ms": lat["p99"],
+                    "ok": s["ok"],
+                    "errors": s["errors"],
+                    "errors_by_code": report["errors_by_code"],
+                    "ratio_to_ceiling": s["img_per_s"] / ceil["best_img_per_s"],
+                    "server_batch_size_mean": srv.get("batch_size_mean"),
+                    "server_queue_ms_mean": srv.get("queue_ms_mean"),
+                    "client_cpu_percent": report["client"]["cpu_percent"],
+                    "command": report["command"],
+                }
                 runs.append(run)
-                print(f"  {p:4s} batching {b:3s} c={c:<4d} {s['img_per_s']:8.0f} img/s  p50 {lat['p50'] or 0:7.2f} ms"
-                      f"  p99 {lat['p99'] or 0:7.2f} ms  batch {srv.get('batch_size_mean') or 0:6.2f}  "
-                      f"client CPU {report['client']['cpu_percent']:4.0f}%"
-                      + (f"  ERRORS {report['errors_by_code']}" if s["errors"] else ""), file=sys.stderr)
+                print(
+                    f"  {p:4s} batching {b:3s} c={c:<4d} {s['img_per_s']:8.0f} img/s  p50 {lat['p50'] or 0:7.2f} ms"
+                    f"  p99 {lat['p99'] or 0:7.2f} ms  batch {srv.get('batch_size_mean') or 0:6.2f}  "
+                    f"client CPU {report['client']['cpu_percent']:4.0f}%"
+                    + (f"  ERRORS {report['errors_by_code']}" if s["errors"] else ""),
+                    file=sys.stderr,
+                )
     finally:
         for s in servers.values():
             s.stop()
@@ -403,31 +532,53 @@ def main(argv: list[str] | None = None) -> int:
     out_points = []
     for p, b, c in points:
         mine = [x for x in runs if (x["protocol"], x["batching"], x["concurrency"]) == (p, b, c)]
-        row = {"protocol": p, "batching": b, "concurrency": c,
-               **{f: spread([x[f] for x in mine]) for f in ("img_per_s", "p50_ms", "p99_ms", "ratio_to_ceiling",
-                                                           "server_batch_size_mean", "client_cpu_percent")},
-               "errors": sum(x["errors"] for x in mine)}
+        row = {
+            "protocol": p,
+            "batching": b,
+            "concurrency": c,
+            **{
+                f: spread([x[f] for x in mine])
+                for f in (
+                    "img_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                    "ratio_to_ceiling",
+                    "server_batch_size_mean",
+                    "client_cpu_percent",
+                )
+            },
+            "errors": sum(x["errors"] for x in mine),
+        }
         agg[(p, b, c)] = row
         out_points.append(row)
-    ceiling = {"best_img_per_s": spread([c["best_img_per_s"] for c in ceilings]),
-               "latency_1_ms": spread([c["latency_1_ms"] for c in ceilings]),
-               "best_batch_sizes": [c["best_batch_size"] for c in ceilings],
-               "intra_op_threads": "1" if threads == 1 else "default", "cpus": server_cpus}
+    ceiling = {
+        "best_img_per_s": spread([c["best_img_per_s"] for c in ceilings]),
+        "latency_1_ms": spread([c["latency_1_ms"] for c in ceilings]),
+        "best_batch_sizes": [c["best_batch_size"] for c in ceilings],
+        "intra_op_threads": "1" if threads == 1 else "default",
+        "cpus": server_cpus,
+    }
     targets = check_targets(agg, ceiling)
 
     def mmm(d: dict, fmt: str) -> str:
         return " / ".join(format(d[k], fmt) if d[k] is not None else "-" for k in ("min", "median", "max"))
 
-    print(f"\nceiling (intra-op threads: {ceiling['intra_op_threads']}{', cpus ' + server_cpus if server_cpus else ''}):"
-          f" best {mmm(ceiling['best_img_per_s'], '.0f')} img/s, 1-image run {mmm(ceiling['latency_1_ms'], '.3f')} ms"
-          f"  (min / median / max over {rounds} rounds)")
-    print(f"{'protocol':8} {'batch':5} {'conc':>4}  {'images/s min / median / max':>28}  {'p50 ms':>23}  "
-          f"{'p99 ms':>23}  {'÷ ceiling':>9}  {'batch':>5}  {'client CPU':>10}  errors")
+    print(
+        f"\nceiling (intra-op threads: {ceiling['intra_op_threads']}{', cpus ' + server_cpus if server_cpus else ''}):"
+        f" best {mmm(ceiling['best_img_per_s'], '.0f')} img/s, 1-image run {mmm(ceiling['latency_1_ms'], '.3f')} ms"
+        f"  (min / median / max over {rounds} rounds)"
+    )
+    print(
+        f"{'protocol':8} {'batch':5} {'conc':>4}  {'images/s min / median / max':>28}  {'p50 ms':>23}  "
+        f"{'p99 ms':>23}  {'÷ ceiling':>9}  {'batch':>5}  {'client CPU':>10}  errors"
+    )
     for row in out_points:
-        print(f"{row['protocol']:8} {row['batching']:5} {row['concurrency']:>4}  {mmm(row['img_per_s'], '8.0f'):>28}  "
-              f"{mmm(row['p50_ms'], '6.2f'):>23}  {mmm(row['p99_ms'], '6.2f'):>23}  "
-              f"{row['ratio_to_ceiling']['median']:9.2f}  {row['server_batch_size_mean']['median'] or 0:5.1f}  "
-              f"{row['client_cpu_percent']['median']:9.0f}%  {row['errors']}")
+        print(
+            f"{row['protocol']:8} {row['batching']:5} {row['concurrency']:>4}  {mmm(row['img_per_s'], '8.0f'):>28}  "
+            f"{mmm(row['p50_ms'], '6.2f'):>23}  {mmm(row['p99_ms'], '6.2f'):>23}  "
+            f"{row['ratio_to_ceiling']['median']:9.2f}  {row['server_batch_size_mean']['median'] or 0:5.1f}  "
+            f"{row['client_cpu_percent']['median']:9.0f}%  {row['errors']}"
+        )
     print("\ntargets:")
     for t in targets:
         print(f"  {t['status']:4s} ({t['target']}) {t['text']}: {t['shown'] or 'not measured in this run'}")
@@ -439,12 +590,22 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine,
-        "config": {"provider": args.provider, "pinned": args.pinned, "server_cpus": server_cpus,
-                   "client_cpus": client_cpus,
-                   "concurrency": concurrency, "protocols": protocols, "batching": batching, "rounds": rounds,
-                   "duration_s": duration, "warmup_s": warmup, "client_processes": args.client_processes,
-                   "ceiling_seconds_per_batch_size": ceiling_s, "quick": args.quick,
-                   "server_commands": {b: " ".join(s.command) for b, s in servers.items()}},
+        "config": {
+            "provider": args.provider,
+            "pinned": args.pinned,
+            "server_cpus": server_cpus,
+            "client_cpus": client_cpus,
+            "concurrency": concurrency,
+            "protocols": protocols,
+            "batching": batching,
+            "rounds": rounds,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "client_processes": args.client_processes,
+            "ceiling_seconds_per_batch_size": ceiling_s,
+            "quick": args.quick,
+            "server_commands": {b: " ".join(s.command) for b, s in servers.items()},
+        },
         "ceiling": ceiling,
         "ceiling_rounds": ceilings,
         "targets": targets,

@@ -5,6 +5,7 @@ Every loader returns ``Dataset(images uint8 [N,32,32,3] RGB, labels int64 [N], c
 Decoded data sets are cached as ``.npz`` (keyed by the source's path, size and mtime) because
 decoding 50,000 JPEGs takes ~15 s and is repeated by every train/evaluate run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,16 @@ import numpy as np
 from PIL import Image
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 CIFAR10_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_PYTHON_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -39,7 +49,7 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> "Dataset":
+    def subset(self, index: np.ndarray) -> Dataset:
         return Dataset(self.images[index], self.labels[index], self.classes)
 
 
@@ -143,8 +153,9 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_cifar_python(dest_dir: str | Path, url: str = CIFAR10_PYTHON_URL,
-                          md5: str = CIFAR10_PYTHON_MD5, timeout: float = 60.0) -> Path:
+def download_cifar_python(
+    dest_dir: str | Path, url: str = CIFAR10_PYTHON_URL, md5: str = CIFAR10_PYTHON_MD5, timeout: float = 60.0
+) -> Path:
     """Download CIFAR-10's python archive into ``dest_dir`` and verify its MD5 (the checksum the
     data set's home page publishes). An existing file with the right checksum is reused; a file
     with the wrong one is deleted and the call fails."""
@@ -166,7 +177,7 @@ def download_cifar_python(dest_dir: str | Path, url: str = CIFAR10_PYTHON_URL,
 
 
 def detect_format(path: Path) -> str:
-    """"cifar-python" or "image-folder"."""
+    """ "cifar-python" or "image-folder"."""
     if path.is_dir():
         return "cifar-python" if (path / "data_batch_1").exists() or (path / "test_batch").exists() else "image-folder"
     with tarfile.open(path, "r:*") as tar:
@@ -198,8 +209,9 @@ def load_dataset(path: str | Path, split: str = "train", use_cache: bool = True)
     return ds
 
 
-def stratified_split(labels: np.ndarray, val_size: int = DEFAULT_VAL_SIZE,
-                     seed: int = DEFAULT_SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, val_size: int = DEFAULT_VAL_SIZE, seed: int = DEFAULT_SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """(train index, val index): ``val_size`` images, the same share of every class, fixed seed."""
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
@@ -207,14 +219,15 @@ def stratified_split(labels: np.ndarray, val_size: int = DEFAULT_VAL_SIZE,
     val = []
     for c, n in zip(classes, counts):
         members = np.flatnonzero(labels == c)
-        val.append(rng.permutation(members)[: int(round(n * share))])
+        val.append(rng.permutation(members)[: round(n * share)])
     val_index = np.sort(np.concatenate(val))
     train_index = np.setdiff1d(np.arange(len(labels)), val_index)
     return train_index, val_index
 
 
-def load_split(path: str | Path, which: str, val_size: int = DEFAULT_VAL_SIZE,
-               seed: int = DEFAULT_SPLIT_SEED) -> Dataset:
+def load_split(
+    path: str | Path, which: str, val_size: int = DEFAULT_VAL_SIZE, seed: int = DEFAULT_SPLIT_SEED
+) -> Dataset:
     """which: "train" (minus the held-out images), "val" (the held-out images), "all" or "test"
     (CIFAR-10 python archive's test batch)."""
     if which == "test":

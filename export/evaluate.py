@@ -2,6 +2,7 @@
 
 Preprocessing is read from the model's own metadata, exactly as the server does it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ def predict(model_path: str | Path, images: np.ndarray, batch_size: int = 500) -
     add = (-np.asarray(pre["mean"], np.float32) / np.asarray(pre["std"], np.float32)).astype(np.float32)
     preds = []
     for i in range(0, len(images), batch_size):
-        x = (images[i:i + batch_size].astype(np.float32) * mul + add).transpose(0, 3, 1, 2)
+        x = (images[i : i + batch_size].astype(np.float32) * mul + add).transpose(0, 3, 1, 2)
         preds.append(session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})[0].argmax(1))
     return np.concatenate(preds), labels
 
@@ -34,6 +35,7 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n: int) -> np.ndarra
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -41,12 +43,21 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
     im = ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted"); ax.set_ylabel("true"); ax.set_title(title)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
     threshold = cm.max() / 2
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > threshold else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cm[i, j] > threshold else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -59,18 +70,31 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "val", batch
     n = len(labels)
     cm = confusion_matrix(ds.labels, preds, n)
     per_class = (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()
-    return {"model": str(model_path), "data": str(data), "split": split, "images": int(len(ds)),
-            "top1": float((preds == ds.labels).mean()), "classes": labels,
-            "per_class": dict(zip(labels, per_class)), "confusion_matrix": cm.tolist()}
+    return {
+        "model": str(model_path),
+        "data": str(data),
+        "split": split,
+        "images": len(ds),
+        "top1": float((preds == ds.labels).mean()),
+        "classes": labels,
+        "per_class": dict(zip(labels, per_class)),
+        "confusion_matrix": cm.tolist(),
+    }
 
 
 def format_report(result: dict) -> str:
     classes = result["classes"]
-    lines = [f"{result['model']} on {result['split']} ({result['images']} images): "
-             f"top-1 {100 * result['top1']:.2f}%", "", "per-class accuracy:"]
+    lines = [
+        f"{result['model']} on {result['split']} ({result['images']} images): top-1 {100 * result['top1']:.2f}%",
+        "",
+        "per-class accuracy:",
+    ]
     lines += [f"  {c:<11} {100 * a:6.2f}%" for c, a in result["per_class"].items()]
-    lines += ["", "confusion matrix (rows: true, columns: predicted):",
-              " " * 12 + " ".join(f"{c[:5]:>5}" for c in classes)]
+    lines += [
+        "",
+        "confusion matrix (rows: true, columns: predicted):",
+        " " * 12 + " ".join(f"{c[:5]:>5}" for c in classes),
+    ]
     for c, row in zip(classes, result["confusion_matrix"]):
         lines.append(f"  {c:<10}" + " ".join(f"{v:5d}" for v in row))
     return "\n".join(lines)
@@ -83,7 +107,11 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot_confusion(np.array(result["confusion_matrix"]), result["classes"], out / "confusion_matrix.png",
-                       f"validation top-1 {100 * result['top1']:.2f}% ({result['images']} images)")
+        plot_confusion(
+            np.array(result["confusion_matrix"]),
+            result["classes"],
+            out / "confusion_matrix.png",
+            f"validation top-1 {100 * result['top1']:.2f}% ({result['images']} images)",
+        )
         print(f"\nwrote {out / 'evaluation.json'} and {out / 'confusion_matrix.png'}")
     return 0

@@ -6,6 +6,7 @@ mean/std, layout, colour order, size). The export runs torch and onnxruntime on 
 validation images and refuses to write a model whose logits differ by more than 1e-4 or whose
 argmax differs anywhere.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,14 +55,22 @@ def export(checkpoint: str | Path, output: str | Path, data: str | None = None, 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp) / "model.onnx"
-        torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(tmp_path), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, 32, 32),),
+            str(tmp_path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+            opset_version=opset,
+            dynamo=False,
+        )
         proto = onnx.load(str(tmp_path))
         meta = {
             "labels": json.dumps(classes),
-            "preprocessing": json.dumps({"scale": 1 / 255, "mean": mean, "std": std, "layout": "NCHW",
-                                         "color": "RGB", "size": [32, 32]}),
+            "preprocessing": json.dumps(
+                {"scale": 1 / 255, "mean": mean, "std": std, "layout": "NCHW", "color": "RGB", "size": [32, 32]}
+            ),
             "architecture": "cnnserve Cifar10CNN (conv32-conv32-pool-fc512-fc10)",
             "val_top1": f"{ckpt.get('val_acc', float('nan')):.4f}",
             "trained_epochs": str(ckpt.get("epoch", "")),
@@ -83,8 +92,10 @@ def export(checkpoint: str | Path, output: str | Path, data: str | None = None, 
         same_argmax = bool((got.argmax(1) == expected.argmax(1)).all())
         print(f"parity on {len(x)} images: max |logits diff| = {max_diff:.2e}, identical argmax: {same_argmax}")
         if max_diff > PARITY_ATOL or not same_argmax:
-            raise ParityError(f"ONNX model disagrees with torch (max diff {max_diff:.2e}, "
-                              f"argmax identical: {same_argmax}); not written")
+            raise ParityError(
+                f"ONNX model disagrees with torch (max diff {max_diff:.2e}, "
+                f"argmax identical: {same_argmax}); not written"
+            )
         output.write_bytes(tmp_path.read_bytes())
     print(f"wrote {output} (opset {opset}, sha256 {sha256_of(output)})")
     return output

@@ -3,6 +3,7 @@
 Attribute names match the founding document's code so that a state_dict saved from it loads as is.
 Dropout is active only in ``train()`` mode; the exported graph is taken in ``eval()`` mode.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@
 
 Copies the run's curves.png next to the card; every figure in the card comes from those files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    )
 
 
 def render(run: Path, model: Path, evaluation: dict, card_dir: Path, train_machine: str) -> str:
@@ -39,19 +42,21 @@ def render(run: Path, model: Path, evaluation: dict, card_dir: Path, train_machi
     rel_model = os.path.relpath(model, card_dir)
     wd, ls = cfg.get("weight_decay", 5e-4), cfg.get("label_smoothing", 0.1)
     regularisation = f"weight decay {wd:g} on weights (not\n  biases); " + (
-        f"label smoothing {ls:g}." if ls else "no label smoothing.")
+        f"label smoothing {ls:g}." if ls else "no label smoothing."
+    )
     # The flags that differ from `cnnserve train`'s defaults, so the command reproduces this run.
-    flags = "".join(f" --{name.replace('_', '-')} {cfg[name]:g}"
-                    for name, default in (("batch_size", 128), ("lr", 0.05), ("weight_decay", 5e-4),
-                                          ("label_smoothing", 0.1))
-                    if name in cfg and cfg[name] != default)
+    flags = "".join(
+        f" --{name.replace('_', '-')} {cfg[name]:g}"
+        for name, default in (("batch_size", 128), ("lr", 0.05), ("weight_decay", 5e-4), ("label_smoothing", 0.1))
+        if name in cfg and cfg[name] != default
+    )
     return f"""# cifar10 — model card
 
 A CIFAR-10 classifier of the project's fixed architecture (conv 3→32, conv 32→32, max-pool,
 FC 8192→512, FC 512→10; ReLU; dropout 0.3 and 0.5 in training only; 4,210,090 parameters),
 exported to ONNX for cnnserve.
 
-Validation top-1: **{top1:.2f} %** ({evaluation['images']} held-out images)
+Validation top-1: **{top1:.2f} %** ({evaluation["images"]} held-out images)
 
 | | |
 |---|---|
@@ -60,7 +65,7 @@ Validation top-1: **{top1:.2f} %** ({evaluation['images']} held-out images)
 | Labels | {", ".join(evaluation["classes"])} (index order) |
 | Preprocessing | RGB, /255, per-channel mean/std of the training split (stored in the ONNX metadata) |
 | Training | {len(history)} epochs, {minutes:.0f} min on {train_machine} |
-| Best epoch | {best['epoch']} ({'EMA' if best['val_acc_ema'] >= best['val_acc'] else 'raw'} weights) |
+| Best epoch | {best["epoch"]} ({"EMA" if best["val_acc_ema"] >= best["val_acc"] else "raw"} weights) |
 
 ## Data
 
@@ -78,7 +83,7 @@ an hour:
 - **Augmentation**: random 32×32 crops of 4-pixel reflect-padded images and horizontal flips, done
   on whole batches in torch (no DataLoader workers fighting for 2 cores). The network's 4.2 M
   parameters sit almost all in the 8192→512 layer, which overfits without it.
-- **Optimiser**: SGD, Nesterov momentum 0.9, batch {cfg.get('batch_size', 128)}, peak learning rate {cfg.get('lr', 0.05)}, warm-up over
+- **Optimiser**: SGD, Nesterov momentum 0.9, batch {cfg.get("batch_size", 128)}, peak learning rate {cfg.get("lr", 0.05)}, warm-up over
   the first 15 % of steps then cosine decay to 0 ("one cycle"); {regularisation}
 - **Weight averaging**: an exponential moving average of the weights (decay 0.999) is evaluated
   every epoch; it is consistently 1–4 points better than the raw weights mid-training and the

@@ -11,6 +11,7 @@ Recipe, and why, for a 2-conv-layer net with no normalisation layers on 2 CPU co
   network this small.
 Every epoch writes ``metrics.jsonl``, ``curves.png`` and a resumable ``last.pt`` checkpoint.
 """
+
 from __future__ import annotations
 
 import copy
@@ -97,14 +98,15 @@ def evaluate_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(y), batch):
-        logits = model(x[i:i + batch])
-        loss_sum += F.cross_entropy(logits, y[i:i + batch], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i:i + batch]).sum().item()
+        logits = model(x[i : i + batch])
+        loss_sum += F.cross_entropy(logits, y[i : i + batch], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + batch]).sum().item()
     return loss_sum / len(y), correct / len(y)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -113,11 +115,17 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax1.plot(epochs, [h["val_loss"] for h in history], label="val")
     ax1.plot(epochs, [h["val_loss_ema"] for h in history], label="val (EMA)")
-    ax1.set_xlabel("epoch"); ax1.set_ylabel("cross-entropy"); ax1.legend(); ax1.grid(alpha=0.3)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
     ax2.plot(epochs, [100 * h["train_acc"] for h in history], label="train (augmented)")
     ax2.plot(epochs, [100 * h["val_acc"] for h in history], label="val")
     ax2.plot(epochs, [100 * h["val_acc_ema"] for h in history], label="val (EMA)")
-    ax2.set_xlabel("epoch"); ax2.set_ylabel("top-1 %"); ax2.legend(); ax2.grid(alpha=0.3)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("top-1 %")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
     fig.suptitle("cnnserve CIFAR-10 training")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -136,7 +144,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     train_ds: Dataset = load_split(cfg.data, "train", cfg.val_size, cfg.split_seed)
     val_ds: Dataset = load_split(cfg.data, "val", cfg.val_size, cfg.split_seed)
     if cfg.limit_train:
-        keep = np.random.default_rng(cfg.seed).permutation(len(train_ds))[:cfg.limit_train]
+        keep = np.random.default_rng(cfg.seed).permutation(len(train_ds))[: cfg.limit_train]
         train_ds = train_ds.subset(np.sort(keep))
     mean, std = channel_stats(train_ds.images)
     x_train = to_normalized_nchw(train_ds.images, mean, std)
@@ -152,7 +160,10 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         (no_decay if name.endswith("bias") else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -164,8 +175,10 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         ckpt = torch.load(ckpt_path, weights_only=False)
         if ckpt["config"] != asdict(cfg):
             raise SystemExit(f"{ckpt_path} was written with another configuration; use a new --out-dir")
-        model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"]); gen.set_state(ckpt["generator"])
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch, best_acc, history = ckpt["epoch"], ckpt["best_acc"], ckpt["history"]
         elapsed_before = history[-1]["elapsed_s"] if history else 0.0
@@ -176,13 +189,18 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         model.train()
         perm = torch.randperm(len(y_train), generator=gen)
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         for i in bar:
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = one_cycle_lr(step, total_steps, cfg.lr, cfg.warmup_fraction)
-            index = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            index = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             xb, yb = augmenter.batch(index, gen), y_train[index]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
@@ -197,29 +215,64 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(yb)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%",
-                            lr=f"{optimizer.param_groups[0]['lr']:.4f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}",
+                acc=f"{100 * correct / seen:.1f}%",
+                lr=f"{optimizer.param_groups[0]['lr']:.4f}",
+                refresh=False,
+            )
         bar.close()
         val_loss, val_acc = evaluate_torch(model, x_val, y_val)
         val_loss_ema, val_acc_ema = evaluate_torch(ema, x_val, y_val)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                  "val_loss": val_loss, "val_acc": val_acc, "val_loss_ema": val_loss_ema,
-                  "val_acc_ema": val_acc_ema, "lr": optimizer.param_groups[0]["lr"],
-                  "elapsed_s": elapsed_before + time.perf_counter() - t0}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "val_loss_ema": val_loss_ema,
+            "val_acc_ema": val_acc_ema,
+            "lr": optimizer.param_groups[0]["lr"],
+            "elapsed_s": elapsed_before + time.perf_counter() - t0,
+        }
         history.append(record)
-        print(f"epoch {epoch + 1}: train {100 * record['train_acc']:.2f}% val {100 * val_acc:.2f}% "
-              f"val(EMA) {100 * val_acc_ema:.2f}% elapsed {record['elapsed_s']:.0f}s", flush=True)
+        print(
+            f"epoch {epoch + 1}: train {100 * record['train_acc']:.2f}% val {100 * val_acc:.2f}% "
+            f"val(EMA) {100 * val_acc_ema:.2f}% elapsed {record['elapsed_s']:.0f}s",
+            flush=True,
+        )
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for acc, net, which in ((val_acc, model, "raw"), (val_acc_ema, ema, "ema")):
             if acc > best_acc:
                 best_acc = acc
-                torch.save({"model": net.state_dict(), "weights": which, "epoch": epoch + 1,
-                            "val_acc": acc, "mean": mean, "std": std, "classes": list(train_ds.classes),
-                            "config": asdict(cfg)}, out / "best.pt")
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
-                    "best_acc": best_acc, "history": history, "config": asdict(cfg)}, ckpt_path.with_suffix(".tmp"))
+                torch.save(
+                    {
+                        "model": net.state_dict(),
+                        "weights": which,
+                        "epoch": epoch + 1,
+                        "val_acc": acc,
+                        "mean": mean,
+                        "std": std,
+                        "classes": list(train_ds.classes),
+                        "config": asdict(cfg),
+                    },
+                    out / "best.pt",
+                )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "best_acc": best_acc,
+                "history": history,
+                "config": asdict(cfg),
+            },
+            ckpt_path.with_suffix(".tmp"),
+        )
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
         plot_curves(history, out / "curves.png")
     return out / "best.pt"

@@ -4,6 +4,7 @@ Run ``python scripts/gen_protos.py`` after editing a .proto; tests/test_protos.p
 committed code differs from what this writes. Imports are rewritten to be package-relative so
 the generated modules work without touching sys.path.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,14 @@ PACKAGE = "service.grpc_api.gen"
 
 def generate(out_dir: Path) -> list[Path]:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
-    args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", *protos]
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     written = []

@@ -11,11 +11,13 @@ The ONNX Runtime requirement (onnxruntime or onnxruntime-gpu, whichever pyprojec
 rewritten to the chosen package, keeping its version specifier, extras-free, and its marker.
 Only the standard library is used: it runs on the bare base images.
 """
+
 from __future__ import annotations
 
 import argparse
 import re
 import sys
+
 import tomllib
 
 ORT_NAMES = {"onnxruntime", "onnxruntime-gpu"}
@@ -45,8 +47,12 @@ def runtime_requirements(pyproject: dict, ort_package: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pyproject", help="path to pyproject.toml")
-    parser.add_argument("--ort-package", default="onnxruntime-gpu", choices=sorted(ORT_NAMES),
-                        help="ONNX Runtime distribution to install (default: %(default)s)")
+    parser.add_argument(
+        "--ort-package",
+        default="onnxruntime-gpu",
+        choices=sorted(ORT_NAMES),
+        help="ONNX Runtime distribution to install (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     with open(args.pyproject, "rb") as f:
         data = tomllib.load(f)

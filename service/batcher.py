@@ -12,15 +12,17 @@
   dropped before compute.
 - If the batch function raises, every request of that batch gets one ``InferenceFailed``.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,14 +47,22 @@ class _Request:
     future: asyncio.Future
     deadline: float | None
     enqueued: float
-    taken: int = 0                      # images already given to a batch
-    done: int = 0                       # images whose results came back
+    taken: int = 0  # images already given to a batch
+    done: int = 0  # images whose results came back
     pieces: list = field(default_factory=list)  # (start, outputs) per finished chunk
 
 
 class Batcher:
-    def __init__(self, run_batch: BatchFn, *, max_batch_size: int = 64, max_queue_delay_s: float = 0.0,
-                 max_queue_size: int = 1024, observer: BatchObserver | None = None, name: str = "batcher") -> None:
+    def __init__(
+        self,
+        run_batch: BatchFn,
+        *,
+        max_batch_size: int = 64,
+        max_queue_delay_s: float = 0.0,
+        max_queue_size: int = 1024,
+        observer: BatchObserver | None = None,
+        name: str = "batcher",
+    ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
         self.run_batch = run_batch
@@ -91,8 +101,10 @@ class Batcher:
         if self._queued_images + n > self.max_queue_size:
             self.observer.dropped("queue_full", n)
             backlog = (self._queued_images / self.max_batch_size + 1) * self._mean_batch_s
-            raise Overloaded(f"queue full ({self._queued_images} images waiting, limit {self.max_queue_size})",
-                             retry_after_s=max(1.0, backlog))
+            raise Overloaded(
+                f"queue full ({self._queued_images} images waiting, limit {self.max_queue_size})",
+                retry_after_s=max(1.0, backlog),
+            )
         request = _Request(items, asyncio.get_running_loop().create_future(), deadline, time.monotonic())
         self._queue.append(request)
         self._queued_images += n
@@ -157,7 +169,7 @@ class Batcher:
             started = time.monotonic()
             try:
                 outputs = await loop.run_in_executor(self._executor, self.run_batch, parts)
-            except Exception as e:  # noqa: BLE001 - one error for every waiter of the batch
+            except Exception as e:
                 log.exception("%s: batch of %d images failed", self.name, sum(e_ - s for _, s, e_ in chunks))
                 error = InferenceFailed(f"inference failed: {type(e).__name__}: {e}")
                 for request, _, _ in chunks:
@@ -178,7 +190,7 @@ class Batcher:
         offset = 0
         for request, start, end in chunks:
             n = end - start
-            piece = tuple(out[offset:offset + n] for out in outputs)
+            piece = tuple(out[offset : offset + n] for out in outputs)
             offset += n
             if request.future.done():
                 continue
@@ -232,4 +244,3 @@ def _concat(pieces: list) -> Any:
 def _retype(template: Any, values: tuple) -> Any:
     """Rebuild a NamedTuple batch output from its sliced fields."""
     return type(template)._make(values) if hasattr(template, "_make") else values
-

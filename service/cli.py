@@ -3,6 +3,7 @@
 train/export need the ``train`` extra (torch, onnx); they are imported only when called, so the
 serving install never loads torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{field.description} [default: {shown}; env CNNSERVE_{name.upper()}]".replace("%", "%%")
         annotation = field.annotation
         if annotation is bool:
-            group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
+            group.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
             continue
         choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
-        group.add_argument(_flag(name), dest=name, default=None, choices=choices, metavar=name.upper(),
-                           help=help_text)
+        group.add_argument(_flag(name), dest=name, default=None, choices=choices, metavar=name.upper(), help=help_text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -44,9 +45,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service import app
+    from service import lifecycle
 
-    return app.run(settings_from_args(args))
+    return lifecycle.run(settings_from_args(args))
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -58,9 +59,19 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from export.train import TrainConfig, train
 
-    cfg = TrainConfig(data=args.data, out_dir=args.out_dir, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                      seed=args.seed, threads=args.threads, limit_train=args.limit_train, val_size=args.val_size)
+    cfg = TrainConfig(
+        data=args.data,
+        out_dir=args.out_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
+        threads=args.threads,
+        limit_train=args.limit_train,
+        val_size=args.val_size,
+    )
     best = train(cfg, resume=not args.no_resume)
     print(f"best checkpoint: {best}")
     return 0
@@ -80,19 +91,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnserve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cnnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the gRPC + HTTP server",
-                       description="Serve the models of a model repository over gRPC and HTTP.")
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC + HTTP server",
+        description="Serve the models of a model repository over gRPC and HTTP.",
+    )
     add_settings_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("classify", help="classify image files with a running server")
     p.add_argument("images", nargs="+", type=Path, help="JPEG/PNG files")
-    p.add_argument("--target", default=None,
-                   help="host:port of the server (default localhost:8001 for gRPC, localhost:8000 with --http)")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="host:port of the server (default localhost:8001 for gRPC, localhost:8000 with --http)",
+    )
     p.add_argument("--http", action="store_true", help="use HTTP /predict instead of gRPC Classify")
     p.add_argument("--top-k", type=int, default=None, help="labels per image, 1-10 (server default 5)")
     p.add_argument("--model", default=None, help="model name (default: the server's default)")
@@ -101,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("train", help="train the CNN on CIFAR-10 (needs the train extra)")
-    p.add_argument("--data", default=DEFAULT_DATA, help=f"image-folder tree/.tar.gz or CIFAR-10 python archive "
-                                                        f"(default {DEFAULT_DATA})")
+    p.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help=f"image-folder tree/.tar.gz or CIFAR-10 python archive (default {DEFAULT_DATA})",
+    )
     p.add_argument("--out-dir", default="runs/cifar10", help="checkpoints, metrics.jsonl, curves.png")
     p.add_argument("--epochs", type=int, default=65)
     p.add_argument("--batch-size", type=int, default=128)
@@ -126,14 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy of an ONNX model through onnxruntime (no torch)")
     p.add_argument("--model", default="models/cifar10/1/model.onnx")
     p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--split", default="val", choices=["val", "train", "all", "test"],
-                   help="val: the held-out 5,000 (default); test: a CIFAR-10 python archive's test batch")
+    p.add_argument(
+        "--split",
+        default="val",
+        choices=["val", "train", "all", "test"],
+        help="val: the held-out 5,000 (default); test: a CIFAR-10 python archive's test batch",
+    )
     p.add_argument("--out-dir", default=None, help="write confusion_matrix.png and evaluation.json here")
     p.add_argument("--batch-size", type=int, default=500)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("loadtest", help="load-test a running server: throughput, latency, batching")
     from service import loadtest
+
     loadtest.add_arguments(p)
     p.set_defaults(func=loadtest.main)
     return parser

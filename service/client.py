@@ -1,4 +1,5 @@
 """``cnnserve classify``: send image files to a running server (gRPC Classify or HTTP /predict)."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,22 +22,34 @@ def classify_grpc(target: str, images: list[bytes], top_k: int | None, model: st
         request.top_k = top_k
     with grpc.insecure_channel(target) as channel:
         response = pb_grpc.ClassifierStub(channel).Classify(request, timeout=timeout)
-    return {"model": response.model, "model_version": response.model_version,
-            "results": [{"predictions": [{"label": p.label, "index": p.index, "probability": p.probability}
-                                         for p in r.predictions]} for r in response.results]}
+    return {
+        "model": response.model,
+        "model_version": response.model_version,
+        "results": [
+            {"predictions": [{"label": p.label, "index": p.index, "probability": p.probability} for p in r.predictions]}
+            for r in response.results
+        ],
+    }
 
 
 def classify_http(target: str, files: list[Path], top_k: int | None, model: str | None, timeout: float) -> dict:
     boundary = uuid.uuid4().hex
     body = b""
     for f in files:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{f.name}\"\r\n"
-                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + f.read_bytes() + b"\r\n"
+        body += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{f.name}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + f.read_bytes()
+            + b"\r\n"
+        )
     body += f"--{boundary}--\r\n".encode()
     query = "&".join(f"{k}={v}" for k, v in (("top_k", top_k), ("model", model)) if v is not None)
     url = f"http://{target}/predict" + (f"?{query}" if query else "")
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    req = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return json.loads(response.read())
@@ -55,8 +68,7 @@ def main(args: argparse.Namespace) -> int:
         if args.http:
             answer = classify_http(target, args.images, args.top_k, args.model, args.timeout)
         else:
-            answer = classify_grpc(target, [p.read_bytes() for p in args.images], args.top_k, args.model,
-                                   args.timeout)
+            answer = classify_grpc(target, [p.read_bytes() for p in args.images], args.top_k, args.model, args.timeout)
     except OSError as e:
         print(f"cnnserve classify: {e}", file=sys.stderr)
         return 1

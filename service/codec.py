@@ -10,6 +10,7 @@ greyscale/palette images are converted to RGB.
 Decoding is bounded against decompression bombs: the header's width x height is checked against
 ``max_pixels`` before any pixel is decoded.
 """
+
 from __future__ import annotations
 
 import io
@@ -81,7 +82,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             return _fit(im)
     except (PayloadTooLarge, InvalidInput):
         raise
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt input
+    except Exception as e:
         raise InvalidInput(f"cannot decode image: {type(e).__name__}: {e}") from None
 
 

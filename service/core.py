@@ -4,13 +4,13 @@ Every transport (HTTP /predict, gRPC Classify, both Open Inference Protocol bind
 these methods and translates ``service.errors`` exceptions with the maps in that module; none of
 them validates or batches on its own.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
@@ -34,12 +34,13 @@ INLINE_DECODE_PIXELS = 256 * 256
 @dataclass(frozen=True)
 class RawImage:
     """Interleaved RGB uint8 pixels."""
+
     data: bytes
     height: int
     width: int
 
 
-ImageInput = Union[bytes, RawImage]
+ImageInput = bytes | RawImage
 
 
 @dataclass
@@ -60,11 +61,12 @@ class LoadedModel:
 @dataclass(frozen=True)
 class Classification:
     """Top-k of every image of a request, in request order."""
+
     model: str
     version: str
-    indices: list[list[int]]           # [n][k]
-    probabilities: list[list[float]]   # [n][k]
-    labels: list[list[str]]            # [n][k]
+    indices: list[list[int]]  # [n][k]
+    probabilities: list[list[float]]  # [n][k]
+    labels: list[list[str]]  # [n][k]
 
 
 class InferenceCore:
@@ -83,8 +85,14 @@ class InferenceCore:
             started = time.monotonic()
             runtime = ModelRuntime(spec, self.settings)
             runtime.warm_up(self.settings.max_batch_size)
-            log.info("loaded %s/%s from %s on %s in %.2fs", spec.name, spec.version, spec.path, runtime.provider,
-                     time.monotonic() - started)
+            log.info(
+                "loaded %s/%s from %s on %s in %.2fs",
+                spec.name,
+                spec.version,
+                spec.path,
+                runtime.provider,
+                time.monotonic() - started,
+            )
             self._runtimes.append(runtime)
 
     def start(self) -> None:
@@ -92,10 +100,14 @@ class InferenceCore:
         s = self.settings
         for runtime in self._runtimes:
             stats = ModelStats()
-            batcher = Batcher(runtime.run_batch, max_batch_size=s.max_batch_size,
-                              max_queue_delay_s=s.max_queue_delay_ms / 1000.0, max_queue_size=s.max_queue_size,
-                              observer=StatsObserver(self.metrics, runtime.name, stats),
-                              name=f"{runtime.name}-{runtime.version}")
+            batcher = Batcher(
+                runtime.run_batch,
+                max_batch_size=s.max_batch_size,
+                max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+                max_queue_size=s.max_queue_size,
+                observer=StatsObserver(self.metrics, runtime.name, stats),
+                name=f"{runtime.name}-{runtime.version}",
+            )
             batcher.start()
             self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats)
             self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)
@@ -110,6 +122,13 @@ class InferenceCore:
     @property
     def is_ready(self) -> bool:
         return self.ready and not self.draining
+
+    def not_ready_reason(self) -> str | None:
+        """None when ready for traffic, else why not ("loading models" / "draining"): the one
+        answer every readiness endpoint gives."""
+        if self.is_ready:
+            return None
+        return "draining" if self.draining else "loading models"
 
     async def drain(self, timeout: float) -> bool:
         results = await asyncio.gather(*(m.batcher.drain(timeout) for m in self.all_models()))
@@ -137,8 +156,9 @@ class InferenceCore:
             version = max(versions, key=int)
         found = versions.get(str(version))
         if found is None:
-            raise ModelNotFound(f"model {name!r} has no version {version!r} "
-                                f"(available: {', '.join(sorted(versions, key=int))})")
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r} (available: {', '.join(sorted(versions, key=int))})"
+            )
         return found
 
     def deadline(self, timeout_s: float | None) -> float | None:
@@ -212,24 +232,37 @@ class InferenceCore:
         finally:
             model.stats.request_done(ok, time.monotonic() - started)
 
-    async def classify(self, images: list[ImageInput], top_k: int | None = None, model: str | None = None,
-                       version: str | None = None, deadline: float | None = None) -> Classification:
+    async def classify(
+        self,
+        images: list[ImageInput],
+        top_k: int | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        deadline: float | None = None,
+    ) -> Classification:
         """Decode, batch, and return each image's top-k, in order."""
         target = self.model(model, version)
         k = self.check_top_k(top_k, target.runtime.num_classes)
         pixels = await self.decode(images)
         out = await self._submit(target, pixels, deadline)
         if k == target.runtime.num_classes:
-            return Classification(target.name, target.version, out.ranked_indices, out.ranked_probabilities,
-                                  out.ranked_labels)
-        return Classification(target.name, target.version, [r[:k] for r in out.ranked_indices],
-                              [r[:k] for r in out.ranked_probabilities], [r[:k] for r in out.ranked_labels])
+            return Classification(
+                target.name, target.version, out.ranked_indices, out.ranked_probabilities, out.ranked_labels
+            )
+        return Classification(
+            target.name,
+            target.version,
+            [r[:k] for r in out.ranked_indices],
+            [r[:k] for r in out.ranked_probabilities],
+            [r[:k] for r in out.ranked_labels],
+        )
 
     async def infer_tensor(self, target: LoadedModel, tensor: np.ndarray, deadline: float | None = None) -> BatchOutput:
         """Run a preprocessed float32 [n,3,32,32] tensor (Open Inference Protocol input)."""
         expected = tuple(target.runtime.input_shape[1:])
         if tensor.dtype != np.float32 or tensor.ndim != 4 or tensor.shape[1:] != expected:
-            raise InvalidInput(f"input must be FP32 [-1,{','.join(map(str, expected))}], got "
-                               f"{tensor.dtype} {list(tensor.shape)}")
+            raise InvalidInput(
+                f"input must be FP32 [-1,{','.join(map(str, expected))}], got {tensor.dtype} {list(tensor.shape)}"
+            )
         self.check_image_count(len(tensor))
         return await self._submit(target, tensor, deadline)

@@ -32,6 +32,7 @@ in the report — nears 100% of a core: then the client, not the server, is the 
 Server-side figures (mean batch size, mean queue wait, mean compute per batch) come from the
 server's Prometheus /metrics, scraped at the start and the end of the measured window.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,12 @@ from typing import Any
 import numpy as np
 
 TARGETS = ("grpc", "grpc-v2", "http", "http-v2")
-DEFAULT_ADDRESS = {"grpc": "127.0.0.1:8001", "grpc-v2": "127.0.0.1:8001",
-                   "http": "127.0.0.1:8000", "http-v2": "127.0.0.1:8000"}
+DEFAULT_ADDRESS = {
+    "grpc": "127.0.0.1:8001",
+    "grpc-v2": "127.0.0.1:8001",
+    "http": "127.0.0.1:8000",
+    "http-v2": "127.0.0.1:8000",
+}
 DEFAULT_METRICS_URL = "http://127.0.0.1:8000/metrics"
 DEFAULT_MODEL = "cifar10"
 DEFAULT_MODEL_FILE = "models/cifar10/1/model.onnx"
@@ -66,11 +71,37 @@ PAYLOAD_BYTES_BUDGET = 256 * 1024 * 1024  # pre-built request bodies per process
 MAX_PAYLOADS = 1024
 PERCENTILES = (50, 90, 95, 99)
 CSV_COLUMNS = [
-    "timestamp", "target", "address", "loop", "concurrency", "rate", "images_per_request", "processes",
-    "warmup_s", "window_s", "requests", "ok", "errors", "dropped_arrivals", "images", "req_per_s", "img_per_s",
-    "latency_mean_ms", "latency_p50_ms", "latency_p90_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms",
-    "server_batch_size_mean", "server_queue_ms_mean", "server_compute_ms_mean", "server_batches",
-    "client_cpu_percent", "client_cpu_percent_max_process", "client_cpu_percent_run", "errors_by_code",
+    "timestamp",
+    "target",
+    "address",
+    "loop",
+    "concurrency",
+    "rate",
+    "images_per_request",
+    "processes",
+    "warmup_s",
+    "window_s",
+    "requests",
+    "ok",
+    "errors",
+    "dropped_arrivals",
+    "images",
+    "req_per_s",
+    "img_per_s",
+    "latency_mean_ms",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "latency_max_ms",
+    "server_batch_size_mean",
+    "server_queue_ms_mean",
+    "server_compute_ms_mean",
+    "server_batches",
+    "client_cpu_percent",
+    "client_cpu_percent_max_process",
+    "client_cpu_percent_run",
+    "errors_by_code",
 ]
 
 now = time.monotonic  # CLOCK_MONOTONIC: one clock for every process of the run
@@ -83,26 +114,26 @@ class LoadTestError(RuntimeError):
 @dataclass
 class LoadConfig:
     target: str = "grpc"
-    address: str | None = None            # host:port; default by target
-    concurrency: int = 1                  # closed loop callers (all processes together)
-    rate: float | None = None             # open loop requests/s (all processes together)
-    duration: float | None = None         # measured seconds (default 10 unless requests is given)
-    requests: int | None = None           # measured requests instead of a duration
+    address: str | None = None  # host:port; default by target
+    concurrency: int = 1  # closed loop callers (all processes together)
+    rate: float | None = None  # open loop requests/s (all processes together)
+    duration: float | None = None  # measured seconds (default 10 unless requests is given)
+    requests: int | None = None  # measured requests instead of a duration
     warmup: float = 1.0
     processes: int = 1
     images_per_request: int = 1
-    images: str | None = None             # folder or .tar(.gz) of JPEG/PNG; None: generated
-    generated: int = 64                   # generated images when no folder is given
-    max_images: int = 4096                # at most this many files are read from --images
-    model: str | None = None              # Classify: empty = server default; v2: cifar10
+    images: str | None = None  # folder or .tar(.gz) of JPEG/PNG; None: generated
+    generated: int = 64  # generated images when no folder is given
+    max_images: int = 4096  # at most this many files are read from --images
+    model: str | None = None  # Classify: empty = server default; v2: cifar10
     model_version: str = ""
     model_file: str = DEFAULT_MODEL_FILE  # preprocessing for the v2 tensors
     top_k: int | None = None
     timeout: float = 30.0
-    max_outstanding: int = 10_000         # open loop, per process
-    grpc_channels: int = 1                # per process (each its own TCP connection)
-    http_client: str = "raw"              # raw (httptools) or aiohttp
-    metrics_url: str | None = None        # None: derived; "none": do not scrape
+    max_outstanding: int = 10_000  # open loop, per process
+    grpc_channels: int = 1  # per process (each its own TCP connection)
+    http_client: str = "raw"  # raw (httptools) or aiohttp
+    metrics_url: str | None = None  # None: derived; "none": do not scrape
     seed: int = 0
     progress: bool = True
     uvloop: bool = True
@@ -146,6 +177,7 @@ class LoadConfig:
 
 
 # ---- machine description (also used by bench/) -----------------------------------------------
+
 
 def _package_version(*names: str) -> str | None:
     from importlib import metadata
@@ -208,8 +240,13 @@ def _gpus() -> list[str] | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return [line.strip() for line in out.splitlines() if line.strip()]
@@ -224,6 +261,7 @@ def spread(values: list[float]) -> dict:
 
 
 # ---- images and request bodies ---------------------------------------------------------------
+
 
 def generate_images(n: int, seed: int = 0, quality: int = 90) -> list[bytes]:
     """n different 32x32 JPEGs: smooth colour gradients plus noise (photo-like to the codec)."""
@@ -279,7 +317,7 @@ def model_preprocessing(model_file: str | None) -> tuple[dict, str]:
             session = ort.InferenceSession(model_file, sess_options=so, providers=["CPUExecutionProvider"])
             pre = json.loads(session.get_modelmeta().custom_metadata_map["preprocessing"])
             return {k: pre[k] for k in ("scale", "mean", "std")}, model_file
-        except Exception as e:  # noqa: BLE001 - any failure falls back to the constants
+        except Exception as e:
             return dict(FALLBACK_PREPROCESSING), f"fallback constants ({model_file}: {type(e).__name__}: {e})"
     return dict(FALLBACK_PREPROCESSING), f"fallback constants ({model_file} not found)"
 
@@ -299,6 +337,7 @@ def _content_type(image: bytes) -> str:
 @dataclass
 class Payload:
     """One pre-built request: the body, and (HTTP) the headers that go with it."""
+
     body: bytes
     content_type: str | None = None
     extra_headers: dict = field(default_factory=dict)
@@ -321,16 +360,21 @@ def build_payloads(cfg: LoadConfig, images: list[bytes], tensor: np.ndarray | No
         size = sum(len(im) for im in images) / len(images) * k
         out = []
         for group in _groups(len(images), k, int(PAYLOAD_BYTES_BUDGET / max(1.0, size)) * k, offset):
-            req = pb.ClassifyRequest(images=[pb.Image(encoded=images[i]) for i in group], model=cfg.model or "",
-                                     model_version=cfg.model_version)
+            req = pb.ClassifyRequest(
+                images=[pb.Image(encoded=images[i]) for i in group],
+                model=cfg.model or "",
+                model_version=cfg.model_version,
+            )
             if cfg.top_k is not None:
                 req.top_k = cfg.top_k
             out.append(Payload(req.SerializeToString()))
         return out
     if target == "http":
-        query = "&".join(f"{name}={value}" for name, value in (("top_k", cfg.top_k), ("model", cfg.model),
-                                                               ("version", cfg.model_version or None))
-                         if value is not None)
+        query = "&".join(
+            f"{name}={value}"
+            for name, value in (("top_k", cfg.top_k), ("model", cfg.model), ("version", cfg.model_version or None))
+            if value is not None
+        )
         path = "/predict" + (f"?{query}" if query else "")
         size = sum(len(im) for im in images) / len(images) * k
         out = []
@@ -342,8 +386,12 @@ def build_payloads(cfg: LoadConfig, images: list[bytes], tensor: np.ndarray | No
             boundary = f"cnnserveloadtest{gi:08d}"
             parts = []
             for j, i in enumerate(group):
-                parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{j}\"\r\n"
-                             f"Content-Type: {_content_type(images[i])}\r\n\r\n".encode() + images[i] + b"\r\n")
+                parts.append(
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{j}"\r\n'
+                    f"Content-Type: {_content_type(images[i])}\r\n\r\n".encode()
+                    + images[i]
+                    + b"\r\n"
+                )
             body = b"".join(parts) + f"--{boundary}--\r\n".encode()
             out.append(Payload(body, f"multipart/form-data; boundary={boundary}", path=path))
         return out
@@ -368,13 +416,28 @@ def build_payloads(cfg: LoadConfig, images: list[bytes], tensor: np.ndarray | No
     out = []
     for group in groups:
         x = np.ascontiguousarray(tensor[group])
-        header = json.dumps({
-            "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                        "parameters": {"binary_data_size": x.nbytes}}],
-            "parameters": {"binary_data_output": True},
-        }, separators=(",", ":")).encode()
-        out.append(Payload(header + x.tobytes(), "application/octet-stream",
-                           {"Inference-Header-Content-Length": str(len(header))}, path=path))
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ],
+                "parameters": {"binary_data_output": True},
+            },
+            separators=(",", ":"),
+        ).encode()
+        out.append(
+            Payload(
+                header + x.tobytes(),
+                "application/octet-stream",
+                {"Inference-Header-Content-Length": str(len(header))},
+                path=path,
+            )
+        )
     return out
 
 
@@ -388,6 +451,7 @@ def raw_http_request(payload: Payload, host: str) -> bytes:
 
 # ---- one synchronous request before the run: is the target there, and does it answer right? ----
 
+
 def check_target(cfg: LoadConfig, payload: Payload) -> str:
     """Send one request with a plain blocking client and check the answer's shape.
     Returns a one-line description; raises LoadTestError with the reason otherwise."""
@@ -399,13 +463,17 @@ def check_target(cfg: LoadConfig, payload: Payload) -> str:
         import grpc
 
         method = CLASSIFY_METHOD if target == "grpc" else MODEL_INFER_METHOD
-        with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1),
-                                                     ("grpc.max_send_message_length", -1)]) as channel:
+        with grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        ) as channel:
             try:
                 raw = channel.unary_unary(method)(payload.body, timeout=max(cfg.timeout, 10.0))
             except grpc.RpcError as e:
-                hint = " (does this server have the Open Inference Protocol service?)" \
-                    if target == "grpc-v2" and e.code() == grpc.StatusCode.UNIMPLEMENTED else ""
+                hint = (
+                    " (does this server have the Open Inference Protocol service?)"
+                    if target == "grpc-v2" and e.code() == grpc.StatusCode.UNIMPLEMENTED
+                    else ""
+                )
                 raise LoadTestError(f"{target} {address}: {e.code().name}: {e.details()}{hint}") from None
         if target == "grpc":
             from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
@@ -431,8 +499,11 @@ def check_target(cfg: LoadConfig, payload: Payload) -> str:
             body, header_len = r.read(), r.headers.get("Inference-Header-Content-Length")
     except urllib.error.HTTPError as e:
         detail = e.read()[:300].decode(errors="replace")
-        hint = " (does this server have the Open Inference Protocol endpoints?)" \
-            if target == "http-v2" and e.code in (404, 405) else ""
+        hint = (
+            " (does this server have the Open Inference Protocol endpoints?)"
+            if target == "http-v2" and e.code in (404, 405)
+            else ""
+        )
         raise LoadTestError(f"{target} {url}: HTTP {e.code}: {detail}{hint}") from None
     except (urllib.error.URLError, OSError) as e:
         raise LoadTestError(f"{target} {url}: {getattr(e, 'reason', e)}") from None
@@ -441,7 +512,7 @@ def check_target(cfg: LoadConfig, payload: Payload) -> str:
         if len(doc.get("results", [])) != k:
             raise LoadTestError(f"{target}: {len(doc.get('results', []))} results for {k} images")
         return f"model {doc['model']}/{doc['model_version']}, top-1 {doc['results'][0]['predictions'][0]['label']!r}"
-    doc = json.loads(body[:int(header_len)] if header_len else body)
+    doc = json.loads(body[: int(header_len)] if header_len else body)
     shapes = {o["name"]: o["shape"] for o in doc.get("outputs", [])}
     if not shapes or any(s[:1] != [k] for s in shapes.values()):
         raise LoadTestError(f"{target}: unexpected outputs {shapes} for {k} images")
@@ -450,6 +521,7 @@ def check_target(cfg: LoadConfig, payload: Payload) -> str:
 
 
 # ---- senders: one per target family, async, minimal work per request -------------------------
+
 
 class GrpcSender:
     """grpc.aio with pass-through (de)serialisers: bodies are pre-serialised, answers are not parsed."""
@@ -465,8 +537,11 @@ class GrpcSender:
         import grpc
 
         self._rpc_error = grpc.aio.AioRpcError
-        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-                   ("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
+        options = [
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]  # one TCP connection per channel
         for _ in range(self.cfg.grpc_channels):
             channel = grpc.aio.insecure_channel(self.cfg.resolved_address(), options=options)
             await asyncio.wait_for(channel.channel_ready(), 10)
@@ -621,7 +696,9 @@ class AiohttpSender:
         self._errors = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout), skip_auto_headers=("User-Agent",))
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+            skip_auto_headers=("User-Agent",),
+        )
 
     def prepare(self, payloads: list[Payload]) -> list[tuple]:
         out = []
@@ -653,6 +730,7 @@ def make_sender(cfg: LoadConfig):
 
 # ---- one client process ----------------------------------------------------------------------
 
+
 def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
@@ -661,8 +739,17 @@ def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
 class Worker:
     """The callers (or the arrival process) of one client process."""
 
-    def __init__(self, cfg: LoadConfig, index: int, concurrency: int, rate: float | None, requests: int | None,
-                 images: list[bytes], tensor: np.ndarray | None, counters) -> None:
+    def __init__(
+        self,
+        cfg: LoadConfig,
+        index: int,
+        concurrency: int,
+        rate: float | None,
+        requests: int | None,
+        images: list[bytes],
+        tensor: np.ndarray | None,
+        counters,
+    ) -> None:
         self.cfg, self.index = cfg, index
         self.concurrency, self.rate, self.tickets = concurrency, rate, requests
         self.requests_mode = requests is not None
@@ -724,7 +811,7 @@ class Worker:
     async def _one(self, item, scheduled: float) -> None:
         try:
             code = await self.sender.send(item, None)
-        except Exception as e:  # noqa: BLE001 - never lose an arrival silently
+        except Exception as e:
             code = type(e).__name__
         self._record(scheduled, now(), code)
 
@@ -781,8 +868,9 @@ class Worker:
         else:
             jobs = [loop.create_task(self._closed(slot)) for slot in range(self.concurrency)]
         if self.requests_mode:
-            _, pending = await asyncio.wait(jobs, timeout=None if math.isinf(self.t1) else
-                                            self.t1 - now() + min(cfg.timeout, 5.0))
+            _, pending = await asyncio.wait(
+                jobs, timeout=None if math.isinf(self.t1) else self.t1 - now() + min(cfg.timeout, 5.0)
+            )
         else:
             # Answers after the window do not count: give stragglers a moment, then stop.
             _, pending = await asyncio.wait(jobs, timeout=self.t1 - now() + min(cfg.timeout, 5.0))
@@ -831,9 +919,16 @@ def _split(total: float | int | None, parts: int, index: int, integer: bool = Tr
 
 def _worker_for(cfg: LoadConfig, index: int, images: list[bytes], tensor, counters) -> Worker:
     p = cfg.processes
-    return Worker(cfg, index, concurrency=_split(cfg.concurrency, p, index),
-                  rate=_split(cfg.rate, p, index, integer=False), requests=_split(cfg.requests, p, index),
-                  images=images, tensor=tensor, counters=counters)
+    return Worker(
+        cfg,
+        index,
+        concurrency=_split(cfg.concurrency, p, index),
+        rate=_split(cfg.rate, p, index, integer=False),
+        requests=_split(cfg.requests, p, index),
+        images=images,
+        tensor=tensor,
+        counters=counters,
+    )
 
 
 def _child(cfg: LoadConfig, index: int, images: list[bytes], tensor, counters, ready_q, result_q, go, start) -> None:
@@ -844,7 +939,7 @@ def _child(cfg: LoadConfig, index: int, images: list[bytes], tensor, counters, r
         worker = _worker_for(cfg, index, images, tensor, counters)
         try:
             await worker.setup()
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
+        except BaseException as e:
             ready_q.put((index, f"client set-up failed: {type(e).__name__}: {e}"))
             raise
         ready_q.put((index, None))
@@ -859,12 +954,13 @@ def _child(cfg: LoadConfig, index: int, images: list[bytes], tensor, counters, r
 
     try:
         result = runner(main())
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         result = {"index": index, "error": f"{type(e).__name__}: {e}"}
     result_q.put(result)
 
 
 # ---- server metrics --------------------------------------------------------------------------
+
 
 def scrape_metrics(url: str, model: str | None = None, timeout: float = 5.0) -> dict:
     """_sum/_count of the batch size, queue wait and compute histograms, and images computed."""
@@ -923,13 +1019,12 @@ class Monitor(threading.Thread):
             return None
         try:
             return scrape_metrics(self.url, self.cfg.model)
-        except Exception as e:  # noqa: BLE001 - server figures are optional
+        except Exception as e:
             self.scrape_error = f"{self.url}: {type(e).__name__}: {e}"
             return None
 
     def _totals(self) -> tuple[float, float, float]:
-        return (sum(c[0] for c in self.counters), sum(c[1] for c in self.counters),
-                sum(c[2] for c in self.counters))
+        return (sum(c[0] for c in self.counters), sum(c[1] for c in self.counters), sum(c[2] for c in self.counters))
 
     def run(self) -> None:
         k = self.cfg.images_per_request
@@ -959,9 +1054,12 @@ class Monitor(threading.Thread):
                 phase = "warm-up" if t < self.t0 else ("run" if self.t1 is None or t < self.t1 else "finishing")
                 if self.cfg.progress:
                     mean = f"{1000 * lat / ok:8.2f} ms" if ok else "      -   "
-                    print(f"[{t - self.start_at:6.1f}s] {phase:9s} {ok:8.0f} req/s {ok * k:9.0f} img/s  "
-                          f"mean {mean}  errors {err:.0f}  (total {cur[0]:.0f} ok, {cur[1]:.0f} errors)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[{t - self.start_at:6.1f}s] {phase:9s} {ok:8.0f} req/s {ok * k:9.0f} img/s  "
+                        f"mean {mean}  errors {err:.0f}  (total {cur[0]:.0f} ok, {cur[1]:.0f} errors)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 tick += 1.0
         if not took_before:
             self.before = self._scrape()
@@ -974,6 +1072,7 @@ class Monitor(threading.Thread):
 
 
 # ---- the run ---------------------------------------------------------------------------------
+
 
 def prepare_inputs(cfg: LoadConfig) -> tuple[list[bytes], np.ndarray | None, dict]:
     """Images (read or generated) and, for v2 targets, their preprocessed tensor."""
@@ -990,7 +1089,7 @@ def prepare_inputs(cfg: LoadConfig) -> tuple[list[bytes], np.ndarray | None, dic
         pre, source = model_preprocessing(cfg.model_file)
         try:
             tensor = images_to_tensor(images, pre)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise LoadTestError(f"cannot decode the images for a v2 tensor: {type(e).__name__}: {e}") from None
         info["preprocessing"] = {**pre, "source": source}
     return images, tensor, info
@@ -1017,7 +1116,7 @@ def run(cfg: LoadConfig) -> dict:
             worker = _worker_for(cfg, 0, images, tensor, counters[0])
             try:
                 await worker.setup()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise LoadTestError(f"client set-up failed: {type(e).__name__}: {e}") from None
             start = now() + 0.05
             monitor = Monitor(cfg, counters, start)
@@ -1040,9 +1139,15 @@ def run(cfg: LoadConfig) -> dict:
         ctx = mp.get_context("spawn")
         counters = [ctx.RawArray("d", 3) for _ in range(cfg.processes)]
         ready_q, result_q, go, start_value = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.RawValue("d", -1.0)
-        procs = [ctx.Process(target=_child, name=f"loadtest-{i}", daemon=True,
-                             args=(cfg, i, images, tensor, counters[i], ready_q, result_q, go, start_value))
-                 for i in range(cfg.processes)]
+        procs = [
+            ctx.Process(
+                target=_child,
+                name=f"loadtest-{i}",
+                daemon=True,
+                args=(cfg, i, images, tensor, counters[i], ready_q, result_q, go, start_value),
+            )
+            for i in range(cfg.processes)
+        ]
         for p in procs:
             p.start()
         loop_kind = _loop_runner(cfg.uvloop)[1]
@@ -1052,7 +1157,7 @@ def run(cfg: LoadConfig) -> dict:
                 index, problem = ready_q.get(timeout=120)
                 if problem:
                     problems.append(f"process {index}: {problem}")
-        except Exception as e:  # noqa: BLE001 - queue.Empty: a child died before reporting
+        except Exception as e:
             problems.append(f"client processes did not start: {type(e).__name__}")
         if problems:
             go.set()
@@ -1087,8 +1192,9 @@ def run(cfg: LoadConfig) -> dict:
     return _report(cfg, results, monitor, info, loop_kind, wall, cpu_run)
 
 
-def _report(cfg: LoadConfig, results: list[dict], monitor: Monitor, info: dict, loop_kind: str, wall: float,
-            cpu_run: float) -> dict:
+def _report(
+    cfg: LoadConfig, results: list[dict], monitor: Monitor, info: dict, loop_kind: str, wall: float, cpu_run: float
+) -> dict:
     lat = np.concatenate([r["latencies"] for r in results]) if results else np.empty(0)
     errors: dict[str, int] = {}
     for r in results:
@@ -1145,14 +1251,18 @@ def _report(cfg: LoadConfig, results: list[dict], monitor: Monitor, info: dict, 
 
 # ---- output ----------------------------------------------------------------------------------
 
+
 def _fmt(v, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
 def format_report(report: dict) -> str:
     c, s, lat = report["config"], report["summary"], report["summary"]["latency_ms"]
-    loop = (f"open loop {c['rate']:g} req/s (Poisson)" if c["loop"] == "open" else
-            f"closed loop, {c['concurrency']} caller{'s' if c['concurrency'] != 1 else ''}")
+    loop = (
+        f"open loop {c['rate']:g} req/s (Poisson)"
+        if c["loop"] == "open"
+        else f"closed loop, {c['concurrency']} caller{'s' if c['concurrency'] != 1 else ''}"
+    )
     bound = f"{c['requests']} requests" if c["requests"] else f"{c['duration']:g} s"
     lines = [
         f"cnnserve loadtest: {c['target']} {c['address']}, {loop}, {c['images_per_request']} image(s)/request, "
@@ -1164,40 +1274,66 @@ def format_report(report: dict) -> str:
         f"p99 {_fmt(lat['p99'])}  max {_fmt(lat['max'])}  mean {_fmt(lat['mean'])} ms",
     ]
     if s["dropped_arrivals"]:
-        lines.append(f"  dropped   {s['dropped_arrivals']} arrivals not sent: --max-outstanding reached "
-                     "(the server cannot keep up with this rate)")
+        lines.append(
+            f"  dropped   {s['dropped_arrivals']} arrivals not sent: --max-outstanding reached "
+            "(the server cannot keep up with this rate)"
+        )
     srv = report["server"]
     if srv:
-        lines.append(f"  server    batch size mean {_fmt(srv['batch_size_mean'])}, queue wait mean "
-                     f"{_fmt(srv['queue_ms_mean'], 3)} ms, compute mean {_fmt(srv['compute_ms_mean'], 3)} ms/batch "
-                     f"({srv['batches']} batches, {srv['images']} images)")
+        lines.append(
+            f"  server    batch size mean {_fmt(srv['batch_size_mean'])}, queue wait mean "
+            f"{_fmt(srv['queue_ms_mean'], 3)} ms, compute mean {_fmt(srv['compute_ms_mean'], 3)} ms/batch "
+            f"({srv['batches']} batches, {srv['images']} images)"
+        )
     else:
         lines.append(f"  server    no metrics ({report['server_scrape_error'] or 'scraping disabled'})")
     cl = report["client"]
     per = ", ".join(f"{p:.0f}%" for p in cl["cpu_percent_per_process"])
-    lines.append(f"  client    CPU {cl['cpu_percent']:.0f}% of one core during the window ({per} per process; "
-                 f"{cl['cores_available']} cores available), {cl['cpu_percent_run']:.0f}% over the whole command; "
-                 f"{cl['event_loop']}")
+    lines.append(
+        f"  client    CPU {cl['cpu_percent']:.0f}% of one core during the window ({per} per process; "
+        f"{cl['cores_available']} cores available), {cl['cpu_percent_run']:.0f}% over the whole command; "
+        f"{cl['event_loop']}"
+    )
     if max(cl["cpu_percent_per_process"]) >= 85:
-        lines.append("  WARNING   a client process was near 100% of a core: the client may be the bottleneck "
-                     "(try --processes, or pin the client and the server to different cores)")
+        lines.append(
+            "  WARNING   a client process was near 100% of a core: the client may be the bottleneck "
+            "(try --processes, or pin the client and the server to different cores)"
+        )
     if report["errors_by_code"]:
         lines.append("  errors    " + ", ".join(f"{code}: {n}" for code, n in report["errors_by_code"].items()))
     return "\n".join(lines)
 
 
 def csv_row(report: dict) -> dict:
-    c, s, lat, srv, cl = (report["config"], report["summary"], report["summary"]["latency_ms"],
-                          report["server"] or {}, report["client"])
+    c, s, lat, srv, cl = (
+        report["config"],
+        report["summary"],
+        report["summary"]["latency_ms"],
+        report["server"] or {},
+        report["client"],
+    )
     return {
-        "timestamp": report["timestamp"], "target": c["target"], "address": c["address"], "loop": c["loop"],
-        "concurrency": "" if c["loop"] == "open" else c["concurrency"], "rate": c["rate"] or "",
-        "images_per_request": c["images_per_request"], "processes": c["processes"], "warmup_s": c["warmup"],
-        "window_s": round(s["window_s"], 4), "requests": s["requests"], "ok": s["ok"], "errors": s["errors"],
-        "dropped_arrivals": s["dropped_arrivals"], "images": s["images"], "req_per_s": round(s["req_per_s"], 2),
+        "timestamp": report["timestamp"],
+        "target": c["target"],
+        "address": c["address"],
+        "loop": c["loop"],
+        "concurrency": "" if c["loop"] == "open" else c["concurrency"],
+        "rate": c["rate"] or "",
+        "images_per_request": c["images_per_request"],
+        "processes": c["processes"],
+        "warmup_s": c["warmup"],
+        "window_s": round(s["window_s"], 4),
+        "requests": s["requests"],
+        "ok": s["ok"],
+        "errors": s["errors"],
+        "dropped_arrivals": s["dropped_arrivals"],
+        "images": s["images"],
+        "req_per_s": round(s["req_per_s"], 2),
         "img_per_s": round(s["img_per_s"], 2),
-        **{f"latency_{name}_ms": "" if lat[name] is None else round(lat[name], 4)
-           for name in ("mean", "p50", "p90", "p95", "p99", "max")},
+        **{
+            f"latency_{name}_ms": "" if lat[name] is None else round(lat[name], 4)
+            for name in ("mean", "p50", "p90", "p95", "p99", "max")
+        },
         "server_batch_size_mean": _round(srv.get("batch_size_mean"), 3),
         "server_queue_ms_mean": _round(srv.get("queue_ms_mean"), 4),
         "server_compute_ms_mean": _round(srv.get("compute_ms_mean"), 4),
@@ -1234,56 +1370,101 @@ def append_csv(report: dict, path: str | Path) -> None:
 
 # ---- command line ----------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     p = parser.add_argument_group("target")
-    p.add_argument("--target", choices=TARGETS, default="grpc",
-                   help="grpc: Classify; grpc-v2: ModelInfer; http: POST /predict; http-v2: POST /v2/.../infer "
-                        "(default grpc)")
-    p.add_argument("--address", default=None, metavar="HOST:PORT",
-                   help="server address (default 127.0.0.1:8001 for gRPC targets, 127.0.0.1:8000 for HTTP)")
-    p.add_argument("--model", default=None, help=f"model name (Classify/predict: the server's default; "
-                                                 f"v2: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="grpc",
+        help="grpc: Classify; grpc-v2: ModelInfer; http: POST /predict; http-v2: POST /v2/.../infer (default grpc)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="HOST:PORT",
+        help="server address (default 127.0.0.1:8001 for gRPC targets, 127.0.0.1:8000 for HTTP)",
+    )
+    p.add_argument(
+        "--model", default=None, help=f"model name (Classify/predict: the server's default; v2: {DEFAULT_MODEL})"
+    )
     p.add_argument("--model-version", default="", help="model version (default: the highest)")
     p.add_argument("--top-k", type=int, default=None, help="labels per image for grpc/http (server default)")
-    p.add_argument("--metrics-url", default=None,
-                   help=f"the server's Prometheus endpoint, scraped before and after the window (default: "
-                        f"http://ADDRESS/metrics for HTTP targets, {DEFAULT_METRICS_URL} otherwise; 'none': skip)")
+    p.add_argument(
+        "--metrics-url",
+        default=None,
+        help=f"the server's Prometheus endpoint, scraped before and after the window (default: "
+        f"http://ADDRESS/metrics for HTTP targets, {DEFAULT_METRICS_URL} otherwise; 'none': skip)",
+    )
     p = parser.add_argument_group("load")
     p.add_argument("--concurrency", "-c", type=int, default=1, help="closed loop: callers in flight (default 1)")
-    p.add_argument("--rate", "-r", type=float, default=None,
-                   help="open loop: Poisson arrivals at this many requests/s (replaces --concurrency)")
+    p.add_argument(
+        "--rate",
+        "-r",
+        type=float,
+        default=None,
+        help="open loop: Poisson arrivals at this many requests/s (replaces --concurrency)",
+    )
     p.add_argument("--duration", "-d", type=float, default=None, help="measured seconds (default 10)")
     p.add_argument("--requests", "-n", type=int, default=None, help="measure this many requests instead")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring (default 1)")
     p.add_argument("--images-per-request", "-k", type=int, default=1, help="images in each request (default 1)")
-    p.add_argument("--processes", "-p", type=int, default=1,
-                   help="client processes, each with its own event loop; callers/rate are split (default 1)")
+    p.add_argument(
+        "--processes",
+        "-p",
+        type=int,
+        default=1,
+        help="client processes, each with its own event loop; callers/rate are split (default 1)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
-    p.add_argument("--max-outstanding", type=int, default=10_000,
-                   help="open loop: most requests in flight per process; later arrivals are dropped "
-                        "(default 10000)")
+    p.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=10_000,
+        help="open loop: most requests in flight per process; later arrivals are dropped (default 10000)",
+    )
     p = parser.add_argument_group("inputs")
-    p.add_argument("--images", default=None, metavar="PATH",
-                   help="folder (recursive) or .tar/.tar.gz of JPEG/PNG files (default: generated images)")
+    p.add_argument(
+        "--images",
+        default=None,
+        metavar="PATH",
+        help="folder (recursive) or .tar/.tar.gz of JPEG/PNG files (default: generated images)",
+    )
     p.add_argument("--max-images", type=int, default=4096, help="read at most this many files (default 4096)")
     p.add_argument("--generated", type=int, default=64, help="images to generate without --images (default 64)")
-    p.add_argument("--model-file", default=DEFAULT_MODEL_FILE,
-                   help=f"ONNX file whose 'preprocessing' metadata normalises v2 tensors (default "
-                        f"{DEFAULT_MODEL_FILE}; CIFAR-10 constants when absent)")
+    p.add_argument(
+        "--model-file",
+        default=DEFAULT_MODEL_FILE,
+        help=f"ONNX file whose 'preprocessing' metadata normalises v2 tensors (default "
+        f"{DEFAULT_MODEL_FILE}; CIFAR-10 constants when absent)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for generated images and arrivals (default 0)")
     p = parser.add_argument_group("client")
-    p.add_argument("--http-client", choices=("raw", "aiohttp"), default="raw",
-                   help="raw: pre-rendered HTTP/1.1 over asyncio + httptools (least client CPU); aiohttp: "
-                        "for a cross-check (default raw)")
-    p.add_argument("--grpc-channels", type=int, default=1,
-                   help="gRPC channels (TCP connections) per process, used round-robin (default 1)")
+    p.add_argument(
+        "--http-client",
+        choices=("raw", "aiohttp"),
+        default="raw",
+        help="raw: pre-rendered HTTP/1.1 over asyncio + httptools (least client CPU); aiohttp: "
+        "for a cross-check (default raw)",
+    )
+    p.add_argument(
+        "--grpc-channels",
+        type=int,
+        default=1,
+        help="gRPC channels (TCP connections) per process, used round-robin (default 1)",
+    )
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="use asyncio's own event loop")
     p = parser.add_argument_group("output")
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None, help="write the full report as JSON")
-    p.add_argument("--csv", dest="csv_path", metavar="PATH", default=None,
-                   help="append one row of summary columns (header when the file is new)")
+    p.add_argument(
+        "--csv",
+        dest="csv_path",
+        metavar="PATH",
+        default=None,
+        help="append one row of summary columns (header when the file is new)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
 

@@ -1,4 +1,5 @@
 """Prometheus metrics, in a registry of their own per server instance."""
+
 from __future__ import annotations
 
 import time
@@ -7,8 +8,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.batcher import BatchObserver
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075,
-                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -16,28 +35,48 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("cnnserve_requests", "Requests answered, by protocol, method and status code.",
-                                ["protocol", "method", "code"], registry=r)
+        self.requests = Counter(
+            "cnnserve_requests",
+            "Requests answered, by protocol, method and status code.",
+            ["protocol", "method", "code"],
+            registry=r,
+        )
         self.request_duration = Histogram(
-            "cnnserve_request_duration_seconds", "Time from request received to response ready.",
-            ["protocol", "method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_duration = Histogram("cnnserve_queue_duration_seconds", "Time a request waited for its batch.",
-                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_duration = Histogram("cnnserve_inference_duration_seconds",
-                                            "Time to preprocess, run and post-process one batch.",
-                                            ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("cnnserve_batch_size", "Images per executed batch.", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("cnnserve_queue_depth", "Images waiting in the model's queue.", ["model"],
-                                 registry=r)
+            "cnnserve_request_duration_seconds",
+            "Time from request received to response ready.",
+            ["protocol", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "cnnserve_queue_duration_seconds",
+            "Time a request waited for its batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "cnnserve_inference_duration_seconds",
+            "Time to preprocess, run and post-process one batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "cnnserve_batch_size", "Images per executed batch.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("cnnserve_queue_depth", "Images waiting in the model's queue.", ["model"], registry=r)
         self.images = Counter("cnnserve_images", "Images computed.", ["model"], registry=r)
-        self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"],
-                                registry=r)
-        self.model_info = Gauge("cnnserve_model_info", "Loaded model versions and the provider they run on.",
-                                ["model", "version", "provider"], registry=r)
+        self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r)
+        self.model_info = Gauge(
+            "cnnserve_model_info",
+            "Loaded model versions and the provider they run on.",
+            ["model", "version", "provider"],
+            registry=r,
+        )
         self.ready = Gauge("cnnserve_ready", "1 when the server is ready for traffic.", registry=r)
 
-    def observer(self, model: str) -> "ModelObserver":
+    def observer(self, model: str) -> ModelObserver:
         return ModelObserver(self, model)
 
 

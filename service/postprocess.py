@@ -1,4 +1,5 @@
 """Softmax and ranking over a whole batch of logits (numpy, no per-image Python)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,4 +19,3 @@ def ranking(probabilities: np.ndarray) -> np.ndarray:
     Sorting all classes once per batch costs about what a partition does, and lets every request
     take its own top_k as a slice."""
     return np.argsort(-probabilities, axis=1, kind="stable")
-

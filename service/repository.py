@@ -2,6 +2,7 @@
 
 Versions are positive integers; a request without a version gets the highest one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,13 @@ def scan(root: str | Path) -> list[ModelSpec]:
     specs = []
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for version_dir in model_dir.iterdir():
-            if version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) > 0 \
-                    and (version_dir / MODEL_FILENAME).exists() and not (version_dir / MODEL_FILENAME).is_dir():
+            if (
+                version_dir.is_dir()
+                and version_dir.name.isdigit()
+                and int(version_dir.name) > 0
+                and (version_dir / MODEL_FILENAME).exists()
+                and not (version_dir / MODEL_FILENAME).is_dir()
+            ):
                 specs.append(ModelSpec(model_dir.name, version_dir.name, version_dir / MODEL_FILENAME))
     if not specs:
         raise FileNotFoundError(f"model repository {root} holds no <name>/<version>/{MODEL_FILENAME}")

@@ -1,5 +1,6 @@
 """One ONNX Runtime session per model version: providers, options, metadata, and the batch
 function the batcher calls (preprocess → run → softmax → ranking, all over the whole batch)."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,9 @@ class GpuRequired(RuntimeError):
 
 
 class BatchOutput(NamedTuple):
-    logits: np.ndarray         # float32 [n, classes]
+    logits: np.ndarray  # float32 [n, classes]
     probabilities: np.ndarray  # float32 [n, classes]
-    order: np.ndarray          # int64 [n, classes], most probable class first
+    order: np.ndarray  # int64 [n, classes], most probable class first
     # The same ranking as Python lists, made once per batch in the executor thread so that each
     # request only slices them: [n][classes] indices, probabilities and labels, best first.
     ranked_indices: list
@@ -42,8 +43,7 @@ def provider_options(settings: Settings) -> list[tuple[str, dict]]:
     for name in settings.providers:
         opts: dict = {}
         if name == CUDA:
-            opts = {"device_id": settings.cuda_device_id,
-                    "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
+            opts = {"device_id": settings.cuda_device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
             if settings.gpu_mem_limit_mb:
                 opts["gpu_mem_limit"] = settings.gpu_mem_limit_mb * 1024 * 1024
         out.append((name, opts))
@@ -78,14 +78,19 @@ class ModelRuntime:
         self.name, self.version = spec.name, spec.version
         providers = provider_options(settings)
         # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
-        self.session = ort.InferenceSession(spec.path.read_bytes(), sess_options=session_options(settings),
-                                            providers=[p for p, _ in providers],
-                                            provider_options=[o for _, o in providers])
+        self.session = ort.InferenceSession(
+            spec.path.read_bytes(),
+            sess_options=session_options(settings),
+            providers=[p for p, _ in providers],
+            provider_options=[o for _, o in providers],
+        )
         self.provider = self.session.get_providers()[0]
         if CUDA in settings.providers and self.provider != CUDA:
-            message = (f"{spec.name}/{spec.version}: CUDA was asked for but the session runs on {self.provider} "
-                       f"(built into this onnxruntime: {', '.join(ort.get_available_providers())}; CUDA also needs an "
-                       f"NVIDIA driver and the CUDA/cuDNN libraries onnxruntime's log names)")
+            message = (
+                f"{spec.name}/{spec.version}: CUDA was asked for but the session runs on {self.provider} "
+                f"(built into this onnxruntime: {', '.join(ort.get_available_providers())}; CUDA also needs an "
+                f"NVIDIA driver and the CUDA/cuDNN libraries onnxruntime's log names)"
+            )
             if settings.require_gpu:
                 raise GpuRequired(message + "; refusing to start because require_gpu is set")
             log.warning(message + "; running on the CPU")
@@ -127,7 +132,7 @@ class ModelRuntime:
             x[rows] = self.normalizer(np.concatenate([p for p, u in zip(parts, is_u8) if u]))
         for i, p in enumerate(parts):
             if not is_u8[i]:
-                x[starts[i]:starts[i + 1]] = p
+                x[starts[i] : starts[i + 1]] = p
         return x
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -146,13 +151,19 @@ class ModelRuntime:
         logits = self.run(self.prepare(parts))
         probs = softmax(logits.copy())
         order = ranking(probs)
-        return BatchOutput(logits, probs, order, order.tolist(), np.take_along_axis(probs, order, axis=1).tolist(),
-                           self.labels_array[order].tolist())
+        return BatchOutput(
+            logits,
+            probs,
+            order,
+            order.tolist(),
+            np.take_along_axis(probs, order, axis=1).tolist(),
+            self.labels_array[order].tolist(),
+        )
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run every power-of-two batch size up to the max once, so first requests pay no
         allocation or (CUDA) kernel-selection cost."""
-        sizes = sorted({min(2 ** i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+        sizes = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
         if self.pad_to:
             sizes = [max(sizes)]  # every smaller batch runs at the padded shape
         for n in sizes:

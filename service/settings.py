@@ -4,13 +4,13 @@ Each field is settable as a ``cnnserve serve`` flag (``--max-batch-size 32``) an
 environment variable with the ``CNNSERVE_`` prefix (``CNNSERVE_MAX_BATCH_SIZE=32``); flags win.
 List fields take a comma-separated string in the environment (``CNNSERVE_PROVIDERS=cpu``).
 """
+
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
@@ -28,57 +28,88 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: pick a free one).")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one).")
     model_repository: str = Field(
-        "models", description="Folder of models laid out as <name>/<version>/model.onnx (Triton style).")
+        "models", description="Folder of models laid out as <name>/<version>/model.onnx (Triton style)."
+    )
 
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers in order of preference (cuda, cpu, tensorrt or full "
-                    "names). CUDA absent: one warning, then CPU; see --require-gpu.")
+        "names). CUDA absent: one warning, then CPU; see --require-gpu.",
+    )
     require_gpu: bool = Field(False, description="Refuse to start unless the session really runs on CUDA.")
     cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal.")
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
-        "HEURISTIC", description="cuDNN convolution algorithm search. EXHAUSTIVE finds the fastest kernel but "
-                                 "benchmarks every new batch shape (slow first requests).")
+        "HEURISTIC",
+        description="cuDNN convolution algorithm search. EXHAUSTIVE finds the fastest kernel but "
+        "benchmarks every new batch shape (slow first requests).",
+    )
     gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit in MiB (0: no limit).")
     intra_op_threads: int = Field(
-        0, ge=0, description="ORT intra-op threads. 0: one per usable core minus one (at least 1), leaving a "
-                             "core to the event loop that decodes and answers requests.")
+        0,
+        ge=0,
+        description="ORT intra-op threads. 0: one per usable core minus one (at least 1), leaving a "
+        "core to the event loop that decodes and answers requests.",
+    )
     inter_op_threads: int = Field(1, ge=1, description="ORT inter-op threads (the graph is a chain: 1 is right).")
     ort_allow_spinning: bool = Field(
-        False, description="Let ORT's idle intra-op threads spin. Off by default: on a few cores spinning "
-                           "threads steal the CPU the event loop needs to decode and answer requests.")
+        False,
+        description="Let ORT's idle intra-op threads spin. Off by default: on a few cores spinning "
+        "threads steal the CPU the event loop needs to decode and answer requests.",
+    )
 
     max_batch_size: int = Field(
-        64, ge=1, le=1024, description="Most images in one ORT run. Larger batches raise throughput until "
-                                        "the runtime saturates, and raise per-batch latency.")
+        64,
+        ge=1,
+        le=1024,
+        description="Most images in one ORT run. Larger batches raise throughput until "
+        "the runtime saturates, and raise per-batch latency.",
+    )
     pad_batches: Literal["auto", "on", "off"] = Field(
-        "auto", description="Pad every batch to max_batch_size, so the runtime sees one input "
-                            "shape. On CUDA each change of batch size re-plans cuDNN's convolutions, which "
-                            "costs many times the GPU work of a whole padded batch; on the CPU padding costs "
-                            "compute in proportion. auto: pad on CUDA only.")
+        "auto",
+        description="Pad every batch to max_batch_size, so the runtime sees one input "
+        "shape. On CUDA each change of batch size re-plans cuDNN's convolutions, which "
+        "costs many times the GPU work of a whole padded batch; on the CPU padding costs "
+        "compute in proportion. auto: pad on CUDA only.",
+    )
     max_queue_delay_ms: float = Field(
-        0.0, ge=0.0, le=10_000, description="How long the first queued image waits for company. 0 is greedy: "
-                                           "whenever the runtime is free it takes everything queued, so a lone "
-                                           "request never waits; batches still form under load.")
+        0.0,
+        ge=0.0,
+        le=10_000,
+        description="How long the first queued image waits for company. 0 is greedy: "
+        "whenever the runtime is free it takes everything queued, so a lone "
+        "request never waits; batches still form under load.",
+    )
     max_queue_size: int = Field(
-        1024, ge=1, description="Most images waiting in one model's queue; more are rejected at once "
-                                "(HTTP 429 + Retry-After / RESOURCE_EXHAUSTED).")
+        1024,
+        ge=1,
+        description="Most images waiting in one model's queue; more are rejected at once "
+        "(HTTP 429 + Retry-After / RESOURCE_EXHAUSTED).",
+    )
     default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request gives none.")
     default_timeout_ms: float = Field(
-        0.0, ge=0.0, description="Deadline for requests that carry none (0: none). HTTP clients set their own "
-                                 "with the X-Request-Timeout-Ms header, gRPC clients with the call's deadline.")
+        0.0,
+        ge=0.0,
+        description="Deadline for requests that carry none (0: none). HTTP clients set their own "
+        "with the X-Request-Timeout-Ms header, gRPC clients with the call's deadline.",
+    )
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest HTTP body or gRPC message.")
     max_images_per_request: int = Field(256, ge=1, description="Most images in one request.")
     max_image_pixels: int = Field(
-        4096 * 4096, ge=1024, description="Largest decoded image (width x height) before it is refused, "
-                                          "against decompression bombs.")
+        4096 * 4096,
+        ge=1024,
+        description="Largest decoded image (width x height) before it is refused, against decompression bombs.",
+    )
 
     drain_seconds: float = Field(
-        5.0, ge=0.0, description="After SIGTERM: seconds to keep serving while readiness reports false, so "
-                                 "load balancers stop sending traffic before the listeners close.")
+        5.0,
+        ge=0.0,
+        description="After SIGTERM: seconds to keep serving while readiness reports false, so "
+        "load balancers stop sending traffic before the listeners close.",
+    )
     shutdown_timeout_seconds: float = Field(
-        20.0, ge=0.0, description="After the drain: most seconds to finish admitted requests before exit.")
+        20.0, ge=0.0, description="After the drain: most seconds to finish admitted requests before exit."
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")

@@ -1,4 +1,5 @@
 """Shared test fixtures: a real cnnserve server process on 127.0.0.1 with ephemeral ports."""
+
 from __future__ import annotations
 
 import io
@@ -26,12 +27,29 @@ class ServerProcess:
     """``cnnserve serve`` in a subprocess; stderr is collected so tests can read the logs."""
 
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, timeout: float = 60) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port", "0",
-               "--grpc-port", "0", "--providers", "cpu", "--intra-op-threads", "1",
-               "--model-repository", str(MODEL_REPOSITORY), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--providers",
+            "cpu",
+            "--intra-op-threads",
+            "1",
+            "--model-repository",
+            str(MODEL_REPOSITORY),
+            *args,
+        ]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         self.lines: list[str] = []
         self._listening = threading.Event()
         self._ready = threading.Event()

@@ -1,4 +1,5 @@
 """The batcher alone: no server, no ORT — a numpy batch function that records what it saw."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import BatchObserver, Batcher
+from service.batcher import Batcher, BatchObserver
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 
 
@@ -171,4 +172,4 @@ def test_queue_delay_waits_for_company_but_not_longer_than_the_delay():
 
     lone_wait, seen, _, _ = asyncio.run(main())
     assert lone_wait >= 0.19  # held for company for the full delay...
-    assert seen == [1, 4]     # ...while a full batch left at once
+    assert seen == [1, 4]  # ...while a full batch left at once

@@ -15,6 +15,7 @@ tool is missing, only when that tool is not installed):
   defaults; the grace period outlasts drain + shutdown timeout; every metric named in the Grafana
   dashboard and the alert rules is one the server exports (service.metrics).
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,7 +82,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kustomize(path: str) -> tuple[dict, ...]:
     res = _run([_tool("kubectl"), "kustomize", path])
     assert res.returncode == 0, f"kubectl kustomize {path} failed:\n{res.stderr}"
@@ -104,7 +105,8 @@ def render(variant: str, tmp_root: Path | None = None) -> list[dict]:
     rel = os.path.relpath(DEPLOY, where)
     (where / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {rel}/overlays/{overlay}\ncomponents:\n  - {rel}/monitoring\n")
+        f"resources:\n  - {rel}/overlays/{overlay}\ncomponents:\n  - {rel}/monitoring\n"
+    )
     return list(_kustomize(str(where)))
 
 
@@ -149,9 +151,10 @@ def server_container(doc: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # settings and metrics of the server
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def settings_fields() -> dict:
     from service.settings import Settings
+
     return dict(Settings.model_fields)
 
 
@@ -159,10 +162,11 @@ def env_name(field: str) -> str:
     return "CNNSERVE_" + field.upper()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported_metrics() -> dict[str, str]:
     """name -> type of every metric family in the server's registry."""
     from service.metrics import Metrics
+
     return {fam.name: fam.type for fam in Metrics().registry.collect()}
 
 
@@ -198,6 +202,7 @@ def cnnserve_env(docs: list[dict]) -> dict[str, str]:
 def effective_settings(docs: list[dict], monkeypatch) -> object:
     """Settings as the server would build them from the rendered environment (no flags)."""
     from service.settings import Settings
+
     for key in list(os.environ):
         if key.startswith("CNNSERVE_"):
             monkeypatch.delenv(key)
@@ -285,15 +290,16 @@ def test_dockerfile_targets_and_runtime_contract():
         exposed = {int(p) for body in instructions(stages, target, "EXPOSE") for p in body.split()}
         assert exposed == {fields["http_port"].default, fields["grpc_port"].default}
         user = instructions(stages, target, "USER")
-        assert user and user[-1].split(":")[0].isdigit() and int(user[-1].split(":")[0]) != 0, \
+        assert user and user[-1].split(":")[0].isdigit() and int(user[-1].split(":")[0]) != 0, (
             "non-root numeric USER (lets Kubernetes verify runAsNonRoot)"
+        )
         hc = instructions(stages, target, "HEALTHCHECK")
         assert hc and "/healthz" in hc[-1] and "python" in hc[-1]
         env = image_env(stages, target)
         assert env.get("CNNSERVE_MODEL_REPOSITORY") == "/models"
         for key in env:
             if key.startswith("CNNSERVE_"):
-                assert key[len("CNNSERVE_"):].lower() in fields, f"{key} in Dockerfile is no Settings field"
+                assert key[len("CNNSERVE_") :].lower() in fields, f"{key} in Dockerfile is no Settings field"
         copies = instructions(stages, target, "COPY")
         assert any(re.fullmatch(r"models/?\s+/models/?", c) for c in copies), "bundled models/ -> /models"
     assert "torch" not in DOCKERFILE.read_text().replace("no torch", "")
@@ -301,15 +307,15 @@ def test_dockerfile_targets_and_runtime_contract():
 
 def test_gpu_base_image_matches_onnxruntime_gpu_cuda_major():
     """The official onnxruntime-gpu wheel needs the CUDA major it was built for (1.31: CUDA 13)."""
-    info = pytest.importorskip("onnxruntime.capi.build_and_package_info",
-                               reason="onnxruntime not installed")
+    info = pytest.importorskip("onnxruntime.capi.build_and_package_info", reason="onnxruntime not installed")
     if getattr(info, "package_name", "") != "onnxruntime-gpu" or not getattr(info, "cuda_version", ""):
         pytest.skip("installed onnxruntime is not the CUDA build")
     base = stage_root(dockerfile_stages(), "gpu")
     m = re.match(r"nvidia/cuda:(\d+)\.", base)
     assert m, base
-    assert m.group(1) == info.cuda_version.split(".")[0], \
+    assert m.group(1) == info.cuda_version.split(".")[0], (
         f"{base} vs onnxruntime-gpu {info.__version__} built for CUDA {info.cuda_version}"
+    )
 
 
 def test_image_uid_matches_pod_security_context():
@@ -321,8 +327,9 @@ def test_image_uid_matches_pod_security_context():
 
 
 def test_dockerignore_keeps_context_small_but_complete():
-    lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")}
+    lines = {
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    }
     assert {".venv", "runs", ".git", "data"} <= lines
     for needed in ("pyproject.toml", "README.md", "service", "models", "scripts", "protos"):
         assert needed not in lines, f"{needed} is needed in the build context"
@@ -330,6 +337,7 @@ def test_dockerignore_keeps_context_small_but_complete():
 
 def _load_runtime_requirements():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("runtime_requirements", ROOT / "scripts" / "runtime-requirements.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -338,10 +346,22 @@ def _load_runtime_requirements():
 
 def test_runtime_requirements_swaps_onnxruntime_flavour():
     mod = _load_runtime_requirements()
-    pyproject = {"project": {"dependencies": [
-        "onnxruntime-gpu>=1.31.1,<1.32", "numpy>=2", "tritonclient[grpc]>=2.41", "Onnxruntime_GPU ; sys_platform == 'linux'"]}}
+    pyproject = {
+        "project": {
+            "dependencies": [
+                "onnxruntime-gpu>=1.31.1,<1.32",
+                "numpy>=2",
+                "tritonclient[grpc]>=2.41",
+                "Onnxruntime_GPU ; sys_platform == 'linux'",
+            ]
+        }
+    }
     assert mod.runtime_requirements(pyproject, "onnxruntime") == [
-        "onnxruntime>=1.31.1,<1.32", "numpy>=2", "tritonclient[grpc]>=2.41", "onnxruntime; sys_platform == 'linux'"]
+        "onnxruntime>=1.31.1,<1.32",
+        "numpy>=2",
+        "tritonclient[grpc]>=2.41",
+        "onnxruntime; sys_platform == 'linux'",
+    ]
     assert mod.runtime_requirements(pyproject, "onnxruntime-gpu")[0] == "onnxruntime-gpu>=1.31.1,<1.32"
     with pytest.raises(SystemExit):
         mod.runtime_requirements({"project": {"dynamic": ["dependencies"]}}, "onnxruntime")
@@ -350,8 +370,15 @@ def test_runtime_requirements_swaps_onnxruntime_flavour():
 def test_runtime_requirements_of_this_project():
     if not (ROOT / "pyproject.toml").is_file():
         pytest.skip("no pyproject.toml yet")
-    res = _run([sys.executable, str(ROOT / "scripts" / "runtime-requirements.py"), str(ROOT / "pyproject.toml"),
-                "--ort-package", "onnxruntime"])
+    res = _run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "runtime-requirements.py"),
+            str(ROOT / "pyproject.toml"),
+            "--ort-package",
+            "onnxruntime",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     names = {re.split(r"[\s\[<>=!~;]", ln, maxsplit=1)[0].lower() for ln in res.stdout.splitlines()}
     assert "onnxruntime" in names and "onnxruntime-gpu" not in names
@@ -363,8 +390,9 @@ def test_runtime_requirements_of_this_project():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_renders_and_validates_strict(variant, tmp_root):
-    kv = pytest.importorskip("kubernetes_validate",
-                             reason="kubernetes-validate not installed (pip install -e '.[dev]')")
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (pip install -e '.[dev]')"
+    )
     docs = render(variant, tmp_root)
     assert docs
     problems = []
@@ -376,8 +404,9 @@ def test_renders_and_validates_strict(variant, tmp_root):
             try:
                 kv.validate(doc, version, strict=True)
             except kv.ValidationError as e:
-                problems.append(f"{doc['kind']}/{doc['metadata']['name']} @ {version}: "
-                                f"{'.'.join(map(str, e.path))}: {e.message}")
+                problems.append(
+                    f"{doc['kind']}/{doc['metadata']['name']} @ {version}: {'.'.join(map(str, e.path))}: {e.message}"
+                )
             except kv.SchemaNotFoundError as e:
                 problems.append(f"{doc['kind']}/{doc['metadata']['name']}: {e.message}")
     assert not problems, "\n".join(problems)
@@ -420,7 +449,7 @@ def test_cnnserve_env_names_are_settings_fields(variant):
     fields = settings_fields()
     env = cnnserve_env(render(variant))
     assert env, "settings come from CNNSERVE_* variables"
-    unknown = sorted(k for k in env if k[len("CNNSERVE_"):].lower() not in fields)
+    unknown = sorted(k for k in env if k[len("CNNSERVE_") :].lower() not in fields)
     assert not unknown, f"not fields of service.settings.Settings: {unknown}"
 
 
@@ -430,7 +459,7 @@ def test_every_configmap_key_is_a_settings_field(variant):
     docs = render(variant)
     cm = one(docs, "ConfigMap")
     for key in cm["data"]:
-        assert key.startswith("CNNSERVE_") and key[len("CNNSERVE_"):].lower() in fields, key
+        assert key.startswith("CNNSERVE_") and key[len("CNNSERVE_") :].lower() in fields, key
     cont = server_container(workload(docs))
     assert cont["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}}]
 
@@ -555,8 +584,11 @@ def test_hpa_and_pdb(overlay):
     dep = one(docs, "Deployment")
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": dep["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+    }
     assert "replicas" not in dep["spec"], "the HPA owns the replica count"
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
@@ -615,8 +647,16 @@ def test_servicemonitor_matches_service(overlay, tmp_root):
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     svc_ports = {p["name"] for p in svc["spec"]["ports"]}
     for ep in sm["spec"]["endpoints"]:
-        assert set(ep) <= {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
-                           "relabelings", "metricRelabelings"}
+        assert set(ep) <= {
+            "port",
+            "path",
+            "scheme",
+            "interval",
+            "scrapeTimeout",
+            "honorLabels",
+            "relabelings",
+            "metricRelabelings",
+        }
         assert ep["port"] in svc_ports and ep["port"] == "http"
         assert ep["path"] == "/metrics"
     # The Grafana dashboard ships as a ConfigMap for the sidecar.
@@ -656,8 +696,9 @@ def test_inferenceservice_structure():
     docs = render("kserve")
     isvc = one(docs, "InferenceService")
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
-    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment", \
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment", (
         "two container ports need RawDeployment (Knative allows one)"
+    )
     pred = isvc["spec"]["predictor"]
     cont = server_container(isvc)
     assert cont["name"] == "kserve-container"
@@ -667,9 +708,22 @@ def test_inferenceservice_structure():
     # What kubernetes-validate would check on a Deployment's pod template: validate the
     # predictor's PodSpec-shaped part against the core PodSpec schema by wrapping it in a Pod.
     kv = pytest.importorskip("kubernetes_validate")
-    pod_fields = {k: v for k, v in pred.items() if k not in {"minReplicas", "maxReplicas", "scaleTarget",
-                                                             "scaleMetric", "containerConcurrency", "timeout",
-                                                             "canaryTrafficPercent", "logger", "batcher"}}
+    pod_fields = {
+        k: v
+        for k, v in pred.items()
+        if k
+        not in {
+            "minReplicas",
+            "maxReplicas",
+            "scaleTarget",
+            "scaleMetric",
+            "containerConcurrency",
+            "timeout",
+            "canaryTrafficPercent",
+            "logger",
+            "batcher",
+        }
+    }
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cnnserve-predictor"}, "spec": pod_fields}
     kv.validate(pod, kv.utils.latest_version(), strict=True)
 
@@ -692,6 +746,7 @@ def dashboard_exprs() -> list[str]:
         for p in panels:
             out.extend(t["expr"] for t in p.get("targets", []) if t.get("expr"))
             walk(p.get("panels", []))
+
     walk(dashboard()["panels"])
     return out
 
@@ -704,8 +759,7 @@ def _promql(expr: str) -> str:
 
 
 def _selected_series(expr: str) -> set[str]:
-    promql_parser = pytest.importorskip("promql_parser",
-                                        reason="promql-parser not installed (pip install -e '.[dev]')")
+    promql_parser = pytest.importorskip("promql_parser", reason="promql-parser not installed (pip install -e '.[dev]')")
     try:
         ast = promql_parser.parse(expr)
     except ValueError as e:
@@ -717,6 +771,7 @@ def _selected_series(expr: str) -> set[str]:
             name = node.name or next((m.value for m in node.matchers.matchers if m.name == "__name__"), None)
             names.add(name)
         return True
+
     promql_parser.walk(ast, visit)
     return names
 
@@ -751,9 +806,16 @@ def test_dashboard_variables_use_exported_metrics():
 def test_dashboard_covers_the_service():
     exprs = dashboard_exprs()
     text = "\n".join(exprs)
-    for needed in ("rate(cnnserve_images_total", "cnnserve_requests_total", "cnnserve_request_duration_seconds_bucket",
-                   "cnnserve_queue_duration_seconds_bucket", "cnnserve_inference_duration_seconds_bucket",
-                   "cnnserve_queue_depth", "cnnserve_batch_size_bucket", "cnnserve_rejected_total"):
+    for needed in (
+        "rate(cnnserve_images_total",
+        "cnnserve_requests_total",
+        "cnnserve_request_duration_seconds_bucket",
+        "cnnserve_queue_duration_seconds_bucket",
+        "cnnserve_inference_duration_seconds_bucket",
+        "cnnserve_queue_depth",
+        "cnnserve_batch_size_bucket",
+        "cnnserve_rejected_total",
+    ):
         assert needed in text, f"no panel on {needed}"
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (pod, le) (rate(cnnserve_request_duration_seconds_bucket" in text

@@ -1,5 +1,6 @@
 """Graceful drain: under load, SIGTERM flips readiness at once, serving goes on for the drain
 period, then the listeners close, everything admitted finishes, and the process exits 0."""
+
 from __future__ import annotations
 
 import threading
@@ -42,8 +43,12 @@ def test_sigterm_under_load_drops_no_admitted_request():
             try:
                 # A fresh connection each time: a closed listener then shows as a refused connect,
                 # never as a dropped request.
-                r = httpx.post(f"{s.http}/predict", content=image, timeout=10,
-                               headers={"Content-Type": "image/png", "Connection": "close"})
+                r = httpx.post(
+                    f"{s.http}/predict",
+                    content=image,
+                    timeout=10,
+                    headers={"Content-Type": "image/png", "Connection": "close"},
+                )
                 http_outcomes.append((sent, time.monotonic(), str(r.status_code)))
             except httpx.ConnectError:
                 http_outcomes.append((sent, time.monotonic(), "refused"))
@@ -54,16 +59,21 @@ def test_sigterm_under_load_drops_no_admitted_request():
     def watch_readiness():
         while not stop.is_set():
             try:
-                readiness.append((time.monotonic(), httpx.get(f"{s.http}/readyz", timeout=2,
-                                                              headers={"Connection": "close"}).status_code))
+                readiness.append(
+                    (
+                        time.monotonic(),
+                        httpx.get(f"{s.http}/readyz", timeout=2, headers={"Connection": "close"}).status_code,
+                    )
+                )
             except httpx.ConnectError:
                 readiness.append((time.monotonic(), "closed"))
             except httpx.TransportError:  # caught in the listener's backlog as it closed
                 readiness.append((time.monotonic(), "broken"))
             time.sleep(0.02)
 
-    threads = [threading.Thread(target=f) for f in (grpc_load, grpc_load, grpc_load, http_load, http_load,
-                                                    watch_readiness)]
+    threads = [
+        threading.Thread(target=f) for f in (grpc_load, grpc_load, grpc_load, http_load, http_load, watch_readiness)
+    ]
     for t in threads:
         t.start()
     try:
@@ -92,8 +102,9 @@ def test_sigterm_under_load_drops_no_admitted_request():
     closing_at = sent_at + DRAIN_S
     assert {v for _, done, v in grpc_outcomes if done < closing_at} == {"OK"}
     assert {v for _, done, v in http_outcomes if done < closing_at} == {"200"}
-    served_during_drain = [done for _, done, v in grpc_outcomes + http_outcomes
-                           if v in ("OK", "200") and done > first_503]
+    served_during_drain = [
+        done for _, done, v in grpc_outcomes + http_outcomes if v in ("OK", "200") and done > first_503
+    ]
     assert served_during_drain, "requests kept being served while draining"
     # After it, only failures a client can retry, and only for requests sent as the listeners
     # closed: refused connects, connections caught in the listen backlog (reset or closed unread),
@@ -101,10 +112,17 @@ def test_sigterm_under_load_drops_no_admitted_request():
     # (grpc/grpc#41785). The margin: under CPU contention a client's timestamp runs ahead of its
     # send, and the server's drain clock starts when it handles the signal.
     close_race = closing_at - 0.25
-    bad_grpc = [(round(sent - closing_at, 3), v) for sent, _, v in grpc_outcomes
-                if v != "OK" and not (sent >= close_race and v in ("UNAVAILABLE", "CANCELLED"))]
+    bad_grpc = [
+        (round(sent - closing_at, 3), v)
+        for sent, _, v in grpc_outcomes
+        if v != "OK" and not (sent >= close_race and v in ("UNAVAILABLE", "CANCELLED"))
+    ]
     assert not bad_grpc, bad_grpc
-    bad_http = [(round(sent - closing_at, 3), v) for sent, _, v in http_outcomes if v != "200" and not (
-        sent >= close_race and v in ("refused", "broken: ReadError", "broken: RemoteProtocolError"))]
+    bad_http = [
+        (round(sent - closing_at, 3), v)
+        for sent, _, v in http_outcomes
+        if v != "200"
+        and not (sent >= close_race and v in ("refused", "broken: ReadError", "broken: RemoteProtocolError"))
+    ]
     assert not bad_http, bad_http
     assert "draining: readiness is false" in s.log and "stopped" in s.log

@@ -5,6 +5,7 @@ Skipped, with the reason, on a machine without an NVIDIA GPU (CI has none). A ma
 runs them and fails them if CUDA does not work there. scripts/gpu-check.sh runs them on a lent GPU
 machine and records their output (docs/gpu.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ def _gpus() -> list[str]:
     return [line for line in out.splitlines() if line.startswith("GPU ")]
 
 
-pytestmark = pytest.mark.skipif(not _gpus(), reason="no NVIDIA GPU here (nvidia-smi lists none): the CUDA "
-                                                    "path runs on a GPU machine, see scripts/gpu-check.sh")
+pytestmark = pytest.mark.skipif(
+    not _gpus(),
+    reason="no NVIDIA GPU here (nvidia-smi lists none): the CUDA path runs on a GPU machine, see scripts/gpu-check.sh",
+)
 
 # TF32 and cuDNN's algorithm choice make CUDA's float results differ slightly from the CPU's.
 PROBABILITY_TOLERANCE = 5e-3
@@ -78,26 +81,54 @@ def test_server_on_cuda_serves_grpc_and_http_under_load(runtimes, tmp_path):
         expected = cpu.run_batch([images])
         with grpc.insecure_channel(s.grpc_target) as channel:
             stub = pb_grpc.ClassifierStub(channel)
-            reply = stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=png_bytes(im)) for im in images],
-                                                     top_k=3), timeout=30)
+            reply = stub.Classify(
+                pb.ClassifyRequest(images=[pb.Image(encoded=png_bytes(im)) for im in images], top_k=3), timeout=30
+            )
             # 64 concurrent callers: batches form on the GPU and every answer comes back.
             with ThreadPoolExecutor(64) as pool:
-                replies = list(pool.map(lambda im: stub.Classify(
-                    pb.ClassifyRequest(images=[pb.Image(encoded=png_bytes(im))]), timeout=30), list(images) * 8))
+                replies = list(
+                    pool.map(
+                        lambda im: stub.Classify(
+                            pb.ClassifyRequest(images=[pb.Image(encoded=png_bytes(im))]), timeout=30
+                        ),
+                        list(images) * 8,
+                    )
+                )
         for i, result in enumerate(reply.results):
             assert result.predictions[0].index == expected.order[i, 0]
             assert abs(result.predictions[0].probability - expected.ranked_probabilities[i][0]) < PROBABILITY_TOLERANCE
         assert [r.results[0].predictions[0].index for r in replies] == [int(c) for c in expected.order[:, 0]] * 8
 
-        r = httpx.post(f"{s.http}/predict?top_k=1", content=png_bytes(images[0]),
-                       headers={"Content-Type": "image/png"}, timeout=30)
+        r = httpx.post(
+            f"{s.http}/predict?top_k=1", content=png_bytes(images[0]), headers={"Content-Type": "image/png"}, timeout=30
+        )
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["predictions"][0]["label"] == expected.ranked_labels[0][0]
 
         report = tmp_path / "loadtest.json"
-        rc = cli.main(["loadtest", "--quiet", "--model-file", str(MODEL_PATH), "--target", "grpc",
-                       "--address", s.grpc_target, "--metrics-url", f"{s.http}/metrics", "--concurrency", "64",
-                       "--duration", "2", "--warmup", "0.5", "--json", str(report), "--fail-on-error"])
+        rc = cli.main(
+            [
+                "loadtest",
+                "--quiet",
+                "--model-file",
+                str(MODEL_PATH),
+                "--target",
+                "grpc",
+                "--address",
+                s.grpc_target,
+                "--metrics-url",
+                f"{s.http}/metrics",
+                "--concurrency",
+                "64",
+                "--duration",
+                "2",
+                "--warmup",
+                "0.5",
+                "--json",
+                str(report),
+                "--fail-on-error",
+            ]
+        )
         summary = json.loads(report.read_text())
         assert rc == 0 and summary["summary"]["errors"] == 0 and summary["summary"]["ok"] > 0
         assert summary["server"]["batch_size_mean"] > 1

@@ -1,5 +1,6 @@
 """Smoke test of ``cnnserve loadtest`` against a real server: every target answers without errors,
 the report's numbers hang together, and the JSON/CSV outputs parse. No speed assertions."""
+
 from __future__ import annotations
 
 import csv
@@ -12,9 +13,6 @@ from service import cli, loadtest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE = ROOT / "models" / "cifar10" / "1" / "model.onnx"
-HAS_V2 = (ROOT / "service" / "http_api" / "v2.py").exists() and (ROOT / "service" / "grpc_api" / "v2.py").exists()
-V2_SKIP = pytest.mark.skipif(not HAS_V2, reason="the Open Inference Protocol endpoints (service/http_api/v2.py, "
-                                                "service/grpc_api/v2.py) are not in this tree yet")
 
 
 def _address(server, target: str) -> str:
@@ -25,13 +23,32 @@ def _run(argv: list[str]) -> int:
     return cli.main(["loadtest", "--quiet", "--model-file", str(MODEL_FILE), *argv])
 
 
-@pytest.mark.parametrize("target", ["grpc", "http", pytest.param("grpc-v2", marks=V2_SKIP),
-                                    pytest.param("http-v2", marks=V2_SKIP)])
+@pytest.mark.parametrize("target", ["grpc", "http", "grpc-v2", "http-v2"])
 def test_closed_loop_target(server, tmp_path, capsys, target):
     out_json, out_csv = tmp_path / "run.json", tmp_path / "runs.csv"
-    rc = _run(["--target", target, "--address", _address(server, target), "--metrics-url", f"{server.http}/metrics",
-               "--concurrency", "4", "--duration", "0.8", "--warmup", "0.2", "--images-per-request", "2",
-               "--json", str(out_json), "--csv", str(out_csv), "--fail-on-error"])
+    rc = _run(
+        [
+            "--target",
+            target,
+            "--address",
+            _address(server, target),
+            "--metrics-url",
+            f"{server.http}/metrics",
+            "--concurrency",
+            "4",
+            "--duration",
+            "0.8",
+            "--warmup",
+            "0.2",
+            "--images-per-request",
+            "2",
+            "--json",
+            str(out_json),
+            "--csv",
+            str(out_csv),
+            "--fail-on-error",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "req/s" in printed and "p99" in printed
@@ -74,12 +91,22 @@ def test_unreachable_server_fails_setup(capsys):
 
 
 def test_server_delta_and_spread():
-    before = {"cnnserve_batch_size_sum": 10.0, "cnnserve_batch_size_count": 5.0,
-              "cnnserve_queue_duration_seconds_sum": 0.010, "cnnserve_queue_duration_seconds_count": 10.0,
-              "cnnserve_inference_duration_seconds_sum": 0.5, "cnnserve_inference_duration_seconds_count": 5.0}
-    after = {"cnnserve_batch_size_sum": 50.0, "cnnserve_batch_size_count": 10.0,
-             "cnnserve_queue_duration_seconds_sum": 0.030, "cnnserve_queue_duration_seconds_count": 20.0,
-             "cnnserve_inference_duration_seconds_sum": 1.0, "cnnserve_inference_duration_seconds_count": 10.0}
+    before = {
+        "cnnserve_batch_size_sum": 10.0,
+        "cnnserve_batch_size_count": 5.0,
+        "cnnserve_queue_duration_seconds_sum": 0.010,
+        "cnnserve_queue_duration_seconds_count": 10.0,
+        "cnnserve_inference_duration_seconds_sum": 0.5,
+        "cnnserve_inference_duration_seconds_count": 5.0,
+    }
+    after = {
+        "cnnserve_batch_size_sum": 50.0,
+        "cnnserve_batch_size_count": 10.0,
+        "cnnserve_queue_duration_seconds_sum": 0.030,
+        "cnnserve_queue_duration_seconds_count": 20.0,
+        "cnnserve_inference_duration_seconds_sum": 1.0,
+        "cnnserve_inference_duration_seconds_count": 10.0,
+    }
     d = loadtest.server_delta(before, after)
     assert d["batches"] == 5 and d["images"] == 40 and d["batch_size_mean"] == 8.0
     assert d["queue_ms_mean"] == pytest.approx(2.0) and d["compute_ms_mean"] == pytest.approx(100.0)

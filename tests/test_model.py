@@ -1,5 +1,6 @@
 """Issue #2: architecture, data loaders (both formats, and the download path), training smoke run,
 ONNX export parity, and the shipped model."""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,16 @@ from export.model import Cifar10CNN, parameter_count
 from service.cli import main as cli_main
 from tests.conftest import MODEL_PATH, ROOT, SHARED_CIFAR
 
-SEED_STATE_DICT_KEYS = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
-                        "fc3.weight", "fc3.bias", "fc4.weight", "fc4.bias"]
+SEED_STATE_DICT_KEYS = [
+    "conv1.weight",
+    "conv1.bias",
+    "conv2.weight",
+    "conv2.bias",
+    "fc3.weight",
+    "fc3.bias",
+    "fc4.weight",
+    "fc4.bias",
+]
 
 
 def test_architecture_is_the_seed_exactly():
@@ -143,7 +152,7 @@ def test_stratified_split_is_fixed_and_balanced():
     train, val = data.stratified_split(labels, val_size=100, seed=0)
     assert len(val) == 100 and np.bincount(labels[val]).tolist() == [10] * 10
     assert not set(train) & set(val) and len(train) + len(val) == 1000
-    again_train, again_val = data.stratified_split(labels, val_size=100, seed=0)
+    _again_train, again_val = data.stratified_split(labels, val_size=100, seed=0)
     assert np.array_equal(val, again_val)
 
 
@@ -158,18 +167,35 @@ def trained_smoke(tmp_path_factory):
         d.mkdir(parents=True)
         for i in range(20):
             arr = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-            arr[:, c * 3:c * 3 + 3, c % 3] = 255
+            arr[:, c * 3 : c * 3 + 3, c % 3] = 255
             Image.fromarray(arr).save(d / f"{i}.png")
     tar = make_tar(root / "tree", root / "smoke.tar.gz")
     out = root / "run"
-    args = ["train", "--data", str(tar), "--out-dir", str(out), "--epochs", "2", "--batch-size", "32",
-            "--val-size", "50", "--threads", "2", "--weight-decay", "2e-4", "--label-smoothing", "0.05"]
+    args = [
+        "train",
+        "--data",
+        str(tar),
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--val-size",
+        "50",
+        "--threads",
+        "2",
+        "--weight-decay",
+        "2e-4",
+        "--label-smoothing",
+        "0.05",
+    ]
     assert cli_main(args) == 0
     return tar, out, args
 
 
 def test_training_writes_metrics_plot_checkpoints_and_resumes(trained_smoke, capsys):
-    tar, out, args = trained_smoke
+    _tar, out, args = trained_smoke
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
     assert {"train_loss", "train_acc", "val_acc", "val_acc_ema", "lr", "elapsed_s"} <= set(json.loads(lines[0]))
@@ -186,8 +212,7 @@ def test_training_writes_metrics_plot_checkpoints_and_resumes(trained_smoke, cap
 def test_export_checks_parity_and_writes_metadata(trained_smoke, tmp_path, capsys):
     tar, out, _ = trained_smoke
     target = tmp_path / "m" / "model.onnx"
-    assert cli_main(["export", "--checkpoint", str(out / "best.pt"), "--output", str(target),
-                     "--data", str(tar)]) == 0
+    assert cli_main(["export", "--checkpoint", str(out / "best.pt"), "--output", str(target), "--data", str(tar)]) == 0
     assert "identical argmax: True" in capsys.readouterr().out
     proto = onnx.load(str(target))
     onnx.checker.check_model(proto)
@@ -205,8 +230,10 @@ def test_export_checks_parity_and_writes_metadata(trained_smoke, tmp_path, capsy
     # The model card of this run: figures from its evaluation, recipe and command from its config.
     from export.model_card import render
 
-    assert cli_main(["evaluate", "--model", str(target), "--data", str(tar), "--split", "all",
-                     "--out-dir", str(tmp_path)]) == 0
+    assert (
+        cli_main(["evaluate", "--model", str(target), "--data", str(tar), "--split", "all", "--out-dir", str(tmp_path)])
+        == 0
+    )
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     card = render(out, target, evaluation, tmp_path, "a test machine")
     assert f"**{100 * evaluation['top1']:.2f} %**" in card

@@ -1,4 +1,5 @@
 """ModelRuntime on the real model: batch padding (one input shape for the runtime) changes no answer."""
+
 from __future__ import annotations
 
 import httpx
@@ -32,8 +33,9 @@ def test_server_pads_when_asked_and_says_so():
     s = ServerProcess("--pad-batches", "on", "--max-batch-size", "8", "--drain-seconds", "0")
     try:
         assert "batches padded to 8" in s.log
-        r = httpx.post(f"{s.http}/predict?top_k=2", content=png_bytes(distinct_images(1)[0]),
-                       headers={"Content-Type": "image/png"})
+        r = httpx.post(
+            f"{s.http}/predict?top_k=2", content=png_bytes(distinct_images(1)[0]), headers={"Content-Type": "image/png"}
+        )
         assert r.status_code == 200 and len(r.json()["results"][0]["predictions"]) == 2
     finally:
         assert s.stop() == 0, s.log

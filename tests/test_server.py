@@ -1,10 +1,11 @@
 """The server as users meet it: a real process on 127.0.0.1, real gRPC and HTTP clients, the
 real model. Expected answers come from a direct onnxruntime run of the same pixels."""
+
 from __future__ import annotations
 
 import asyncio
-import io
 import base64
+import io
 import json
 import os
 import shutil
@@ -153,8 +154,15 @@ def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(ser
     async def main():
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
             stub = pb_grpc.ClassifierStub(channel)
-            calls = [stub.Classify(pb.ClassifyRequest(images=[pb.Image(raw=pb.RawImage(
-                pixels=p.tobytes(), height=32, width=32))], top_k=3), timeout=30) for p in pixels]
+            calls = [
+                stub.Classify(
+                    pb.ClassifyRequest(
+                        images=[pb.Image(raw=pb.RawImage(pixels=p.tobytes(), height=32, width=32))], top_k=3
+                    ),
+                    timeout=30,
+                )
+                for p in pixels
+            ]
             return await asyncio.gather(*calls)
 
     responses = asyncio.run(main())
@@ -162,8 +170,12 @@ def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(ser
         assert len(response.results) == 1
         assert_matches_reference(response.results[0].predictions, row, 3)
     after = metric_samples(server.http)
-    batches = sample(after, "cnnserve_batch_size_count", model="cifar10") - sample(before, "cnnserve_batch_size_count", model="cifar10")
-    images = sample(after, "cnnserve_batch_size_sum", model="cifar10") - sample(before, "cnnserve_batch_size_sum", model="cifar10")
+    batches = sample(after, "cnnserve_batch_size_count", model="cifar10") - sample(
+        before, "cnnserve_batch_size_count", model="cifar10"
+    )
+    images = sample(after, "cnnserve_batch_size_sum", model="cifar10") - sample(
+        before, "cnnserve_batch_size_sum", model="cifar10"
+    )
     assert images == 64
     assert batches < 64, "64 concurrent requests should have shared batches"
 
@@ -178,8 +190,11 @@ HTTP_BAD = [
     ("json empty images", dict(json={"images": []}), 400),
     ("json bad base64", dict(json={"images": ["@@@"]}), 400),
     ("json number image", dict(json={"images": [3]}), 400),
-    ("json top_k string", dict(json={"images": [base64.b64encode(png_bytes(distinct_images(1)[0])).decode()],
-                                     "top_k": "five"}), 422),
+    (
+        "json top_k string",
+        dict(json={"images": [base64.b64encode(png_bytes(distinct_images(1)[0])).decode()], "top_k": "five"}),
+        422,
+    ),
     ("multipart without file", dict(files={"other": ("a.png", b"x", "image/png")}), 400),
 ]
 
@@ -191,13 +206,23 @@ def test_http_bad_input_gets_its_code_and_a_json_error(server, name, kwargs, sta
     assert isinstance(r.json()["error"], str) and r.json()["error"]
 
 
-@pytest.mark.parametrize("params,status", [
-    ({"top_k": 0}, 422), ({"top_k": 11}, 422), ({"top_k": "abc"}, 422),
-    ({"model": "nope"}, 404), ({"version": "9"}, 404),
-])
+@pytest.mark.parametrize(
+    "params,status",
+    [
+        ({"top_k": 0}, 422),
+        ({"top_k": 11}, 422),
+        ({"top_k": "abc"}, 422),
+        ({"model": "nope"}, 404),
+        ({"version": "9"}, 404),
+    ],
+)
 def test_http_bad_parameters(server, params, status):
-    r = httpx.post(f"{server.http}/predict", params=params, content=png_bytes(distinct_images(1)[0]),
-                   headers={"Content-Type": "image/png"})
+    r = httpx.post(
+        f"{server.http}/predict",
+        params=params,
+        content=png_bytes(distinct_images(1)[0]),
+        headers={"Content-Type": "image/png"},
+    )
     assert r.status_code == status, r.text
     assert "error" in r.json()
 
@@ -213,8 +238,11 @@ def test_http_limits_and_unknown_routes(server):
     assert len(buf.getvalue()) < 100_000
     r = httpx.post(url, content=buf.getvalue(), headers={"Content-Type": "image/png"})
     assert r.status_code == 413 and "pixels" in r.json()["error"]
-    r = httpx.post(url, content=png_bytes(distinct_images(1)[0]),
-                   headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "soon"})
+    r = httpx.post(
+        url,
+        content=png_bytes(distinct_images(1)[0]),
+        headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "soon"},
+    )
     assert r.status_code == 422
     r = httpx.get(f"{server.http}/no/such/route")
     assert r.status_code == 404 and "error" in r.json()
@@ -226,21 +254,42 @@ GRPC_BAD = [
     ("no source", dict(images=[pb.Image()]), grpc.StatusCode.INVALID_ARGUMENT),
     ("no images", dict(images=[]), grpc.StatusCode.INVALID_ARGUMENT),
     ("garbage bytes", dict(images=[pb.Image(encoded=b"garbage")]), grpc.StatusCode.INVALID_ARGUMENT),
-    ("raw wrong length", dict(images=[pb.Image(raw=pb.RawImage(pixels=b"\x00" * 10, height=32, width=32))]),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("raw zero size", dict(images=[pb.Image(raw=pb.RawImage(pixels=b"", height=0, width=0))]),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("top_k zero", dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], top_k=0),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("top_k eleven", dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], top_k=11),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("unknown model", dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], model="resnet"),
-     grpc.StatusCode.NOT_FOUND),
-    ("unknown version", dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], model_version="7"),
-     grpc.StatusCode.NOT_FOUND),
+    (
+        "raw wrong length",
+        dict(images=[pb.Image(raw=pb.RawImage(pixels=b"\x00" * 10, height=32, width=32))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "raw zero size",
+        dict(images=[pb.Image(raw=pb.RawImage(pixels=b"", height=0, width=0))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "top_k zero",
+        dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], top_k=0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "top_k eleven",
+        dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], top_k=11),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "unknown model",
+        dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], model="resnet"),
+        grpc.StatusCode.NOT_FOUND,
+    ),
+    (
+        "unknown version",
+        dict(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))], model_version="7"),
+        grpc.StatusCode.NOT_FOUND,
+    ),
     ("too many images", dict(images=[pb.Image(encoded=b"x")] * 257), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ("message too large", dict(images=[pb.Image(encoded=b"\x00" * (17 * 1024 * 1024))]),
-     grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (
+        "message too large",
+        dict(images=[pb.Image(encoded=b"\x00" * (17 * 1024 * 1024))]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
 ]
 
 
@@ -265,8 +314,10 @@ def test_health_reflection_and_metrics(server):
     with grpc.insecure_channel(server.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "cnnserve.v1.Classifier"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -307,14 +358,24 @@ def test_cli_classify_over_grpc_and_http(server, tmp_path):
     path = tmp_path / "cat.png"
     path.write_bytes(png_bytes(distinct_images(1, seed=9)[0]))
     for extra in (["--target", server.grpc_target], ["--http", "--target", f"127.0.0.1:{server.http_port}"]):
-        out = subprocess.run([sys.executable, "-m", "service.cli", "classify", str(path), "--top-k", "2", *extra],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "service.cli", "classify", str(path), "--top-k", "2", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert "model cifar10 version 1" in out.stdout
-        line = [l for l in out.stdout.splitlines() if l.startswith(str(path))][0]
+        line = next(l for l in out.stdout.splitlines() if l.startswith(str(path)))
         assert line.count("%") == 2 and any(label in line for label in LABELS)
-    out = subprocess.run([sys.executable, "-m", "service.cli", "classify", str(path), "--top-k", "0", "--target",
-                          server.grpc_target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "classify", str(path), "--top-k", "0", "--target", server.grpc_target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
 
 
@@ -327,9 +388,25 @@ def test_cuda_fallback_is_announced_and_require_gpu_refuses(server):
         assert httpx.get(f"{s.http}/readyz").json()["models"][0]["provider"] == "CPUExecutionProvider"
     finally:
         assert s.stop() == 0
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port", "0",
-                          "--grpc-port", "0", "--require-gpu"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--require-gpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "refusing to start because require_gpu is set" in out.stderr
 
@@ -344,7 +421,9 @@ def test_readiness_is_false_until_the_model_is_loaded_and_warm(tmp_path):
         assert httpx.get(f"{s.http}/healthz").status_code == 200
         r = httpx.get(f"{s.http}/readyz")
         assert r.status_code == 503 and "loading" in r.json()["error"]
-        r = httpx.post(f"{s.http}/predict", content=png_bytes(distinct_images(1)[0]), headers={"Content-Type": "image/png"})
+        r = httpx.post(
+            f"{s.http}/predict", content=png_bytes(distinct_images(1)[0]), headers={"Content-Type": "image/png"}
+        )
         assert r.status_code == 503
         with grpc.insecure_channel(s.grpc_target) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="")).status
@@ -417,8 +496,11 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(slow_serve
             await asyncio.sleep(0.05)  # the 512 blocker images are queued now
             late = stub.Classify(pb.ClassifyRequest(images=blockers[:1], top_k=1), timeout=0.02)
             async with httpx.AsyncClient(timeout=60) as client:
-                http_late = client.post(f"{slow_server.http}/predict", content=png_bytes(distinct_images(1)[0]),
-                                        headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "20"})
+                http_late = client.post(
+                    f"{slow_server.http}/predict",
+                    content=png_bytes(distinct_images(1)[0]),
+                    headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "20"},
+                )
                 results = await asyncio.gather(late, http_late, return_exceptions=True)
             await asyncio.gather(*tasks)
             return results
@@ -427,12 +509,17 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(slow_serve
     assert isinstance(late_grpc, grpc.RpcError) and late_grpc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert late_http.status_code == 504 and "deadline" in late_http.json()["error"]
     after = metric_samples(slow_server.http)
-    assert sample(after, "cnnserve_images_total", model="cifar10") - \
-        sample(before, "cnnserve_images_total", model="cifar10") == 512  # the late ones never ran
+    assert (
+        sample(after, "cnnserve_images_total", model="cifar10")
+        - sample(before, "cnnserve_images_total", model="cifar10")
+        == 512
+    )  # the late ones never ran
     # The HTTP one was queued and dropped; the gRPC one too, unless grpc itself expired it first.
-    assert sample(after, "cnnserve_rejected_total", reason="deadline") - \
-        sample(before, "cnnserve_rejected_total", reason="deadline") >= 1
-
+    assert (
+        sample(after, "cnnserve_rejected_total", reason="deadline")
+        - sample(before, "cnnserve_rejected_total", reason="deadline")
+        >= 1
+    )
 
 
 def test_a_caller_that_goes_away_is_dropped_before_compute():
@@ -445,21 +532,28 @@ def test_a_caller_that_goes_away_is_dropped_before_compute():
         image = png_bytes(distinct_images(1, seed=8)[0])
         before = metric_samples(s.http)
         sock = socket.create_connection(("127.0.0.1", s.http_port))
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(image) + image)
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(image) + image
+        )
         time.sleep(0.2)
         sock.close()
         with grpc.insecure_channel(s.grpc_target) as channel:
             call = pb_grpc.ClassifierStub(channel).Classify.future(
-                pb.ClassifyRequest(images=[pb.Image(encoded=image)], top_k=1), timeout=30)
+                pb.ClassifyRequest(images=[pb.Image(encoded=image)], top_k=1), timeout=30
+            )
             time.sleep(0.2)
             call.cancel()
         time.sleep(1.8)  # past the queue delay: the batcher has looked at (and dropped) both
         after = metric_samples(s.http)
-        assert sample(after, "cnnserve_rejected_total", reason="cancelled") - \
-            sample(before, "cnnserve_rejected_total", reason="cancelled") == 2
-        assert sample(after, "cnnserve_images_total", model="cifar10") == \
-            sample(before, "cnnserve_images_total", model="cifar10")  # neither was computed
+        assert (
+            sample(after, "cnnserve_rejected_total", reason="cancelled")
+            - sample(before, "cnnserve_rejected_total", reason="cancelled")
+            == 2
+        )
+        assert sample(after, "cnnserve_images_total", model="cifar10") == sample(
+            before, "cnnserve_images_total", model="cifar10"
+        )  # neither was computed
         # Still serving, and the delay holds a lone request back for company.
         started = time.monotonic()
         assert len(classify_grpc(s.grpc_target, [pb.Image(encoded=image)], top_k=2).results) == 1
@@ -471,21 +565,30 @@ def test_a_caller_that_goes_away_is_dropped_before_compute():
 def test_chunked_uploads_without_content_length(server):
     boundary = "cnnservetestboundary"
     parts = b"".join(
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n".encode() + png_bytes(p) + b"\r\n"
-        for i, p in enumerate(distinct_images(2, seed=11)))
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + png_bytes(p)
+        + b"\r\n"
+        for i, p in enumerate(distinct_images(2, seed=11))
+    )
     body = parts + f"--{boundary}--\r\n".encode()
 
     def chunks(data: bytes):
         for i in range(0, len(data), 1000):
-            yield data[i:i + 1000]
+            yield data[i : i + 1000]
 
-    r = httpx.post(f"{server.http}/predict", content=chunks(body),
-                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    r = httpx.post(
+        f"{server.http}/predict",
+        content=chunks(body),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == 2
-    r = httpx.post(f"{server.http}/predict", content=chunks(png_bytes(distinct_images(1)[0])),
-                   headers={"Content-Type": "image/png"})
+    r = httpx.post(
+        f"{server.http}/predict",
+        content=chunks(png_bytes(distinct_images(1)[0])),
+        headers={"Content-Type": "image/png"},
+    )
     assert r.status_code == 200 and len(r.json()["results"]) == 1
 
 
@@ -508,8 +611,25 @@ def test_a_port_in_use_is_a_clear_error_not_a_traceback():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port",
-                              str(port), "--grpc-port", "0", "--providers", "cpu"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(port),
+                "--grpc-port",
+                "0",
+                "--providers",
+                "cpu",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert out.returncode == 1
     assert "cannot listen" in out.stderr and "Traceback" not in out.stderr

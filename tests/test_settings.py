@@ -1,4 +1,5 @@
 """Settings: every field is a flag and a CNNSERVE_* variable, shown in --help; bad values are refused."""
+
 from __future__ import annotations
 
 import subprocess
@@ -25,8 +26,16 @@ def test_environment_flags_and_defaults(monkeypatch):
     assert settings_from_args(args).max_batch_size == 8  # the flag wins over the environment
 
 
-@pytest.mark.parametrize("field,value", [("max_batch_size", "0"), ("default_top_k", "11"),
-                                         ("providers", "quantum"), ("log_level", "LOUD"), ("http_port", "70000")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_batch_size", "0"),
+        ("default_top_k", "11"),
+        ("providers", "quantum"),
+        ("log_level", "LOUD"),
+        ("http_port", "70000"),
+    ],
+)
 def test_bad_values_are_refused(monkeypatch, field, value):
     monkeypatch.setenv(f"CNNSERVE_{field.upper()}", value)
     with pytest.raises(ValidationError):
@@ -34,8 +43,9 @@ def test_bad_values_are_refused(monkeypatch, field, value):
 
 
 def test_help_lists_every_setting_with_its_environment_variable():
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
     for name in Settings.model_fields:
@@ -44,8 +54,13 @@ def test_help_lists_every_setting_with_its_environment_variable():
 
 
 def test_invalid_flag_value_exits_2_with_a_message():
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--max-batch-size", "-3"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--max-batch-size", "-3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "max_batch_size" in out.stderr
 
 

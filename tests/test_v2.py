@@ -1,6 +1,7 @@
 """Open Inference Protocol (KServe v2 + Triton extensions), end to end: tritonclient (HTTP, gRPC,
 sync and asyncio) against a real ``cnnserve serve`` subprocess on ephemeral ports, with the
 outputs checked against a direct onnxruntime run of the bundled model."""
+
 from __future__ import annotations
 
 import asyncio
@@ -99,8 +100,9 @@ def model_stats(http_client) -> dict:
 def metric_samples(server, name: str) -> list:
     """(labels, value) of every sample called ``name`` on /metrics."""
     text = httpx.get(f"{server.http}/metrics").text
-    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == name]
+    return [
+        (s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples if s.name == name
+    ]
 
 
 # ---- health, metadata, configuration ----------------------------------------------------------
@@ -114,8 +116,10 @@ def test_http_health_metadata_config(server, http):
     model = http.get_model_metadata(MODEL)
     assert model["name"] == MODEL and model["versions"] == ["1"] and model["platform"] == "onnxruntime_onnx"
     assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
-    assert model["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
-                                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert model["outputs"] == [
+        {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+    ]
     assert http.get_model_metadata(MODEL, "1")["versions"] == ["1"]
     config = http.get_model_config(MODEL)
     assert config["name"] == MODEL and config["max_batch_size"] > 0
@@ -131,7 +135,8 @@ def test_http_health_metadata_config(server, http):
     with httpx.Client(base_url=server.http) as raw:
         assert raw.get("/v2/models/nope/ready").status_code == 404
         assert raw.post("/v2/repository/index").json() == [
-            {"name": MODEL, "version": "1", "state": "READY", "reason": ""}]
+            {"name": MODEL, "version": "1", "state": "READY", "reason": ""}
+        ]
 
 
 def test_grpc_health_metadata_config(grpc_client):
@@ -161,8 +166,10 @@ def test_grpc_health_metadata_config(grpc_client):
 def test_http_infer_matches_onnxruntime(http, reference, binary):
     x = images(5, seed=1)
     logits, probs = reference(x)
-    outputs = [thttp.InferRequestedOutput("logits", binary_data=binary),
-               thttp.InferRequestedOutput("probabilities", binary_data=binary)]
+    outputs = [
+        thttp.InferRequestedOutput("logits", binary_data=binary),
+        thttp.InferRequestedOutput("probabilities", binary_data=binary),
+    ]
     result = http.infer(MODEL, [http_input(x, binary)], outputs=outputs, request_id="req-42")
     response = result.get_response()
     assert response["id"] == "req-42" and response["model_version"] == "1"
@@ -189,8 +196,10 @@ def test_large_requests_split_across_batches(http, grpc_client, reference):
 def test_http_json_nested_data_and_compression(server, reference):
     x = images(2, seed=2)
     logits, probs = reference(x)
-    body = {"id": "nested", "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3, 32, 32],
-                                        "data": x.tolist()}]}
+    body = {
+        "id": "nested",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 3, 32, 32], "data": x.tolist()}],
+    }
     r = httpx.post(f"{server.http}/v2/models/{MODEL}/infer", json=body)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     doc = r.json()
@@ -199,8 +208,9 @@ def test_http_json_nested_data_and_compression(server, reference):
     np.testing.assert_allclose(np.array(doc["outputs"][1]["data"]).reshape(2, 10), probs, atol=1e-5)
     client = thttp.InferenceServerClient(server.hostport)
     try:
-        result = client.infer(MODEL, [http_input(x)], request_compression_algorithm="gzip",
-                              outputs=[thttp.InferRequestedOutput("logits")])
+        result = client.infer(
+            MODEL, [http_input(x)], request_compression_algorithm="gzip", outputs=[thttp.InferRequestedOutput("logits")]
+        )
         np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=1e-5)
     finally:
         client.close()
@@ -209,8 +219,12 @@ def test_http_json_nested_data_and_compression(server, reference):
 def test_grpc_infer_raw_and_typed_contents(server, grpc_client, reference):
     x = images(3, seed=3)
     logits, probs = reference(x)
-    result = grpc_client.infer(MODEL, [grpc_input(x)], request_id="g-1",
-                               outputs=[tgrpc.InferRequestedOutput("probabilities"), tgrpc.InferRequestedOutput("logits")])
+    result = grpc_client.infer(
+        MODEL,
+        [grpc_input(x)],
+        request_id="g-1",
+        outputs=[tgrpc.InferRequestedOutput("probabilities"), tgrpc.InferRequestedOutput("logits")],
+    )
     response = result.get_response()
     assert response.id == "g-1" and len(response.raw_output_contents) == 2
     np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=1e-5)
@@ -222,17 +236,23 @@ def test_grpc_infer_raw_and_typed_contents(server, grpc_client, reference):
     with grpc.insecure_channel(server.grpc_target) as channel:
         response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert [o.name for o in response.outputs] == ["logits", "probabilities"]
-    np.testing.assert_allclose(np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, 10), logits,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, 10), logits, atol=1e-5
+    )
 
 
 def test_classification_top3(http, grpc_client, reference):
     x = images(4, seed=4)
     _, probs = reference(x)
     for binary in (True, False):
-        result = http.infer(MODEL, [http_input(x)], outputs=[
-            thttp.InferRequestedOutput("probabilities", binary_data=binary, class_count=3),
-            thttp.InferRequestedOutput("logits", binary_data=binary)])
+        result = http.infer(
+            MODEL,
+            [http_input(x)],
+            outputs=[
+                thttp.InferRequestedOutput("probabilities", binary_data=binary, class_count=3),
+                thttp.InferRequestedOutput("logits", binary_data=binary),
+            ],
+        )
         assert result.get_output("probabilities")["datatype"] == "BYTES"
         check_classification(result.as_numpy("probabilities"), probs, reference.labels, 3)
     result = grpc_client.infer(MODEL, [grpc_input(x)], outputs=[tgrpc.InferRequestedOutput("logits", class_count=3)])
@@ -275,31 +295,53 @@ def test_http_bad_requests(server, http, reference):
     ints = thttp.InferInput("input", [1, 3, 32, 32], "INT32")
     ints.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.int32))
     assert _http_error(lambda: http.infer(MODEL, [ints])) == "400"
-    assert _http_error(lambda: http.infer(MODEL, [http_input(x)],
-                                          outputs=[thttp.InferRequestedOutput("nope")])) == "400"
+    assert (
+        _http_error(lambda: http.infer(MODEL, [http_input(x)], outputs=[thttp.InferRequestedOutput("nope")])) == "400"
+    )
     url = f"{server.http}/v2/models/{MODEL}/infer"
-    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
-                                     "parameters": {"binary_data_size": 3072 * 4}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 3, 32, 32],
+                    "parameters": {"binary_data_size": 3072 * 4},
+                }
+            ]
+        }
+    ).encode()
     short = header + x.tobytes()[:-4]
-    for body, length in [(short, len(header)),                      # binary size mismatch
-                         (header + x.tobytes() + b"\0" * 4, len(header)),  # extra bytes
-                         (header + x.tobytes(), len(header) + 10**6),      # header length past the body
-                         (b"{not json", None)]:
+    for body, length in [
+        (short, len(header)),  # binary size mismatch
+        (header + x.tobytes() + b"\0" * 4, len(header)),  # extra bytes
+        (header + x.tobytes(), len(header) + 10**6),  # header length past the body
+        (b"{not json", None),
+    ]:
         headers = {"Inference-Header-Content-Length": str(length)} if length is not None else {}
         r = httpx.post(url, content=body, headers=headers)
         assert r.status_code == 400, r.text
         assert r.json()["error"]
-    r = httpx.post(url, json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [257, 3, 32, 32],
-                                          "data": [0.0]}]})
+    r = httpx.post(
+        url, json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [257, 3, 32, 32], "data": [0.0]}]}
+    )
     assert r.status_code == 413  # more than --max-images-per-request, refused before decoding
-    r = httpx.post(url, json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
-                                          "data": [[1.0, 2.0], [3.0]]}]})
+    r = httpx.post(
+        url,
+        json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [[1.0, 2.0], [3.0]]}]},
+    )
     assert r.status_code == 400 and "error" in r.json()
-    r = httpx.post(url, json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
-                                          "data": ["1.0"] * 3072}]})
+    r = httpx.post(
+        url, json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": ["1.0"] * 3072}]}
+    )
     assert r.status_code == 400
-    r = httpx.post(url, json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
-                                          "data": x.ravel().tolist()}], "parameters": {"binary_data_output": "yes"}})
+    r = httpx.post(
+        url,
+        json={
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": x.ravel().tolist()}],
+            "parameters": {"binary_data_output": "yes"},
+        },
+    )
     assert r.status_code == 400 and "binary_data_output" in r.json()["error"]
     # Still serving, and answering correctly.
     logits, _ = reference(x)
@@ -320,14 +362,15 @@ def test_grpc_bad_requests(server, grpc_client, reference):
     ints = tgrpc.InferInput("input", [1, 3, 32, 32], "INT32")
     ints.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.int32))
     assert status(lambda: grpc_client.infer(MODEL, [ints])) == "StatusCode.INVALID_ARGUMENT"
-    assert status(lambda: grpc_client.infer(MODEL, [grpc_input(x)], outputs=[tgrpc.InferRequestedOutput("nope")])) \
+    assert (
+        status(lambda: grpc_client.infer(MODEL, [grpc_input(x)], outputs=[tgrpc.InferRequestedOutput("nope")]))
         == "StatusCode.INVALID_ARGUMENT"
+    )
     request = service_pb2.ModelInferRequest(model_name=MODEL)
     request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
     request.raw_input_contents.append(x.tobytes()[:-8])  # size mismatch
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        with pytest.raises(grpc.RpcError) as e:
-            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    with grpc.insecure_channel(server.grpc_target) as channel, pytest.raises(grpc.RpcError) as e:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in e.value.details()
     logits, _ = reference(x)
     np.testing.assert_allclose(grpc_client.infer(MODEL, [grpc_input(x)]).as_numpy("logits"), logits, atol=1e-5)
@@ -352,8 +395,11 @@ def test_aio_clients_concurrent(server, reference):
             assert await g.is_server_live() and await g.is_server_ready() and await g.is_model_ready(MODEL)
             assert (await h.get_server_metadata())["name"] == (await g.get_server_metadata()).name == "cnnserve"
             assert (await h.get_model_metadata(MODEL))["platform"] == (await g.get_model_metadata(MODEL)).platform
-            assert (await h.get_model_config(MODEL))["max_batch_size"] == \
-                (await g.get_model_config(MODEL)).config.max_batch_size > 0
+            assert (
+                (await h.get_model_config(MODEL))["max_batch_size"]
+                == (await g.get_model_config(MODEL)).config.max_batch_size
+                > 0
+            )
             before = (await h.get_inference_statistics(MODEL))["model_stats"][0]
 
             async def via_http(i):
@@ -364,8 +410,10 @@ def test_aio_clients_concurrent(server, reference):
                 result = await g.infer(MODEL, [grpc_input(xs[i], module=tgrpc_aio)], request_id=f"g{i}")
                 return result.get_response().id, result.as_numpy("logits")
 
-            answers = await asyncio.gather(*(via_http(i) for i in range(per_protocol)),
-                                           *(via_grpc(i) for i in range(per_protocol, 2 * per_protocol)))
+            answers = await asyncio.gather(
+                *(via_http(i) for i in range(per_protocol)),
+                *(via_grpc(i) for i in range(per_protocol, 2 * per_protocol)),
+            )
             after = (await h.get_inference_statistics(MODEL))["model_stats"][0]
             grpc_stats = (await g.get_inference_statistics(MODEL)).model_stats[0]
             return answers, before, after, grpc_stats
@@ -384,8 +432,9 @@ def test_aio_clients_concurrent(server, reference):
     assert executions < n, "concurrent requests were never batched together"
     assert max(b["batch_size"] for b in after["batch_stats"]) > 1
     assert grpc_stats.execution_count == after["execution_count"]
-    buckets = {float(l["le"]): v for l, v in metric_samples(server, "cnnserve_batch_size_bucket")
-               if l["model"] == MODEL}
+    buckets = {
+        float(l["le"]): v for l, v in metric_samples(server, "cnnserve_batch_size_bucket") if l["model"] == MODEL
+    }
     assert buckets[1.0] < buckets[float("inf")], "no batch of more than one image in cnnserve_batch_size"
 
 
@@ -400,6 +449,5 @@ def test_readiness_false_while_draining(server, http, grpc_client, reference):
     assert not http.is_model_ready(MODEL)
     assert not grpc_client.is_server_ready() and not grpc_client.is_model_ready(MODEL)
     x = images(1, seed=9)  # new requests are still served while draining
-    np.testing.assert_allclose(grpc_client.infer(MODEL, [grpc_input(x)]).as_numpy("logits"), reference(x)[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(grpc_client.infer(MODEL, [grpc_input(x)]).as_numpy("logits"), reference(x)[0], atol=1e-5)
     assert not [line for line in server.lines if "Traceback" in line or " ERROR " in line], server.log

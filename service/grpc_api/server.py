@@ -1,4 +1,5 @@
 """The grpc.aio server: Classifier, Open Inference Protocol, health and reflection on one port."""
+
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.core import InferenceCore
-from service.grpc_api import classifier, v2
+from service.grpc_api import classifier, inference_service
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
 from service.metrics import Metrics
 from service.settings import Settings
@@ -19,20 +20,23 @@ log = logging.getLogger("cnnserve.grpc")
 class GrpcServer:
     def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings) -> None:
         limit = settings.max_request_bytes
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ])
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), self.server)
         self.service_names = [classifier.SERVICE_NAME]
-        v2.add_to_server(core, metrics, self.server)
-        self.service_names.append(v2.SERVICE_NAME)
+        inference_service.add_to_server(core, metrics, self.server)
+        self.service_names.append(inference_service.SERVICE_NAME)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], self.server)
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")

@@ -1,9 +1,9 @@
 """cnnserve's own HTTP API: /predict, /healthz, /readyz, /metrics."""
+
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Optional
 
 import orjson
 from fastapi import APIRouter, Request
@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.core import Classification
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
-from service.http_api.common import TIMEOUT_HEADER, HttpContext, json_response
+from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -42,16 +42,31 @@ def classification_json(result: Classification) -> dict:
 
 
 PREDICT_PARAMETERS = [
-    {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 10},
-     "description": "Labels per image, 1-10 (default 5)"},
-    {"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
-     "description": "Model name (default: the bundled one)"},
-    {"name": "version", "in": "query", "required": False, "schema": {"type": "string"},
-     "description": "Model version (default: the highest)"},
+    {
+        "name": "top_k",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 10},
+        "description": "Labels per image, 1-10 (default 5)",
+    },
+    {
+        "name": "model",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Model name (default: the bundled one)",
+    },
+    {
+        "name": "version",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Model version (default: the highest)",
+    },
 ]
 
 
-def _int_parameter(name: str, text: Optional[str]) -> Optional[int]:
+def _int_parameter(name: str, text: str | None) -> int | None:
     if text is None or text == "":
         return None
     try:
@@ -82,15 +97,15 @@ def build_router(ctx: HttpContext) -> APIRouter:
     router = APIRouter()
     core = ctx.core
 
-    async def _predict(request: Request, top_k_text: Optional[str], model: Optional[str],
-                       version: Optional[str]) -> Response:
+    async def _predict(request: Request, top_k_text: str | None, model: str | None, version: str | None) -> Response:
         top_k = _int_parameter("top_k", top_k_text)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         deadline = ctx.deadline(request)
         if content_type == "multipart/form-data":
             await ctx.body(request)  # bounded by max_request_bytes; form() then parses the cached body
-            form = await request.form(max_files=core.settings.max_images_per_request, max_fields=16,
-                                      max_part_size=ctx.max_body)
+            form = await request.form(
+                max_files=core.settings.max_images_per_request, max_fields=16, max_part_size=ctx.max_body
+            )
             images = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
             if not images:
                 raise InvalidInput('multipart body has no file part named "file"')
@@ -104,22 +119,29 @@ def build_router(ctx: HttpContext) -> APIRouter:
         else:
             raise UnsupportedMediaType(
                 f"unsupported Content-Type {content_type or '(none)'!r}: send image/jpeg, image/png, "
-                "multipart/form-data or application/json")
+                "multipart/form-data or application/json"
+            )
         if (model is not None and not isinstance(model, str)) or (version is not None and not isinstance(version, str)):
             raise InvalidInput("model and model_version must be strings")
         result = await ctx.unless_disconnected(
-            core.classify(images, top_k=top_k, model=model, version=version, deadline=deadline), request)
+            core.classify(images, top_k=top_k, model=model, version=version, deadline=deadline), request
+        )
         return json_response(classification_json(result))
 
     # Query parameters are read by hand (and documented through openapi_extra): FastAPI's
     # dependency solving was ~40 % of this route's Python time.
-    @router.post("/predict", summary="Classify images (top-k labels with probabilities)", description=PREDICT_DOC,
-                 responses={200: {"description": "One result per image, in order"}},
-                 openapi_extra={"parameters": PREDICT_PARAMETERS})
+    @router.post(
+        "/predict",
+        summary="Classify images (top-k labels with probabilities)",
+        description=PREDICT_DOC,
+        responses={200: {"description": "One result per image, in order"}},
+        openapi_extra={"parameters": PREDICT_PARAMETERS},
+    )
     async def predict(request: Request):
         query = request.query_params
-        return await ctx.handle("predict", _predict(request, query.get("top_k"), query.get("model") or None,
-                                                    query.get("version") or None))
+        return await ctx.handle(
+            "predict", _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None)
+        )
 
     @router.get("/healthz", summary="Liveness: the process answers")
     async def healthz():
@@ -128,9 +150,9 @@ def build_router(ctx: HttpContext) -> APIRouter:
     @router.get("/readyz", summary="Readiness: every model loaded and warm, not draining")
     async def readyz():
         models = [{"name": m.name, "version": m.version, "provider": m.runtime.provider} for m in core.all_models()]
-        if core.is_ready:
+        reason = core.not_ready_reason()
+        if reason is None:
             return json_response({"status": "ready", "models": models})
-        reason = "draining" if core.draining else "loading models"
         return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)
 
     @router.get("/metrics", summary="Prometheus metrics")

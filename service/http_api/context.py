@@ -1,11 +1,13 @@
 """What every HTTP route shares: JSON responses, error mapping, metrics, body limits, deadlines,
 and the race between a request's work and its client going away."""
+
 from __future__ import annotations
 
 import asyncio
 import math
 import time
-from typing import Any, Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request
@@ -20,8 +22,12 @@ T = TypeVar("T")
 
 
 def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
+    return Response(
+        orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def error_response(error: ServiceError) -> Response:
@@ -58,7 +64,7 @@ class HttpContext:
         try:
             response = await work
         except ServiceError as e:
-            if e.reason not in ("queue_full", "deadline", "cancelled"):  # the batcher counted those
+            if not e.counted_by_batcher:
                 self.metrics.rejected.labels(e.reason).inc()
             response = error_response(e)
         self.record(method, response.status_code, started)

@@ -1,11 +1,12 @@
 """Open Inference Protocol (KServe v2) gRPC binding, ``inference.GRPCInferenceService``, on
-tritonclient's generated stubs: protobuf ↔ ``service.v2_protocol``, nothing else.
+tritonclient's generated stubs: protobuf ↔ ``service.inference_protocol``, nothing else.
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
 ModelConfig, ModelStatistics, RepositoryIndex. The other RPCs (streaming, repository load/unload,
 shared memory, trace, logging) answer UNIMPLEMENTED. Errors are mapped by ``Instrumented``, which
 also records ``cnnserve_requests_total{protocol="grpc",method=<RPC>,code}``.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -14,10 +15,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import v2_protocol as v2
+from service import inference_protocol as v2
 from service.core import InferenceCore
 from service.errors import InvalidInput
-from service.grpc_api.classifier import Instrumented
+from service.grpc_api.instrumented import rpc
 from service.metrics import Metrics
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -35,8 +36,10 @@ def _parameters(params) -> dict:
 def request_from_proto(request: pb.ModelInferRequest) -> v2.InferRequest:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} inputs; "
-                           "give one per input, or use contents for every input")
+        raise InvalidInput(
+            f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} inputs; "
+            "give one per input, or use contents for every input"
+        )
     inputs = []
     for i, t in enumerate(request.inputs):
         fields = t.contents.ListFields()
@@ -52,77 +55,68 @@ def request_from_proto(request: pb.ModelInferRequest) -> v2.InferRequest:
         else:
             inputs.append(v2.InputTensor(t.name, t.datatype, t.shape))
     outputs = [(o.name, _parameters(o.parameters)) for o in request.outputs]
-    return v2.InferRequest(request.model_name, request.model_version, request.id, _parameters(request.parameters),
-                           inputs, outputs)
+    return v2.InferRequest(
+        request.model_name, request.model_version, request.id, _parameters(request.parameters), inputs, outputs
+    )
 
 
 def response_to_proto(response: v2.InferResponse) -> pb.ModelInferResponse:
     """Outputs as ``raw_output_contents``, as Triton answers (BYTES: length-prefixed elements)."""
     Tensor = pb.ModelInferResponse.InferOutputTensor
     return pb.ModelInferResponse(
-        model_name=response.model_name, model_version=response.model_version, id=response.id,
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
         outputs=[Tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in response.outputs],
-        raw_output_contents=[o.raw() for o in response.outputs])
+        raw_output_contents=[o.raw() for o in response.outputs],
+    )
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: InferenceCore, metrics: Metrics) -> None:
         self.core = core
         self.metrics = metrics
-        self._instrumented: dict[str, Instrumented] = {}
-
-    async def _call(self, method: str, context: grpc.aio.ServicerContext, work):
-        instrumented = self._instrumented.get(method)
-        if instrumented is None:
-            instrumented = self._instrumented[method] = Instrumented(self.metrics, method)
-        return await instrumented(context, work)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=v2.not_ready_reason(self.core) is None)
+        return pb.ServerReadyResponse(ready=self.core.not_ready_reason() is None)
 
+    @rpc
     async def ModelReady(self, request, context):
-        async def work():
-            return pb.ModelReadyResponse(ready=v2.model_ready(self.core, request.name, request.version))
-        return await self._call("ModelReady", context, work())
+        return pb.ModelReadyResponse(ready=v2.model_ready(self.core, request.name, request.version))
 
+    @rpc
     async def ServerMetadata(self, request, context):
-        async def work():
-            return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
-        return await self._call("ServerMetadata", context, work())
+        return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
 
+    @rpc
     async def ModelMetadata(self, request, context):
-        async def work():
-            return json_format.ParseDict(v2.model_metadata(self.core, request.name, request.version),
-                                         pb.ModelMetadataResponse())
-        return await self._call("ModelMetadata", context, work())
+        return json_format.ParseDict(
+            v2.model_metadata(self.core, request.name, request.version), pb.ModelMetadataResponse()
+        )
 
+    @rpc
     async def ModelConfig(self, request, context):
-        async def work():
-            config = json_format.ParseDict(v2.model_config(self.core, request.name, request.version),
-                                           mc.ModelConfig())
-            return pb.ModelConfigResponse(config=config)
-        return await self._call("ModelConfig", context, work())
+        config = json_format.ParseDict(v2.model_config(self.core, request.name, request.version), mc.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
 
+    @rpc
     async def ModelStatistics(self, request, context):
-        async def work():
-            return json_format.ParseDict(v2.model_statistics(self.core, request.name, request.version),
-                                         pb.ModelStatisticsResponse())
-        return await self._call("ModelStatistics", context, work())
+        return json_format.ParseDict(
+            v2.model_statistics(self.core, request.name, request.version), pb.ModelStatisticsResponse()
+        )
 
+    @rpc
     async def RepositoryIndex(self, request, context):
-        async def work():
-            return json_format.ParseDict({"models": v2.repository_index(self.core)}, pb.RepositoryIndexResponse())
-        return await self._call("RepositoryIndex", context, work())
+        return json_format.ParseDict({"models": v2.repository_index(self.core)}, pb.RepositoryIndexResponse())
 
+    @rpc
     async def ModelInfer(self, request, context):
-        async def work():
-            parsed = request_from_proto(request)
-            result = await v2.infer(self.core, parsed, self.core.deadline(context.time_remaining()))
-            return response_to_proto(result)
-        return await self._call("ModelInfer", context, work())
+        parsed = request_from_proto(request)
+        result = await v2.infer(self.core, parsed, self.core.deadline(context.time_remaining()))
+        return response_to_proto(result)
 
 
 def add_to_server(core: InferenceCore, metrics: Metrics, server: grpc.aio.Server) -> InferenceServicer:
@@ -134,6 +128,7 @@ def add_to_server(core: InferenceCore, metrics: Metrics, server: grpc.aio.Server
 def _unimplemented(method: str):
     async def handler(self, request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{SERVICE_NAME}/{method} is not implemented by cnnserve")
+
     handler.__name__ = handler.__qualname__ = method
     return handler
 

@@ -1,4 +1,5 @@
 """The FastAPI application: routers plus the one error mapping for everything HTTP."""
+
 from __future__ import annotations
 
 import logging
@@ -10,19 +11,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.core import InferenceCore
 from service.errors import ServiceError
-from service.http_api import routes, v2
-from service.http_api.common import HttpContext, error_response, json_response
+from service.http_api import inference_routes, routes
+from service.http_api.context import HttpContext, error_response, json_response
 from service.metrics import Metrics
 
 log = logging.getLogger("cnnserve.http")
 
 
 def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="cnnserve", version=__version__,
-                  description="CIFAR-10 image classification: /predict, Open Inference Protocol (/v2), metrics.")
+    app = FastAPI(
+        title="cnnserve",
+        version=__version__,
+        description="CIFAR-10 image classification: /predict, Open Inference Protocol (/v2), metrics.",
+    )
     ctx = HttpContext(core, metrics)
     app.include_router(routes.build_router(ctx))
-    app.include_router(v2.build_router(ctx))
+    app.include_router(inference_routes.build_router(ctx))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):

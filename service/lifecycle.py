@@ -6,6 +6,7 @@ SIGTERM/SIGINT: readiness turns false at once (HTTP 503, gRPC health NOT_SERVING
 servers keep serving for ``drain_seconds``; then they stop accepting, everything admitted is
 finished (bounded by ``shutdown_timeout_seconds``), and the process exits 0.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +20,7 @@ import uvicorn
 
 from service.core import InferenceCore
 from service.grpc_api.server import GrpcServer
-from service.http_api.app import create_app
+from service.http_api.application import create_app
 from service.metrics import Metrics
 from service.runtime import GpuRequired
 from service.settings import Settings
@@ -44,14 +45,23 @@ async def serve(settings: Settings) -> int:
         grpc_server = GrpcServer(core, metrics, settings)
         sock = _bind(settings.host, settings.http_port)
     except (OSError, RuntimeError) as e:  # port in use, address not local, ...
-        log.error("cannot listen on %s (http %d, grpc %d): %s", settings.host, settings.http_port,
-                  settings.grpc_port, e)
+        log.error(
+            "cannot listen on %s (http %d, grpc %d): %s", settings.host, settings.http_port, settings.grpc_port, e
+        )
         return 1
     http_port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(core, metrics), lifespan="off", access_log=False, log_config=None,
-                            log_level=settings.log_level.lower(), loop="none", http="httptools",
-                            timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_seconds)),
-                            limit_concurrency=None, backlog=2048)
+    config = uvicorn.Config(
+        create_app(core, metrics),
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        loop="none",
+        http="httptools",
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_seconds)),
+        limit_concurrency=None,
+        backlog=2048,
+    )
     http_server = uvicorn.Server(config)
     # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
     # SIGTERM starts our drain instead.
@@ -75,10 +85,15 @@ async def serve(settings: Settings) -> int:
             loader.result()
             core.start()
             await grpc_server.set_serving(True)
-            log.info("ready in %.2fs: %s", time.monotonic() - started,
-                     ", ".join(f"{m.name}/{m.version} on {m.runtime.provider}"
-                               + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")
-                               for m in core.all_models()))
+            log.info(
+                "ready in %.2fs: %s",
+                time.monotonic() - started,
+                ", ".join(
+                    f"{m.name}/{m.version} on {m.runtime.provider}"
+                    + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")
+                    for m in core.all_models()
+                ),
+            )
         except (GpuRequired, FileNotFoundError, ValueError, OSError) as e:
             log.error("cannot load models: %s", e)
             exit_code = 1
@@ -92,12 +107,16 @@ async def serve(settings: Settings) -> int:
     log.info("closing listeners; finishing admitted requests (at most %.1fs)", settings.shutdown_timeout_seconds)
     http_server.should_exit = True
     await http_loop
-    *_, drained = await asyncio.gather(http_server.shutdown(sockets=[sock]),
-                                       grpc_server.stop(settings.shutdown_timeout_seconds),
-                                       core.drain(settings.shutdown_timeout_seconds))
+    *_, drained = await asyncio.gather(
+        http_server.shutdown(sockets=[sock]),
+        grpc_server.stop(settings.shutdown_timeout_seconds),
+        core.drain(settings.shutdown_timeout_seconds),
+    )
     if not drained:
-        log.warning("shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
-                    settings.shutdown_timeout_seconds)
+        log.warning(
+            "shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
+            settings.shutdown_timeout_seconds,
+        )
     await core.close()
     if not loader.done():
         loader.cancel()

@@ -1,10 +1,10 @@
 """The Open Inference Protocol (KServe v2) with Triton's extensions, transport-free.
 
-Everything the HTTP/REST binding (``service.http_api.v2``) and the gRPC binding
-(``service.grpc_api.v2``) share lives here: server and model metadata, the model configuration in
-Triton's form, statistics, turning an inference request's inputs into one float32 [n,3,32,32]
-tensor, choosing the requested outputs and building them (classification strings included), and
-the REST binding's JSON + binary-tensor body format. The bindings only translate their wire types
+Everything the HTTP/REST binding (``service.http_api.inference_routes``, with its body format in
+``service.http_api.inference_rest``) and the gRPC binding (``service.grpc_api.inference_service``)
+share lives here: server and model metadata, the model configuration in Triton's form,
+statistics, turning an inference request's inputs into one float32 [n,3,32,32] tensor, choosing
+the requested outputs and building them (classification strings included). The bindings only translate their wire types
 to and from :class:`InferRequest` / :class:`InferResponse` and plain dicts; every check raises a
 ``service.errors`` domain error, which the bindings map with ``service.errors``' two tables.
 
@@ -15,22 +15,22 @@ The model has one input (FP32 [-1,3,32,32], already normalised) and two outputs:
 ``logits`` and ``probabilities`` (their softmax, computed by the server). A request of N images
 is submitted to the batcher as one request of N images.
 """
+
 from __future__ import annotations
 
-import asyncio
 import math
 import struct
 import time
-import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
 
 from service import __version__
 from service.core import INLINE_DECODE_BYTES, InferenceCore, LoadedModel
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidInput
 from service.metrics import ModelStats
 from service.runtime import CUDA, BatchOutput
 
@@ -42,7 +42,6 @@ PROBABILITIES = "probabilities"
 FP32 = "FP32"
 BYTES = "BYTES"
 TYPE_FP32 = "TYPE_FP32"
-HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor extension (HTTP)
 INLINE_PARSE_BYTES = INLINE_DECODE_BYTES  # larger JSON request parts are parsed in a worker thread
 
 _LE_FP32 = np.dtype("<f4")
@@ -52,13 +51,6 @@ _LENGTH = struct.Struct("<I")
 # ---- server -------------------------------------------------------------------------------------
 def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
-
-
-def not_ready_reason(core: InferenceCore) -> Optional[str]:
-    """None when ready for traffic, else why not ("loading models" / "draining")."""
-    if core.is_ready:
-        return None
-    return "draining" if core.draining else "loading models"
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -91,8 +83,10 @@ def model_metadata(core: InferenceCore, name: str, version: str | None = None) -
         "versions": [model.version] if version else _versions(core, model.name),
         "platform": PLATFORM,
         "inputs": [{"name": rt.input_name, "datatype": FP32, "shape": list(rt.input_shape)}],
-        "outputs": [{"name": rt.output_name, "datatype": FP32, "shape": classes},
-                    {"name": PROBABILITIES, "datatype": FP32, "shape": classes}],
+        "outputs": [
+            {"name": rt.output_name, "datatype": FP32, "shape": classes},
+            {"name": PROBABILITIES, "datatype": FP32, "shape": classes},
+        ],
     }
 
 
@@ -111,27 +105,38 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
         "backend": BACKEND,
         "version_policy": {"all": {}},
         "max_batch_size": batcher.max_batch_size,
-        "input": [{"name": rt.input_name, "data_type": TYPE_FP32, "format": "FORMAT_NCHW",
-                   "dims": list(rt.input_shape[1:])}],
-        "output": [{"name": rt.output_name, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
-                   {"name": PROBABILITIES, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""}],
+        "input": [
+            {"name": rt.input_name, "data_type": TYPE_FP32, "format": "FORMAT_NCHW", "dims": list(rt.input_shape[1:])}
+        ],
+        "output": [
+            {"name": rt.output_name, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
+            {"name": PROBABILITIES, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
+        ],
         "dynamic_batching": {
             "preferred_batch_size": [],
-            "max_queue_delay_microseconds": int(round(batcher.max_queue_delay_s * 1e6)),
+            "max_queue_delay_microseconds": round(batcher.max_queue_delay_s * 1e6),
             "preserve_ordering": False,
             "default_queue_policy": {
                 "timeout_action": "REJECT",
-                "default_timeout_microseconds": int(round(s.default_timeout_ms * 1000)),
+                "default_timeout_microseconds": round(s.default_timeout_ms * 1000),
                 "allow_timeout_override": True,
                 "max_queue_size": batcher.max_queue_size,
             },
         },
-        "instance_group": [{"name": f"{model.name}_0", "kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": 1,
-                            "gpus": [s.cuda_device_id] if on_gpu else []}],
+        "instance_group": [
+            {
+                "name": f"{model.name}_0",
+                "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
+                "count": 1,
+                "gpus": [s.cuda_device_id] if on_gpu else [],
+            }
+        ],
         "default_model_filename": "model.onnx",
-        "parameters": {"execution_provider": {"string_value": rt.provider},
-                       "labels": {"string_value": orjson.dumps(rt.labels).decode()},
-                       "preprocessing": {"string_value": orjson.dumps(rt.preprocessing).decode()}},
+        "parameters": {
+            "execution_provider": {"string_value": rt.provider},
+            "labels": {"string_value": orjson.dumps(rt.labels).decode()},
+            "preprocessing": {"string_value": orjson.dumps(rt.preprocessing).decode()},
+        },
     }
 
 
@@ -169,8 +174,12 @@ def _model_stats(model: LoadedModel) -> dict:
             "cache_miss": _duration(0, 0),
         },
         "batch_stats": [
-            {"batch_size": size, "compute_input": _duration(count, 0), "compute_infer": _duration(count, ns),
-             "compute_output": _duration(count, 0)}
+            {
+                "batch_size": size,
+                "compute_input": _duration(count, 0),
+                "compute_infer": _duration(count, ns),
+                "compute_output": _duration(count, 0),
+            }
             for size, (count, ns) in sorted(s.batches.items())
         ],
         "memory_usage": [],
@@ -197,12 +206,13 @@ class InputTensor:
     """One request input. Exactly one of ``data`` (JSON numbers, nested or flat; a numpy array; a
     protobuf repeated field) and ``raw`` (little-endian bytes) is set. ``contents`` names the
     gRPC ``InferTensorContents`` field ``data`` came from."""
+
     name: str
     datatype: str
     shape: Sequence[int]
     data: Any = None
     raw: Any = None
-    contents: Optional[str] = None
+    contents: str | None = None
 
 
 @dataclass
@@ -219,7 +229,7 @@ class InferRequest:
 class OutputSpec:
     name: str
     classification: int  # 0: the tensor itself
-    binary: bool         # REST binding only: send in the binary section
+    binary: bool  # REST binding only: send in the binary section
 
 
 @dataclass
@@ -228,8 +238,8 @@ class OutputTensor:
     datatype: str
     shape: list[int]
     binary: bool
-    array: Optional[np.ndarray] = None    # FP32
-    strings: Optional[list[str]] = None   # BYTES, row-major
+    array: np.ndarray | None = None  # FP32
+    strings: list[str] | None = None  # BYTES, row-major
 
     def raw(self) -> bytes:
         """The tensor as Triton's raw bytes: little-endian values; BYTES elements as a 4-byte
@@ -255,17 +265,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _param(params: dict, key: str, kind: type, default: Any, where: str) -> Any:
+def typed_parameter(params: dict, key: str, kind: type, default: Any, where: str) -> Any:
     value = params.get(key, default)
     if value is default:
         return value
-    if kind is bool and not isinstance(value, bool) or kind is int and not _is_int(value):
-        raise InvalidInput(f"{where} parameter {key!r} must be {'a boolean' if kind is bool else 'an integer'}, "
-                           f"got {value!r}")
+    if (kind is bool and not isinstance(value, bool)) or (kind is int and not _is_int(value)):
+        raise InvalidInput(
+            f"{where} parameter {key!r} must be {'a boolean' if kind is bool else 'an integer'}, got {value!r}"
+        )
     return value
 
 
-def _numbers(name: str, data: Any) -> np.ndarray:
+def tensor_numbers(name: str, data: Any) -> np.ndarray:
     """JSON ``data`` (nested or flat lists) as one array, converted in C by numpy."""
     if isinstance(data, np.ndarray):
         return data
@@ -283,16 +294,21 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
     wanted = f"{FP32} [-1,{','.join(map(str, image_shape))}]"
     if len(inputs) != 1:
         names = ", ".join(repr(t.name) for t in inputs) or "none"
-        raise InvalidInput(f"model {model.name!r} takes exactly one input {expected_name!r} ({wanted}); "
-                           f"got {len(inputs)}: {names}")
+        raise InvalidInput(
+            f"model {model.name!r} takes exactly one input {expected_name!r} ({wanted}); got {len(inputs)}: {names}"
+        )
     t = inputs[0]
     if t.name != expected_name:
         raise InvalidInput(f"unexpected input {t.name!r}: model {model.name!r} takes one input {expected_name!r}")
     if t.datatype != FP32:
         raise InvalidInput(f"input {t.name!r} has datatype {t.datatype!r}; the model expects {FP32}")
     shape = list(t.shape)
-    if not all(_is_int(d) for d in shape) or len(shape) != 1 + len(image_shape) \
-            or tuple(shape[1:]) != image_shape or shape[0] < 0:
+    if (
+        not all(_is_int(d) for d in shape)
+        or len(shape) != 1 + len(image_shape)
+        or tuple(shape[1:]) != image_shape
+        or shape[0] < 0
+    ):
         raise InvalidInput(f"input {t.name!r} has shape {shape}; the model expects {wanted}")
     n = int(shape[0])
     core.check_image_count(n)  # before allocating anything
@@ -301,21 +317,23 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
         if t.data is not None:
             raise InvalidInput(f"input {t.name!r} has both data and binary data")
         if len(t.raw) != count * 4:
-            raise InvalidInput(f"input {t.name!r}: binary data is {len(t.raw)} bytes but {FP32} {shape} needs "
-                               f"{count * 4}")
+            raise InvalidInput(
+                f"input {t.name!r}: binary data is {len(t.raw)} bytes but {FP32} {shape} needs {count * 4}"
+            )
         array = np.frombuffer(t.raw, dtype=_LE_FP32)
         if array.ctypes.data % array.itemsize:  # unaligned inside the request body
             array = array.copy()
         return array.astype(np.float32, copy=False).reshape(shape)
     if t.contents is not None and t.contents != "fp32_contents":
-        raise InvalidInput(f"input {t.name!r} is {FP32} but its data is in {t.contents}; use fp32_contents "
-                           "or raw_input_contents")
+        raise InvalidInput(
+            f"input {t.name!r} is {FP32} but its data is in {t.contents}; use fp32_contents or raw_input_contents"
+        )
     if t.data is None:
         raise InvalidInput(f"input {t.name!r} has no data")
     if t.contents == "fp32_contents":  # a protobuf repeated float: fromiter is the fastest copy
         array = np.fromiter(t.data, np.float32, len(t.data))
     else:
-        array = _numbers(t.name, t.data)
+        array = tensor_numbers(t.name, t.data)
     if array.dtype.kind not in "fiu":
         raise InvalidInput(f"input {t.name!r}: data must hold numbers only")
     if array.size != count:
@@ -337,16 +355,17 @@ def plan_outputs(model: LoadedModel, requested: Sequence[tuple[str, dict]], bina
     plan, seen = [], set()
     for name, params in requested:
         if name not in known:
-            raise InvalidInput(f"unknown output {name!r}; model {model.name!r} has outputs "
-                               f"{', '.join(map(repr, known))}")
+            raise InvalidInput(
+                f"unknown output {name!r}; model {model.name!r} has outputs {', '.join(map(repr, known))}"
+            )
         if name in seen:
             raise InvalidInput(f"output {name!r} is requested twice")
         seen.add(name)
         where = f"output {name!r}"
-        k = _param(params, "classification", int, 0, where)
+        k = typed_parameter(params, "classification", int, 0, where)
         if k < 0:
             raise InvalidInput(f"{where}: classification must be a positive number of classes, got {k}")
-        binary = _param(params, "binary_data", bool, binary_default, where)
+        binary = typed_parameter(params, "binary_data", bool, binary_default, where)
         plan.append(OutputSpec(name, min(int(k), rt.num_classes), binary))
     return plan
 
@@ -365,8 +384,15 @@ def build_outputs(model: LoadedModel, plan: Sequence[OutputSpec], result: BatchO
     outputs = []
     for spec in plan:
         if spec.classification:
-            outputs.append(OutputTensor(spec.name, BYTES, [n, spec.classification], spec.binary,
-                                        strings=classification_strings(model, result, spec.classification)))
+            outputs.append(
+                OutputTensor(
+                    spec.name,
+                    BYTES,
+                    [n, spec.classification],
+                    spec.binary,
+                    strings=classification_strings(model, result, spec.classification),
+                )
+            )
         else:
             array = result.logits if spec.name == model.runtime.output_name else result.probabilities
             outputs.append(OutputTensor(spec.name, FP32, list(array.shape), spec.binary, array=array))
@@ -376,7 +402,7 @@ def build_outputs(model: LoadedModel, plan: Sequence[OutputSpec], result: BatchO
 def request_deadline(core: InferenceCore, request: InferRequest, deadline: float | None) -> float | None:
     """The transport's deadline, shortened by Triton's ``timeout`` request parameter
     (microseconds; 0 or absent: none)."""
-    timeout_us = _param(request.parameters, "timeout", int, None, "request")
+    timeout_us = typed_parameter(request.parameters, "timeout", int, None, "request")
     if timeout_us is None or timeout_us == 0:
         return deadline
     if timeout_us < 0:
@@ -390,131 +416,8 @@ async def infer(core: InferenceCore, request: InferRequest, deadline: float | No
     model = find_model(core, request.model, request.version)
     if not isinstance(request.id, str):
         raise InvalidInput("request id must be a string")
-    binary_default = _param(request.parameters, "binary_data_output", bool, False, "request")
+    binary_default = typed_parameter(request.parameters, "binary_data_output", bool, False, "request")
     plan = plan_outputs(model, request.outputs, binary_default)
     tensor = decode_input(core, model, request.inputs)
     result = await core.infer_tensor(model, tensor, request_deadline(core, request, deadline))
     return InferResponse(model.name, model.version, request.id, build_outputs(model, plan, result))
-
-
-# ---- the REST binding's body format (JSON + Triton's binary tensor extension) -------------------
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression), refusing
-    bodies that inflate past ``limit`` bytes."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
-    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise InvalidInput(f"body is not valid {encoding} data: {e}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
-    return out
-
-
-def _json_dict(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{where} must be a JSON object")
-    return value
-
-
-def parse_rest_request(model: str, version: str, body: bytes, header_length: str | None) -> InferRequest:
-    """An inference request from a REST body: a JSON object, optionally followed by the binary
-    data of the inputs that carry ``parameters.binary_data_size`` (in input order) when the
-    ``Inference-Header-Content-Length`` header gives the JSON part's size."""
-    view = memoryview(body)
-    if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
-            raise InvalidInput(f"Inference-Header-Content-Length {header_length!r} is not a size within the "
-                               f"{len(body)}-byte body")
-        split = int(header_length)
-        head, binary = view[:split], view[split:]
-    else:
-        head, binary = view, view[len(body):]
-    try:
-        doc = orjson.loads(head)
-    except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"inference request is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("inference request must be a JSON object")
-    inputs_doc = doc.get("inputs")
-    if not isinstance(inputs_doc, list) or not inputs_doc:
-        raise InvalidInput('inference request needs "inputs": a non-empty list')
-    offset = 0
-    inputs = []
-    for i, item in enumerate(inputs_doc):
-        if not isinstance(item, dict):
-            raise InvalidInput(f"inputs[{i}] must be a JSON object")
-        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
-        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
-            raise InvalidInput(f'inputs[{i}] needs "name" and "datatype" strings and a "shape" list')
-        params = _json_dict(item.get("parameters"), f"inputs[{i}].parameters")
-        size = _param(params, "binary_data_size", int, None, f"input {name!r}")
-        raw = None
-        if size is not None:
-            if size < 0 or offset + size > len(binary):
-                raise InvalidInput(f"input {name!r}: binary_data_size {size} exceeds the {len(binary) - offset} "
-                                   "bytes of binary data left in the body")
-            raw = binary[offset:offset + size]
-            offset += size
-            if "data" in item:
-                raise InvalidInput(f"input {name!r} has both data and binary_data_size")
-        data = _numbers(name, item["data"]) if item.get("data") is not None else None
-        inputs.append(InputTensor(name, datatype, shape, data=data, raw=raw))
-    if offset != len(binary):
-        raise InvalidInput(f"the body holds {len(binary)} bytes of binary data but the inputs' binary_data_size "
-                           f"add up to {offset}")
-    outputs = []
-    outputs_doc = doc.get("outputs") or []
-    if not isinstance(outputs_doc, list):
-        raise InvalidInput('"outputs" must be a list')
-    for i, item in enumerate(outputs_doc):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise InvalidInput(f'outputs[{i}] must be an object with a "name" string')
-        outputs.append((item["name"], _json_dict(item.get("parameters"), f"outputs[{i}].parameters")))
-    request_id = doc.get("id", "")
-    if not isinstance(request_id, str):
-        raise InvalidInput('"id" must be a string')
-    return InferRequest(model, version, request_id, _json_dict(doc.get("parameters"), "parameters"), inputs, outputs)
-
-
-async def read_rest_request(model: str, version: str, body: bytes, header_length: str | None,
-                            content_encoding: str | None, limit: int) -> InferRequest:
-    """``decompress`` + ``parse_rest_request``; in a worker thread when there is much to inflate or
-    a large JSON part to parse, so that one big JSON tensor does not stall every other request."""
-    json_part = int(header_length) if header_length and header_length.strip().isdigit() else len(body)
-    def work() -> InferRequest:
-        return parse_rest_request(model, version, decompress(body, content_encoding, limit), header_length)
-
-    if content_encoding is None and json_part <= INLINE_PARSE_BYTES:
-        return work()
-    return await asyncio.to_thread(work)
-
-
-def encode_rest_response(response: InferResponse) -> tuple[bytes, Optional[int]]:
-    """The REST response body and, when some output went to the binary section, the JSON part's
-    length for the ``Inference-Header-Content-Length`` header (else None: the body is JSON)."""
-    outputs, binaries = [], []
-    for out in response.outputs:
-        entry: dict = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
-        if out.binary:
-            raw = out.raw()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            binaries.append(raw)
-        else:
-            entry["data"] = out.json_data()
-        outputs.append(entry)
-    doc: dict = {"model_name": response.model_name, "model_version": response.model_version}
-    if response.id:
-        doc["id"] = response.id
-    doc["outputs"] = outputs
-    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not binaries:
-        return head, None
-    return b"".join([head, *binaries]), len(head)

@@ -1,18 +1,19 @@
-"""Open Inference Protocol (KServe v2) REST binding with Triton's extensions: HTTP ↔ ``service.v2_protocol``.
+"""Open Inference Protocol (KServe v2) REST routes with Triton's extensions: HTTP ↔ ``service.inference_protocol``.
 
-Routes are thin: they read the path, headers and body, call ``v2_protocol`` and write its answer;
-``HttpContext.handle`` maps domain errors to ``{"error": "..."}`` with the status of
-``service.errors.HTTP_STATUS`` and records the request metrics.
+Routes are thin: they read the path, headers and body, call ``inference_protocol`` (bodies
+through ``inference_rest``) and write its answer; ``HttpContext.handle`` maps domain errors to
+``{"error": "..."}`` with the status of ``service.errors.http_status`` and records the request
+metrics.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service import v2_protocol as v2
-from service.http_api.common import HttpContext, json_response
+from service import inference_protocol as v2
+from service.http_api import inference_rest as rest
+from service.http_api.context import HttpContext, json_response
 
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
@@ -35,7 +36,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
 
     @router.get("/health/ready", summary="Readiness (200 ready, 503 loading or draining)")
     async def server_ready():
-        reason = v2.not_ready_reason(core)
+        reason = core.not_ready_reason()
         if reason is None:
             return json_response({"ready": True})
         return json_response({"ready": False, "error": f"not ready: {reason}"}, 503)
@@ -51,47 +52,52 @@ def build_router(ctx: HttpContext) -> APIRouter:
 
     @router.get("/models/{name}/stats", summary="Statistics of every version of a model")
     @router.get("/models/{name}/versions/{version}/stats", summary="Statistics of a model version")
-    async def model_statistics(name: str, version: Optional[str] = None):
+    async def model_statistics(name: str, version: str | None = None):
         return await ctx.handle("v2_model_statistics", _json(v2.model_statistics, name, version))
 
     # ---- models ---------------------------------------------------------------------------------
     @router.get("/models/{name}", summary="Model metadata: versions, platform, inputs, outputs")
     @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-    async def model_metadata(name: str, version: Optional[str] = None):
+    async def model_metadata(name: str, version: str | None = None):
         return await ctx.handle("v2_model_metadata", _json(v2.model_metadata, name, version))
 
-    async def _model_ready(name: str, version: Optional[str]) -> Response:
+    async def _model_ready(name: str, version: str | None) -> Response:
         if v2.model_ready(core, name, version):
             return json_response({"name": name, "ready": True})
-        return json_response({"name": name, "ready": False,
-                              "error": f"not ready: {v2.not_ready_reason(core)}"}, 503)
+        return json_response({"name": name, "ready": False, "error": f"not ready: {core.not_ready_reason()}"}, 503)
 
     @router.get("/models/{name}/ready", summary="Model readiness (200 ready, 503 not ready, 404 unknown)")
     @router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness")
-    async def model_ready(name: str, version: Optional[str] = None):
+    async def model_ready(name: str, version: str | None = None):
         return await ctx.handle("v2_model_ready", _model_ready(name, version))
 
     @router.get("/models/{name}/config", summary="Model configuration (Triton's model_configuration extension)")
     @router.get("/models/{name}/versions/{version}/config", summary="Model version configuration")
-    async def model_config(name: str, version: Optional[str] = None):
+    async def model_config(name: str, version: str | None = None):
         return await ctx.handle("v2_model_config", _json(v2.model_config, name, version))
 
     # ---- inference ------------------------------------------------------------------------------
-    async def _infer(request: Request, name: str, version: Optional[str]) -> Response:
+    async def _infer(request: Request, name: str, version: str | None) -> Response:
         deadline = ctx.deadline(request)
-        parsed = await v2.read_rest_request(name, version or "", await ctx.body(request),
-                                            request.headers.get(v2.HEADER_LENGTH),
-                                            request.headers.get("content-encoding"), ctx.max_body)
+        parsed = await rest.read_rest_request(
+            name,
+            version or "",
+            await ctx.body(request),
+            request.headers.get(rest.HEADER_LENGTH),
+            request.headers.get("content-encoding"),
+            ctx.max_body,
+        )
         result = await ctx.unless_disconnected(v2.infer(core, parsed, deadline), request)
-        content, header_length = v2.encode_rest_response(result)
+        content, header_length = rest.encode_rest_response(result)
         if header_length is None:
             return Response(content, media_type="application/json")
-        return Response(content, media_type=BINARY_CONTENT_TYPE,
-                        headers={"Inference-Header-Content-Length": str(header_length)})
+        return Response(
+            content, media_type=BINARY_CONTENT_TYPE, headers={"Inference-Header-Content-Length": str(header_length)}
+        )
 
     @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version")
-    async def model_infer(request: Request, name: str, version: Optional[str] = None):
+    async def model_infer(request: Request, name: str, version: str | None = None):
         return await ctx.handle("v2_infer", _infer(request, name, version))
 
     return router

@@ -45,9 +45,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service import lifecycle
+    from service import supervisor
 
-    return lifecycle.run(settings_from_args(args))
+    return supervisor.run(settings_from_args(args))
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

@@ -17,8 +17,11 @@ import numpy as np
 from service import codec, repository
 from service.batcher import Batcher
 from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge
+from service.executor_client import ExecutorClient, RemoteBatcher
+from service.ipc import ControlTable
 from service.metrics import Metrics, ModelStats, StatsObserver
-from service.runtime import BatchOutput, ModelRuntime
+from service.model_description import ModelDescription
+from service.runtime import BatchOutput, ModelRuntime, load_model
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve.core")
@@ -45,9 +48,18 @@ ImageInput = bytes | RawImage
 
 @dataclass
 class LoadedModel:
-    runtime: ModelRuntime
-    batcher: Batcher
+    """A model version as the transports see it. ``runtime`` is the ONNX Runtime session, or the
+    description of one that runs in a device executor; ``batcher`` its queue (local or remote);
+    ``stats`` this process's statistics, ``stats_rows`` every process's (multi-process server)."""
+
+    runtime: ModelRuntime | ModelDescription
+    batcher: Batcher | RemoteBatcher
     stats: ModelStats
+    stats_rows: np.ndarray | None = None
+
+    def stats_total(self) -> ModelStats:
+        """Statistics of this model version summed over the server's processes."""
+        return self.stats if self.stats_rows is None else ModelStats.total(self.stats_rows)
 
     @property
     def name(self) -> str:
@@ -70,9 +82,13 @@ class Classification:
 
 
 class InferenceCore:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    """``table``/``row``: in a multi-process server, the shared control table and this process's
+    row in it (readiness and statistics then cover every process)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, table: ControlTable | None = None, row: int = 0) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.table, self.row = table, row
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self._runtimes: list[ModelRuntime] = []
         self.ready = False
@@ -83,8 +99,7 @@ class InferenceCore:
         """Create and warm up a session per model version (blocking: run it in a thread)."""
         for spec in repository.scan(self.settings.model_repository):
             started = time.monotonic()
-            runtime = ModelRuntime(spec, self.settings)
-            runtime.warm_up(self.settings.max_batch_size)
+            runtime = load_model(spec, self.settings)
             log.info(
                 "loaded %s/%s from %s on %s in %.2fs",
                 spec.name,
@@ -95,11 +110,16 @@ class InferenceCore:
             )
             self._runtimes.append(runtime)
 
+    def _stats(self, index: int) -> tuple[ModelStats, np.ndarray | None]:
+        if self.table is None:
+            return ModelStats(max_batch_size=self.settings.max_batch_size), None
+        return ModelStats(self.table.stats[self.row, index]), self.table.stats[:, index]
+
     def start(self) -> None:
         """Create the batchers on the running loop and report ready."""
         s = self.settings
-        for runtime in self._runtimes:
-            stats = ModelStats()
+        for index, runtime in enumerate(self._runtimes):
+            stats, rows = self._stats(index)
             batcher = Batcher(
                 runtime.run_batch,
                 max_batch_size=s.max_batch_size,
@@ -109,10 +129,22 @@ class InferenceCore:
                 name=f"{runtime.name}-{runtime.version}",
             )
             batcher.start()
-            self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats)
+            self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats, rows)
             self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)
         self.ready = True
         self.metrics.ready.set(1)
+        self.metrics.workers.set(1)
+
+    def start_remote(self, clients: list[ExecutorClient]) -> None:
+        """Serve the models of the device executors ``clients`` are connected to, and report ready."""
+        s = self.settings
+        for index, model in enumerate(clients[0].models):
+            stats, rows = self._stats(index)
+            batcher = RemoteBatcher(clients, index, model, s.max_batch_size, s.max_queue_delay_ms / 1000.0,
+                                    clients[0].max_queue_size)  # fmt: skip
+            self.models.setdefault(model.name, {})[model.version] = LoadedModel(model, batcher, stats, rows)
+        self.ready = True
+        self.metrics.workers.set(1)
 
     def begin_drain(self) -> None:
         """Readiness turns false; admitted and new requests are still served until stop()."""
@@ -121,14 +153,20 @@ class InferenceCore:
 
     @property
     def is_ready(self) -> bool:
-        return self.ready and not self.draining
+        return self.not_ready_reason() is None
 
     def not_ready_reason(self) -> str | None:
-        """None when ready for traffic, else why not ("loading models" / "draining"): the one
-        answer every readiness endpoint gives."""
-        if self.is_ready:
-            return None
-        return "draining" if self.draining else "loading models"
+        """None when ready for traffic, else why not ("loading models" / "draining" / "a worker
+        is starting"): the one answer every readiness endpoint gives. In a multi-process server
+        every process must be ready, and a drain turns every front end's readiness false at once."""
+        table = self.table
+        if self.draining or (table is not None and table.draining):
+            return "draining"
+        if not self.ready:
+            return "loading models"
+        if table is not None and not table.all_ready():
+            return "a worker is starting"
+        return None
 
     async def drain(self, timeout: float) -> bool:
         results = await asyncio.gather(*(m.batcher.drain(timeout) for m in self.all_models()))

@@ -27,6 +27,23 @@ class GpuRequired(RuntimeError):
     """--require-gpu was given and the session did not get the CUDA provider."""
 
 
+class ModelLoadError(RuntimeError):
+    """A model version could not be loaded; the message names its file and the cause."""
+
+
+def load_model(spec: ModelSpec, settings: Settings) -> ModelRuntime:
+    """A warmed-up runtime for ``spec``; any failure is one ModelLoadError naming the file."""
+    try:
+        runtime = ModelRuntime(spec, settings)
+        runtime.warm_up(settings.max_batch_size)
+    except GpuRequired:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises many types (InvalidProtobuf, Fail, ...)
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load {spec.path.resolve()}: {cause}") from None
+    return runtime
+
+
 class BatchOutput(NamedTuple):
     logits: np.ndarray  # float32 [n, classes]
     probabilities: np.ndarray  # float32 [n, classes]
@@ -114,6 +131,20 @@ class ModelRuntime:
         #: in this model, so padding rows change nothing in the real ones.
         self.pad_to = settings.max_batch_size if pad else 0
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
+
+    def describe(self) -> dict:
+        """What a front end in another process needs (``service.model_description.ModelDescription``)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "labels": self.labels,
+            "preprocessing": self.preprocessing,
+            "input_name": self.input_name,
+            "input_shape": self.input_shape,
+            "output_name": self.output_name,
+            "provider": self.provider,
+            "pad_to": self.pad_to,
+        }
 
     def prepare(self, parts: list[np.ndarray]) -> np.ndarray:
         """Concatenate requests' images into one model input. uint8 [n,32,32,3] parts (decoded

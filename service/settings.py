@@ -27,6 +27,21 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address both servers bind to.")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: pick a free one).")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one).")
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="Front-end processes that share the HTTP and gRPC ports and do all per-request work "
+        "(protocol, decoding, top-k). One Python process answers ~2-3k requests/s whatever the hardware; "
+        "more front ends use more cores. auto: one per core (with a GPU: one per core left after one per "
+        "GPU); 1 with --executor worker: a single process, as simple as it gets.",
+    )
+    executor: Literal["auto", "device", "worker"] = Field(
+        "auto",
+        description="Where the models run with several workers. device: one executor process per device "
+        "(each GPU, or the CPU) owns the sessions and one batch queue per model that every front end feeds "
+        "through shared memory, so batches grow with the whole node's load. worker: each front end runs "
+        "its own session with its own queue (no hand-over cost; N smaller batches). auto: device with a "
+        "GPU, worker on the CPU (measured best there; see README).",
+    )
     model_repository: str = Field(
         "models", description="Folder of models laid out as <name>/<version>/model.onnx (Triton style)."
     )

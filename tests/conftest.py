@@ -23,8 +23,16 @@ SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-train-jpeg
 LISTENING = re.compile(r"listening http=(\S+):(\d+) grpc=(\S+):(\d+)")
 
 
+#: The server suite runs once as one process (the default here) and once with several front ends
+#: and a device executor: `.ci/run` sets CNNSERVE_TEST_WORKERS=2 for the second run.
+TEST_WORKERS = os.environ.get("CNNSERVE_TEST_WORKERS", "1")
+TEST_EXECUTOR = os.environ.get("CNNSERVE_TEST_EXECUTOR", "device")
+SPAWNED = re.compile(r"started (device executor|front end) (\d+) \(pid (\d+)\)")
+
+
 class ServerProcess:
-    """``cnnserve serve`` in a subprocess; stderr is collected so tests can read the logs."""
+    """``cnnserve serve`` in a subprocess; stderr is collected so tests can read the logs.
+    ``--workers``/``--executor`` come from CNNSERVE_TEST_WORKERS/_EXECUTOR unless ``args`` set them."""
 
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, timeout: float = 60) -> None:
         cmd = [
@@ -44,6 +52,7 @@ class ServerProcess:
             "1",
             "--model-repository",
             str(MODEL_REPOSITORY),
+            *([] if "--workers" in args else ["--workers", TEST_WORKERS, "--executor", TEST_EXECUTOR]),
             *args,
         ]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -51,6 +60,7 @@ class ServerProcess:
             cmd, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self.lines: list[str] = []
+        self.children: dict[tuple[str, int], int] = {}  # (role, index) -> pid, latest incarnation
         self._listening = threading.Event()
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -63,6 +73,9 @@ class ServerProcess:
     def _read(self) -> None:
         for line in self.proc.stderr:
             self.lines.append(line)
+            spawned = SPAWNED.search(line)
+            if spawned:
+                self.children[(spawned.group(1), int(spawned.group(2)))] = int(spawned.group(3))
             m = LISTENING.search(line)
             if m:
                 self.http_port, self.grpc_port = int(m.group(2)), int(m.group(4))

@@ -8,7 +8,7 @@ import binascii
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.core import Classification
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
@@ -157,6 +157,6 @@ def build_router(ctx: HttpContext) -> APIRouter:
 
     @router.get("/metrics", summary="Prometheus metrics")
     async def metrics():
-        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -137,9 +137,10 @@ class ModelQueue:
             if (status == ipc.STATUS_OK).any():
                 live.append((chunk, status == ipc.STATUS_OK, status))
         for reason, code in (("deadline", ipc.STATUS_DEADLINE), ("cancelled", ipc.STATUS_CANCELLED)):
-            dropped = sum(int((s == code).sum()) for s in statuses)
+            # Per request, as the one-process batcher counts: a request's first image stands for it.
+            dropped = sum(int(((s == code) & (c.records["index"] == 0)).sum()) for c, s in zip(chunks, statuses))
             if dropped:
-                self.executor.metrics.rejected.labels(reason).inc()
+                self.executor.metrics.rejected.labels(reason).inc(dropped)
         if live:
             self._compute(live)
         self._answer(chunks, statuses)
@@ -211,8 +212,9 @@ class Executor:
         for i, spec in enumerate(self.specs):
             started = time.monotonic()
             runtime = factory(spec)
-            log.info("loaded %s/%s from %s on %s in %.2fs", spec.name, spec.version, spec.path, runtime.provider,
-                     time.monotonic() - started)  # fmt: skip
+            padded = f", batches padded to {runtime.pad_to}" if getattr(runtime, "pad_to", 0) else ""
+            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, spec.path, runtime.provider,
+                     time.monotonic() - started, padded)  # fmt: skip
             stats = ModelStats(self.table.stats[self.row, i])
             self.queues.append(ModelQueue(self, i, runtime, stats))
             self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)

@@ -26,7 +26,7 @@ LISTENING = re.compile(r"listening http=(\S+):(\d+) grpc=(\S+):(\d+)")
 #: The server suite runs once as one process (the default here) and once with several front ends
 #: and a device executor: `.ci/run` sets CNNSERVE_TEST_WORKERS=2 for the second run.
 TEST_WORKERS = os.environ.get("CNNSERVE_TEST_WORKERS", "1")
-TEST_EXECUTOR = os.environ.get("CNNSERVE_TEST_EXECUTOR", "device")
+TEST_EXECUTOR = os.environ.get("CNNSERVE_TEST_EXECUTOR", "worker" if TEST_WORKERS == "1" else "device")
 SPAWNED = re.compile(r"started (device executor|front end) (\d+) \(pid (\d+)\)")
 
 

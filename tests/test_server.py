@@ -9,9 +9,12 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -24,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
-from tests.conftest import MODEL_PATH, ROOT, ServerProcess, distinct_images, jpeg_bytes, png_bytes
+from tests.conftest import MODEL_PATH, ROOT, ServerProcess, distinct_images, jpeg_bytes, png_bytes, wait_until
 
 LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -604,32 +607,72 @@ def test_a_request_larger_than_the_queue_is_413_not_429():
         assert s.stop() == 0
 
 
-def test_a_port_in_use_is_a_clear_error_not_a_traceback():
+def _serve_fails(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``cnnserve serve`` that must fail at start-up; its stderr must be our lines only."""
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr
+    return out
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_port_in_use_is_one_clear_line(workers, protocol):
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--http-port",
-                str(port),
-                "--grpc-port",
-                "0",
-                "--providers",
-                "cpu",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert out.returncode == 1
-    assert "cannot listen" in out.stderr and "Traceback" not in out.stderr
+        other = "--grpc-port" if protocol == "http" else "--http-port"
+        out = _serve_fails("--workers", workers, f"--{protocol}-port", str(port), other, "0")
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, out.stderr
+    assert f"port {port} is already in use on 127.0.0.1" in errors[0] and f"--{protocol}-port" in errors[0]
+    assert f"CNNSERVE_{protocol.upper()}_PORT" in errors[0]
+    assert "GRPC_VERBOSITY" not in out.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_missing_model_repository_is_named_by_its_absolute_path(tmp_path, workers):
+    out = _serve_fails("--workers", workers, "--model-repository", "no-such-models", cwd=tmp_path)
+    assert f"model repository {tmp_path / 'no-such-models'} is not a folder" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_corrupt_model_is_one_line_naming_the_file(tmp_path, workers):
+    version_dir = tmp_path / "cifar10" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])  # cut short
+    out = _serve_fails("--workers", workers, "--executor", "device", "--model-repository", str(tmp_path),
+                       "--http-port", "0", "--grpc-port", "0")  # fmt: skip
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, out.stderr
+    assert f"cannot load {version_dir / 'model.onnx'}" in errors[0], out.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_second_ctrl_c_stops_at_once(workers):
+    s = ServerProcess("--workers", workers, "--drain-seconds", "30")
+    children = list(s.children.values())
+    s.proc.send_signal(signal.SIGINT)
+    assert wait_until(lambda: "Ctrl-C again stops now" in s.log, timeout=10), s.log
+    assert httpx.get(f"{s.http}/readyz").status_code == 503  # draining, still answering
+    started = time.monotonic()
+    s.proc.send_signal(signal.SIGINT)
+    assert s.proc.wait(10) == 130
+    assert time.monotonic() - started < 5
+    assert "second Ctrl-C: stopping now" in s.log
+    for pid in children:  # no process outlives the server
+        assert wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), timeout=5)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.loadtest import machine_info, spread  # noqa: E402
+from loadtest.machine import machine_info, spread  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "cifar10" / "1" / "model.onnx"
 BATCH_SIZES = [2**i for i in range(9)]  # 1 .. 256

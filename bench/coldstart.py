@@ -8,7 +8,7 @@ provider) and measures, from the moment of the spawn:
   of every power-of-two batch size up to --max-batch-size); also the server's own "ready in Xs"
   log figure, which starts after the imports;
 - VmRSS from /proc/PID/status once ready (after warm-up), then after a load burst (gRPC and HTTP
-  at concurrency 64 for --burst seconds each, ``service.loadtest``), and VmHWM (the peak);
+  at concurrency 64 for --burst seconds each, ``loadtest``), and VmHWM (the peak);
 - stop: SIGTERM until exit, with --drain-seconds 0.
 
 Prints min / median / max over the rounds.
@@ -34,24 +34,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from served import MODEL_REPOSITORY, Server  # noqa: E402
 
-from service import loadtest  # noqa: E402
-from service.loadtest import machine_info, spread  # noqa: E402
+from loadtest.config import LoadConfig  # noqa: E402
+from loadtest.machine import machine_info, spread  # noqa: E402
+from loadtest.runner import run  # noqa: E402
 
 
 def burst(server: Server, seconds: float, concurrency: int) -> dict:
     """gRPC then HTTP load for ``seconds`` each; ok/error counts per protocol."""
     out = {}
     for target in ("grpc", "http"):
-        cfg = loadtest.LoadConfig(
+        cfg = LoadConfig(
             target=target,
             address=server.address(target),
             concurrency=concurrency,
             duration=seconds,
             warmup=0.0,
-            metrics_url="none",
+            metrics_address="none",
             progress=False,
         )
-        report = loadtest.run(cfg)
+        report = run(cfg)
         out[target] = {
             "ok": report["summary"]["ok"],
             "errors": report["summary"]["errors"],

@@ -22,7 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.loadtest import LoadConfig, machine_info, run, spread  # noqa: E402
+from loadtest.config import LoadConfig  # noqa: E402
+from loadtest.machine import machine_info, spread  # noqa: E402
+from loadtest.runner import run  # noqa: E402
 
 LISTENING = re.compile(r"listening http=\S+:(\d+) grpc=\S+:(\d+)")
 
@@ -91,7 +93,7 @@ def main() -> int:
                                     concurrency=c,
                                     duration=args.duration,
                                     warmup=0.5,
-                                    metrics_url="none",
+                                    metrics_address="none",
                                 )
                             )["summary"]
                             results.setdefault(f"{target} c={c} images/s", {}).setdefault(name, []).append(

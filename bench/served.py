@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service.loadtest import machine_info, spread  # noqa: E402
+from loadtest.machine import machine_info, spread  # noqa: E402
 
 LISTENING = re.compile(r"listening http=(\S+):(\d+) grpc=(\S+):(\d+)")
 READY = re.compile(r" ready in ([0-9.]+)s")
@@ -228,7 +228,7 @@ def run_loadtest(
             protocol,
             "--address",
             server.address(protocol),
-            "--metrics-url",
+            "--metrics-address",
             f"{server.http}/metrics",
             "--concurrency",
             str(concurrency),

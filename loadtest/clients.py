@@ -61,7 +61,7 @@ class _HttpConnection(asyncio.Protocol):
         self.loop = loop
         self.parser = httptools.HttpResponseParser(self)
         self._parser_error = httptools.HttpParserError
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.waiter: asyncio.Future | None = None
         self.lost = False
         self.keep_alive = True

@@ -101,7 +101,7 @@ class LoadConfig:
             raise ValueError(f"unknown target {self.target!r} (one of {', '.join(TARGETS)})")
         if self.processes < 1:
             raise ValueError("--processes must be >= 1")
-        if self.open_loop:
+        if self.rate is not None:
             if not self.rate > 0:
                 raise ValueError("--rate must be > 0")
         elif self.concurrency < self.processes:

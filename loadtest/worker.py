@@ -35,15 +35,17 @@ class Worker:
         counters,
     ) -> None:
         self.cfg, self.index = cfg, index
-        self.concurrency, self.rate, self.tickets = concurrency, rate, requests
+        self.concurrency, self.rate = concurrency, rate
         self.requests_mode = requests is not None
+        self.tickets = requests or 0  # measured requests left to send (requests mode)
         self.images, self.tensor = images, tensor
         self.counters = counters  # [completed, errors, latency seconds sum], read by the progress thread
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}
         self.dropped = 0
         self.last_done = 0.0
-        self.cpu_start = self.cpu_end = None
+        self.cpu_start: float | None = None
+        self.cpu_end: float | None = None
 
     async def setup(self) -> None:
         payloads = build_payloads(self.cfg, self.images, self.tensor, offset=self.index * 7919)
@@ -101,9 +103,10 @@ class Worker:
 
     async def _open(self) -> None:
         rng = random.Random(self.cfg.seed * 1000 + self.index)
+        rate = self.rate or 0.0  # set whenever the open loop runs
         items, n, i = self.items, len(self.items), 0
         tasks: set[asyncio.Task] = set()
-        t = self.start + rng.expovariate(self.rate)
+        t = self.start + rng.expovariate(rate)
         t0, t1 = self.t0, self.t1
         limit = self.cfg.max_outstanding
         create_task = asyncio.get_running_loop().create_task
@@ -127,7 +130,7 @@ class Worker:
                         i += 1
                         if i == n:
                             i = 0
-                    t += rng.expovariate(self.rate)
+                    t += rng.expovariate(rate)
                 if not stop:
                     await asyncio.sleep(max(0.0, t - now()))
             if tasks:
@@ -165,6 +168,7 @@ class Worker:
         if self.cpu_start is None:
             self._snap_start()
         self._snap_end()
+        cpu_s = (self.cpu_end or 0.0) - (self.cpu_start or 0.0)  # both set just above
         end = self.last_done if self.requests_mode else self.t1
         return {
             "index": self.index,
@@ -173,7 +177,7 @@ class Worker:
             "dropped": self.dropped,
             "t0": self.t0,
             "end": end,
-            "cpu_s": self.cpu_end - self.cpu_start,
+            "cpu_s": cpu_s,
             "cpu_window_s": (min(now(), self.t1) if self.requests_mode else self.t1) - self.t0,
         }
 

@@ -214,8 +214,9 @@ def effective_settings(docs: list[dict], monkeypatch) -> object:
 # ----------------------------------------------------------------------------------------------
 # Dockerfile
 # ----------------------------------------------------------------------------------------------
-def dockerfile_stages() -> dict[str, dict]:
-    """Stage name -> {"from": base, "lines": [instruction lines]} (continuations joined)."""
+def dockerfile_stages(flavour: str = "cpu") -> dict[str, dict]:
+    """Stage name -> {"from": base, "lines": [instruction lines]} (continuations joined), as built
+    with ``--build-arg FLAVOUR=<flavour>``."""
     text = DOCKERFILE.read_text()
     logical, buf = [], ""
     for raw in text.splitlines():
@@ -233,7 +234,7 @@ def dockerfile_stages() -> dict[str, dict]:
         word = line.split(None, 1)[0].upper()
         if word == "ARG" and current is None:
             name, _, default = line.split(None, 1)[1].partition("=")
-            args[name] = default
+            args[name] = flavour if name == "FLAVOUR" else default
         elif word == "FROM":
             m = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line, re.I)
             assert m, f"every stage is named: {line}"
@@ -277,14 +278,14 @@ def test_hadolint_reports_nothing():
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res.stdout + res.stderr
 
 
-def test_dockerfile_targets_and_runtime_contract():
-    stages = dockerfile_stages()
-    assert {"cpu", "gpu"} <= set(stages)
-    assert stage_root(stages, "cpu").startswith("python:3.11-slim")
-    assert stage_root(stages, "gpu").startswith("nvidia/cuda:")
-    assert re.search(r"-cudnn-runtime-", stage_root(stages, "gpu")), "GPU base must be a runtime + cuDNN image"
+def test_dockerfile_flavours_and_runtime_contract():
+    """One builder and one runtime stage serve both flavours; the FLAVOUR argument picks the base."""
     fields = settings_fields()
-    for target in ("cpu", "gpu"):
+    for flavour, root in (("cpu", "python:3.11-slim"), ("gpu", "nvidia/cuda:")):
+        stages = dockerfile_stages(flavour)
+        assert list(stages)[-1] == "runtime", "the runtime stage is the last, so the default target"
+        assert stage_root(stages, "runtime").startswith(root) and stage_root(stages, "builder").startswith(root)
+        target = "runtime"
         entry = instructions(stages, target, "ENTRYPOINT")
         assert entry and json.loads(entry[-1]) == ["cnnserve", "serve"], "exec-form ENTRYPOINT [cnnserve, serve]"
         exposed = {int(p) for body in instructions(stages, target, "EXPOSE") for p in body.split()}
@@ -297,11 +298,17 @@ def test_dockerfile_targets_and_runtime_contract():
         assert hc and "/healthz" in hc[-1] and "python" in hc[-1]
         env = image_env(stages, target)
         assert env.get("CNNSERVE_MODEL_REPOSITORY") == "/models"
+        assert env.get("CNNSERVE_PROVIDERS") == ("cuda,cpu" if flavour == "gpu" else "cpu")
         for key in env:
             if key.startswith("CNNSERVE_"):
                 assert key[len("CNNSERVE_") :].lower() in fields, f"{key} in Dockerfile is no Settings field"
         copies = instructions(stages, target, "COPY")
         assert any(re.fullmatch(r"models/?\s+/models/?", c) for c in copies), "bundled models/ -> /models"
+        assert any(c.startswith("--from=builder ") for c in copies)
+    stages = dockerfile_stages()
+    installing = [name for name, st in stages.items() if any("pip install" in ln for ln in st["lines"])]
+    assert installing == ["builder"], f"one builder stage for both flavours, not {installing}"
+    assert re.search(r"-cudnn-runtime-", stage_root(dockerfile_stages("gpu"), "runtime")), "GPU base: runtime + cuDNN"
     assert "torch" not in DOCKERFILE.read_text().replace("no torch", "")
 
 
@@ -310,7 +317,7 @@ def test_gpu_base_image_matches_onnxruntime_gpu_cuda_major():
     info = pytest.importorskip("onnxruntime.capi.build_and_package_info", reason="onnxruntime not installed")
     if getattr(info, "package_name", "") != "onnxruntime-gpu" or not getattr(info, "cuda_version", ""):
         pytest.skip("installed onnxruntime is not the CUDA build")
-    base = stage_root(dockerfile_stages(), "gpu")
+    base = stage_root(dockerfile_stages("gpu"), "runtime")
     m = re.match(r"nvidia/cuda:(\d+)\.", base)
     assert m, base
     assert m.group(1) == info.cuda_version.split(".")[0], (
@@ -320,7 +327,7 @@ def test_gpu_base_image_matches_onnxruntime_gpu_cuda_major():
 
 def test_image_uid_matches_pod_security_context():
     stages = dockerfile_stages()
-    uid = int(instructions(stages, "cpu", "USER")[-1].split(":")[0])
+    uid = int(instructions(stages, "runtime", "USER")[-1].split(":")[0])
     for variant in ("cpu", "gpu", "kserve"):
         spec = pod_spec(workload(render(variant)))
         assert spec["securityContext"]["runAsUser"] == uid
@@ -331,7 +338,7 @@ def test_dockerignore_keeps_context_small_but_complete():
         ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
     }
     assert {".venv", "runs", ".git", "data"} <= lines
-    for needed in ("pyproject.toml", "README.md", "service", "models", "scripts", "protos"):
+    for needed in ("pyproject.toml", "README.md", "service", "loadtest", "models", "scripts", "protos"):
         assert needed not in lines, f"{needed} is needed in the build context"
 
 

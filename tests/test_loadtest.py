@@ -219,6 +219,8 @@ def test_metrics_address_resolution():
     assert LoadConfig(metrics_address="https://m:1").resolved_metrics_url() == "https://m:1/metrics"
     assert LoadConfig(metrics_address="http://m:1/x/metrics").resolved_metrics_url() == "http://m:1/x/metrics"
     assert LoadConfig(target="http", metrics_address="none").resolved_metrics_url() is None
+    # The flag's former name still works.
+    assert cli.build_parser().parse_args(["loadtest", "--metrics-url", "m:1"]).metrics_address == "m:1"
 
 
 def test_other_clients_load_is_called_out():

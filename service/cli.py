@@ -1,4 +1,4 @@
-"""The ``cnnserve`` command: serve, classify, train, export, evaluate.
+"""The ``cnnserve`` command: serve, classify, train, export, evaluate, loadtest.
 
 train/export need the ``train`` extra (torch, onnx); they are imported only when called, so the
 serving install never loads torch.
@@ -90,6 +90,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from loadtest.command import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("loadtest", help="load-test a running server: throughput, latency, batching")
-    from service import loadtest
+    # Only the flag definitions (argparse and dataclasses): the load generator itself, with numpy,
+    # grpc.aio and httptools, is imported when the command runs.
+    from loadtest.arguments import add_arguments as add_loadtest_arguments
 
-    loadtest.add_arguments(p)
-    p.set_defaults(func=loadtest.main)
+    add_loadtest_arguments(p)
+    p.set_defaults(func=cmd_loadtest)
     return parser
 
 

@@ -220,9 +220,9 @@ class Supervisor:
                 ready = True
                 elapsed = time.monotonic() - self.started
                 log.info("ready in %.2fs: %d front end(s), %s", elapsed, self.workers, self._placement_text())
+        table.flags[0] = 1
         log.info("draining: readiness is false everywhere, serving for %.1fs more (Ctrl-C again stops now)",
                  s.drain_seconds)  # fmt: skip
-        table.flags[0] = 1
         until = time.monotonic() + s.drain_seconds
         while time.monotonic() < until:
             wait([p.sentinel for p in self.processes.values()], timeout=min(0.05, max(0.0, until - time.monotonic())))

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from service import devices
 from service.codec import Normalizer
 from service.postprocess import ranking, softmax
 from service.repository import ModelSpec
@@ -38,9 +39,10 @@ class BatchOutput(NamedTuple):
     ranked_labels: list
 
 
-def provider_options(settings: Settings) -> list[tuple[str, dict]]:
+def provider_options(settings: Settings, names: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(provider, options) pairs for ``names`` (default: the settings' providers)."""
     out = []
-    for name in settings.providers:
+    for name in settings.providers if names is None else names:
         opts: dict = {}
         if name == CUDA:
             opts = {"device_id": settings.cuda_device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
@@ -66,7 +68,24 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     so.intra_op_num_threads = settings.intra_op_threads or default_intra_op_threads()
     so.inter_op_num_threads = settings.inter_op_threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0")
+    so.log_severity_level = devices.onnxruntime_log_severity(settings.log_level)
     return so
+
+
+_announced: set[str] = set()
+
+
+def session_providers(settings: Settings) -> list[tuple[str, dict]]:
+    """The settings' providers less those that cannot run here (CUDA without a driver or a
+    library), said once per process in one line of ours; GpuRequired under --require-gpu."""
+    names, reason = devices.usable_providers(settings.providers)
+    if reason is not None:
+        if settings.require_gpu:
+            raise GpuRequired(f"{reason}; refusing to start because require_gpu is set")
+        if reason not in _announced:
+            _announced.add(reason)
+            log.warning("%s: running on the CPU", reason)
+    return provider_options(settings, names or [CPU])
 
 
 class ModelRuntime:
@@ -76,7 +95,8 @@ class ModelRuntime:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
         self.name, self.version = spec.name, spec.version
-        providers = provider_options(settings)
+        devices.quiet_onnxruntime(settings.log_level)
+        providers = session_providers(settings)
         # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
         self.session = ort.InferenceSession(
             spec.path.read_bytes(),
@@ -85,11 +105,12 @@ class ModelRuntime:
             provider_options=[o for _, o in providers],
         )
         self.provider = self.session.get_providers()[0]
-        if CUDA in settings.providers and self.provider != CUDA:
+        if any(p == CUDA for p, _ in providers) and self.provider != CUDA:
+            # The probe passed but ONNX Runtime still chose another provider (a wrong device
+            # ordinal, a driver too old for this CUDA): its own log says why at --log-level DEBUG.
             message = (
                 f"{spec.name}/{spec.version}: CUDA was asked for but the session runs on {self.provider} "
-                f"(built into this onnxruntime: {', '.join(ort.get_available_providers())}; CUDA also needs an "
-                f"NVIDIA driver and the CUDA/cuDNN libraries onnxruntime's log names)"
+                "(--log-level DEBUG shows onnxruntime's own messages)"
             )
             if settings.require_gpu:
                 raise GpuRequired(message + "; refusing to start because require_gpu is set")

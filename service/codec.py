@@ -17,7 +17,7 @@ import io
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge
 
@@ -26,6 +26,12 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Pillow raises DecompressionBombError only above 2x its own limit; we check sizes ourselves.
 Image.MAX_IMAGE_PIXELS = None
+Image.init()  # register every format plugin now, so the list below is complete
+#: What an error about unreadable bytes tells the client: the tested formats first, then the
+#: other common ones this Pillow reads.
+ACCEPTED_FORMATS = (
+    "JPEG or PNG (also " + ", ".join(f for f in ("GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA") if f in Image.OPEN) + ")"
+)
 
 
 def _fit(im: Image.Image) -> np.ndarray:
@@ -82,6 +88,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             return _fit(im)
     except (PayloadTooLarge, InvalidInput):
         raise
+    except UnidentifiedImageError:  # Pillow's message names a BytesIO object, not the cause
+        raise InvalidInput(
+            f"not an image in a format the server reads ({len(data)} bytes starting {data[:8]!r}); "
+            f"send {ACCEPTED_FORMATS}"
+        ) from None
     except Exception as e:
         raise InvalidInput(f"cannot decode image: {type(e).__name__}: {e}") from None
 

@@ -205,6 +205,27 @@ def test_http_bad_input_gets_its_code_and_a_json_error(server, name, kwargs, sta
     assert isinstance(r.json()["error"], str) and r.json()["error"]
 
 
+def test_a_non_image_upload_says_which_formats_are_accepted(server, tmp_path):
+    for kwargs in (
+        dict(content=b"%PDF-1.7 not an image", headers={"Content-Type": "application/octet-stream"}),
+        dict(files={"file": ("notes.txt", b"plain text, not an image", "text/plain")}),
+    ):
+        r = httpx.post(f"{server.http}/predict", **kwargs)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "send JPEG or PNG (also GIF, BMP" in error and "BytesIO" not in error and " at 0x" not in error
+    path = tmp_path / "notes.txt"
+    path.write_text("not an image")
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "classify", str(path), "--target", server.grpc_target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "send JPEG or PNG" in out.stderr and "BytesIO" not in out.stderr
+
+
 @pytest.mark.parametrize(
     "params,status",
     [

@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service import devices
-from service.codec import Normalizer
 from service.postprocess import ranking, softmax
+from service.preprocess import Normalizer, Preprocessing
 from service.repository import ModelSpec
 from service.settings import Settings
 
@@ -88,6 +88,40 @@ def session_providers(settings: Settings) -> list[tuple[str, dict]]:
     return provider_options(settings, names or [CPU])
 
 
+def read_metadata(path: object, meta: dict[str, str]) -> tuple[list[str], Preprocessing]:
+    """The labels and preprocessing from a model's ONNX metadata (docs/models.md); ValueError
+    naming the file and what is missing or malformed otherwise."""
+    hint = "add them with `cnnserve import-model` (docs/models.md)"
+    missing = [key for key in ("labels", "preprocessing") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: model metadata lacks {' and '.join(missing)}; {hint}")
+    try:
+        labels = json.loads(meta["labels"])
+        pre = Preprocessing.parse(json.loads(meta["preprocessing"]))
+    except ValueError as e:
+        raise ValueError(f"{path}: model metadata is malformed ({e}); {hint}") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{path}: metadata labels must be a JSON list of strings; {hint}")
+    return labels, pre
+
+
+def check_input(path: object, input_shape: list[int], pre: Preprocessing, classes: int, output_shape: list) -> None:
+    """The graph's input and output agree with the metadata: [N,3,H,W] at the preprocessing's
+    size, and one score per label."""
+    if len(input_shape) != 4 or input_shape[1] != 3:
+        raise ValueError(f"{path}: the model's input is {input_shape}; an image classifier takes [N,3,H,W]")
+    if input_shape[0] != -1:
+        raise ValueError(
+            f"{path}: the model's batch dimension is fixed at {input_shape[0]}; the server batches requests, so it "
+            "must be dynamic (`cnnserve import-model` makes it so)"
+        )
+    if input_shape[2:] != list(pre.size) and all(d > 0 for d in input_shape[2:]):
+        raise ValueError(f"{path}: the model's input is {input_shape} but its preprocessing size is {list(pre.size)}")
+    last = output_shape[-1] if output_shape else None
+    if isinstance(last, int) and last != classes:
+        raise ValueError(f"{path}: the model answers {last} scores but its metadata has {classes} labels")
+
+
 class ModelRuntime:
     """A loaded model version. ``run_batch`` is thread-safe (ORT sessions are) and is called from
     the batcher's executor thread, never on the event loop."""
@@ -117,16 +151,15 @@ class ModelRuntime:
             log.warning(message + "; running on the CPU")
 
         meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.labels: list[str] = json.loads(meta["labels"])
-            pre = json.loads(meta["preprocessing"])
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{spec.path}: model metadata lacks labels/preprocessing ({e})") from None
-        self.preprocessing = pre
-        self.normalizer = Normalizer(pre["scale"], pre["mean"], pre["std"])
+        self.labels, pre = read_metadata(spec.path, meta)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = [d if isinstance(d, int) else -1 for d in inp.shape]  # [-1, 3, 32, 32]
+        check_input(spec.path, self.input_shape, pre, len(self.labels), self.session.get_outputs()[0].shape)
+        self.input_shape = [-1, 3, *pre.size]  # spatial dimensions the graph leaves dynamic: the metadata's size
+        self.preprocessing = pre.to_metadata()
+        self.image_size = pre.size
+        self.normalizer = Normalizer(pre)
         self.output_name = self.session.get_outputs()[0].name
         self.num_classes = len(self.labels)
         self.labels_array = np.array(self.labels, dtype=object)
@@ -137,8 +170,8 @@ class ModelRuntime:
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
 
     def prepare(self, parts: list[np.ndarray]) -> np.ndarray:
-        """Concatenate requests' images into one model input. uint8 [n,32,32,3] parts (decoded
-        images) are normalised together in one vectorised step; float32 [n,3,32,32] parts (Open
+        """Concatenate requests' images into one model input. uint8 [n,H,W,3] parts (decoded
+        images) are normalised together in one vectorised step; float32 [n,3,H,W] parts (Open
         Inference Protocol tensors, already preprocessed) are used as they are."""
         if all(p.dtype == np.uint8 for p in parts):
             return self.normalizer(parts[0] if len(parts) == 1 else np.concatenate(parts))

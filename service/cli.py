@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     p.set_defaults(func=cmd_classify)
 
+    from service import model_import
+
+    p = sub.add_parser(
+        "import-model",
+        help="add cnnserve's metadata to any ONNX image classifier and put it in a model repository (needs onnx)",
+        description=model_import.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model_import.add_arguments(p)
+    p.set_defaults(func=model_import.main)
+
     p = sub.add_parser("train", help="train the CNN on CIFAR-10 (needs the train extra)")
     p.add_argument(
         "--data",

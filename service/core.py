@@ -169,8 +169,9 @@ class InferenceCore:
 
     # ---- validation and decoding ------------------------------------------------------------
     def check_top_k(self, top_k: int | None, num_classes: int = MAX_TOP_K) -> int:
-        k = self.settings.default_top_k if top_k is None else top_k
         limit = min(MAX_TOP_K, num_classes)
+        # The default is capped at the model's classes (a 4-class model answers 4, not an error).
+        k = min(self.settings.default_top_k, limit) if top_k is None else top_k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
             raise InvalidParameter(f"top_k must be an integer from 1 to {limit}, got {top_k!r}")
         return k

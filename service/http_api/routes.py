@@ -13,6 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.core import Classification
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
+from service.http_api.schemas import (
+    PREDICT_REQUEST_BODY,
+    Liveness,
+    PredictResponse,
+    Readiness,
+    error_responses,
+)
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -21,7 +28,7 @@ Bodies:
 - `multipart/form-data`: one or more parts named `file`.
 - `application/json`: `{{"images": ["<base64 JPEG/PNG>", ...], "top_k": 3}}`.
 
-Images that are not 32x32 RGB are converted to RGB, centre-cropped to a square and resized.
+Images are converted to RGB, centre-cropped to the model's aspect ratio and resized to its input size.
 Header `{TIMEOUT_HEADER}`: give up (504) if the request is still queued after this many milliseconds.
 Errors: `{{"error": "..."}}` with 400 bad image, 404 unknown model, 413 too large, 415 unsupported
 type, 422 invalid parameter, 429 queue full (with Retry-After), 503 not ready, 504 deadline.
@@ -134,8 +141,11 @@ def build_router(ctx: HttpContext) -> APIRouter:
         "/predict",
         summary="Classify images (top-k labels with probabilities)",
         description=PREDICT_DOC,
-        responses={200: {"description": "One result per image, in order"}},
-        openapi_extra={"parameters": PREDICT_PARAMETERS},
+        responses={
+            200: {"model": PredictResponse, "description": "One result per image, in order"},
+            **error_responses(400, 404, 413, 415, 422, 429, 503, 504),
+        },
+        openapi_extra={"parameters": PREDICT_PARAMETERS, "requestBody": PREDICT_REQUEST_BODY},
     )
     async def predict(request: Request):
         query = request.query_params
@@ -143,11 +153,15 @@ def build_router(ctx: HttpContext) -> APIRouter:
             "predict", _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None)
         )
 
-    @router.get("/healthz", summary="Liveness: the process answers")
+    @router.get("/healthz", summary="Liveness: the process answers", responses={200: {"model": Liveness}})
     async def healthz():
         return json_response({"status": "live"})
 
-    @router.get("/readyz", summary="Readiness: every model loaded and warm, not draining")
+    @router.get(
+        "/readyz",
+        summary="Readiness: every model loaded and warm, not draining",
+        responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
+    )
     async def readyz():
         models = [{"name": m.name, "version": m.version, "provider": m.runtime.provider} for m in core.all_models()]
         reason = core.not_ready_reason()
@@ -155,7 +169,11 @@ def build_router(ctx: HttpContext) -> APIRouter:
             return json_response({"status": "ready", "models": models})
         return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)
 
-    @router.get("/metrics", summary="Prometheus metrics")
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "text format"}},
+    )
     async def metrics():
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -73,7 +73,7 @@ PREDICT_PARAMETERS = [
 ]
 
 
-def _int_parameter(name: str, text: str | None) -> int | None:
+def int_parameter(name: str, text: str | None) -> int | None:
     if text is None or text == "":
         return None
     try:
@@ -82,7 +82,8 @@ def _int_parameter(name: str, text: str | None) -> int | None:
         raise InvalidParameter(f"{name} must be an integer, got {text!r}") from None
 
 
-def _json_images(body: bytes) -> tuple[list[bytes], object, object, object]:
+def parse_json_body(body: bytes) -> tuple[list[bytes], object, object, object]:
+    """/predict's JSON body → (image bytes, top_k, model, model_version) as given (checked later)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -105,7 +106,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
     core = ctx.core
 
     async def _predict(request: Request, top_k_text: str | None, model: str | None, version: str | None) -> Response:
-        top_k = _int_parameter("top_k", top_k_text)
+        top_k = int_parameter("top_k", top_k_text)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         deadline = ctx.deadline(request)
         if content_type == "multipart/form-data":
@@ -117,7 +118,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
             if not images:
                 raise InvalidInput('multipart body has no file part named "file"')
         elif content_type == "application/json":
-            images, json_top_k, json_model, json_version = _json_images(await ctx.body(request))
+            images, json_top_k, json_model, json_version = parse_json_body(await ctx.body(request))
             top_k = top_k if top_k is not None else json_top_k
             model = model or json_model
             version = version or json_version

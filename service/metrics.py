@@ -76,34 +76,6 @@ class Metrics:
         )
         self.ready = Gauge("cnnserve_ready", "1 when the server is ready for traffic.", registry=r)
 
-    def observer(self, model: str) -> ModelObserver:
-        return ModelObserver(self, model)
-
-
-class ModelObserver(BatchObserver):
-    """Feeds one model's batcher events into the metrics (label children resolved once)."""
-
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self.metrics = metrics
-        self._depth = metrics.queue_depth.labels(model)
-        self._batch = metrics.batch_size.labels(model)
-        self._queue = metrics.queue_duration.labels(model)
-        self._infer = metrics.inference_duration.labels(model)
-        self._images = metrics.images.labels(model)
-
-    def queue_depth(self, images: int) -> None:
-        self._depth.set(images)
-
-    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
-        self._batch.observe(size)
-        self._infer.observe(compute_s)
-        self._images.inc(size)
-        for wait in queue_waits_s:
-            self._queue.observe(wait)
-
-    def dropped(self, reason: str, images: int) -> None:
-        self.metrics.rejected.labels(reason).inc()
-
 
 class ModelStats:
     """Per-model-version counts and durations in Triton's statistics shape (nanoseconds),
@@ -113,7 +85,6 @@ class ModelStats:
         self.success_count = self.success_ns = 0
         self.fail_count = self.fail_ns = 0
         self.queue_count = self.queue_ns = 0
-        self.compute_count = self.compute_ns = 0  # per executed batch
         self.request_compute_count = self.request_compute_ns = 0  # per request, Triton's meaning
         self.inference_count = 0  # images computed
         self.execution_count = 0  # batches run
@@ -129,19 +100,33 @@ class ModelStats:
             self.fail_ns += int(seconds * 1e9)
 
 
-class StatsObserver(ModelObserver):
-    """ModelObserver that also keeps the model's ModelStats."""
+class StatsObserver(BatchObserver):
+    """Feeds one model version's batcher events into the Prometheus metrics (label children
+    resolved once) and into its ModelStats."""
 
     def __init__(self, metrics: Metrics, model: str, stats: ModelStats) -> None:
-        super().__init__(metrics, model)
+        self.metrics = metrics
         self.stats = stats
+        self._depth = metrics.queue_depth.labels(model)
+        self._batch = metrics.batch_size.labels(model)
+        self._queue = metrics.queue_duration.labels(model)
+        self._infer = metrics.inference_duration.labels(model)
+        self._images = metrics.images.labels(model)
+
+    def queue_depth(self, images: int) -> None:
+        self._depth.set(images)
+
+    def dropped(self, reason: str, images: int) -> None:
+        self.metrics.rejected.labels(reason).inc()
 
     def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
-        super().batch_done(size, requests, queue_waits_s, compute_s)
+        self._batch.observe(size)
+        self._infer.observe(compute_s)
+        self._images.inc(size)
+        for wait in queue_waits_s:
+            self._queue.observe(wait)
         s = self.stats
         ns = int(compute_s * 1e9)
-        s.compute_count += 1
-        s.compute_ns += ns
         # Triton charges every request of a batch the whole batch's compute time.
         s.request_compute_count += requests
         s.request_compute_ns += ns * requests

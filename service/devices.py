@@ -80,20 +80,22 @@ def cuda_libraries() -> list[str]:
 def cuda_available() -> tuple[bool, str]:
     """``(True, "")`` when ONNX Runtime's CUDA provider can run here, else ``(False, reason)``.
 
-    Checks, in order: the onnxruntime build has the CUDA provider; an NVIDIA driver is visible
-    (``/proc/driver/nvidia/version`` or a loadable ``libcuda.so.1``); every CUDA/cuDNN library
+    Checks, in order: an NVIDIA driver is visible (a loadable ``libcuda.so.1``; with only
+    ``/proc/driver/nvidia/version`` the reason says the library is missing); the onnxruntime
+    build has the CUDA provider; every CUDA/cuDNN library
     the provider needs can be loaded. Loading a library that is there has no side effect beyond
     what ONNX Runtime would do next. It does not check that a device is free or which ordinal
     exists: ONNX Runtime reports that itself when the session is created."""
-    if CUDA not in ort.get_available_providers():
-        return False, "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
     if sys.platform != "linux":  # pragma: no cover - the probe knows Linux's library names only
-        return True, ""
+        ok = CUDA in ort.get_available_providers()
+        return ok, "" if ok else "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
     driver_error = _loadable(DRIVER_LIBRARY)
     if driver_error is not None:
         if NVIDIA_DRIVER_VERSION.exists():
             return False, f"the NVIDIA driver is there but {DRIVER_LIBRARY} cannot be loaded ({driver_error})"
         return False, NO_DRIVER
+    if CUDA not in ort.get_available_providers():
+        return False, "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
     for name in cuda_libraries():
         if _loadable(name) is not None:
             return False, (

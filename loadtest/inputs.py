@@ -77,10 +77,9 @@ def model_preprocessing(model_file: str | None) -> tuple[dict, str]:
 
 def images_to_tensor(images: list[bytes], preprocessing: dict) -> np.ndarray:
     """Encoded images → float32 [n,3,32,32], exactly as the server would preprocess them."""
-    from service.codec import Normalizer, decode_image
+    from service.preprocess import image_to_tensor
 
-    pixels = np.stack([decode_image(im, 1 << 30) for im in images])
-    return Normalizer(preprocessing["scale"], preprocessing["mean"], preprocessing["std"])(pixels)
+    return np.concatenate([image_to_tensor(im, preprocessing) for im in images])
 
 
 def prepare_inputs(cfg: LoadConfig) -> tuple[list[bytes], np.ndarray | None, dict]:

@@ -207,8 +207,9 @@ class InferenceCore:
 
     # ---- validation and decoding ------------------------------------------------------------
     def check_top_k(self, top_k: int | None, num_classes: int = MAX_TOP_K) -> int:
-        k = self.settings.default_top_k if top_k is None else top_k
         limit = min(MAX_TOP_K, num_classes)
+        # The default is capped at the model's classes (a 4-class model answers 4, not an error).
+        k = min(self.settings.default_top_k, limit) if top_k is None else top_k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
             raise InvalidParameter(f"top_k must be an integer from 1 to {limit}, got {top_k!r}")
         return k
@@ -219,15 +220,15 @@ class InferenceCore:
         if n > self.settings.max_images_per_request:
             raise PayloadTooLarge(f"{n} images in one request; the limit is {self.settings.max_images_per_request}")
 
-    def _decode_all(self, images: list[ImageInput]) -> np.ndarray:
+    def _decode_all(self, images: list[ImageInput], size: codec.Size = codec.DEFAULT_SIZE) -> np.ndarray:
         max_pixels = self.settings.max_image_pixels
-        out = np.empty((len(images), codec.SIZE, codec.SIZE, 3), np.uint8)
+        out = np.empty((len(images), *size, 3), np.uint8)
         for i, image in enumerate(images):
             try:
                 if isinstance(image, RawImage):
-                    out[i] = codec.raw_to_image(image.data, image.height, image.width, max_pixels)
+                    out[i] = codec.raw_to_image(image.data, image.height, image.width, max_pixels, size)
                 else:
-                    out[i] = codec.decode_image(image, max_pixels)
+                    out[i] = codec.decode_image(image, max_pixels, size)
             except (InvalidInput, PayloadTooLarge) as e:
                 if len(images) > 1:
                     e.message = f"image {i}: {e.message}"
@@ -235,11 +236,12 @@ class InferenceCore:
                 raise
         return out
 
-    async def decode(self, images: list[ImageInput]) -> np.ndarray:
+    async def decode(self, images: list[ImageInput], size: codec.Size = codec.DEFAULT_SIZE) -> np.ndarray:
+        """uint8 [n,H,W,3] pixels at ``size`` (the model's input size: height, width)."""
         self.check_image_count(len(images))
         if self._small(images):
-            return self._decode_all(images)
-        return await asyncio.to_thread(self._decode_all, images)
+            return self._decode_all(images, size)
+        return await asyncio.to_thread(self._decode_all, images, size)
 
     @staticmethod
     def _small(images: list[ImageInput]) -> bool:
@@ -281,7 +283,7 @@ class InferenceCore:
         """Decode, batch, and return each image's top-k, in order."""
         target = self.model(model, version)
         k = self.check_top_k(top_k, target.runtime.num_classes)
-        pixels = await self.decode(images)
+        pixels = await self.decode(images, target.runtime.image_size)
         out = await self._submit(target, pixels, deadline)
         if k == target.runtime.num_classes:
             return Classification(

@@ -98,34 +98,6 @@ class Metrics:
             return generate_latest(registry)
         return generate_latest(self.registry)
 
-    def observer(self, model: str) -> ModelObserver:
-        return ModelObserver(self, model)
-
-
-class ModelObserver(BatchObserver):
-    """Feeds one model's batcher events into the metrics (label children resolved once)."""
-
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self.metrics = metrics
-        self._depth = metrics.queue_depth.labels(model)
-        self._batch = metrics.batch_size.labels(model)
-        self._queue = metrics.queue_duration.labels(model)
-        self._infer = metrics.inference_duration.labels(model)
-        self._images = metrics.images.labels(model)
-
-    def queue_depth(self, images: int) -> None:
-        self._depth.set(images)
-
-    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
-        self._batch.observe(size)
-        self._infer.observe(compute_s)
-        self._images.inc(size)
-        for wait in queue_waits_s:
-            self._queue.observe(wait)
-
-    def dropped(self, reason: str, images: int) -> None:
-        self.metrics.rejected.labels(reason).inc()
-
 
 class ModelStats:
     """Per-model-version counts and durations in Triton's statistics shape (nanoseconds), served by
@@ -137,7 +109,6 @@ class ModelStats:
 
     FIELDS: tuple[str, ...] = (
         "success_count", "success_ns", "fail_count", "fail_ns", "queue_count", "queue_ns",
-        "compute_count", "compute_ns",  # per executed batch
         "request_compute_count", "request_compute_ns",  # per request, Triton's meaning
         "inference_count",  # images computed
         "execution_count",  # batches run
@@ -174,39 +145,50 @@ class ModelStats:
         return {int(size): [int(c), int(ns)] for size, (c, ns) in enumerate(table) if c}
 
     def request_done(self, ok: bool, seconds: float) -> None:
-        v = self.values
-        if ok:
-            v[0] += 1
-            v[1] += int(seconds * 1e9)
-        else:
-            v[2] += 1
-            v[3] += int(seconds * 1e9)
+        v, i = self.values, self._INDEX
+        outcome = "success" if ok else "fail"
+        v[i[outcome + "_count"]] += 1
+        v[i[outcome + "_ns"]] += int(seconds * 1e9)
 
     def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
-        v, ns = self.values, int(compute_s * 1e9)
-        v[6] += 1
-        v[7] += ns
+        v, i, ns = self.values, self._INDEX, int(compute_s * 1e9)
         # Triton charges every request of a batch the whole batch's compute time.
-        v[8] += requests
-        v[9] += ns * requests
-        v[4] += len(queue_waits_s)
-        v[5] += int(sum(queue_waits_s) * 1e9)
-        v[10] += size
-        v[11] += 1
-        v[12] = int(time.time() * 1000)
+        v[i["request_compute_count"]] += requests
+        v[i["request_compute_ns"]] += ns * requests
+        v[i["queue_count"]] += len(queue_waits_s)
+        v[i["queue_ns"]] += int(sum(queue_waits_s) * 1e9)
+        v[i["inference_count"]] += size
+        v[i["execution_count"]] += 1
+        v[i["last_inference_ms"]] = int(time.time() * 1000)
         slot = len(self.FIELDS) + 2 * size
         if slot + 1 < len(v):
             v[slot] += 1
             v[slot + 1] += ns
 
 
-class StatsObserver(ModelObserver):
-    """ModelObserver that also keeps the model's ModelStats."""
+class StatsObserver(BatchObserver):
+    """Feeds one model version's batcher events into the Prometheus metrics (label children
+    resolved once) and into its ModelStats."""
 
     def __init__(self, metrics: Metrics, model: str, stats: ModelStats) -> None:
-        super().__init__(metrics, model)
+        self.metrics = metrics
         self.stats = stats
+        self._depth = metrics.queue_depth.labels(model)
+        self._batch = metrics.batch_size.labels(model)
+        self._queue = metrics.queue_duration.labels(model)
+        self._infer = metrics.inference_duration.labels(model)
+        self._images = metrics.images.labels(model)
+
+    def queue_depth(self, images: int) -> None:
+        self._depth.set(images)
+
+    def dropped(self, reason: str, images: int) -> None:
+        self.metrics.rejected.labels(reason).inc()
 
     def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
-        super().batch_done(size, requests, queue_waits_s, compute_s)
+        self._batch.observe(size)
+        self._infer.observe(compute_s)
+        self._images.inc(size)
+        for wait in queue_waits_s:
+            self._queue.observe(wait)
         self.stats.batch_done(size, requests, queue_waits_s, compute_s)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from service.codec import Normalizer
+from service.preprocess import Normalizer, Preprocessing
 
 
 @dataclass
@@ -25,11 +25,13 @@ class ModelDescription:
     pad_to: int
     labels_array: np.ndarray = field(init=False, repr=False)
     normalizer: Normalizer = field(init=False, repr=False)
+    image_size: tuple[int, int] = field(init=False)  # (height, width) images are decoded to
 
     def __post_init__(self) -> None:
         self.labels_array = np.array(self.labels, dtype=object)
-        pre = self.preprocessing
-        self.normalizer = Normalizer(pre["scale"], pre["mean"], pre["std"])
+        pre = Preprocessing.parse(self.preprocessing)
+        self.normalizer = Normalizer(pre)
+        self.image_size = pre.size
 
     @property
     def num_classes(self) -> int:

@@ -13,6 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.core import Classification
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
+from service.http_api.schemas import (
+    PREDICT_REQUEST_BODY,
+    Liveness,
+    PredictResponse,
+    Readiness,
+    error_responses,
+)
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -21,7 +28,7 @@ Bodies:
 - `multipart/form-data`: one or more parts named `file`.
 - `application/json`: `{{"images": ["<base64 JPEG/PNG>", ...], "top_k": 3}}`.
 
-Images that are not 32x32 RGB are converted to RGB, centre-cropped to a square and resized.
+Images are converted to RGB, centre-cropped to the model's aspect ratio and resized to its input size.
 Header `{TIMEOUT_HEADER}`: give up (504) if the request is still queued after this many milliseconds.
 Errors: `{{"error": "..."}}` with 400 bad image, 404 unknown model, 413 too large, 415 unsupported
 type, 422 invalid parameter, 429 queue full (with Retry-After), 503 not ready, 504 deadline.
@@ -66,7 +73,7 @@ PREDICT_PARAMETERS = [
 ]
 
 
-def _int_parameter(name: str, text: str | None) -> int | None:
+def int_parameter(name: str, text: str | None) -> int | None:
     if text is None or text == "":
         return None
     try:
@@ -75,7 +82,8 @@ def _int_parameter(name: str, text: str | None) -> int | None:
         raise InvalidParameter(f"{name} must be an integer, got {text!r}") from None
 
 
-def _json_images(body: bytes) -> tuple[list[bytes], object, object, object]:
+def parse_json_body(body: bytes) -> tuple[list[bytes], object, object, object]:
+    """/predict's JSON body → (image bytes, top_k, model, model_version) as given (checked later)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -98,7 +106,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
     core = ctx.core
 
     async def _predict(request: Request, top_k_text: str | None, model: str | None, version: str | None) -> Response:
-        top_k = _int_parameter("top_k", top_k_text)
+        top_k = int_parameter("top_k", top_k_text)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         deadline = ctx.deadline(request)
         if content_type == "multipart/form-data":
@@ -110,7 +118,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
             if not images:
                 raise InvalidInput('multipart body has no file part named "file"')
         elif content_type == "application/json":
-            images, json_top_k, json_model, json_version = _json_images(await ctx.body(request))
+            images, json_top_k, json_model, json_version = parse_json_body(await ctx.body(request))
             top_k = top_k if top_k is not None else json_top_k
             model = model or json_model
             version = version or json_version
@@ -134,8 +142,11 @@ def build_router(ctx: HttpContext) -> APIRouter:
         "/predict",
         summary="Classify images (top-k labels with probabilities)",
         description=PREDICT_DOC,
-        responses={200: {"description": "One result per image, in order"}},
-        openapi_extra={"parameters": PREDICT_PARAMETERS},
+        responses={
+            200: {"model": PredictResponse, "description": "One result per image, in order"},
+            **error_responses(400, 404, 413, 415, 422, 429, 503, 504),
+        },
+        openapi_extra={"parameters": PREDICT_PARAMETERS, "requestBody": PREDICT_REQUEST_BODY},
     )
     async def predict(request: Request):
         query = request.query_params
@@ -143,11 +154,15 @@ def build_router(ctx: HttpContext) -> APIRouter:
             "predict", _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None)
         )
 
-    @router.get("/healthz", summary="Liveness: the process answers")
+    @router.get("/healthz", summary="Liveness: the process answers", responses={200: {"model": Liveness}})
     async def healthz():
         return json_response({"status": "live"})
 
-    @router.get("/readyz", summary="Readiness: every model loaded and warm, not draining")
+    @router.get(
+        "/readyz",
+        summary="Readiness: every model loaded and warm, not draining",
+        responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
+    )
     async def readyz():
         models = [{"name": m.name, "version": m.version, "provider": m.runtime.provider} for m in core.all_models()]
         reason = core.not_ready_reason()
@@ -155,7 +170,11 @@ def build_router(ctx: HttpContext) -> APIRouter:
             return json_response({"status": "ready", "models": models})
         return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)
 
-    @router.get("/metrics", summary="Prometheus metrics")
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "text format"}},
+    )
     async def metrics():
         return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

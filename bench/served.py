@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from service.loadtest import machine_info, spread  # noqa: E402
+from service.repository import variant_filename  # noqa: E402
 
 LISTENING = re.compile(r"listening http=(\S+):(\d+) grpc=(\S+):(\d+)")
 READY = re.compile(r" ready in ([0-9.]+)s")
@@ -386,6 +387,7 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     m = result["machine"]
     mode = "pinned: server core 0, client core 1" if result["config"]["pinned"] else "unpinned"
+    mode += f", {result['config'].get('precision', 'fp32')}"
     fig.suptitle(
         f"{m['cpu_model']} ({m['cpu_count']} cores), {mode}, onnxruntime {m['onnxruntime']}, "
         f"{result['config']['rounds']} rounds",
@@ -404,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["cpu", "cuda"],
         default="cpu",
         help="execution provider of the servers and the ceiling (default cpu; cuda: --require-gpu)",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "fp16"],
+        default="fp32",
+        help="model variant the servers load and the ceiling times (default fp32; other: *-<precision>.json)",
     )
     ap.add_argument("--pinned", action="store_true", help="server on --server-cpus, load generator on --client-cpus")
     ap.add_argument("--server-cpus", default="0", help="taskset list for the servers with --pinned (default 0)")
@@ -432,7 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="default docs/img/served[-pinned].png")
     args = ap.parse_args(argv)
 
-    suffix = ("-pinned" if args.pinned else "") + ("-cuda" if args.provider == "cuda" else "")
+    suffix = (
+        ("-pinned" if args.pinned else "")
+        + ("-cuda" if args.provider == "cuda" else "")
+        + ("" if args.precision == "fp32" else f"-{args.precision}")
+    )
     json_path = Path(args.json or ROOT / "bench" / "results" / f"served{suffix}.json")
     plot_path = Path(args.plot or ROOT / "docs" / "img" / f"served{suffix}.png")
     if args.quick:
@@ -445,8 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         concurrency = [int(c) for c in args.concurrency.split(",")]
     protocols = [p for p in args.protocols.split(",") if p]
     batching = [b for b in args.batching.split(",") if b]
-    if not (MODEL_REPOSITORY / "cifar10" / "1" / "model.onnx").is_file():
-        print(f"served: no model in {MODEL_REPOSITORY} (run cnnserve export first)", file=sys.stderr)
+    model_file = MODEL_REPOSITORY / "cifar10" / "1" / variant_filename(args.precision)
+    if not model_file.is_file():
+        print(f"served: no {model_file} (run cnnserve export / quantize first)", file=sys.stderr)
         return 1
 
     server_cpus = client_cpus = None
@@ -466,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     from ceiling import BATCH_SIZES, QUICK_BATCH_SIZES, make_session
 
     machine = machine_info()
-    session = make_session(MODEL_REPOSITORY / "cifar10" / "1" / "model.onnx", threads, provider=args.provider)
-    server_extra = ["--intra-op-threads", str(threads)] if args.pinned else []
+    session = make_session(model_file, threads, provider=args.provider)
+    server_extra = ["--precision", args.precision]
+    server_extra += ["--intra-op-threads", str(threads)] if args.pinned else []
     if args.provider == "cuda":
         server_extra += ["--providers", "cuda", "--require-gpu"]
     servers: dict[str, Server] = {}
@@ -592,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "config": {
             "provider": args.provider,
+            "precision": args.precision,
             "pinned": args.pinned,
             "server_cpus": server_cpus,
             "client_cpus": client_cpus,

@@ -86,10 +86,11 @@ class InferenceCore:
             runtime = ModelRuntime(spec, self.settings)
             runtime.warm_up(self.settings.max_batch_size)
             log.info(
-                "loaded %s/%s from %s on %s in %.2fs",
+                "loaded %s/%s from %s (%s) on %s in %.2fs",
                 spec.name,
                 spec.version,
-                spec.path,
+                runtime.path,
+                runtime.precision,
                 runtime.provider,
                 time.monotonic() - started,
             )
@@ -110,7 +111,7 @@ class InferenceCore:
             )
             batcher.start()
             self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats)
-            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)
+            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, runtime.precision).set(1)
         self.ready = True
         self.metrics.ready.set(1)
 

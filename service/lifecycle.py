@@ -89,7 +89,7 @@ async def serve(settings: Settings) -> int:
                 "ready in %.2fs: %s",
                 time.monotonic() - started,
                 ", ".join(
-                    f"{m.name}/{m.version} on {m.runtime.provider}"
+                    f"{m.name}/{m.version} ({m.runtime.precision}) on {m.runtime.provider}"
                     + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")
                     for m in core.all_models()
                 ),

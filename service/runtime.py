@@ -1,5 +1,6 @@
-"""One ONNX Runtime session per model version: providers, options, metadata, and the batch
-function the batcher calls (preprocess → run → softmax → ranking, all over the whole batch)."""
+"""One ONNX Runtime session per model version: which precision variant, providers, options,
+metadata, and the batch function the batcher calls (preprocess → run → softmax → ranking, all over
+the whole batch)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ log = logging.getLogger("cnnserve.runtime")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+
+#: What precision "auto" loads on each provider (fp32 elsewhere, and where the variant is absent).
+#: INT8 on the CPU: 2-3x faster for the same validation accuracy (models/cifar10/README.md). Not
+#: FP16 on CUDA: served throughput there is bound by the Python process, not the GPU, so FP16 buys
+#: nothing measurable yet (docs/gpu.md); ask for it with precision=fp16.
+AUTO_PRECISION = {CPU: "int8"}
+#: The provider each variant is made for; elsewhere it runs, but is not expected to be faster.
+MEANT_FOR = {"int8": CPU, "fp16": CUDA}
+
+
+def choose_precision(requested: str, provider: str, available: tuple[str, ...]) -> str:
+    """The variant to load: the requested one, or for "auto" the provider's (AUTO_PRECISION)
+    where present, else fp32."""
+    if requested != "auto":
+        return requested
+    wanted = AUTO_PRECISION.get(provider, "fp32")
+    return wanted if wanted in available else "fp32"
 
 
 class GpuRequired(RuntimeError):
@@ -76,15 +95,33 @@ class ModelRuntime:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
         self.name, self.version = spec.name, spec.version
-        providers = provider_options(settings)
-        # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
-        self.session = ort.InferenceSession(
-            spec.path.read_bytes(),
-            sess_options=session_options(settings),
-            providers=[p for p, _ in providers],
-            provider_options=[o for _, o in providers],
-        )
+        available = spec.variants()
+        if settings.precision != "auto" and settings.precision not in available:
+            raise FileNotFoundError(
+                f"{spec.name}/{spec.version}: precision {settings.precision} was asked for but "
+                f"{spec.variant_path(settings.precision)} is absent (present: {', '.join(available)}; "
+                "cnnserve quantize writes the variants; precision auto falls back to fp32)"
+            )
+        #: The variant that answers ("fp32", "int8" or "fp16") and its file.
+        self.precision = choose_precision(settings.precision, settings.providers[0], available)
+        self.session = self._open(spec.variant_path(self.precision), settings)
         self.provider = self.session.get_providers()[0]
+        # "auto" chose for the preferred provider; a session that fell back to another one (CUDA
+        # asked for, CPU given) is reopened with that provider's variant.
+        if (fitting := choose_precision(settings.precision, self.provider, available)) != self.precision:
+            self.precision = fitting
+            self.session = self._open(spec.variant_path(fitting), settings)
+            self.provider = self.session.get_providers()[0]
+        self.path = spec.variant_path(self.precision)
+        if MEANT_FOR.get(self.precision, self.provider) != self.provider:
+            log.warning(
+                "%s/%s: the %s variant is made for %s; on %s it is not expected to beat fp32",
+                spec.name,
+                spec.version,
+                self.precision,
+                MEANT_FOR[self.precision],
+                self.provider,
+            )
         if CUDA in settings.providers and self.provider != CUDA:
             message = (
                 f"{spec.name}/{spec.version}: CUDA was asked for but the session runs on {self.provider} "
@@ -100,7 +137,7 @@ class ModelRuntime:
             self.labels: list[str] = json.loads(meta["labels"])
             pre = json.loads(meta["preprocessing"])
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{spec.path}: model metadata lacks labels/preprocessing ({e})") from None
+            raise ValueError(f"{self.path}: model metadata lacks labels/preprocessing ({e})") from None
         self.preprocessing = pre
         self.normalizer = Normalizer(pre["scale"], pre["mean"], pre["std"])
         inp = self.session.get_inputs()[0]
@@ -114,6 +151,17 @@ class ModelRuntime:
         #: in this model, so padding rows change nothing in the real ones.
         self.pad_to = settings.max_batch_size if pad else 0
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
+
+    @staticmethod
+    def _open(path, settings: Settings) -> ort.InferenceSession:
+        providers = provider_options(settings)
+        # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
+        return ort.InferenceSession(
+            path.read_bytes(),
+            sess_options=session_options(settings),
+            providers=[p for p, _ in providers],
+            provider_options=[o for _, o in providers],
+        )
 
     def prepare(self, parts: list[np.ndarray]) -> np.ndarray:
         """Concatenate requests' images into one model input. uint8 [n,32,32,3] parts (decoded

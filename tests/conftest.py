@@ -26,7 +26,16 @@ LISTENING = re.compile(r"listening http=(\S+):(\d+) grpc=(\S+):(\d+)")
 class ServerProcess:
     """``cnnserve serve`` in a subprocess; stderr is collected so tests can read the logs."""
 
-    def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, timeout: float = 60) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict | None = None,
+        wait_ready: bool = True,
+        timeout: float = 60,
+        precision: str | None = "fp32",
+    ) -> None:
+        # fp32 unless asked: most tests compare answers with a direct run of model.onnx. None: the
+        # server's default (auto); tests/test_variants.py serves every variant.
         cmd = [
             sys.executable,
             "-m",
@@ -44,6 +53,7 @@ class ServerProcess:
             "1",
             "--model-repository",
             str(MODEL_REPOSITORY),
+            *(["--precision", precision] if precision else []),
             *args,
         ]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -32,8 +32,10 @@ class ModelSpec:
         return self.path.with_name(variant_filename(precision))
 
     def variants(self) -> tuple[str, ...]:
-        """The precisions whose file is present, in PRECISIONS order (fp32 always)."""
-        return tuple(p for p in PRECISIONS if self.variant_path(p).is_file())
+        """The precisions whose file is present, in PRECISIONS order: fp32 always (scan found it;
+        like it, a variant may be any readable non-folder, a pipe included)."""
+        others = (p for p in PRECISIONS[1:] if self.variant_path(p).exists() and not self.variant_path(p).is_dir())
+        return ("fp32", *others)
 
 
 def scan(root: str | Path) -> list[ModelSpec]:

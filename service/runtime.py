@@ -26,8 +26,9 @@ CPU = "CPUExecutionProvider"
 
 #: What precision "auto" loads on each provider (fp32 elsewhere, and where the variant is absent).
 #: INT8 on the CPU: 2-3x faster for the same validation accuracy (models/cifar10/README.md). Not
-#: FP16 on CUDA: served throughput there is bound by the Python process, not the GPU, so FP16 buys
-#: nothing measurable yet (docs/gpu.md); ask for it with precision=fp16.
+#: FP16 on CUDA: not yet measured on a GPU, and served throughput there is bound by the Python
+#: process rather than the GPU (docs/gpu.md), so FP32 stays the default until scripts/gpu-check.sh
+#: shows FP16 pays; ask for it with precision=fp16.
 AUTO_PRECISION = {CPU: "int8"}
 #: The provider each variant is made for; elsewhere it runs, but is not expected to be faster.
 MEANT_FOR = {"int8": CPU, "fp16": CUDA}

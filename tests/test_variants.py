@@ -128,6 +128,15 @@ def test_shipped_variants_are_made_from_the_shipped_model_and_listed_on_the_card
     assert f"{calibration['images']} training images" in card and f"seed {calibration['seed']}" in card
 
 
+def test_the_cards_variants_section_is_rendered_from_the_shipped_files():
+    """Regenerate with: python -m export.model_card --variants-only --speeds bench/results/ceiling-precision.json"""
+    from export.model_card import render_variants, replace_variants_section
+
+    speeds = json.loads((ROOT / "bench" / "results" / "ceiling-precision.json").read_text())
+    card = CARD.read_text()
+    assert replace_variants_section(card, render_variants(MODEL_PATH, CARD.parent, speeds)) == card
+
+
 @pytest.fixture(scope="module")
 def val_predictions():
     if not SHARED_CIFAR.exists():

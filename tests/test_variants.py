@@ -106,6 +106,16 @@ def test_quantize_refuses_a_variant_below_the_margin_and_writes_nothing(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+@needs_data
+def test_fp16_parity_check_refuses_logits_beyond_its_tolerance():
+    from export.quantize import VariantRejected, check_fp16_parity
+
+    parity = check_fp16_parity(MODEL_PATH, variant_path("fp16"), SHARED_CIFAR)
+    assert parity["images"] == 512 and 0 < parity["max_abs_logit_diff"] <= parity["atol"]
+    with pytest.raises(VariantRejected, match="disagrees with fp32"):
+        check_fp16_parity(MODEL_PATH, variant_path("fp16"), SHARED_CIFAR, atol=parity["max_abs_logit_diff"] / 2)
+
+
 # ---- the shipped variants ------------------------------------------------------------------------
 def card_figures() -> dict[str, float]:
     """precision -> validation top-1 (%) from the model card's variants table."""

@@ -80,7 +80,8 @@ def render_variants(model: Path, card_dir: Path, speeds: dict | None = None) -> 
             f"(`{cal['selection']}`; sha256 of the index list `{cal['index_sha256'][:16]}…`) from the training "
             f"split, never the validation split. Kept FP32: {', '.join(q['kept_fp32']) or 'nothing'} (the layer "
             "that produces the logits: quantizing its input moved most of the answers that changed, and keeping "
-            "it costs no measurable speed). Refused unless its validation top-1 is within 0.5 points of FP32's."
+            "it costs no measurable speed). Written only because its validation top-1 is within "
+            f"{evaluations['int8'].get('max_accuracy_drop_pp', 0.5):g} points of FP32's (`--max-accuracy-drop`)."
         )
     if "fp16" in present:
         q = json.loads(_metadata(model.with_name(variant_filename("fp16")))["quantization"])

@@ -271,6 +271,7 @@ def make_variant(
             model=str(output),
             precision=precision,
             fp32_top1=base["top1"],
+            max_accuracy_drop_pp=max_accuracy_drop_pp,
             top1_agreement_with_fp32=agreement,
             quantization=record,
             fp16_parity=parity,

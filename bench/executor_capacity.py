@@ -53,7 +53,7 @@ class NullRuntime:
         return {"name": self.name, "version": self.version, "labels": self.labels,
                 "preprocessing": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
                 "input_name": "input", "input_shape": self.input_shape, "output_name": "logits",
-                "provider": self.provider, "pad_to": 0}  # fmt: skip
+                "provider": self.provider, "pad_to": 0, "precision": "fp32", "path": "-"}  # fmt: skip
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return np.zeros((len(x), CLASSES), np.float32)

@@ -213,7 +213,8 @@ class Executor:
             started = time.monotonic()
             runtime = factory(spec)
             padded = f", batches padded to {runtime.pad_to}" if getattr(runtime, "pad_to", 0) else ""
-            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, getattr(runtime, "path", spec.path), runtime.provider,
+            path = getattr(runtime, "path", spec.path)
+            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, path, runtime.provider,
                      time.monotonic() - started, padded)  # fmt: skip
             stats = ModelStats(self.table.stats[self.row, i])
             self.queues.append(ModelQueue(self, i, runtime, stats))

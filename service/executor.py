@@ -197,6 +197,7 @@ class Executor:
         self.settings, self.table, self.index, self.specs = settings, table, index, specs
         self.row = index
         self.metrics = Metrics()
+        self.metrics.process_name = f"executor-{index}"
         self.stopping = threading.Event()
         self.queues: list[ModelQueue] = []
         self._taken_lock = threading.Lock()
@@ -245,7 +246,11 @@ class Executor:
         selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ, None)
         try:
+            cpu_recorded = time.monotonic()
             while not self.stopping.is_set():
+                if time.monotonic() - cpu_recorded >= 1.0:
+                    self.metrics.record_process_cpu()
+                    cpu_recorded = time.monotonic()
                 for key, _ in selector.select(0.2):
                     if key.data is None:
                         self._accept(listener, selector)

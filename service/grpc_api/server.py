@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from service.core import InferenceCore
 from service.grpc_api import classifier, inference_service
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
+from service.grpc_api.instrumented import GuardedRegistration
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -27,9 +28,10 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), self.server)
+        guarded = GuardedRegistration(self.server, metrics)  # malformed protobuf: INVALID_ARGUMENT
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), guarded)
         self.service_names = [classifier.SERVICE_NAME]
-        inference_service.add_to_server(core, metrics, self.server)
+        inference_service.add_to_server(core, metrics, guarded)
         self.service_names.append(inference_service.SERVICE_NAME)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

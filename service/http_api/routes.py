@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.core import Classification
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
+from service.numbers import parse_uint
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -69,10 +70,7 @@ PREDICT_PARAMETERS = [
 def _int_parameter(name: str, text: str | None) -> int | None:
     if text is None or text == "":
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidParameter(f"{name} must be an integer, got {text!r}") from None
+    return parse_uint(text, name, InvalidParameter)
 
 
 def _json_images(body: bytes) -> tuple[list[bytes], object, object, object]:
@@ -101,6 +99,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         top_k = _int_parameter("top_k", top_k_text)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         deadline = ctx.deadline(request)
+        ctx.precheck(model, version)  # queue full or not ready: refused before the body is read
         if content_type == "multipart/form-data":
             await ctx.body(request)  # bounded by max_request_bytes; form() then parses the cached body
             form = await request.form(
@@ -140,14 +139,18 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def predict(request: Request):
         query = request.query_params
         return await ctx.handle(
-            "predict", _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None)
+            "predict",
+            _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None),
+            request,
         )
 
-    @router.get("/healthz", summary="Liveness: the process answers")
+    @router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
     async def healthz():
         return json_response({"status": "live"})
 
-    @router.get("/readyz", summary="Readiness: every model loaded and warm, not draining")
+    @router.api_route(
+        "/readyz", methods=["GET", "HEAD"], summary="Readiness: every model loaded and warm, not draining"
+    )
     async def readyz():
         models = [{"name": m.name, "version": m.version, "provider": m.runtime.provider} for m in core.all_models()]
         reason = core.not_ready_reason()

@@ -238,6 +238,7 @@ class InferenceCore:
         out = np.empty((len(images), codec.SIZE, codec.SIZE, 3), np.uint8)
         for i, image in enumerate(images):
             if gone is not None and gone.is_set():
+                log.debug("caller gone: stopped decoding after %d of %d images", i, len(images))
                 raise _CallerGone
             if deadline is not None and time.monotonic() >= deadline:
                 error = DeadlineExceeded(f"deadline passed while decoding (after {i} of {len(images)} images)")

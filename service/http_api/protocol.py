@@ -33,8 +33,13 @@ class HttpLimits:
     body_timeout: float = 60.0
 
 
-class _TooManyHeaders(Exception):
-    pass
+class _Refusal(Exception):
+    """Raised in a parser callback to stop parsing and answer ``status`` (then close)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -67,10 +72,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
-            if isinstance(e.__context__, _TooManyHeaders):
-                self._refuse(431, f"more than {self.limits.max_headers} request headers")
-                return
-            self._refuse(400, "Invalid HTTP request received.")
+            refusal = e.__context__
+            if isinstance(refusal, _Refusal):
+                self._refuse(refusal.status, refusal.message)
+            else:
+                self._refuse(400, "Invalid HTTP request received.")
             return
         except httptools.HttpParserError:
             self._refuse(400, "Invalid HTTP request received.")
@@ -95,13 +101,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
-            raise _TooManyHeaders
+            raise _Refusal(431, f"more than {self.limits.max_headers} request headers")
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._header_bytes = 0
         self._cancel_timer()
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            # uvicorn's own check would answer text/plain; every error of ours is JSON.
+            raise _Refusal(503, f"server busy: {limit} connections or requests in progress (max_connections)")
         self._timer = self.loop.call_later(self.limits.body_timeout, self._timed_out, "body")
         super().on_headers_complete()
 
@@ -129,6 +139,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
+        if status == 503:
+            content.append(b"retry-after: 1\r\n")
         content.extend(
             [
                 b"content-type: application/json\r\n",

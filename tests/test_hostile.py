@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as v2pb_grpc
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, distinct_images, jpeg_bytes, png_bytes
+from tests.conftest import ServerProcess, distinct_images, png_bytes
 from tests.test_server import Reference, assert_matches_reference, metric_samples, sample
 
 MIB = 1024 * 1024
@@ -204,11 +204,8 @@ def test_many_small_files_that_inflate_hit_the_request_pixel_budget(hostile, ref
     r = httpx.post(f"{hostile.http}/predict", json={"images": doc["images"][:8]}, timeout=30)
     assert r.status_code == 200 and len(r.json()["results"]) == 8
     # gRPC draws on the same budget.
-    with grpc.insecure_channel(hostile.grpc_target) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.ClassifierStub(channel).Classify(
-                pb.ClassifyRequest(images=[pb.Image(encoded=bomb)] * 9), timeout=30
-            )
+    with grpc.insecure_channel(hostile.grpc_target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=[pb.Image(encoded=bomb)] * 9), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_request_pixels" in info.value.details()
     after = metric_samples(hostile.http)
     assert (

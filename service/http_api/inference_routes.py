@@ -16,6 +16,43 @@ from service.http_api import inference_rest as rest
 from service.http_api.context import HttpContext, json_response
 
 BINARY_CONTENT_TYPE = "application/octet-stream"
+INFER_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "name": {"type": "string"},
+                                "datatype": {"type": "string"},
+                                "shape": {"type": "array", "items": {"type": "integer"}},
+                                "parameters": {"type": "object"},
+                                "data": {"type": "array"},
+                            },
+                            "required": ["name", "datatype", "shape"],
+                        },
+                    },
+                    "outputs": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                            "required": ["name"],
+                        },
+                    },
+                },
+                "required": ["inputs"],
+            }
+        }
+    },
+}
 
 
 def build_router(ctx: HttpContext) -> APIRouter:
@@ -98,8 +135,16 @@ def build_router(ctx: HttpContext) -> APIRouter:
             content, media_type=BINARY_CONTENT_TYPE, headers={"Inference-Header-Content-Length": str(header_length)}
         )
 
-    @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
-    @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version")
+    @router.post(
+        "/models/{name}/infer",
+        summary="Inference (JSON or binary tensor data)",
+        openapi_extra={"requestBody": INFER_BODY},
+    )
+    @router.post(
+        "/models/{name}/versions/{version}/infer",
+        summary="Inference on a model version",
+        openapi_extra={"requestBody": INFER_BODY},
+    )
     async def model_infer(request: Request, name: str, version: str | None = None):
         return await ctx.handle("v2_infer", _infer(request, name, version), request)
 

@@ -64,7 +64,43 @@ PREDICT_PARAMETERS = [
         "schema": {"type": "string"},
         "description": "Model version (default: the highest)",
     },
+    {
+        "name": "X-Request-Timeout-Ms",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"},
+        "description": "Deadline in milliseconds (ASCII digits, optionally a decimal part): 504 past it",
+    },
 ]
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "image/jpeg": _BINARY,
+        "image/png": _BINARY,
+        "application/octet-stream": _BINARY,
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                "required": ["file"],
+            }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+                    "top_k": {"type": "integer", "minimum": 1, "maximum": 10},
+                    "model": {"type": "string"},
+                    "model_version": {"type": "string"},
+                },
+                "required": ["images"],
+            }
+        },
+    },
+}
 
 
 def _int_parameter(name: str, text: str | None) -> int | None:
@@ -134,7 +170,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         summary="Classify images (top-k labels with probabilities)",
         description=PREDICT_DOC,
         responses={200: {"description": "One result per image, in order"}},
-        openapi_extra={"parameters": PREDICT_PARAMETERS},
+        openapi_extra={"parameters": PREDICT_PARAMETERS, "requestBody": PREDICT_BODY},
     )
     async def predict(request: Request):
         query = request.query_params

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,31 @@ def test_server_delta_and_spread():
     assert d["queue_ms_mean"] == pytest.approx(2.0) and d["compute_ms_mean"] == pytest.approx(100.0)
     assert loadtest.server_delta(None, after) is None
     assert loadtest.spread([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0, "n": 3}
+
+
+def test_compare_revisions_quick_runs_both_servers(tmp_path):
+    out = tmp_path / "compare.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/compare_revisions.py",
+            "--before",
+            ".",
+            "--after",
+            ".",
+            "--quick",
+            "--targets",
+            "grpc,http",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"grpc c=1 images/s", "grpc c=1 p50 ms", "http c=1 images/s", "http c=1 p50 ms"}
+    for per_server in results.values():
+        assert len(per_server) == 2 and all(s["median"] > 0 for s in per_server.values())

@@ -146,8 +146,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024,
         ge=1,
-        description="Most concurrent HTTP connections (and requests in progress); past it requests are "
-        "answered 503 at once.",
+        description="Most concurrent HTTP connections (and requests in progress), and most gRPC calls in "
+        "progress; past it HTTP requests are answered 503 and gRPC calls RESOURCE_EXHAUSTED at once.",
     )
 
     drain_seconds: float = Field(

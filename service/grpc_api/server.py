@@ -22,11 +22,12 @@ class GrpcServer:
     def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings) -> None:
         limit = settings.max_request_bytes
         self.server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.max_connections,  # past it: RESOURCE_EXHAUSTED at once
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         guarded = GuardedRegistration(self.server, metrics)  # malformed protobuf: INVALID_ARGUMENT
         classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), guarded)

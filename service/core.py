@@ -12,8 +12,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -33,6 +35,7 @@ from service.runtime import BatchOutput, ModelRuntime
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve.core")
+T = TypeVar("T")
 
 MAX_TOP_K = 10
 # Small JPEGs, PNGs and raw images are decoded on the event loop (tens of microseconds: a thread
@@ -272,6 +275,12 @@ class InferenceCore:
             gone.set()
             self.metrics.rejected.labels("cancelled").inc()
             raise
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the decode pool (bounded; not asyncio's shared default pool): for
+        parsing large request bodies off the event loop. A job not yet started when the caller
+        is cancelled never starts."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, *args)
 
     @staticmethod
     def _small(images: list[ImageInput]) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -129,10 +130,17 @@ def parse_rest_request(model: str, version: str, body: bytes, header_length: str
 
 
 async def read_rest_request(
-    model: str, version: str, body: bytes, header_length: str | None, content_encoding: str | None, limit: int
+    model: str,
+    version: str,
+    body: bytes,
+    header_length: str | None,
+    content_encoding: str | None,
+    limit: int,
+    offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
 ) -> InferRequest:
-    """``decompress`` + ``parse_rest_request``; in a worker thread when there is much to inflate or
-    a large JSON part to parse, so that one big JSON tensor does not stall every other request."""
+    """``decompress`` + ``parse_rest_request``; through ``offload`` (a worker thread: the server
+    passes its decode pool) when there is much to inflate or a large JSON part to parse, so that one
+    big JSON tensor does not stall every other request."""
     json_part = parse_uint(header_length, "Inference-Header-Content-Length") if header_length else len(body)
 
     def work() -> InferRequest:
@@ -140,7 +148,7 @@ async def read_rest_request(
 
     if content_encoding is None and json_part <= INLINE_PARSE_BYTES:
         return work()
-    return await asyncio.to_thread(work)
+    return await offload(work)
 
 
 def encode_rest_response(response: InferResponse) -> tuple[bytes, int | None]:

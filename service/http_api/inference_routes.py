@@ -126,6 +126,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
             request.headers.get(rest.HEADER_LENGTH),
             request.headers.get("content-encoding"),
             ctx.max_body,
+            core.offload,
         )
         result = await ctx.unless_disconnected(v2.infer(core, parsed, deadline), request)
         content, header_length = rest.encode_rest_response(result)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
 from service.core import Classification
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
@@ -145,7 +146,11 @@ def build_router(ctx: HttpContext) -> APIRouter:
             if not images:
                 raise InvalidInput('multipart body has no file part named "file"')
         elif content_type == "application/json":
-            images, json_top_k, json_model, json_version = _json_images(await ctx.body(request))
+            body = await ctx.body(request)
+            if len(body) <= INLINE_PARSE_BYTES:
+                images, json_top_k, json_model, json_version = _json_images(body)
+            else:  # parsing and base64-decoding megabytes: off the event loop
+                images, json_top_k, json_model, json_version = await core.offload(_json_images, body)
             top_k = top_k if top_k is not None else json_top_k
             model = model or json_model
             version = version or json_version

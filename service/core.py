@@ -22,6 +22,7 @@ import numpy as np
 from service import codec, repository
 from service.batcher import Batcher
 from service.errors import (
+    BufferFull,
     DeadlineExceeded,
     InvalidInput,
     InvalidParameter,
@@ -107,6 +108,7 @@ class InferenceCore:
         self.ready = False
         self.draining = False
         self._decode_pool = ThreadPoolExecutor(decode_thread_count(settings), thread_name_prefix="decode")
+        self.buffered_bytes = 0  # request bytes held in memory by requests in progress (HTTP and gRPC)
 
     # ---- life cycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -211,6 +213,19 @@ class InferenceCore:
             raise InvalidInput("the request holds no image")
         if n > self.settings.max_images_per_request:
             raise PayloadTooLarge(f"{n} images in one request; the limit is {self.settings.max_images_per_request}")
+
+    def hold_bytes(self, n: int) -> None:
+        """Count ``n`` request bytes held in memory against max_buffered_bytes; BufferFull (503 /
+        UNAVAILABLE) if they do not fit. Give them back with release_bytes when the request ends."""
+        limit = self.settings.max_buffered_bytes
+        if self.buffered_bytes + n > limit:
+            raise BufferFull(
+                f"server busy: {self.buffered_bytes} request bytes already buffered (limit {limit}); retry shortly"
+            )
+        self.buffered_bytes += n
+
+    def release_bytes(self, n: int) -> None:
+        self.buffered_bytes -= n
 
     def admit(self, model: LoadedModel, n_images: int) -> None:
         """Refuse a request of ``n_images`` before any work is done for it: PayloadTooLarge if it

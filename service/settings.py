@@ -140,8 +140,9 @@ class Settings(BaseSettings):
     max_buffered_bytes: int = Field(
         256 * 1024 * 1024,
         ge=1024,
-        description="Most HTTP body bytes buffered across all requests at once (each holds up to "
-        "max_request_bytes): a request that would go past it is answered 503 + Retry-After at once.",
+        description="Most request bytes held in memory across all requests at once (HTTP bodies, gRPC "
+        "messages; each up to max_request_bytes): a request that would go past it is answered 503 + "
+        "Retry-After / UNAVAILABLE at once.",
     )
     max_connections: int = Field(
         1024,

@@ -324,6 +324,15 @@ def test_stalled_uploads_are_capped_in_memory_and_timed_out(hostile, reference):
     serves_normally(hostile, reference)
 
 
+def test_grpc_messages_count_against_the_buffered_bytes_too(hostile, reference):
+    with grpc.insecure_channel(hostile.grpc_target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(images=[pb.Image(encoded=b"\xff\xd8\xff" + b"\0" * (5 * MIB))]), timeout=30
+        )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "buffered" in info.value.details()
+    serves_normally(hostile, reference)
+
+
 def test_slow_headers_and_silent_connections_are_closed(hostile, reference):
     slow = socket.create_connection(("127.0.0.1", hostile.http_port), timeout=10)
     slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # and never the rest

@@ -16,10 +16,10 @@ from starlette.requests import ClientDisconnect
 
 from service.core import InferenceCore
 from service.errors import (
+    BufferFull,
     Cancelled,
     InvalidParameter,
     ModelNotFound,
-    NotReady,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
@@ -31,12 +31,6 @@ from service.numbers import parse_decimal, parse_uint
 TIMEOUT_HEADER = "x-request-timeout-ms"
 BUFFERED_KEY = "cnnserve.buffered"  # request scope: body bytes this request holds against max_buffered_bytes
 T = TypeVar("T")
-
-
-class BufferFull(NotReady):
-    """Too many body bytes are buffered across all requests: 503 + Retry-After at once."""
-
-    reason = "buffers_full"
 
 
 def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -64,8 +58,6 @@ class HttpContext:
         self.core = core
         self.metrics = metrics
         self.max_body = core.settings.max_request_bytes
-        self.max_buffered = core.settings.max_buffered_bytes
-        self.buffered = 0  # body bytes held by requests in progress
         self._counters: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
 
@@ -92,7 +84,7 @@ class HttpContext:
             response = error_response(e)
         finally:
             if request is not None:
-                self.buffered -= request.scope.pop(BUFFERED_KEY, 0)
+                self.core.release_bytes(request.scope.pop(BUFFERED_KEY, 0))
         self.record(method, response.status_code, started)
         return response
 
@@ -133,11 +125,7 @@ class HttpContext:
 
     def _hold(self, request: Request, n: int) -> None:
         """Count ``n`` more body bytes of ``request`` against max_buffered_bytes (BufferFull past it)."""
-        if self.buffered + n > self.max_buffered:
-            raise BufferFull(
-                f"server busy: {self.buffered} body bytes already buffered (limit {self.max_buffered}); retry shortly"
-            )
-        self.buffered += n
+        self.core.hold_bytes(n)
         request.scope[BUFFERED_KEY] = request.scope.get(BUFFERED_KEY, 0) + n
 
     async def body(self, request: Request) -> bytes:

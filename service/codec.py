@@ -65,6 +65,8 @@ def jpeg_decoded_pixels(width: int, height: int) -> int:
 def jpeg_orientation(data: bytes) -> int:
     """The EXIF orientation (1-8) of a JPEG from its APP1 segment; 1 when there is none. Reads only
     the marker segments before the image data (bounded by the bytes received)."""
+    if data.find(b"Exif\x00\x00", 2, 256 * 1024) < 0:  # EXIF sits in the first marker segments
+        return 1
     pos, end = 2, len(data)
     while pos + 4 <= end and data[pos] == 0xFF:
         marker = data[pos + 1]

@@ -446,7 +446,12 @@ def test_a_client_that_aborts_mid_upload_is_counted_cancelled_without_a_tracebac
 def test_garbage_protobuf_is_invalid_argument_without_a_traceback(hostile, reference):
     mark = len(hostile.lines)
     with grpc.insecure_channel(hostile.grpc_target) as channel:
-        for method in ("/cnnserve.v1.Classifier/Classify", "/inference.GRPCInferenceService/ModelInfer"):
+        for method in (
+            "/cnnserve.v1.Classifier/Classify",
+            "/inference.GRPCInferenceService/ModelInfer",
+            "/inference.GRPCInferenceService/ModelMetadata",
+            "/grpc.health.v1.Health/Check",
+        ):
             call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
             with pytest.raises(grpc.RpcError) as info:
                 call(b"\xff\xff\xff\xff\x0f garbage", timeout=10)

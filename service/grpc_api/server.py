@@ -35,7 +35,7 @@ class GrpcServer:
         inference_service.add_to_server(core, metrics, guarded)
         self.service_names.append(inference_service.SERVICE_NAME)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, guarded)
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,

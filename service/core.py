@@ -254,6 +254,8 @@ class InferenceCore:
         max_pixels = s.max_image_pixels
         budget = codec.PixelBudget(s.max_request_pixels)
         out = np.empty((len(images), codec.SIZE, codec.SIZE, 3), np.uint8)
+        if gone is not None:
+            log.debug("decoding %d images in the pool", len(images))
         for i, image in enumerate(images):
             if gone is not None and gone.is_set():
                 log.debug("caller gone: stopped decoding after %d of %d images", i, len(images))

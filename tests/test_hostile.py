@@ -240,7 +240,7 @@ def test_the_deadline_is_checked_between_images(hostile, reference):
 
 def test_decoding_for_a_caller_that_left_stops(hostile, reference):
     # Twelve requests of eight 1024x1024 lossless WebPs (~1 KB, ~17 ms of decoding each: ~1.6 s
-    # in all) for the one decode thread, whose callers hang up after 0.1 s.
+    # in all) for the one decode thread, whose callers hang up once the first has started.
     doc = orjson.dumps({"images": [base64.b64encode(_lossless_webp(1024)).decode()] * 8})
     request = (
         b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(doc)
@@ -252,7 +252,7 @@ def test_decoding_for_a_caller_that_left_stops(hostile, reference):
         sock = socket.create_connection(("127.0.0.1", hostile.http_port), timeout=10)
         sock.sendall(request + doc)
         sockets.append(sock)
-    time.sleep(0.1)
+    assert wait_for_log(hostile, mark, "decoding 8 images in the pool")
     for sock in sockets:
         sock.close()
     # The running job stops between its images; the queued ones never start.

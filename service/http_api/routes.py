@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
 from service.core import Classification
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
+from service.http_api import multipart
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
 from service.numbers import parse_uint
 
@@ -138,11 +139,12 @@ def build_router(ctx: HttpContext) -> APIRouter:
         deadline = ctx.deadline(request)
         ctx.precheck(model, version)  # queue full or not ready: refused before the body is read
         if content_type == "multipart/form-data":
-            await ctx.body(request)  # bounded by max_request_bytes; form() then parses the cached body
-            form = await request.form(
-                max_files=core.settings.max_images_per_request, max_fields=16, max_part_size=ctx.max_body
-            )
-            images = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
+            body = await ctx.body(request)  # bounded by max_request_bytes
+            args = (body, request.headers.get("content-type", ""), core.settings.max_images_per_request)
+            if len(body) <= INLINE_PARSE_BYTES:
+                images = multipart.file_parts(*args)
+            else:  # parsing megabytes: off the event loop
+                images = await core.offload(multipart.file_parts, *args)
             if not images:
                 raise InvalidInput('multipart body has no file part named "file"')
         elif content_type == "application/json":

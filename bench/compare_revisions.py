@@ -4,9 +4,12 @@
 
 Each revision is checked out into a temporary git worktree (``.`` means the working tree as it
 is) and served with this checkout's virtual environment and ``models/``, so only the server code
-differs. Both servers run at once; gRPC Classify and HTTP /predict (JPEG) at concurrency 1 and 64
-are measured in interleaved rounds (the order flips every round) with ``cnnserve loadtest``.
+differs. Both servers run at once; each target (default: gRPC Classify and HTTP /predict with
+JPEGs; ``--targets grpc,http,grpc-v2,http-v2`` for all four) at concurrency 1 and 64 with one
+image per request, and at concurrency 16 with 8 (``--images-per-request``), is measured in
+interleaved rounds (the order flips every round) with ``cnnserve loadtest``.
 Prints min/median/max images/s and p50 latency; writes bench/results/compare-revisions.json.
+``--quick`` is a smoke run of seconds (the numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -41,8 +44,18 @@ def main() -> int:
     ap.add_argument("--after", default=".", help="git revision (default: the working tree)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--targets", default="grpc,http", help="comma-separated loadtest targets")
+    ap.add_argument(
+        "--images-per-request", type=int, default=8, help="images per request of the c=16 point (0: skip it)"
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of 0.5 s points, c=1 only")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "compare-revisions.json"))
     args = ap.parse_args()
+    points = [(1, 1), (64, 1)] + ([(16, args.images_per_request)] if args.images_per_request > 0 else [])
+    warmup = 0.5
+    if args.quick:
+        args.rounds, args.duration, points, warmup = 1, 0.5, [(1, 1)], 0.2
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     results: dict[str, dict[str, list]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {
@@ -54,22 +67,23 @@ def main() -> int:
             for rnd in range(args.rounds):
                 order = list(servers.items()) if rnd % 2 == 0 else list(servers.items())[::-1]
                 for name, server in order:
-                    for target in ("grpc", "http"):
-                        for c in (1, 64):
+                    for target in targets:
+                        for c, k in points:
                             r = run(
                                 LoadConfig(
                                     target=target,
                                     address=server.address(target),
                                     concurrency=c,
+                                    images_per_request=k,
                                     duration=args.duration,
-                                    warmup=0.5,
+                                    warmup=warmup,
                                     metrics_address="none",
+                                    progress=False,
                                 )
                             )["summary"]
-                            results.setdefault(f"{target} c={c} images/s", {}).setdefault(name, []).append(
-                                r["img_per_s"]
-                            )
-                            results.setdefault(f"{target} c={c} p50 ms", {}).setdefault(name, []).append(
+                            point = f"{target} c={c}" + (f" k={k}" if k > 1 else "")
+                            results.setdefault(f"{point} images/s", {}).setdefault(name, []).append(r["img_per_s"])
+                            results.setdefault(f"{point} p50 ms", {}).setdefault(name, []).append(
                                 r["latency_ms"]["p50"]
                             )
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
@@ -94,10 +108,10 @@ def main() -> int:
         )
         + "\n"
     )
-    print(f"{'metric':<20}" + "".join(f"{name:>34}" for name in trees))
+    print(f"{'metric':<26}" + "".join(f"{name:>34}" for name in trees))
     for metric, per in summary.items():
         print(
-            f"{metric:<20}" + "".join(f"{s['min']:>10.2f} /{s['median']:>9.2f} /{s['max']:>9.2f}" for s in per.values())
+            f"{metric:<26}" + "".join(f"{s['min']:>10.2f} /{s['median']:>9.2f} /{s['max']:>9.2f}" for s in per.values())
         )
     print(f"(min / median / max over {args.rounds} rounds)  wrote {args.json}")
     return 0

@@ -82,6 +82,14 @@ class Batcher:
         self._closed = False
         self._mean_batch_s = 0.01  # running estimate, for Retry-After
 
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def retry_after_s(self) -> float:
+        """When a refused request might fit: the time to drain the queue as it is now (at least 1 s)."""
+        return max(1.0, (self._queued_images / self.max_batch_size + 1) * self._mean_batch_s)
+
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-worker")
@@ -96,10 +104,9 @@ class Batcher:
             raise ValueError("empty request")
         if self._queued_images + n > self.max_queue_size:
             self.observer.dropped("queue_full", n)
-            backlog = (self._queued_images / self.max_batch_size + 1) * self._mean_batch_s
             raise Overloaded(
                 f"queue full ({self._queued_images} images waiting, limit {self.max_queue_size})",
-                retry_after_s=max(1.0, backlog),
+                retry_after_s=self.retry_after_s(),
             )
         request = _Request(items, asyncio.get_running_loop().create_future(), deadline, time.monotonic())
         self._queue.append(request)

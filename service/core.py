@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from service import codec, repository
 from service.batcher import Batcher
-from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge
+from service.errors import (
+    BufferFull,
+    DeadlineExceeded,
+    InvalidInput,
+    InvalidParameter,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+)
 from service.executor_client import ExecutorClient, RemoteBatcher
 from service.ipc import ControlTable
 from service.metrics import Metrics, ModelStats, StatsObserver
@@ -25,13 +39,28 @@ from service.runtime import BatchOutput, ModelRuntime, load_model
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve.core")
+T = TypeVar("T")
 
 MAX_TOP_K = 10
-# Small images are decoded on the event loop (tens of microseconds: a thread hand-off would cost
-# more); anything larger, or of unknown size, in a worker thread so that one big photo (or a small
-# file that inflates to many pixels) cannot stall every other request.
+# Small JPEGs, PNGs and raw images are decoded on the event loop (tens of microseconds: a thread
+# hand-off would cost more): their cost is bounded by their size in bytes and their header's pixel
+# count (PNG text chunks are capped in codec). Anything larger, or of another format, is decoded in
+# the core's own bounded pool so that one big photo (or a small file that inflates to many pixels)
+# cannot stall every other request.
 INLINE_DECODE_BYTES = 64 * 1024
 INLINE_DECODE_PIXELS = 256 * 256
+MAX_DECODE_THREADS = 4
+
+
+class _CallerGone(Exception):
+    """Raised in a decoding thread whose caller went away: the result would be thrown away."""
+
+
+def decode_thread_count(settings: Settings) -> int:
+    if settings.decode_threads:
+        return settings.decode_threads
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_DECODE_THREADS, usable))
 
 
 @dataclass(frozen=True)
@@ -55,6 +84,7 @@ class LoadedModel:
     runtime: ModelRuntime | ModelDescription
     batcher: Batcher | RemoteBatcher
     stats: ModelStats
+    decoding: int = 0  # images admitted and being decoded: counted against the queue by admit()
     stats_rows: np.ndarray | None = None
 
     def stats_total(self) -> ModelStats:
@@ -93,6 +123,8 @@ class InferenceCore:
         self._runtimes: list[ModelRuntime] = []
         self.ready = False
         self.draining = False
+        self._decode_pool = ThreadPoolExecutor(decode_thread_count(settings), thread_name_prefix="decode")
+        self.buffered_bytes = 0  # request bytes held in memory by requests in progress (HTTP and gRPC)
 
     # ---- life cycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -176,6 +208,7 @@ class InferenceCore:
     async def close(self) -> None:
         self.ready = False
         await asyncio.gather(*(m.batcher.close() for m in self.all_models()))
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- lookup -----------------------------------------------------------------------------
     def all_models(self) -> list[LoadedModel]:
@@ -221,15 +254,65 @@ class InferenceCore:
         if n > self.settings.max_images_per_request:
             raise PayloadTooLarge(f"{n} images in one request; the limit is {self.settings.max_images_per_request}")
 
-    def _decode_all(self, images: list[ImageInput], size: codec.Size = codec.DEFAULT_SIZE) -> np.ndarray:
-        max_pixels = self.settings.max_image_pixels
+    def hold_bytes(self, n: int) -> None:
+        """Count ``n`` request bytes held in memory against max_buffered_bytes; BufferFull (503 /
+        UNAVAILABLE) if they do not fit. Give them back with release_bytes when the request ends."""
+        limit = self.settings.max_buffered_bytes
+        if self.buffered_bytes + n > limit:
+            raise BufferFull(
+                f"server busy: {self.buffered_bytes} request bytes already buffered (limit {limit}); retry shortly"
+            )
+        self.buffered_bytes += n
+
+    def release_bytes(self, n: int) -> None:
+        self.buffered_bytes -= n
+
+    def admit(self, model: LoadedModel, n_images: int) -> None:
+        """Refuse a request of ``n_images`` before any work is done for it: PayloadTooLarge if it
+        could never fit in the model's queue, Overloaded (429 / RESOURCE_EXHAUSTED with a retry
+        hint) if it does not fit now. The depth counts the images queued in the batcher plus those
+        admitted and still being decoded, so that concurrent requests cannot all pass and then
+        decode for nothing. Constant time."""
+        batcher = model.batcher
+        if n_images > batcher.max_queue_size:
+            # It could never be admitted: a 429 would invite retries that cannot succeed.
+            raise PayloadTooLarge(f"{n_images} images exceed the queue's capacity of {batcher.max_queue_size}")
+        depth = batcher.queued_images + model.decoding
+        if depth + n_images > batcher.max_queue_size:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(
+                f"queue full ({depth} images waiting, limit {batcher.max_queue_size})",
+                retry_after_s=batcher.retry_after_s(),
+            )
+
+    def _decode_all(
+        self,
+        images: list[ImageInput],
+        size: codec.Size = codec.DEFAULT_SIZE,
+        deadline: float | None = None,
+        gone: threading.Event | None = None,
+    ) -> np.ndarray:
+        """Decode every image, within the request's pixel budget; between images, stop if the
+        deadline passed or the caller went away (``gone``)."""
+        s = self.settings
+        max_pixels = s.max_image_pixels
+        budget = codec.PixelBudget(s.max_request_pixels)
         out = np.empty((len(images), *size, 3), np.uint8)
+        if gone is not None:
+            log.debug("decoding %d images in the pool", len(images))
         for i, image in enumerate(images):
+            if gone is not None and gone.is_set():
+                log.debug("caller gone: stopped decoding after %d of %d images", i, len(images))
+                raise _CallerGone
+            if deadline is not None and time.monotonic() >= deadline:
+                error = DeadlineExceeded(f"deadline passed while decoding (after {i} of {len(images)} images)")
+                error.counted_by_batcher = False  # refused here, not by the batcher: the transport counts it
+                raise error
             try:
                 if isinstance(image, RawImage):
-                    out[i] = codec.raw_to_image(image.data, image.height, image.width, max_pixels, size)
+                    out[i] = codec.raw_to_image(image.data, image.height, image.width, max_pixels, size, budget)
                 else:
-                    out[i] = codec.decode_image(image, max_pixels, size)
+                    out[i] = codec.decode_image(image, max_pixels, size, budget)
             except (InvalidInput, PayloadTooLarge) as e:
                 if len(images) > 1:
                     e.message = f"image {i}: {e.message}"
@@ -237,12 +320,31 @@ class InferenceCore:
                 raise
         return out
 
-    async def decode(self, images: list[ImageInput], size: codec.Size = codec.DEFAULT_SIZE) -> np.ndarray:
-        """uint8 [n,H,W,3] pixels at ``size`` (the model's input size: height, width)."""
+    async def decode(
+        self, images: list[ImageInput], size: codec.Size = codec.DEFAULT_SIZE, deadline: float | None = None
+    ) -> np.ndarray:
+        """uint8 [n,H,W,3] pixels of every image at ``size`` (the model's input size). Small
+        JPEG/PNG/raw images on the event loop, the rest in the decode pool; cancelling the awaiting
+        task (caller gone) stops the decoding thread at the next image, and a job not yet started
+        never starts."""
         self.check_image_count(len(images))
         if self._small(images):
-            return self._decode_all(images, size)
-        return await asyncio.to_thread(self._decode_all, images, size)
+            return self._decode_all(images, size, deadline)
+        gone = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, self._decode_all, images, size, deadline, gone
+            )
+        except asyncio.CancelledError:
+            gone.set()
+            self.metrics.rejected.labels("cancelled").inc()
+            raise
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the decode pool (bounded; not asyncio's shared default pool): for
+        parsing large request bodies off the event loop. A job not yet started when the caller
+        is cancelled never starts."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, *args)
 
     @staticmethod
     def _small(images: list[ImageInput]) -> bool:
@@ -261,9 +363,6 @@ class InferenceCore:
 
     # ---- inference --------------------------------------------------------------------------
     async def _submit(self, model: LoadedModel, batch: np.ndarray, deadline: float | None) -> BatchOutput:
-        if len(batch) > model.batcher.max_queue_size:
-            # It could never be admitted: a 429 would invite retries that cannot succeed.
-            raise PayloadTooLarge(f"{len(batch)} images exceed the queue's capacity of {model.batcher.max_queue_size}")
         started = time.monotonic()
         ok = False
         try:
@@ -284,7 +383,14 @@ class InferenceCore:
         """Decode, batch, and return each image's top-k, in order."""
         target = self.model(model, version)
         k = self.check_top_k(top_k, target.runtime.num_classes)
-        pixels = await self.decode(images, target.runtime.image_size)
+        n = len(images)
+        self.check_image_count(n)
+        self.admit(target, n)
+        target.decoding += n
+        try:
+            pixels = await self.decode(images, target.runtime.image_size, deadline)
+        finally:
+            target.decoding -= n
         out = await self._submit(target, pixels, deadline)
         if k == target.runtime.num_classes:
             return Classification(
@@ -306,4 +412,5 @@ class InferenceCore:
                 f"input must be FP32 [-1,{','.join(map(str, expected))}], got {tensor.dtype} {list(tensor.shape)}"
             )
         self.check_image_count(len(tensor))
+        self.admit(target, len(tensor))
         return await self._submit(target, tensor, deadline)

@@ -68,6 +68,13 @@ class NotReady(ServiceError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
+class BufferFull(NotReady):
+    """Too many request bytes are held in memory across all requests (max_buffered_bytes): 503 +
+    Retry-After / UNAVAILABLE at once."""
+
+    reason = "buffers_full"
+
+
 class Overloaded(ServiceError):
     """The model's queue is full; retry after ``retry_after_s``."""
 

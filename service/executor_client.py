@@ -294,6 +294,14 @@ class RemoteBatcher:
         self.max_batch_size, self.max_queue_delay_s, self.max_queue_size = (
             max_batch_size, max_queue_delay_s, max_queue_size)  # fmt: skip
 
+    @property
+    def queued_images(self) -> int:
+        """The device queue's depth, from the shared counters (no round trip)."""
+        return min(c.depth for c in self.clients)
+
+    def retry_after_s(self) -> float:
+        return 1.0
+
     async def submit(self, items: np.ndarray, deadline: float | None = None) -> BatchOutput:
         x = items if items.dtype == np.float32 else self.model.normalizer(items)
         clients = self.clients

@@ -325,7 +325,7 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
         array = np.frombuffer(t.raw, dtype=_LE_FP32)
         if array.ctypes.data % array.itemsize:  # unaligned inside the request body
             array = array.copy()
-        return array.astype(np.float32, copy=False).reshape(shape)
+        return _finite(t.name, array.astype(np.float32, copy=False).reshape(shape))
     if t.contents is not None and t.contents != "fp32_contents":
         raise InvalidInput(
             f"input {t.name!r} is {FP32} but its data is in {t.contents}; use fp32_contents or raw_input_contents"
@@ -340,7 +340,15 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
         raise InvalidInput(f"input {t.name!r}: data must hold numbers only")
     if array.size != count:
         raise InvalidInput(f"input {t.name!r}: data holds {array.size} values but {FP32} {shape} needs {count}")
-    return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+    return _finite(t.name, np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+
+
+def _finite(name: str, tensor: np.ndarray) -> np.ndarray:
+    """Refuse NaN and ±Inf (also finite JSON numbers beyond FP32's range, which become Inf): the
+    model's answer to them is NaN, which no client can use."""
+    if not np.isfinite(tensor).all():
+        raise InvalidInput(f"input {name!r} holds NaN or infinite values (or numbers beyond FP32's range)")
+    return tensor
 
 
 def plan_outputs(model: LoadedModel, requested: Sequence[tuple[str, dict]], binary_default: bool) -> list[OutputSpec]:
@@ -420,6 +428,11 @@ async def infer(core: InferenceCore, request: InferRequest, deadline: float | No
         raise InvalidInput("request id must be a string")
     binary_default = typed_parameter(request.parameters, "binary_data_output", bool, False, "request")
     plan = plan_outputs(model, request.outputs, binary_default)
+    if len(request.inputs) == 1 and request.inputs[0].shape and _is_int(request.inputs[0].shape[0]):
+        n = int(request.inputs[0].shape[0])
+        if n > 0:
+            core.check_image_count(n)
+            core.admit(model, n)  # refused before the tensor is built
     tensor = decode_input(core, model, request.inputs)
     result = await core.infer_tensor(model, tensor, request_deadline(core, request, deadline))
     return InferResponse(model.name, model.version, request.id, build_outputs(model, plan, result))

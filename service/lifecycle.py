@@ -34,6 +34,7 @@ from service.core import InferenceCore
 from service.executor_client import ExecutorClient
 from service.grpc_api.server import GrpcServer
 from service.http_api.application import create_app
+from service.http_api.server_config import uvicorn_config
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -120,18 +121,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         log.error("%s", e)
         return 1
     http_port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(core, metrics),
-        lifespan="off",
-        access_log=False,
-        log_config=None,
-        log_level=settings.log_level.lower(),
-        loop="none",
-        http="httptools",
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_seconds)),
-        limit_concurrency=None,
-        backlog=2048,
-    )
+    config = uvicorn_config(create_app(core, metrics), settings)
     http_server = uvicorn.Server(config)
     # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
     # SIGTERM starts our drain instead.

@@ -123,6 +123,56 @@ class Settings(BaseSettings):
         description="Largest decoded image (width x height) before it is refused, against decompression bombs.",
     )
 
+    max_request_pixels: int = Field(
+        4 * 4096 * 4096,
+        ge=1024,
+        description="Most pixels decoded for one request, summed over its images (JPEGs count at the reduced "
+        "scale they are decoded at), so that many small files that each inflate to a large image cannot "
+        "cost unbounded CPU: 413 / RESOURCE_EXHAUSTED past it.",
+    )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Threads of the image decoding pool (0: the usable cores, at most 4). Decoding larger "
+        "images runs there, never in asyncio's shared pool; a request waiting for a thread keeps its place.",
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest HTTP request line plus headers, counted as the bytes arrive: 431 and the "
+        "connection closed past it.",
+    )
+    max_headers: int = Field(100, ge=8, description="Most HTTP request headers: 431 and the connection closed past it.")
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0.0,
+        description="Most seconds from a new connection (or a request's first byte) to the end of its "
+        "headers: 408 and the connection closed past it (slow-header clients).",
+    )
+    body_timeout_seconds: float = Field(
+        60.0,
+        gt=0.0,
+        description="Most seconds from the end of a request's headers to the end of its body: 408 and the "
+        "connection closed past it (stalled uploads).",
+    )
+    keep_alive_timeout_seconds: float = Field(
+        5.0, gt=0.0, description="Seconds an idle HTTP keep-alive connection stays open between requests."
+    )
+    max_buffered_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Most request bytes held in memory across all requests at once (HTTP bodies, gRPC "
+        "messages; each up to max_request_bytes): a request that would go past it is answered 503 + "
+        "Retry-After / UNAVAILABLE at once.",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Most concurrent HTTP connections (and requests in progress), and most gRPC calls in "
+        "progress; past it HTTP requests are answered 503 and gRPC calls RESOURCE_EXHAUSTED at once.",
+    )
+
     drain_seconds: float = Field(
         5.0,
         ge=0.0,

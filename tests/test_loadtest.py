@@ -280,3 +280,31 @@ def test_help_lists_loadtest_without_importing_it():
     assert "HEAVY []" in proc.stdout and "--metrics-address" in proc.stdout and "--http-client" in proc.stdout
     top = subprocess.run([sys.executable, "-m", "service.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "loadtest" in top.stdout
+
+
+def test_compare_revisions_quick_runs_both_servers(tmp_path):
+    out = tmp_path / "compare.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/compare_revisions.py",
+            "--before",
+            ".",
+            "--after",
+            ".",
+            "--quick",
+            "--targets",
+            "grpc,http",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"grpc c=1 images/s", "grpc c=1 p50 ms", "http c=1 images/s", "http c=1 p50 ms"}
+    for per_server in results.values():
+        assert len(per_server) == 2 and all(s["median"] > 0 for s in per_server.values())

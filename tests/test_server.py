@@ -198,6 +198,20 @@ HTTP_BAD = [
         422,
     ),
     ("multipart without file", dict(files={"other": ("a.png", b"x", "image/png")}), 400),
+    ("multipart without boundary", dict(content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}), 400),
+    (
+        "multipart file field without filename",
+        dict(
+            content=b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc\r\n--b--\r\n',
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+        ),
+        400,
+    ),
+    (
+        "multipart 257 files",
+        dict(files=[("file", (f"{i}.png", b"x", "image/png")) for i in range(257)]),
+        413,
+    ),
 ]
 
 

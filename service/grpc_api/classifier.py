@@ -34,13 +34,18 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     @rpc
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        result = await self.core.classify(
-            _images(request),
-            top_k=request.top_k if request.HasField("top_k") else None,
-            model=request.model or None,
-            version=request.model_version or None,
-            deadline=self.core.deadline(context.time_remaining()),
-        )
+        held = request.ByteSize()
+        self.core.hold_bytes(held)  # the message is in memory until this call ends
+        try:
+            result = await self.core.classify(
+                _images(request),
+                top_k=request.top_k if request.HasField("top_k") else None,
+                model=request.model or None,
+                version=request.model_version or None,
+                deadline=self.core.deadline(context.time_remaining()),
+            )
+        finally:
+            self.core.release_bytes(held)
         Prediction, Classification = pb.Prediction, pb.Classification
         results = [
             Classification(predictions=[Prediction(label=l, index=i, probability=p) for l, i, p in zip(ls, ix, ps)])

@@ -114,8 +114,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request, context):
-        parsed = request_from_proto(request)
-        result = await v2.infer(self.core, parsed, self.core.deadline(context.time_remaining()))
+        held = request.ByteSize()
+        self.core.hold_bytes(held)  # the message is in memory until this call ends
+        try:
+            parsed = request_from_proto(request)
+            result = await v2.infer(self.core, parsed, self.core.deadline(context.time_remaining()))
+        finally:
+            self.core.release_bytes(held)
         return response_to_proto(result)
 
 

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from service.core import InferenceCore
 from service.grpc_api import classifier, inference_service
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
+from service.grpc_api.instrumented import GuardedRegistration
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -21,19 +22,21 @@ class GrpcServer:
     def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings, reuse_port: bool = False) -> None:
         limit = settings.max_request_bytes
         self.server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.max_connections,  # past it: RESOURCE_EXHAUSTED at once
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # Front ends of a multi-process server share the port; a lone server must own it.
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ]
+            ],
         )
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), self.server)
+        guarded = GuardedRegistration(self.server, metrics)  # malformed protobuf: INVALID_ARGUMENT
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), guarded)
         self.service_names = [classifier.SERVICE_NAME]
-        inference_service.add_to_server(core, metrics, self.server)
+        inference_service.add_to_server(core, metrics, guarded)
         self.service_names.append(inference_service.SERVICE_NAME)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, guarded)
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,

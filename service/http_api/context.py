@@ -12,12 +12,24 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from service.core import InferenceCore
-from service.errors import Cancelled, InvalidParameter, Overloaded, PayloadTooLarge, ServiceError, http_status
+from service.errors import (
+    BufferFull,
+    Cancelled,
+    InvalidParameter,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    http_status,
+)
 from service.metrics import Metrics
+from service.numbers import parse_decimal, parse_uint
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
+BUFFERED_KEY = "cnnserve.buffered"  # request scope: body bytes this request holds against max_buffered_bytes
 T = TypeVar("T")
 
 
@@ -34,6 +46,8 @@ def error_response(error: ServiceError) -> Response:
     headers = None
     if isinstance(error, Overloaded):
         headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    elif isinstance(error, BufferFull):
+        headers = {"Retry-After": "1"}
     return json_response({"error": error.message}, http_status(error), headers)
 
 
@@ -58,8 +72,9 @@ class HttpContext:
         counter.inc()
         duration.observe(time.perf_counter() - started)
 
-    async def handle(self, method: str, work: Awaitable[Response]) -> Response:
-        """Run a route's work: map domain errors to responses and record metrics."""
+    async def handle(self, method: str, work: Awaitable[Response], request: Request | None = None) -> Response:
+        """Run a route's work: map domain errors to responses and record metrics; then give back
+        the body bytes ``request`` held against max_buffered_bytes."""
         started = time.perf_counter()
         try:
             response = await work
@@ -67,8 +82,21 @@ class HttpContext:
             if not e.counted_by_batcher:
                 self.metrics.rejected.labels(e.reason).inc()
             response = error_response(e)
+        finally:
+            if request is not None:
+                self.core.release_bytes(request.scope.pop(BUFFERED_KEY, 0))
         self.record(method, response.status_code, started)
         return response
+
+    def precheck(self, model: str | None, version: str | None) -> None:
+        """Refuse at once, before the body is read, a request that could not be queued even with
+        one image (queue full: 429; not ready: 503). A model that is not found is left to the
+        route, which may learn the model's name from the body."""
+        try:
+            target = self.core.model(model, version)
+        except ModelNotFound:
+            return
+        self.core.admit(target, 1)
 
     @staticmethod
     async def unless_disconnected(work: Awaitable[T], request: Request) -> T:
@@ -95,17 +123,38 @@ class HttpContext:
         finally:
             watcher.cancel()
 
+    def _hold(self, request: Request, n: int) -> None:
+        """Count ``n`` more body bytes of ``request`` against max_buffered_bytes (BufferFull past it)."""
+        self.core.hold_bytes(n)
+        request.scope[BUFFERED_KEY] = request.scope.get(BUFFERED_KEY, 0) + n
+
     async def body(self, request: Request) -> bytes:
-        """The request body, refused with 413 as soon as it exceeds max_request_bytes."""
+        """The request body, refused with 413 as soon as it exceeds max_request_bytes and with 503
+        when the bytes buffered across all requests would exceed max_buffered_bytes; a client that
+        hangs up mid-upload is Cancelled. Call it from a route run by ``handle(..., request)``,
+        which gives the bytes back."""
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {self.max_body}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
+        if declared is not None:
+            size = parse_uint(declared, "Content-Length")
             if size > self.max_body:
-                raise PayloadTooLarge(f"body exceeds the limit of {self.max_body} bytes")
-            chunks.append(chunk)
+                raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {self.max_body}")
+            self._hold(request, size)  # reserve it all now: refused before a byte is read
+            reserved = size
+        else:
+            reserved = 0
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise PayloadTooLarge(f"body exceeds the limit of {self.max_body} bytes")
+                if size > reserved:
+                    self._hold(request, size - reserved)
+                    reserved = size
+                chunks.append(chunk)
+        except ClientDisconnect:
+            self.metrics.rejected.labels("cancelled").inc()
+            raise Cancelled("client disconnected during the upload") from None
         body = b"".join(chunks)
         request._body = body  # Starlette's own cache: request.form()/json() read it instead of the spent stream
         return body
@@ -116,14 +165,11 @@ class HttpContext:
 
 def timeout_from_header(raw: str | None) -> float | None:
     """The X-Request-Timeout-Ms header's value in seconds (None: no header); InvalidParameter
-    unless it is a positive, finite number of milliseconds."""
+    unless it is a positive number of milliseconds in plain ASCII digits."""
     if raw is None:
         return None
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
-    if not ms > 0 or math.isinf(ms):
+    ms = parse_decimal(raw, f"{TIMEOUT_HEADER} (milliseconds)", InvalidParameter)
+    if not ms > 0:
         raise InvalidParameter(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
     return ms / 1000.0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -20,26 +21,40 @@ from service.inference_protocol import (
     tensor_numbers,
     typed_parameter,
 )
+from service.numbers import parse_uint
 
 HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor extension (HTTP)
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression), refusing
-    bodies that inflate past ``limit`` bytes."""
+    bodies that inflate past ``limit`` bytes. A gzip body of several members (RFC 1952 allows it,
+    ``cat a.gz b.gz``) is inflated whole, as ``gzip -d`` does; bytes after a deflate stream are refused."""
     encoding = (encoding or "identity").strip().lower()
     if encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
         raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or none)")
-    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise InvalidInput(f"body is not valid {encoding} data: {e}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
-    return out
+    wbits = 31 if encoding == "gzip" else 15
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflater = zlib.decompressobj(wbits=wbits)
+        try:
+            out = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as e:
+            raise InvalidInput(f"body is not valid {encoding} data: {e}") from None
+        size += len(out)
+        if size > limit or inflater.unconsumed_tail:
+            raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+        if not inflater.eof:
+            raise InvalidInput(f"body is not valid {encoding} data: truncated stream")
+        parts.append(out)
+        rest = inflater.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if encoding != "gzip":
+            raise InvalidInput(f"body has {len(rest)} bytes after the end of its {encoding} stream")
 
 
 def _json_dict(value: Any, where: str) -> dict:
@@ -56,11 +71,11 @@ def parse_rest_request(model: str, version: str, body: bytes, header_length: str
     ``Inference-Header-Content-Length`` header gives the JSON part's size."""
     view = memoryview(body)
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        split = parse_uint(header_length, "Inference-Header-Content-Length")
+        if split > len(body):
             raise InvalidInput(
                 f"Inference-Header-Content-Length {header_length!r} is not a size within the {len(body)}-byte body"
             )
-        split = int(header_length)
         head, binary = view[:split], view[split:]
     else:
         head, binary = view, view[len(body) :]
@@ -115,18 +130,25 @@ def parse_rest_request(model: str, version: str, body: bytes, header_length: str
 
 
 async def read_rest_request(
-    model: str, version: str, body: bytes, header_length: str | None, content_encoding: str | None, limit: int
+    model: str,
+    version: str,
+    body: bytes,
+    header_length: str | None,
+    content_encoding: str | None,
+    limit: int,
+    offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
 ) -> InferRequest:
-    """``decompress`` + ``parse_rest_request``; in a worker thread when there is much to inflate or
-    a large JSON part to parse, so that one big JSON tensor does not stall every other request."""
-    json_part = int(header_length) if header_length and header_length.strip().isdigit() else len(body)
+    """``decompress`` + ``parse_rest_request``; through ``offload`` (a worker thread: the server
+    passes its decode pool) when there is much to inflate or a large JSON part to parse, so that one
+    big JSON tensor does not stall every other request."""
+    json_part = parse_uint(header_length, "Inference-Header-Content-Length") if header_length else len(body)
 
     def work() -> InferRequest:
         return parse_rest_request(model, version, decompress(body, content_encoding, limit), header_length)
 
     if content_encoding is None and json_part <= INLINE_PARSE_BYTES:
         return work()
-    return await asyncio.to_thread(work)
+    return await offload(work)
 
 
 def encode_rest_response(response: InferResponse) -> tuple[bytes, int | None]:

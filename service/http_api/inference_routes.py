@@ -33,11 +33,13 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def server_metadata():
         return await ctx.handle("v2_server_metadata", _json(lambda _core: v2.server_metadata()))
 
-    @router.get("/health/live", summary="Liveness (200 while the process answers)")
+    @router.api_route("/health/live", methods=["GET", "HEAD"], summary="Liveness (200 while the process answers)")
     async def server_live():
         return json_response({"live": True})
 
-    @router.get("/health/ready", summary="Readiness (200 ready, 503 loading or draining)")
+    @router.api_route(
+        "/health/ready", methods=["GET", "HEAD"], summary="Readiness (200 ready, 503 loading or draining)"
+    )
     async def server_ready():
         reason = core.not_ready_reason()
         if reason is None:
@@ -82,6 +84,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
     # ---- inference ------------------------------------------------------------------------------
     async def _infer(request: Request, name: str, version: str | None) -> Response:
         deadline = ctx.deadline(request)
+        ctx.precheck(name, version)  # queue full or not ready: refused before the body is read
         parsed = await rest.read_rest_request(
             name,
             version or "",
@@ -89,6 +92,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
             request.headers.get(rest.HEADER_LENGTH),
             request.headers.get("content-encoding"),
             ctx.max_body,
+            core.offload,
         )
         result = await ctx.unless_disconnected(v2.infer(core, parsed, deadline), request)
         content, header_length = rest.encode_rest_response(result)
@@ -103,6 +107,6 @@ def build_router(ctx: HttpContext) -> APIRouter:
     @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)", openapi_extra=body)
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version", openapi_extra=body)
     async def model_infer(request: Request, name: str, version: str | None = None):
-        return await ctx.handle("v2_infer", _infer(request, name, version))
+        return await ctx.handle("v2_infer", _infer(request, name, version), request)
 
     return router

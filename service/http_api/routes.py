@@ -10,8 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
 from service.core import Classification
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
+from service.http_api import multipart
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
 from service.http_api.schemas import (
     PREDICT_REQUEST_BODY,
@@ -20,6 +22,7 @@ from service.http_api.schemas import (
     Readiness,
     error_responses,
 )
+from service.numbers import parse_uint
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -70,16 +73,20 @@ PREDICT_PARAMETERS = [
         "schema": {"type": "string"},
         "description": "Model version (default: the highest)",
     },
+    {
+        "name": "X-Request-Timeout-Ms",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"},
+        "description": "Deadline in milliseconds (ASCII digits, optionally a decimal part): 504 past it",
+    },
 ]
 
 
 def int_parameter(name: str, text: str | None) -> int | None:
     if text is None or text == "":
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidParameter(f"{name} must be an integer, got {text!r}") from None
+    return parse_uint(text, name, InvalidParameter)
 
 
 def parse_json_body(body: bytes) -> tuple[list[bytes], object, object, object]:
@@ -109,16 +116,22 @@ def build_router(ctx: HttpContext) -> APIRouter:
         top_k = int_parameter("top_k", top_k_text)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         deadline = ctx.deadline(request)
+        ctx.precheck(model, version)  # queue full or not ready: refused before the body is read
         if content_type == "multipart/form-data":
-            await ctx.body(request)  # bounded by max_request_bytes; form() then parses the cached body
-            form = await request.form(
-                max_files=core.settings.max_images_per_request, max_fields=16, max_part_size=ctx.max_body
-            )
-            images = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
+            body = await ctx.body(request)  # bounded by max_request_bytes
+            args = (body, request.headers.get("content-type", ""), core.settings.max_images_per_request)
+            if len(body) <= INLINE_PARSE_BYTES:
+                images = multipart.file_parts(*args)
+            else:  # parsing megabytes: off the event loop
+                images = await core.offload(multipart.file_parts, *args)
             if not images:
                 raise InvalidInput('multipart body has no file part named "file"')
         elif content_type == "application/json":
-            images, json_top_k, json_model, json_version = parse_json_body(await ctx.body(request))
+            body = await ctx.body(request)
+            if len(body) <= INLINE_PARSE_BYTES:
+                images, json_top_k, json_model, json_version = parse_json_body(body)
+            else:  # parsing and base64-decoding megabytes: off the event loop
+                images, json_top_k, json_model, json_version = await core.offload(parse_json_body, body)
             top_k = top_k if top_k is not None else json_top_k
             model = model or json_model
             version = version or json_version
@@ -151,15 +164,23 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def predict(request: Request):
         query = request.query_params
         return await ctx.handle(
-            "predict", _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None)
+            "predict",
+            _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None),
+            request,
         )
 
-    @router.get("/healthz", summary="Liveness: the process answers", responses={200: {"model": Liveness}})
+    @router.api_route(
+        "/healthz",
+        methods=["GET", "HEAD"],
+        summary="Liveness: the process answers",
+        responses={200: {"model": Liveness}},
+    )
     async def healthz():
         return json_response({"status": "live"})
 
-    @router.get(
+    @router.api_route(
         "/readyz",
+        methods=["GET", "HEAD"],
         summary="Readiness: every model loaded and warm, not draining",
         responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
     )

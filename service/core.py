@@ -162,7 +162,9 @@ class InferenceCore:
                 name=f"{runtime.name}-{runtime.version}",
             )
             batcher.start()
-            self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats, rows)
+            self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(
+                runtime, batcher, stats, stats_rows=rows
+            )
             self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, runtime.precision).set(1)
         self.ready = True
         self.metrics.ready.set(1)
@@ -175,7 +177,7 @@ class InferenceCore:
             stats, rows = self._stats(index)
             batcher = RemoteBatcher(clients, index, model, s.max_batch_size, s.max_queue_delay_ms / 1000.0,
                                     clients[0].max_queue_size)  # fmt: skip
-            self.models.setdefault(model.name, {})[model.version] = LoadedModel(model, batcher, stats, rows)
+            self.models.setdefault(model.name, {})[model.version] = LoadedModel(model, batcher, stats, stats_rows=rows)
         self.ready = True
         self.metrics.workers.set(1)
 

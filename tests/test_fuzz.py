@@ -24,7 +24,7 @@ from schemathesis import GenerationMode
 from service import codec
 from service.errors import InvalidInput, InvalidParameter, ServiceError
 from service.http_api.inference_rest import decompress, parse_rest_request
-from service.http_api.routes import _json_images
+from service.http_api.routes import parse_json_body
 from service.numbers import parse_decimal, parse_uint
 from tests.conftest import distinct_images, png_bytes
 
@@ -149,7 +149,7 @@ PREDICT_DOCS = st.fixed_dictionaries(
 @fuzz(300)
 def test_the_predict_json_parser_returns_or_refuses(body):
     try:
-        images, *_ = _json_images(body)
+        images, *_ = parse_json_body(body)
     except ServiceError:
         return
     assert all(isinstance(i, bytes) for i in images)
@@ -284,7 +284,7 @@ def test_decompress_inflates_every_gzip_member_and_refuses_the_rest(pieces, junk
 @fuzz(300)
 def test_image_decoding_returns_pixels_or_refuses(data):
     try:
-        pixels = codec.decode_image(data, 1 << 20, codec.PixelBudget(1 << 22))
+        pixels = codec.decode_image(data, 1 << 20, budget=codec.PixelBudget(1 << 22))
     except ServiceError:
         return
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8

@@ -17,6 +17,7 @@ import numpy as np
 from service import codec, repository
 from service.batcher import Batcher
 from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge
+from service.layers import LayerModel
 from service.metrics import Metrics, ModelStats, StatsObserver
 from service.runtime import BatchOutput, ModelRuntime
 from service.settings import Settings
@@ -75,6 +76,9 @@ class InferenceCore:
         self.metrics = metrics
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self._runtimes: list[ModelRuntime] = []
+        #: Companion sessions with the named intermediate activations (service.layers), for the
+        #: model versions whose folder holds a layers.onnx.
+        self.layer_models: dict[tuple[str, str], LayerModel] = {}
         self.ready = False
         self.draining = False
 
@@ -94,6 +98,9 @@ class InferenceCore:
                 time.monotonic() - started,
             )
             self._runtimes.append(runtime)
+            companion = LayerModel.beside(spec)
+            if companion is not None:
+                self.layer_models[(spec.name, spec.version)] = companion
 
     def start(self) -> None:
         """Create the batchers on the running loop and report ready."""
@@ -256,6 +263,14 @@ class InferenceCore:
             [r[:k] for r in out.ranked_probabilities],
             [r[:k] for r in out.ranked_labels],
         )
+
+    async def run_images(self, target: LoadedModel, pixels: np.ndarray, deadline: float | None = None) -> BatchOutput:
+        """Run decoded uint8 [n,32,32,3] images through the model's batcher (as classify does,
+        without the top-k): how explanations submit their perturbed images."""
+        return await self._submit(target, pixels, deadline)
+
+    def layer_model(self, target: LoadedModel) -> LayerModel | None:
+        return self.layer_models.get((target.name, target.version))
 
     async def infer_tensor(self, target: LoadedModel, tensor: np.ndarray, deadline: float | None = None) -> BatchOutput:
         """Run a preprocessed float32 [n,3,32,32] tensor (Open Inference Protocol input)."""

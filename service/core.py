@@ -17,6 +17,7 @@ import numpy as np
 from service import codec, repository
 from service.batcher import Batcher
 from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge
+from service.explain import Explainer, Explanations
 from service.layers import LayerModel
 from service.metrics import Metrics, ModelStats, StatsObserver
 from service.runtime import BatchOutput, ModelRuntime
@@ -81,6 +82,7 @@ class InferenceCore:
         self.layer_models: dict[tuple[str, str], LayerModel] = {}
         self.ready = False
         self.draining = False
+        self.explainer = Explainer(self)
 
     # ---- life cycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -271,6 +273,21 @@ class InferenceCore:
 
     def layer_model(self, target: LoadedModel) -> LayerModel | None:
         return self.layer_models.get((target.name, target.version))
+
+    async def explain(
+        self,
+        images: list[ImageInput],
+        top_k: int | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        target: int | None = None,
+        method: str | None = None,
+        seed: int = 0,
+        deadline: float | None = None,
+    ) -> Explanations:
+        """Each image's top-k, attribution of ``target`` (default: the top-1) and layers
+        (``service.explain``): validated like classify, then admitted by the explanations' own limits."""
+        return await self.explainer.explain(images, top_k, model, version, target, method, seed, deadline)
 
     async def infer_tensor(self, target: LoadedModel, tensor: np.ndarray, deadline: float | None = None) -> BatchOutput:
         """Run a preprocessed float32 [n,3,32,32] tensor (Open Inference Protocol input)."""

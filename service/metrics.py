@@ -74,6 +74,13 @@ class Metrics:
             ["model", "version", "provider"],
             registry=r,
         )
+        self.explanations = Counter(
+            "cnnserve_explanations", "Explanation requests computed, by attribution method.", ["method"], registry=r
+        )
+        self.explanations_active = Gauge("cnnserve_explanations_active", "Explanations being computed now.", registry=r)
+        self.explanations_waiting = Gauge(
+            "cnnserve_explanations_waiting", "Explanations waiting for a turn.", registry=r
+        )
         self.ready = Gauge("cnnserve_ready", "1 when the server is ready for traffic.", registry=r)
 
     def observer(self, model: str) -> ModelObserver:

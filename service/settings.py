@@ -101,6 +101,20 @@ class Settings(BaseSettings):
         description="Largest decoded image (width x height) before it is refused, against decompression bombs.",
     )
 
+    explain_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Explanations (/explain, Explain) computed at once. Each runs ~226 forward passes per "
+        "image through the model's queue; a low limit keeps that queue free for /predict.",
+    )
+    explain_queue_size: int = Field(
+        8,
+        ge=0,
+        description="Explanations waiting for a turn; more are refused at once (HTTP 429 + Retry-After / "
+        "RESOURCE_EXHAUSTED).",
+    )
+    explain_max_images: int = Field(4, ge=1, description="Most images in one explanation request (more: 413).")
+
     drain_seconds: float = Field(
         5.0,
         ge=0.0,

@@ -10,7 +10,6 @@ activations are exactly those the served model computes.
 
 from __future__ import annotations
 
-import base64
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,34 +93,35 @@ class LayerModel:
         return dict(zip(names, outputs))
 
 
-def png_base64(pixels: np.ndarray) -> str:
-    """uint8 [h,w] or [h,w,3] as a base64 PNG (fast compression: the maps are tiny)."""
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """uint8 [h,w] or [h,w,3] as PNG (fast compression: the maps are tiny)."""
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
-def channel_maps(activation: np.ndarray) -> tuple[list[str], list[float]]:
+def channel_maps(activation: np.ndarray) -> tuple[list[bytes], list[float]]:
     """[c,h,w] non-negative maps → one greyscale PNG per channel, each scaled to its own maximum
     (returned too, so a reader can compare channels' strengths); all-zero channels stay black."""
     maxima = activation.reshape(len(activation), -1).max(axis=1)
     scale = np.where(maxima > 0, 255.0 / np.maximum(maxima, 1e-12), 0.0).astype(np.float32)
     pixels = np.clip(activation * scale[:, None, None], 0, 255).astype(np.uint8)
-    return [png_base64(p) for p in pixels], maxima.astype(float).tolist()
+    return [png_bytes(p) for p in pixels], maxima.astype(float).tolist()
 
 
-def filter_images(filters: np.ndarray) -> list[str]:
+def filter_images(filters: np.ndarray) -> list[bytes]:
     """conv1's [32,3,3,3] weights as 3x3 RGB PNGs: grey is 0, brighter/darker channels are
     positive/negative weights (each filter scaled by its largest absolute weight)."""
     peak = np.abs(filters).reshape(len(filters), -1).max(axis=1)
     scaled = filters / np.maximum(peak, 1e-12)[:, None, None, None]  # [-1, 1]
     pixels = np.clip((scaled * 0.5 + 0.5) * 255.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    return [png_base64(p) for p in pixels]
+    return [png_bytes(p) for p in pixels]
 
 
-def describe(activations: dict[str, np.ndarray], index: int, filter_pngs: list[str]) -> list[dict]:
+def describe(activations: dict[str, np.ndarray], index: int, filter_pngs: list[bytes]) -> list[dict]:
     """The ``layers`` of one image's explanation: name, shape, description and what a page needs
-    to draw it (PNG maps for the convolutional layers, values for the dense ones)."""
+    to draw it (PNG maps for the convolutional layers, values for the dense ones). PNGs are bytes;
+    the HTTP answer carries them in base64."""
     out = []
     for info in LAYERS:
         a = activations[info.name][index]

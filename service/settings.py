@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     )
     explain_max_images: int = Field(4, ge=1, description="Most images in one explanation request (more: 413).")
 
+    samples_data: str = Field(
+        "../shared/data/cifar10/cifar10-train-jpeg.tar.gz",
+        description="CIFAR-10 data (image-folder .tar.gz or python archive) the page at / takes its ten "
+        "sample images from: the first held-out validation image of each class. Absent: no samples.",
+    )
+
     drain_seconds: float = Field(
         5.0,
         ge=0.0,

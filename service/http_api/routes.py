@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Request
@@ -66,7 +67,7 @@ PREDICT_PARAMETERS = [
 ]
 
 
-def _int_parameter(name: str, text: str | None) -> int | None:
+def int_parameter(name: str, text: str | None) -> int | None:
     if text is None or text == "":
         return None
     try:
@@ -75,7 +76,19 @@ def _int_parameter(name: str, text: str | None) -> int | None:
         raise InvalidParameter(f"{name} must be an integer, got {text!r}") from None
 
 
-def _json_images(body: bytes) -> tuple[list[bytes], object, object, object]:
+@dataclass
+class ImagesRequest:
+    """What /predict and /explain read from a request: the images, the query's or JSON body's
+    top_k / model / version, and the JSON body's other fields (empty for other bodies)."""
+
+    images: list[bytes]
+    top_k: int | None
+    model: str | None
+    version: str | None
+    fields: dict
+
+
+def _json_images(body: bytes) -> tuple[list[bytes], dict]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -90,41 +103,54 @@ def _json_images(body: bytes) -> tuple[list[bytes], object, object, object]:
             images.append(base64.b64decode(item, validate=True))
         except (binascii.Error, ValueError):
             raise InvalidInput(f"images[{i}] is not valid base64") from None
-    return images, doc.get("top_k"), doc.get("model"), doc.get("model_version")
+    return images, doc
+
+
+async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
+    """The images and common parameters of a /predict or /explain request, from any body type
+    PREDICT_DOC lists (query parameters win over the JSON body's)."""
+    query = request.query_params
+    top_k = int_parameter("top_k", query.get("top_k"))
+    model, version = query.get("model") or None, query.get("version") or None
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    doc: dict = {}
+    if content_type == "multipart/form-data":
+        await ctx.body(request)  # bounded by max_request_bytes; form() then parses the cached body
+        form = await request.form(
+            max_files=ctx.core.settings.max_images_per_request, max_fields=16, max_part_size=ctx.max_body
+        )
+        images = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
+        if not images:
+            raise InvalidInput('multipart body has no file part named "file"')
+    elif content_type == "application/json":
+        images, doc = _json_images(await ctx.body(request))
+        top_k = top_k if top_k is not None else doc.get("top_k")
+        model = model or doc.get("model")
+        version = version or doc.get("model_version")
+    elif content_type.startswith(IMAGE_TYPES):
+        images = [await ctx.body(request)]
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {content_type or '(none)'!r}: send image/jpeg, image/png, "
+            "multipart/form-data or application/json"
+        )
+    if (model is not None and not isinstance(model, str)) or (version is not None and not isinstance(version, str)):
+        raise InvalidInput("model and model_version must be strings")
+    return ImagesRequest(images, top_k, model, version, doc)
 
 
 def build_router(ctx: HttpContext) -> APIRouter:
     router = APIRouter()
     core = ctx.core
 
-    async def _predict(request: Request, top_k_text: str | None, model: str | None, version: str | None) -> Response:
-        top_k = _int_parameter("top_k", top_k_text)
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    async def _predict(request: Request) -> Response:
         deadline = ctx.deadline(request)
-        if content_type == "multipart/form-data":
-            await ctx.body(request)  # bounded by max_request_bytes; form() then parses the cached body
-            form = await request.form(
-                max_files=core.settings.max_images_per_request, max_fields=16, max_part_size=ctx.max_body
-            )
-            images = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
-            if not images:
-                raise InvalidInput('multipart body has no file part named "file"')
-        elif content_type == "application/json":
-            images, json_top_k, json_model, json_version = _json_images(await ctx.body(request))
-            top_k = top_k if top_k is not None else json_top_k
-            model = model or json_model
-            version = version or json_version
-        elif content_type.startswith(IMAGE_TYPES):
-            images = [await ctx.body(request)]
-        else:
-            raise UnsupportedMediaType(
-                f"unsupported Content-Type {content_type or '(none)'!r}: send image/jpeg, image/png, "
-                "multipart/form-data or application/json"
-            )
-        if (model is not None and not isinstance(model, str)) or (version is not None and not isinstance(version, str)):
-            raise InvalidInput("model and model_version must be strings")
+        parsed = await read_images(ctx, request)
         result = await ctx.unless_disconnected(
-            core.classify(images, top_k=top_k, model=model, version=version, deadline=deadline), request
+            core.classify(
+                parsed.images, top_k=parsed.top_k, model=parsed.model, version=parsed.version, deadline=deadline
+            ),
+            request,
         )
         return json_response(classification_json(result))
 
@@ -138,10 +164,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         openapi_extra={"parameters": PREDICT_PARAMETERS},
     )
     async def predict(request: Request):
-        query = request.query_params
-        return await ctx.handle(
-            "predict", _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None)
-        )
+        return await ctx.handle("predict", _predict(request))
 
     @router.get("/healthz", summary="Liveness: the process answers")
     async def healthz():

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -16,7 +19,7 @@ from PIL import Image
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
-from tests.conftest import SHARED_CIFAR, ServerProcess, distinct_images, png_bytes, wait_until
+from tests.conftest import ROOT, SHARED_CIFAR, ServerProcess, distinct_images, png_bytes, wait_until
 from tests.test_server import GRPC_BAD, HTTP_BAD, Reference, metric_samples, sample
 
 LAYER_SHAPES = {"conv1": [32, 32, 32], "conv2": [32, 32, 32], "pool": [32, 16, 16], "fc3": [512], "fc4": [10]}
@@ -278,3 +281,20 @@ def test_explanations_past_their_limits_are_refused_at_once_and_predict_still_ru
     assert sample(metrics, "cnnserve_explanations_total", method="occlusion") == 1
     assert sample(metrics, "cnnserve_requests_total", protocol="http", method="explain", code="429") == 1
     assert sample(metrics, "cnnserve_requests_total", protocol="grpc", method="Explain", code="RESOURCE_EXHAUSTED") == 1
+
+
+def test_bench_explain_smoke(tmp_path):
+    """bench/explain.py runs end to end (its figures are for a quiet machine, not asserted here)."""
+    out = tmp_path / "explain.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "explain.py"), "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert set(result["latency"]) == {"occlusion", "rise"}
+    assert result["latency"]["occlusion"]["requests"] == 3 and result["latency"]["occlusion"]["p50_ms"] > 0
+    assert result["deletion_test"]["occlusion"]["images"] == 5

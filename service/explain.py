@@ -107,8 +107,10 @@ class Explainer:
 
         self.admission = Admission(s.explain_concurrency, s.explain_queue_size, gauges)
 
-    def check(self, model: LoadedModel, target: int | None, method: str | None, count: int) -> str:
+    def check(self, model: LoadedModel, target: int | None, method: str | None, seed: int, count: int) -> str:
         """Validate the explanation's own parameters; the method to use."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InvalidParameter(f"seed must be a non-negative integer, got {seed!r}")
         method = attribution.DEFAULT_METHOD if method is None or method == "" else method
         if method not in attribution.METHODS:
             raise InvalidParameter(f"method must be one of {', '.join(attribution.METHODS)}, got {method!r}")
@@ -135,7 +137,7 @@ class Explainer:
         core = self.core
         found = core.model(model, version)
         k = core.check_top_k(top_k, found.runtime.num_classes)
-        method = self.check(found, target, method, len(images))
+        method = self.check(found, target, method, seed, len(images))
         pixels = await core.decode(images)
         async with self.admission.slot(deadline):
             core.metrics.explanations.labels(method).inc()

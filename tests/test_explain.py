@@ -114,6 +114,7 @@ def test_every_predict_error_answers_the_same_on_explain(server, name, kwargs, s
         ({"target": "cat"}, 422),
         ({"method": "gradcam"}, 422),
         ({"seed": "x"}, 422),
+        ({"seed": -1}, 422),
     ],
 )
 def test_explain_bad_parameters(server, params, status):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -152,17 +152,27 @@ class Explainer:
         return Explanations(
             found.name,
             found.version,
-            [ImageExplanation(*r, layers=drawn[i] if drawn else []) for i, r in enumerate(results)],
+            [replace(r, layers=drawn[i]) for i, r in enumerate(results)] if drawn else results,
         )
 
-    async def _attribute(self, model: LoadedModel, image: np.ndarray, k, target, method, seed, deadline):
+    async def _attribute(
+        self,
+        model: LoadedModel,
+        image: np.ndarray,
+        k: int,
+        target: int | None,
+        method: str,
+        seed: int,
+        deadline: float | None,
+    ) -> ImageExplanation:
+        """One image's top-k and attribution (its ``layers`` are filled in by the caller)."""
         pre = model.runtime.preprocessing
         fill = attribution.fill_colour(pre["mean"], pre["scale"])
         batch, plan = attribution.perturb(image, fill, method, seed)
         out = await self.core.run_images(model, batch, deadline)
         chosen = out.ranked_indices[0][0] if target is None else target
         values = attribution.attribute(plan, out.probabilities, chosen)
-        return (
+        return ImageExplanation(
             out.ranked_indices[0][:k],
             out.ranked_probabilities[0][:k],
             out.ranked_labels[0][:k],
@@ -170,6 +180,7 @@ class Explainer:
             chosen,
             model.runtime.labels[chosen],
             values,
+            layers=[],
         )
 
     async def _layers(self, model: LoadedModel, pixels: np.ndarray) -> list[list[dict]] | None:

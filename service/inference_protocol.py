@@ -462,5 +462,5 @@ async def infer(core: InferenceCore, request: InferRequest, deadline: float | No
     tensor = decode_input(core, model, request.inputs)
     wanted = [spec.name for spec in plan if spec.name in LAYER_NAMES]
     result = await core.infer_tensor(model, tensor, request_deadline(core, request, deadline))
-    layers = await asyncio.to_thread(companion.run, tensor, wanted) if wanted else None
+    layers = await asyncio.to_thread(companion.run, tensor, wanted) if wanted and companion else None
     return InferResponse(model.name, model.version, request.id, build_outputs(model, plan, result, layers))

@@ -219,6 +219,7 @@ def test_the_page_and_its_files_are_served(server):
         r = httpx.get(f"{server.http}/static/{name}")
         assert r.status_code == 200 and kind in r.headers["content-type"]
     assert httpx.get(f"{server.http}/static/nope.js").status_code == 404
+    assert "/explain" in httpx.get(f"{server.http}/openapi.json").json()["paths"]
     samples = httpx.get(f"{server.http}/samples", timeout=60).json()
     if not SHARED_CIFAR.exists():
         assert samples["samples"] == []

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.core import Classification
+from service.core import Classification, ImageInput
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
 
@@ -81,21 +81,21 @@ class ImagesRequest:
     """What /predict and /explain read from a request: the images, the query's or JSON body's
     top_k / model / version, and the JSON body's other fields (empty for other bodies)."""
 
-    images: list[bytes]
+    images: list[ImageInput]
     top_k: int | None
     model: str | None
     version: str | None
     fields: dict
 
 
-def _json_images(body: bytes) -> tuple[list[bytes], dict]:
+def _json_images(body: bytes) -> tuple[list[ImageInput], dict]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"body is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise InvalidInput('JSON body must be an object with "images": a list of base64 strings')
-    images = []
+    images: list[ImageInput] = []
     for i, item in enumerate(doc["images"]):
         if not isinstance(item, str):
             raise InvalidInput(f"images[{i}] must be a base64 string")
@@ -119,7 +119,7 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
         form = await request.form(
             max_files=ctx.core.settings.max_images_per_request, max_fields=16, max_part_size=ctx.max_body
         )
-        images = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
+        images: list[ImageInput] = [await part.read() for part in form.getlist("file") if hasattr(part, "read")]
         if not images:
             raise InvalidInput('multipart body has no file part named "file"')
     elif content_type == "application/json":

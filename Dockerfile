@@ -1,10 +1,11 @@
-# cnnserve container images: two final targets from one file.
+# cnnserve container images: one Dockerfile, two flavours picked by the FLAVOUR build argument.
 #
-#   docker build --target cpu -t cnnserve:cpu .   # python:3.11-slim, plain `onnxruntime` (CPU only; default target)
-#   docker build --target gpu -t cnnserve:gpu .   # CUDA 13 + cuDNN 9 runtime, `onnxruntime-gpu`
+#   docker build -t cnnserve:cpu .                          # python:3.11-slim, plain `onnxruntime` (default)
+#   docker build --build-arg FLAVOUR=gpu -t cnnserve:gpu .  # CUDA 13 + cuDNN 9 runtime, `onnxruntime-gpu`
 #
-# Only runtime dependencies go in (no torch, no dev tools). The bundled model repository
-# (models/) lands in /models; mount a volume over /models to serve other models.
+# The flavour picks a base stage (cpu-base or gpu-base); the builder and the runtime stage are the
+# same for both. Only runtime dependencies go in (no torch, no dev tools). The bundled model
+# repository (models/) lands in /models; mount a volume over /models to serve other models.
 # Run:  docker run --rm -p 8000:8000 -p 8001:8001 cnnserve:cpu      (GPU: add --gpus all)
 # Any setting: -e CNNSERVE_<FIELD>=... or flags after the image name (`cnnserve serve` is the entrypoint).
 
@@ -12,11 +13,12 @@
 # 1.31.x is built against CUDA 13.0 / cuDNN 9 (capi/build_and_package_info.py: cuda_version='13.0';
 # libonnxruntime_providers_cuda.so needs libcudart.so.13, libcublas.so.13). A CUDA 12 base would
 # make ORT fall back to CPU (or refuse with CNNSERVE_REQUIRE_GPU=true).
+ARG FLAVOUR=cpu
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------
-# GPU flavour: official NVIDIA CUDA runtime + cuDNN image, Ubuntu 24.04's python3 (3.12)
+# GPU base: official NVIDIA CUDA runtime + cuDNN image, Ubuntu 24.04's python3 (3.12)
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS gpu-base
 ARG DEBIAN_FRONTEND=noninteractive
@@ -26,66 +28,50 @@ ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/*
+# NVIDIA_* tell the NVIDIA container runtime / device plugin what to expose (the base sets them too).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
-
-FROM gpu-base AS gpu-builder
-ARG DEBIAN_FRONTEND=noninteractive
-ARG ORT_PACKAGE=onnxruntime-gpu
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3-venv \
- && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY pyproject.toml scripts/runtime-requirements.py ./
-RUN python3 -m venv /opt/venv \
- && python runtime-requirements.py pyproject.toml --ort-package "${ORT_PACKAGE}" > requirements.txt \
- && pip install --no-cache-dir -r requirements.txt
-COPY . .
-RUN pip install --no-cache-dir --no-deps . \
- && cnnserve serve --help > /dev/null \
- && python -c "import service.lifecycle"
-
-FROM gpu-base AS gpu
-RUN groupadd --gid 10001 cnnserve \
- && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cnnserve
-COPY --from=gpu-builder /opt/venv /opt/venv
-COPY models/ /models/
-# NVIDIA_* tell the NVIDIA container runtime / device plugin what to expose (the base sets them too).
-ENV HOME=/tmp \
+    PATH=/opt/venv/bin:$PATH \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    CNNSERVE_MODEL_REPOSITORY=/models \
     CNNSERVE_PROVIDERS=cuda,cpu
-USER 10001:10001
-WORKDIR /tmp
-EXPOSE 8000 8001
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CNNSERVE_HTTP_PORT', '8000'), timeout=4)"]
-ENTRYPOINT ["cnnserve", "serve"]
 
 # ---------------------------------------------------------------------------------------------
-# CPU flavour
+# CPU base
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu-base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    CNNSERVE_PROVIDERS=cpu
 
-FROM cpu-base AS cpu-builder
-# The CPU image installs the plain `onnxruntime` package (same version specifier as the
-# onnxruntime-gpu requirement in pyproject.toml): it has the CPU provider only and is ~20x smaller
-# than onnxruntime-gpu, which would only fall back to CPU here anyway. Build with
-# --build-arg ORT_PACKAGE=onnxruntime-gpu to keep the GPU wheel.
-ARG ORT_PACKAGE=onnxruntime
+# ---------------------------------------------------------------------------------------------
+# Builder (both flavours): a virtual environment in /opt/venv, built on the flavour's own base so
+# its interpreter is the one the runtime stage has.
+# ---------------------------------------------------------------------------------------------
+FROM ${FLAVOUR}-base AS builder
+ARG FLAVOUR
+ARG DEBIAN_FRONTEND=noninteractive
+# onnxruntime flavour: the CPU image installs the plain `onnxruntime` package (same version
+# specifier as the onnxruntime-gpu requirement in pyproject.toml): it has the CPU provider only and
+# is ~20x smaller than onnxruntime-gpu, which would only fall back to CPU there anyway. Empty: by
+# FLAVOUR (cpu: onnxruntime, gpu: onnxruntime-gpu); --build-arg ORT_PACKAGE=... overrides it.
+ARG ORT_PACKAGE=
+# Ubuntu's python3 lacks the venv module (python:3.11-slim has it).
+# hadolint ignore=DL3008
+RUN if ! python3 -c "import ensurepip" 2>/dev/null; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends python3-venv \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 WORKDIR /src
 COPY pyproject.toml scripts/runtime-requirements.py ./
 # Dependencies first, in their own layer: rebuilt only when pyproject.toml changes.
-RUN python -m venv /opt/venv \
- && python runtime-requirements.py pyproject.toml --ort-package "${ORT_PACKAGE}" > requirements.txt \
+RUN default_ort=onnxruntime; if [ "${FLAVOUR}" = gpu ]; then default_ort=onnxruntime-gpu; fi \
+ && python3 -m venv /opt/venv \
+ && python runtime-requirements.py pyproject.toml --ort-package "${ORT_PACKAGE:-$default_ort}" > requirements.txt \
  && pip install --no-cache-dir -r requirements.txt
 COPY . .
 # --no-deps: dependencies are in place (with the chosen onnxruntime flavour).
@@ -93,17 +79,20 @@ RUN pip install --no-cache-dir --no-deps . \
  && cnnserve serve --help > /dev/null \
  && python -c "import service.lifecycle"
 
-FROM cpu-base AS cpu
+# ---------------------------------------------------------------------------------------------
+# Runtime (both flavours; the last stage, so the default target)
+# ---------------------------------------------------------------------------------------------
+FROM ${FLAVOUR}-base AS runtime
 RUN groupadd --gid 10001 cnnserve \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cnnserve
-COPY --from=cpu-builder /opt/venv /opt/venv
+COPY --from=builder /opt/venv /opt/venv
 COPY models/ /models/
 ENV HOME=/tmp \
-    CNNSERVE_MODEL_REPOSITORY=/models \
-    CNNSERVE_PROVIDERS=cpu
+    CNNSERVE_MODEL_REPOSITORY=/models
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000 8001
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+# start-period is a grace period (a healthy answer ends it early): long enough for a GPU's first session.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CNNSERVE_HTTP_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["cnnserve", "serve"]

@@ -30,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.loadtest import machine_info, spread  # noqa: E402
+from bench.plots import finish_axes, machine_title, new_figure, save, spread_errorbar  # noqa: E402
+from loadtest.machine import machine_info, spread  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "cifar10" / "1" / "model.onnx"
 BATCH_SIZES = [2**i for i in range(9)]  # 1 .. 256
@@ -106,19 +107,11 @@ def ceiling_once(session, batch_sizes: list[int], seconds: float) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = new_figure()
     for label, rows in result["summary"].items():
         bs = [r["batch_size"] for r in rows]
-        for ax, key in ((ax1, "img_per_s"), (ax2, "latency_ms")):
-            med = np.array([r[key]["median"] for r in rows])
-            lo = med - np.array([r[key]["min"] for r in rows])
-            hi = np.array([r[key]["max"] for r in rows]) - med
-            ax.errorbar(bs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        spread_errorbar(ax1, bs, [r["img_per_s"] for r in rows], label=label)
+        spread_errorbar(ax2, bs, [r["latency_ms"] for r in rows], label=label)
     ax1.set(
         xscale="log",
         xlabel="batch size",
@@ -132,20 +125,9 @@ def plot(result: dict, path: Path) -> None:
         ylabel="ms per session.run (median of runs)",
         title="ONNX Runtime alone: time per batch",
     )
-    for ax in (ax1, ax2):
-        ax.set_xticks(result["config"]["batch_sizes"], [str(b) for b in result["config"]["batch_sizes"]])
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+    finish_axes((ax1, ax2), result["config"]["batch_sizes"])
     m = result["machine"]
-    fig.suptitle(
-        f"{m['cpu_model']} ({m['cpu_count']} cores), onnxruntime {m['onnxruntime']}, "
-        f"{result['config']['rounds']} rounds",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, machine_title(m, f"onnxruntime {m['onnxruntime']}", f"{result['config']['rounds']} rounds"))
 
 
 def thread_label(threads: int) -> str:

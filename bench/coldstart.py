@@ -8,7 +8,7 @@ provider) and measures, from the moment of the spawn:
   of every power-of-two batch size up to --max-batch-size); also the server's own "ready in Xs"
   log figure, which starts after the imports;
 - VmRSS from /proc/PID/status once ready (after warm-up), then after a load burst (gRPC and HTTP
-  at concurrency 64 for --burst seconds each, ``service.loadtest``), and VmHWM (the peak);
+  at concurrency 64 for --burst seconds each, ``loadtest``), and VmHWM (the peak);
 - stop: SIGTERM until exit, with --drain-seconds 0.
 
 Prints min / median / max over the rounds.
@@ -30,28 +30,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from served import MODEL_REPOSITORY, Server  # noqa: E402
+from bench.plots import finish_axes, machine_title, new_figure, save  # noqa: E402
+from bench.serverproc import MODEL_REPOSITORY, ServerProcess  # noqa: E402
+from loadtest.config import LoadConfig  # noqa: E402
+from loadtest.machine import machine_info, spread  # noqa: E402
+from loadtest.runner import run  # noqa: E402
 
-from service import loadtest  # noqa: E402
-from service.loadtest import machine_info, spread  # noqa: E402
 
-
-def burst(server: Server, seconds: float, concurrency: int) -> dict:
+def burst(server: ServerProcess, seconds: float, concurrency: int) -> dict:
     """gRPC then HTTP load for ``seconds`` each; ok/error counts per protocol."""
     out = {}
     for target in ("grpc", "http"):
-        cfg = loadtest.LoadConfig(
+        cfg = LoadConfig(
             target=target,
             address=server.address(target),
             concurrency=concurrency,
             duration=seconds,
             warmup=0.0,
-            metrics_url="none",
+            metrics_address="none",
             progress=False,
         )
-        report = loadtest.run(cfg)
+        report = run(cfg)
         out[target] = {
             "ok": report["summary"]["ok"],
             "errors": report["summary"]["errors"],
@@ -61,14 +61,9 @@ def burst(server: Server, seconds: float, concurrency: int) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rounds = result["rounds"]
     xs = list(range(1, len(rounds) + 1))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = new_figure()
     for key, label, style in (
         ("listening_s", "spawn → listening (log line)", "o-"),
         ("ready_s", "spawn → ready (/readyz 200)", "s-"),
@@ -83,18 +78,9 @@ def plot(result: dict, path: Path) -> None:
     ):
         ax2.plot(xs, [r[key] for r in rounds], style, label=label)
     ax2.set(xlabel="round", ylabel="MiB", title="resident memory", ylim=(0, None))
-    for ax in (ax1, ax2):
-        ax.set_xticks(xs)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    finish_axes((ax1, ax2), xs, legend_fontsize=8)
     m = result["machine"]
-    fig.suptitle(
-        f"{m['cpu_model']} ({m['cpu_count']} cores), python {m['python']}, onnxruntime {m['onnxruntime']}", fontsize=9
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, machine_title(m, f"python {m['python']}", f"onnxruntime {m['onnxruntime']}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     command = None
     for r in range(rounds):
-        server = Server(*args.server_arg)
+        server = ServerProcess("--drain-seconds", "0", *args.server_arg, wait="")
         command = " ".join(server.command)
         try:
             ready_s = server.poll_readyz()
@@ -138,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
             mem_after = server.memory()
         finally:
-            stop_s = server.stop()
+            server.stop()
+            stop_s = server.stop_seconds
         row = {
             "round": r,
             "listening_s": listening_s,

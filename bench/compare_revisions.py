@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -22,9 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.loadtest import LoadConfig, machine_info, run, spread  # noqa: E402
-
-LISTENING = re.compile(r"listening http=\S+:(\d+) grpc=\S+:(\d+)")
+from bench.serverproc import ServerProcess  # noqa: E402
+from loadtest.config import LoadConfig  # noqa: E402
+from loadtest.machine import machine_info, spread  # noqa: E402
+from loadtest.runner import run  # noqa: E402
 
 
 def checkout(rev: str, tmp: Path) -> Path:
@@ -33,34 +33,6 @@ def checkout(rev: str, tmp: Path) -> Path:
     target = tmp / rev.replace("/", "_")
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(target), rev], check=True)
     return target
-
-
-def start(tree: Path) -> tuple[subprocess.Popen, int, int]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--providers",
-        "cpu",
-        "--model-repository",
-        str(ROOT / "models"),
-    ]
-    proc = subprocess.Popen(cmd, cwd=tree, stderr=subprocess.PIPE, text=True)
-    ports = None
-    for line in proc.stderr:
-        m = LISTENING.search(line)
-        if m:
-            ports = int(m.group(1)), int(m.group(2))
-        if " ready in " in line:
-            return proc, *ports
-    raise RuntimeError(f"server of {tree} did not start")
 
 
 def main() -> int:
@@ -77,21 +49,21 @@ def main() -> int:
             f"before ({args.before})": checkout(args.before, Path(tmp)),
             f"after ({args.after})": checkout(args.after, Path(tmp)),
         }
-        servers = {name: start(tree) for name, tree in trees.items()}
+        servers = {name: ServerProcess(cwd=tree, model_repository=ROOT / "models") for name, tree in trees.items()}
         try:
             for rnd in range(args.rounds):
                 order = list(servers.items()) if rnd % 2 == 0 else list(servers.items())[::-1]
-                for name, (_, http_port, grpc_port) in order:
-                    for target, port in (("grpc", grpc_port), ("http", http_port)):
+                for name, server in order:
+                    for target in ("grpc", "http"):
                         for c in (1, 64):
                             r = run(
                                 LoadConfig(
                                     target=target,
-                                    address=f"127.0.0.1:{port}",
+                                    address=server.address(target),
                                     concurrency=c,
                                     duration=args.duration,
                                     warmup=0.5,
-                                    metrics_url="none",
+                                    metrics_address="none",
                                 )
                             )["summary"]
                             results.setdefault(f"{target} c={c} images/s", {}).setdefault(name, []).append(
@@ -102,9 +74,8 @@ def main() -> int:
                             )
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
         finally:
-            for proc, _, _ in servers.values():
-                proc.terminate()
-                proc.wait(30)
+            for server in servers.values():
+                server.stop()
             for tree in trees.values():
                 if tree != ROOT:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)

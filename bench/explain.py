@@ -30,12 +30,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from served import Server  # noqa: E402
-
+from bench.serverproc import ServerProcess  # noqa: E402
+from loadtest.machine import machine_info  # noqa: E402
 from service import attribution  # noqa: E402
-from service.loadtest import machine_info  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-train-jpeg.tar.gz"
 
@@ -69,7 +67,7 @@ def drawn_images(n: int) -> np.ndarray:
     return np.clip(base + rng.normal(0, 20, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
 
 
-def latency(server: Server, images: list[bytes], method: str, requests: int, warmup: int) -> dict:
+def latency(server: ServerProcess, images: list[bytes], method: str, requests: int, warmup: int) -> dict:
     def one(body: bytes) -> float:
         req = urllib.request.Request(
             f"{server.http}/explain?method={method}", data=body, headers={"Content-Type": "image/png"}
@@ -99,8 +97,7 @@ def deletion_test(images: np.ndarray, methods: list[str], fraction: float) -> di
     from service.settings import Settings
 
     runtime = ModelRuntime(scan(ROOT / "models")[0], Settings(providers=["cpu"], intra_op_threads=1))
-    pre = runtime.preprocessing
-    fill = attribution.fill_colour(pre["mean"], pre["scale"])
+    fill = attribution.fill_colour(runtime.preprocessing)
     out = {}
     for method in methods:
         rows = []
@@ -142,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     pool = real if real is not None else drawn_images(max(args.images, 10))
     source = "held-out CIFAR-10 validation images" if real is not None else "drawn images (no CIFAR-10 data found)"
 
-    server = Server(cpus=args.cpus)
+    server = ServerProcess("--drain-seconds", "0", cpus=args.cpus)
     try:
-        server.wait_ready()
         bodies = [_png(p) for p in pool[:10]]
         timings = {m: latency(server, bodies, m, args.requests, args.warmup) for m in methods}
     finally:

@@ -37,177 +37,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service.loadtest import machine_info, spread  # noqa: E402
+from bench.plots import finish_axes, machine_title, new_figure, save, spread_errorbar  # noqa: E402
+from bench.serverproc import MODEL_REPOSITORY, ServerProcess, parse_cpus, pinned_command  # noqa: E402
+from loadtest.machine import machine_info, spread  # noqa: E402
 
-LISTENING = re.compile(r"listening http=(\S+):(\d+) grpc=(\S+):(\d+)")
-READY = re.compile(r" ready in ([0-9.]+)s")
-MODEL_REPOSITORY = ROOT / "models"
 CONCURRENCY = [1, 4, 16, 64, 256]
 QUICK_CONCURRENCY = [1, 16, 64]
 PROTOCOLS = {"grpc": "gRPC Classify", "http": "HTTP /predict (JPEG)"}
 BATCHING = {"on": [], "off": ["--max-batch-size", "1"]}
 
 
-def parse_cpus(spec: str | None) -> set[int] | None:
-    """'0', '0,2' or '0-3' → a set of CPU numbers."""
-    if not spec:
-        return None
-    out: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def pinned_command(cmd: list[str], cpus: str | None) -> tuple[list[str], object]:
-    """``taskset -c CPUS`` in front of ``cmd`` (or sched_setaffinity in the child when there is no
-    taskset); returns the command and a preexec_fn."""
-    if not cpus:
-        return cmd, None
-    if shutil.which("taskset"):
-        return ["taskset", "-c", cpus, *cmd], None
-    wanted = parse_cpus(cpus)
-    return cmd, (lambda: os.sched_setaffinity(0, wanted))
-
-
-class Server:
-    """``cnnserve serve`` in a subprocess on 127.0.0.1 with ephemeral ports; stderr is read by a
-    thread that notes when it listens and when it is ready."""
-
-    def __init__(self, *extra: str, cpus: str | None = None, model_repository: Path = MODEL_REPOSITORY) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--providers",
-            "cpu",
-            "--drain-seconds",
-            "0",
-            "--model-repository",
-            str(model_repository),
-            *extra,
-        ]
-        self.command, preexec = pinned_command(cmd, cpus)
-        self.lines: list[str] = []
-        self.listening = threading.Event()
-        self.ready = threading.Event()
-        self.spawned = time.monotonic()
-        self.listening_at = self.ready_logged_at = None
-        self.ready_in_s: float | None = None
-        self.proc = subprocess.Popen(
-            self.command,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=preexec,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = LISTENING.search(line)
-            if m and not self.listening.is_set():
-                self.listening_at = time.monotonic()
-                self.http_port, self.grpc_port = int(m.group(2)), int(m.group(4))
-                self.listening.set()
-            m = READY.search(line)
-            if m and not self.ready.is_set():
-                self.ready_logged_at = time.monotonic()
-                self.ready_in_s = float(m.group(1))
-                self.ready.set()
-        self.listening.set()
-        self.ready.set()
-
-    def wait_listening(self, timeout: float = 60) -> None:
-        if not self.listening.wait(timeout) or self.proc.poll() is not None:
-            raise RuntimeError("server did not start listening:\n" + self.log)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        self.wait_listening(timeout)
-        if not self.ready.wait(timeout) or self.proc.poll() is not None:
-            raise RuntimeError("server did not become ready:\n" + self.log)
-
-    def poll_readyz(self, timeout: float = 120, interval: float = 0.005) -> float:
-        """Seconds from spawn until GET /readyz answers 200 (polled every ``interval``)."""
-        self.wait_listening(timeout)
-        deadline = time.monotonic() + timeout
-        url = f"{self.http}/readyz"
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return time.monotonic() - self.spawned
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(interval)
-        raise RuntimeError("server never answered /readyz with 200:\n" + self.log)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def address(self, protocol: str) -> str:
-        return self.grpc if protocol.startswith("grpc") else f"127.0.0.1:{self.http_port}"
-
-    def memory(self) -> dict:
-        """VmRSS (resident now) and VmHWM (peak resident) in MiB, from /proc/PID/status."""
-        out = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) / 1024.0
-        return out
-
-    def stop(self, timeout: float = 30) -> float:
-        """SIGTERM, wait; returns the seconds it took to exit."""
-        started = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return time.monotonic() - started
-
-
 def run_loadtest(
-    server: Server,
+    server: ServerProcess,
     protocol: str,
     concurrency: int,
     duration: float,
@@ -228,8 +78,8 @@ def run_loadtest(
             protocol,
             "--address",
             server.address(protocol),
-            "--metrics-url",
-            f"{server.http}/metrics",
+            "--metrics-address",
+            server.http_address,
             "--concurrency",
             str(concurrency),
             "--duration",
@@ -260,7 +110,7 @@ def measure_ceiling(session, cpus: set[int] | None, batch_sizes: list[int], seco
     """Best images/s over ``batch_sizes`` and the 1-image run time, with this thread pinned to
     ``cpus`` meanwhile (Linux: sched_setaffinity(0) applies to the calling thread, and a 1-thread
     session computes in it)."""
-    from ceiling import ceiling_once
+    from bench.ceiling import ceiling_once
 
     before = os.sched_getaffinity(0) if cpus else None
     try:
@@ -331,42 +181,25 @@ def check_targets(agg: dict, ceiling: dict) -> list[dict]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = new_figure((12, 4.5))
     conc = result["config"]["concurrency"]
     styles = {("grpc", "on"): "C0-o", ("grpc", "off"): "C0--s", ("http", "on"): "C1-o", ("http", "off"): "C1--s"}
     for row_key, style in styles.items():
-        rows = [r for r in result["points"] if (r["protocol"], r["batching"]) == row_key]
+        rows = sorted(
+            (r for r in result["points"] if (r["protocol"], r["batching"]) == row_key), key=lambda r: r["concurrency"]
+        )
         if not rows:
             continue
-        rows.sort(key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rows]
         label = f"{PROTOCOLS[row_key[0]]}, batching {row_key[1]}"
         for ax, field in ((ax1, "img_per_s"), (ax2, "p50_ms")):
-            med = [r[field]["median"] for r in rows]
-            lo = [r[field]["median"] - r[field]["min"] for r in rows]
-            hi = [r[field]["max"] - r[field]["median"] for r in rows]
-            ax.errorbar(xs, med, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+            spread_errorbar(ax, xs, [r[field] for r in rows], style, label)
     c = result["ceiling"]
-    ax1.axhline(
-        c["best_img_per_s"]["median"],
-        color="k",
-        lw=1,
-        ls=":",
-        label=f"ceiling: bare session.run, best batch ({c['best_img_per_s']['median']:.0f} img/s)",
-    )
-    ax1.axhline(0.6 * c["best_img_per_s"]["median"], color="grey", lw=0.8, ls="-.", label="60% of ceiling")
-    ax2.axhline(
-        c["latency_1_ms"]["median"],
-        color="k",
-        lw=1,
-        ls=":",
-        label=f"1-image session.run ({c['latency_1_ms']['median']:.2f} ms)",
-    )
+    best = c["best_img_per_s"]["median"]
+    ax1.axhline(best, color="k", lw=1, ls=":", label=f"ceiling: bare session.run, best batch ({best:.0f} img/s)")
+    ax1.axhline(0.6 * best, color="grey", lw=0.8, ls="-.", label="60% of ceiling")
+    one = c["latency_1_ms"]["median"]
+    ax2.axhline(one, color="k", lw=1, ls=":", label=f"1-image session.run ({one:.2f} ms)")
     ax1.set(
         xscale="log",
         xlabel="concurrent callers (1 image each)",
@@ -380,21 +213,11 @@ def plot(result: dict, path: Path) -> None:
         ylabel="p50 latency, ms",
         title="served latency (client side)",
     )
-    for ax in (ax1, ax2):
-        ax.set_xticks(conc, [str(x) for x in conc])
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+    finish_axes((ax1, ax2), conc, legend_fontsize=7)
     m = result["machine"]
     mode = "pinned: server core 0, client core 1" if result["config"]["pinned"] else "unpinned"
-    fig.suptitle(
-        f"{m['cpu_model']} ({m['cpu_count']} cores), {mode}, onnxruntime {m['onnxruntime']}, "
-        f"{result['config']['rounds']} rounds",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rounds = result["config"]["rounds"]
+    save(fig, path, machine_title(m, mode, f"onnxruntime {m['onnxruntime']}", f"{rounds} rounds"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,17 +286,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         threads = 1
 
-    from ceiling import BATCH_SIZES, QUICK_BATCH_SIZES, make_session
+    from bench.ceiling import BATCH_SIZES, QUICK_BATCH_SIZES, make_session
 
     machine = machine_info()
     session = make_session(MODEL_REPOSITORY / "cifar10" / "1" / "model.onnx", threads, provider=args.provider)
     server_extra = ["--intra-op-threads", str(threads)] if args.pinned else []
     if args.provider == "cuda":
         server_extra += ["--providers", "cuda", "--require-gpu"]
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServerProcess] = {}
     try:
         for b in batching:
-            servers[b] = Server(*server_extra, *BATCHING[b], *args.server_arg, cpus=server_cpus)
+            servers[b] = ServerProcess(
+                "--drain-seconds", "0", *server_extra, *BATCHING[b], *args.server_arg, cpus=server_cpus, wait=""
+            )
         for s in servers.values():
             s.wait_ready()
         points = [(p, b, c) for p in protocols for b in batching for c in concurrency]

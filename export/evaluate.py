@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.data import load_split
+from service.preprocess import Normalizer
 
 
 def predict(model_path: str | Path, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, list[str]]:
@@ -20,12 +21,11 @@ def predict(model_path: str | Path, images: np.ndarray, batch_size: int = 500) -
     meta = session.get_modelmeta().custom_metadata_map
     labels = json.loads(meta["labels"])
     pre = json.loads(meta["preprocessing"])
-    mul = (pre["scale"] / np.asarray(pre["std"], np.float32)).astype(np.float32)
-    add = (-np.asarray(pre["mean"], np.float32) / np.asarray(pre["std"], np.float32)).astype(np.float32)
+    normalizer = Normalizer(pre)  # the server's own preprocessing
     preds = []
     for i in range(0, len(images), batch_size):
-        x = (images[i : i + batch_size].astype(np.float32) * mul + add).transpose(0, 3, 1, 2)
-        preds.append(session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})[0].argmax(1))
+        x = normalizer(images[i : i + batch_size])
+        preds.append(session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1))
     return np.concatenate(preds), labels
 
 

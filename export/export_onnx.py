@@ -22,6 +22,7 @@ import torch
 from export.data import load_split
 from export.model import Cifar10CNN
 from export.train import to_normalized_nchw
+from service.preprocess import Preprocessing
 
 PARITY_ATOL = 1e-4
 PARITY_IMAGES = 512
@@ -68,9 +69,7 @@ def export(checkpoint: str | Path, output: str | Path, data: str | None = None, 
         proto = onnx.load(str(tmp_path))
         meta = {
             "labels": json.dumps(classes),
-            "preprocessing": json.dumps(
-                {"scale": 1 / 255, "mean": mean, "std": std, "layout": "NCHW", "color": "RGB", "size": [32, 32]}
-            ),
+            "preprocessing": json.dumps(Preprocessing(mean=tuple(mean), std=tuple(std)).to_metadata()),
             "architecture": "cnnserve Cifar10CNN (conv32-conv32-pool-fc512-fc10)",
             "val_top1": f"{ckpt.get('val_acc', float('nan')):.4f}",
             "trained_epochs": str(ckpt.get("epoch", "")),

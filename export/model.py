@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 NUM_CLASSES = 10
-INPUT_SHAPE = (3, 32, 32)
 
 
 class Cifar10CNN(nn.Module):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from export.data import Dataset, channel_stats, load_split
 from export.model import Cifar10CNN
+from service.preprocess import Preprocessing, normalize
 
 
 @dataclass
@@ -58,10 +59,8 @@ def seed_everything(seed: int) -> None:
 
 
 def to_normalized_nchw(images: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    return ((x - m) / s).contiguous()
+    """uint8 NHWC images → the normalised float32 NCHW tensor, with the server's own function."""
+    return torch.from_numpy(normalize(images, Preprocessing(mean=tuple(mean), std=tuple(std))))
 
 
 class BatchAugmenter:

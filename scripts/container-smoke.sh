@@ -77,9 +77,9 @@ pick_engine
 
 # --- build -------------------------------------------------------------------------------------
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-    log "building $IMAGE (target cpu)"
+    log "building $IMAGE (CPU flavour)"
     # shellcheck disable=SC2086  # BUILD_ARGS is a list of words on purpose
-    "${ENGINE[@]}" build "${BUILD_FLAGS[@]}" --target cpu -t "$IMAGE" ${BUILD_ARGS:-} -f Dockerfile . \
+    "${ENGINE[@]}" build "${BUILD_FLAGS[@]}" -t "$IMAGE" ${BUILD_ARGS:-} -f Dockerfile . \
         || die "image build failed"
 fi
 

@@ -82,10 +82,6 @@ class Batcher:
         self._closed = False
         self._mean_batch_s = 0.01  # running estimate, for Retry-After
 
-    @property
-    def queued_images(self) -> int:
-        return self._queued_images
-
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-worker")

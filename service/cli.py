@@ -1,7 +1,9 @@
-"""The ``cnnserve`` command: serve, classify, train, export, evaluate.
+"""cnnserve: serve image classifiers (ONNX) over gRPC and HTTP, and the tools around them.
 
-train/export need the ``train`` extra (torch, onnx); they are imported only when called, so the
-serving install never loads torch.
+Commands: serve, classify, loadtest, import-model, train, export, evaluate. `cnnserve COMMAND
+--help` describes each. train/export need the `train` extra (torch), import-model the `onnx`
+package (also in the `train` extra); each is imported only when called, so the serving install
+never loads them.
 """
 
 from __future__ import annotations
@@ -13,13 +15,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, explain_error, flag_name
 
 DEFAULT_DATA = "../shared/data/cifar10/cifar10-train-jpeg.tar.gz"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +30,19 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         annotation = field.annotation
         if annotation is bool:
             group.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                flag_name(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
             continue
         choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
-        group.add_argument(_flag(name), dest=name, default=None, choices=choices, metavar=name.upper(), help=help_text)
+        # Fields with choices keep argparse's {a,b,c} metavar, so --help lists them.
+        group.add_argument(
+            flag_name(name),
+            dest=name,
+            default=None,
+            choices=choices,
+            metavar=None if choices else name.upper(),
+            help=help_text,
+        )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -45,9 +51,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service import lifecycle
+    from service import supervisor
 
-    return lifecycle.run(settings_from_args(args))
+    return supervisor.run(settings_from_args(args))
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -100,6 +106,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from loadtest.command import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     p.set_defaults(func=cmd_classify)
+
+    from service import model_import
+
+    p = sub.add_parser(
+        "import-model",
+        help="add cnnserve's metadata to any ONNX image classifier and put it in a model repository (needs onnx)",
+        description=model_import.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model_import.add_arguments(p)
+    p.set_defaults(func=model_import.main)
 
     p = sub.add_parser("train", help="train the CNN on CIFAR-10 (needs the train extra)")
     p.add_argument(
@@ -177,10 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("loadtest", help="load-test a running server: throughput, latency, batching")
-    from service import loadtest
+    # Only the flag definitions (argparse and dataclasses): the load generator itself, with numpy,
+    # grpc.aio and httptools, is imported when the command runs.
+    from loadtest.arguments import add_arguments as add_loadtest_arguments
 
-    loadtest.add_arguments(p)
-    p.set_defaults(func=loadtest.main)
+    add_loadtest_arguments(p)
+    p.set_defaults(func=cmd_loadtest)
     return parser
 
 
@@ -190,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValidationError as e:
-        print(f"cnnserve: invalid settings:\n{e}", file=sys.stderr)
+        given = {name for name in Settings.model_fields if getattr(args, name, None) is not None}
+        print(f"cnnserve: invalid settings:\n{explain_error(e, given)}", file=sys.stderr)
         return 2
 
 

@@ -17,10 +17,13 @@ import numpy as np
 from service import codec, repository
 from service.batcher import Batcher
 from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, PayloadTooLarge
+from service.executor_client import ExecutorClient, RemoteBatcher
 from service.explain import Explainer, Explanations
+from service.ipc import ControlTable
 from service.layers import LayerModel
 from service.metrics import Metrics, ModelStats, StatsObserver
-from service.runtime import BatchOutput, ModelRuntime
+from service.model_description import ModelDescription
+from service.runtime import BatchOutput, ModelRuntime, load_model
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve.core")
@@ -47,9 +50,18 @@ ImageInput = bytes | RawImage
 
 @dataclass
 class LoadedModel:
-    runtime: ModelRuntime
-    batcher: Batcher
+    """A model version as the transports see it. ``runtime`` is the ONNX Runtime session, or the
+    description of one that runs in a device executor; ``batcher`` its queue (local or remote);
+    ``stats`` this process's statistics, ``stats_rows`` every process's (multi-process server)."""
+
+    runtime: ModelRuntime | ModelDescription
+    batcher: Batcher | RemoteBatcher
     stats: ModelStats
+    stats_rows: np.ndarray | None = None
+
+    def stats_total(self) -> ModelStats:
+        """Statistics of this model version summed over the server's processes."""
+        return self.stats if self.stats_rows is None else ModelStats.total(self.stats_rows)
 
     @property
     def name(self) -> str:
@@ -72,9 +84,13 @@ class Classification:
 
 
 class InferenceCore:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    """``table``/``row``: in a multi-process server, the shared control table and this process's
+    row in it (readiness and statistics then cover every process)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, table: ControlTable | None = None, row: int = 0) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.table, self.row = table, row
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self._runtimes: list[ModelRuntime] = []
         #: Companion sessions with the named intermediate activations (service.layers), for the
@@ -89,8 +105,7 @@ class InferenceCore:
         """Create and warm up a session per model version (blocking: run it in a thread)."""
         for spec in repository.scan(self.settings.model_repository):
             started = time.monotonic()
-            runtime = ModelRuntime(spec, self.settings)
-            runtime.warm_up(self.settings.max_batch_size)
+            runtime = load_model(spec, self.settings)
             log.info(
                 "loaded %s/%s from %s on %s in %.2fs",
                 spec.name,
@@ -100,15 +115,33 @@ class InferenceCore:
                 time.monotonic() - started,
             )
             self._runtimes.append(runtime)
-            companion = LayerModel.beside(spec)
+        self.load_layers()
+
+    def load_layers(self) -> None:
+        """Load the companion ``layers.onnx`` of every model version that has one (blocking: run it
+        in a thread). Also in a front end whose models run in a device executor: the layers of a
+        request's few images are computed where the request is served. A companion that cannot be
+        loaded is logged and left out (explanations then carry no layers); it never stops the server."""
+        for spec in repository.scan(self.settings.model_repository):
+            try:
+                companion = LayerModel.beside(spec)
+            except Exception as e:  # noqa: BLE001 - ORT raises many types
+                log.warning("%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
+                            spec.name, spec.version, e)  # fmt: skip
+                continue
             if companion is not None:
                 self.layer_models[(spec.name, spec.version)] = companion
+
+    def _stats(self, index: int) -> tuple[ModelStats, np.ndarray | None]:
+        if self.table is None:
+            return ModelStats(max_batch_size=self.settings.max_batch_size), None
+        return ModelStats(self.table.stats[self.row, index]), self.table.stats[:, index]
 
     def start(self) -> None:
         """Create the batchers on the running loop and report ready."""
         s = self.settings
-        for runtime in self._runtimes:
-            stats = ModelStats()
+        for index, runtime in enumerate(self._runtimes):
+            stats, rows = self._stats(index)
             batcher = Batcher(
                 runtime.run_batch,
                 max_batch_size=s.max_batch_size,
@@ -118,10 +151,22 @@ class InferenceCore:
                 name=f"{runtime.name}-{runtime.version}",
             )
             batcher.start()
-            self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats)
+            self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats, rows)
             self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)
         self.ready = True
         self.metrics.ready.set(1)
+        self.metrics.workers.set(1)
+
+    def start_remote(self, clients: list[ExecutorClient]) -> None:
+        """Serve the models of the device executors ``clients`` are connected to, and report ready."""
+        s = self.settings
+        for index, model in enumerate(clients[0].models):
+            stats, rows = self._stats(index)
+            batcher = RemoteBatcher(clients, index, model, s.max_batch_size, s.max_queue_delay_ms / 1000.0,
+                                    clients[0].max_queue_size)  # fmt: skip
+            self.models.setdefault(model.name, {})[model.version] = LoadedModel(model, batcher, stats, rows)
+        self.ready = True
+        self.metrics.workers.set(1)
 
     def begin_drain(self) -> None:
         """Readiness turns false; admitted and new requests are still served until stop()."""
@@ -130,14 +175,20 @@ class InferenceCore:
 
     @property
     def is_ready(self) -> bool:
-        return self.ready and not self.draining
+        return self.not_ready_reason() is None
 
     def not_ready_reason(self) -> str | None:
-        """None when ready for traffic, else why not ("loading models" / "draining"): the one
-        answer every readiness endpoint gives."""
-        if self.is_ready:
-            return None
-        return "draining" if self.draining else "loading models"
+        """None when ready for traffic, else why not ("loading models" / "draining" / "a worker
+        is starting"): the one answer every readiness endpoint gives. In a multi-process server
+        every process must be ready, and a drain turns every front end's readiness false at once."""
+        table = self.table
+        if self.draining or (table is not None and table.draining):
+            return "draining"
+        if not self.ready:
+            return "loading models"
+        if table is not None and not table.all_ready():
+            return "a worker is starting"
+        return None
 
     async def drain(self, timeout: float) -> bool:
         results = await asyncio.gather(*(m.batcher.drain(timeout) for m in self.all_models()))
@@ -178,8 +229,9 @@ class InferenceCore:
 
     # ---- validation and decoding ------------------------------------------------------------
     def check_top_k(self, top_k: int | None, num_classes: int = MAX_TOP_K) -> int:
-        k = self.settings.default_top_k if top_k is None else top_k
         limit = min(MAX_TOP_K, num_classes)
+        # The default is capped at the model's classes (a 4-class model answers 4, not an error).
+        k = min(self.settings.default_top_k, limit) if top_k is None else top_k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
             raise InvalidParameter(f"top_k must be an integer from 1 to {limit}, got {top_k!r}")
         return k
@@ -190,15 +242,15 @@ class InferenceCore:
         if n > self.settings.max_images_per_request:
             raise PayloadTooLarge(f"{n} images in one request; the limit is {self.settings.max_images_per_request}")
 
-    def _decode_all(self, images: list[ImageInput]) -> np.ndarray:
+    def _decode_all(self, images: list[ImageInput], size: codec.Size = codec.DEFAULT_SIZE) -> np.ndarray:
         max_pixels = self.settings.max_image_pixels
-        out = np.empty((len(images), codec.SIZE, codec.SIZE, 3), np.uint8)
+        out = np.empty((len(images), *size, 3), np.uint8)
         for i, image in enumerate(images):
             try:
                 if isinstance(image, RawImage):
-                    out[i] = codec.raw_to_image(image.data, image.height, image.width, max_pixels)
+                    out[i] = codec.raw_to_image(image.data, image.height, image.width, max_pixels, size)
                 else:
-                    out[i] = codec.decode_image(image, max_pixels)
+                    out[i] = codec.decode_image(image, max_pixels, size)
             except (InvalidInput, PayloadTooLarge) as e:
                 if len(images) > 1:
                     e.message = f"image {i}: {e.message}"
@@ -206,11 +258,12 @@ class InferenceCore:
                 raise
         return out
 
-    async def decode(self, images: list[ImageInput]) -> np.ndarray:
+    async def decode(self, images: list[ImageInput], size: codec.Size = codec.DEFAULT_SIZE) -> np.ndarray:
+        """uint8 [n,H,W,3] pixels at ``size`` (the model's input size: height, width)."""
         self.check_image_count(len(images))
         if self._small(images):
-            return self._decode_all(images)
-        return await asyncio.to_thread(self._decode_all, images)
+            return self._decode_all(images, size)
+        return await asyncio.to_thread(self._decode_all, images, size)
 
     @staticmethod
     def _small(images: list[ImageInput]) -> bool:
@@ -252,7 +305,7 @@ class InferenceCore:
         """Decode, batch, and return each image's top-k, in order."""
         target = self.model(model, version)
         k = self.check_top_k(top_k, target.runtime.num_classes)
-        pixels = await self.decode(images)
+        pixels = await self.decode(images, target.runtime.image_size)
         out = await self._submit(target, pixels, deadline)
         if k == target.runtime.num_classes:
             return Classification(
@@ -267,7 +320,7 @@ class InferenceCore:
         )
 
     async def run_images(self, target: LoadedModel, pixels: np.ndarray, deadline: float | None = None) -> BatchOutput:
-        """Run decoded uint8 [n,32,32,3] images through the model's batcher (as classify does,
+        """Run decoded uint8 [n,H,W,3] images through the model's batcher (as classify does,
         without the top-k): how explanations submit their perturbed images."""
         return await self._submit(target, pixels, deadline)
 

@@ -138,7 +138,7 @@ class Explainer:
         found = core.model(model, version)
         k = core.check_top_k(top_k, found.runtime.num_classes)
         method = self.check(found, target, method, seed, len(images))
-        pixels = await core.decode(images)
+        pixels = await core.decode(images, found.runtime.image_size)
         async with self.admission.slot(deadline):
             core.metrics.explanations.labels(method).inc()
             activations = asyncio.ensure_future(self._layers(found, pixels))
@@ -166,8 +166,7 @@ class Explainer:
         deadline: float | None,
     ) -> ImageExplanation:
         """One image's top-k and attribution (its ``layers`` are filled in by the caller)."""
-        pre = model.runtime.preprocessing
-        fill = attribution.fill_colour(pre["mean"], pre["scale"])
+        fill = attribution.fill_colour(model.runtime.preprocessing)
         batch, plan = attribution.perturb(image, fill, method, seed)
         out = await self.core.run_images(model, batch, deadline)
         chosen = out.ranked_indices[0][0] if target is None else target

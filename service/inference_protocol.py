@@ -37,7 +37,6 @@ from service import __version__
 from service.core import INLINE_DECODE_BYTES, InferenceCore, LoadedModel
 from service.errors import InvalidInput
 from service.layers import DROPOUT_NOTE, LAYER_NAMES
-from service.metrics import ModelStats
 from service.runtime import CUDA, BatchOutput
 
 SERVER_NAME = "cnnserve"
@@ -183,7 +182,7 @@ def _model_stats(model: LoadedModel) -> dict:
     ``compute_infer``; ``compute_input``/``compute_output`` carry the same counts with 0 ns.
     As in Triton, ``queue`` and ``compute_*`` in ``inference_stats`` count requests, each charged its
     whole batch's compute time; ``batch_stats`` and ``execution_count`` count executed batches."""
-    s: ModelStats = model.stats
+    s = model.stats_total()
     return {
         "name": model.name,
         "version": model.version,

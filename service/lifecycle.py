@@ -1,53 +1,121 @@
-"""One process, one event loop: the gRPC and HTTP servers, the core, and graceful drain.
+"""One server process's life: the gRPC and HTTP listeners, the core, readiness, graceful drain.
 
-Start-up: listeners first (so liveness answers and readiness says "loading"), then models are
-loaded and warmed in a thread, then readiness turns true.
-SIGTERM/SIGINT: readiness turns false at once (HTTP 503, gRPC health NOT_SERVING) while both
+It is the whole server with ``--workers 1``, and each front end of a multi-process server
+(``service.supervisor``), which differs in a :class:`FrontendRole`: its listeners share the ports
+(SO_REUSEPORT), its readiness and statistics cover every process of the server, and its models
+run either in the device executors or, with ``--executor worker``, in the process itself.
+
+Start-up: the model repository is checked before any port is bound; listeners start first (so
+liveness answers and readiness says "loading"), then models are loaded and warmed in a thread
+(or the device executors are connected), then readiness turns true.
+SIGTERM (or Ctrl-C): readiness turns false at once (HTTP 503, gRPC health NOT_SERVING) while both
 servers keep serving for ``drain_seconds``; then they stop accepting, everything admitted is
-finished (bounded by ``shutdown_timeout_seconds``), and the process exits 0.
+finished (bounded by ``shutdown_timeout_seconds``), and the process exits 0. A second Ctrl-C
+stops at once with exit status 130.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
+from service import ipc, repository
 from service.core import InferenceCore
+from service.executor_client import ExecutorClient
 from service.grpc_api.server import GrpcServer
 from service.http_api.application import create_app
 from service.metrics import Metrics
-from service.runtime import GpuRequired
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+@dataclass
+class FrontendRole:
+    """What a front end of a multi-process server is told by the supervisor."""
+
+    index: int
+    table: ipc.ControlTable
+    run_dir: str
+    executors: int  # device executors to connect to; 0: this process runs the models itself
+
+    @property
+    def row(self) -> int:
+        return self.table.shape.frontend_row(self.index)
+
+
+class StartupError(Exception):
+    """Something the user must fix before the server can start; its message is the one line shown."""
+
+
+def port_in_use(protocol: str, host: str, port: int) -> StartupError:
+    flag = f"--{protocol.lower()}-port"
+    return StartupError(f"{protocol} port {port} is already in use on {host}: stop the other server or pick another "
+                        f"port with {flag} (CNNSERVE_{protocol.upper()}_PORT)")  # fmt: skip
+
+
+def bind_listener(host: str, port: int, protocol: str, reuse_port: bool = False) -> socket.socket:
+    """A bound TCP socket for ``protocol`` (not listening yet); a taken port is a StartupError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise port_in_use(protocol, host, port) from None
+        raise StartupError(f"cannot listen on {host}:{port} for {protocol}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock
 
 
-async def serve(settings: Settings) -> int:
+def check_repository(settings: Settings) -> list[repository.ModelSpec]:
+    """The model repository's versions, or a StartupError naming its absolute path."""
+    try:
+        return repository.scan(settings.model_repository)
+    except FileNotFoundError as e:
+        raise StartupError(str(e)) from None
+
+
+def _describe_ready(core: InferenceCore) -> str:
+    return ", ".join(
+        f"{m.name}/{m.version} on {m.runtime.provider}"
+        + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")
+        for m in core.all_models()
+    )
+
+
+async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     started = time.monotonic()
     metrics = Metrics()
-    core = InferenceCore(settings, metrics)
+    core = InferenceCore(settings, metrics, role.table if role else None, role.row if role else 0)
     try:
-        grpc_server = GrpcServer(core, metrics, settings)
-        sock = _bind(settings.host, settings.http_port)
-    except (OSError, RuntimeError) as e:  # port in use, address not local, ...
-        log.error(
-            "cannot listen on %s (http %d, grpc %d): %s", settings.host, settings.http_port, settings.grpc_port, e
-        )
+        if role is None:
+            check_repository(settings)
+            # Probe the gRPC port ourselves: grpc-core's own failure is a raw log line.
+            if settings.grpc_port:
+                bind_listener(settings.host, settings.grpc_port, "gRPC").close()
+        sock = bind_listener(settings.host, settings.http_port, "HTTP", reuse_port=role is not None)
+        try:
+            grpc_server = GrpcServer(core, metrics, settings, reuse_port=role is not None)
+        except (OSError, RuntimeError):
+            sock.close()
+            raise port_in_use("gRPC", settings.host, settings.grpc_port) from None
+    except StartupError as e:
+        log.error("%s", e)
         return 1
     http_port = sock.getsockname()[1]
     config = uvicorn.Config(
@@ -69,42 +137,63 @@ async def serve(settings: Settings) -> int:
     http_server.lifespan = config.lifespan_class(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if role is None:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, _on_interrupt, stop)
+    else:  # a front end stops when its supervisor says so
+        loop.add_signal_handler(ipc.STOP_SIGNAL, stop.set)
 
     await grpc_server.start()
     await http_server.startup(sockets=[sock])
     http_loop = asyncio.create_task(http_server.main_loop())
-    log.info("listening http=%s:%d grpc=%s:%d", settings.host, http_port, settings.host, grpc_server.port)
+    if role is None:
+        log.info("listening http=%s:%d grpc=%s:%d", settings.host, http_port, settings.host, grpc_server.port)
+    else:
+        role.table.pid[role.row] = os.getpid()
+        role.table.state[role.row] = ipc.LISTENING
 
-    loader = asyncio.create_task(asyncio.to_thread(core.load))
+    clients: list[ExecutorClient] = []
+    if role is not None and role.executors:
+        slots = settings.max_queue_size + 4 * settings.max_batch_size
+        clients = [ExecutorClient(role.table, role.index, e, role.run_dir, slots) for e in range(role.executors)]
+        tasks = [asyncio.create_task(c.run()) for c in clients]
+        waits = [asyncio.create_task(c.connected.wait()) for c in clients]
+        # The models run in the executors; /explain's layers are computed here (service.layers).
+        waits.append(asyncio.create_task(asyncio.to_thread(core.load_layers)))
+        loader = asyncio.create_task(asyncio.wait(waits))
+    else:
+        tasks = []
+        loader = asyncio.create_task(asyncio.to_thread(core.load))
     await asyncio.wait({loader, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
+    watcher = None
     if loader.done():
         try:
             loader.result()
-            core.start()
-            await grpc_server.set_serving(True)
-            log.info(
-                "ready in %.2fs: %s",
-                time.monotonic() - started,
-                ", ".join(
-                    f"{m.name}/{m.version} on {m.runtime.provider}"
-                    + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")
-                    for m in core.all_models()
-                ),
-            )
-        except (GpuRequired, FileNotFoundError, ValueError, OSError) as e:
+            if clients:
+                core.start_remote(clients)
+            else:
+                core.start()
+            if role is None:
+                await grpc_server.set_serving(True)
+                log.info("ready in %.2fs: %s", time.monotonic() - started, _describe_ready(core))
+            else:
+                role.table.state[role.row] = ipc.READY
+                watcher = asyncio.create_task(_follow_shared_state(core, grpc_server, stop))
+        except Exception as e:  # noqa: BLE001 - any model that fails to load: one line, exit 1
             log.error("cannot load models: %s", e)
             exit_code = 1
             stop.set()
         await stop.wait()
     if exit_code == 0:
-        log.info("draining: readiness is false, serving for %.1fs more", settings.drain_seconds)
         core.begin_drain()
         await grpc_server.set_serving(False)
-        await asyncio.sleep(settings.drain_seconds)
-    log.info("closing listeners; finishing admitted requests (at most %.1fs)", settings.shutdown_timeout_seconds)
+        if settings.drain_seconds > 0:
+            log.info("draining: readiness is false, serving for %.1fs more (Ctrl-C again stops now)",
+                     settings.drain_seconds)  # fmt: skip
+            await asyncio.sleep(settings.drain_seconds)
+    if role is None:
+        log.info("closing listeners; finishing admitted requests (at most %.1fs)", settings.shutdown_timeout_seconds)
     http_server.should_exit = True
     await http_loop
     *_, drained = await asyncio.gather(
@@ -117,22 +206,69 @@ async def serve(settings: Settings) -> int:
             "shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
             settings.shutdown_timeout_seconds,
         )
+    for task in (watcher, loader, *tasks):
+        if task is not None and not task.done():
+            task.cancel()
     await core.close()
-    if not loader.done():
-        loader.cancel()
-    log.info("stopped")
+    if role is not None:
+        role.table.state[role.row] = ipc.STOPPED
+    else:
+        log.info("stopped")
     return exit_code
 
 
-def run(settings: Settings) -> int:
-    from service import logs
+_interrupts = 0
 
-    logs.configure(settings.log_level, settings.log_format)
+
+def _on_interrupt(stop: asyncio.Event) -> None:
+    global _interrupts
+    _interrupts += 1
+    if _interrupts > 1:
+        log.warning("second Ctrl-C: stopping now")
+        logging.shutdown()
+        os._exit(130)
+    stop.set()
+
+
+async def _follow_shared_state(core: InferenceCore, grpc_server: GrpcServer, stop: asyncio.Event) -> None:
+    """A front end's gRPC health follows the whole server's readiness (a drain, a restarting
+    process) within 50 ms; HTTP readiness reads the shared table on every call anyway."""
+    serving = None
+    while not stop.is_set():
+        ready = core.is_ready
+        if ready != serving:
+            serving = ready
+            core.metrics.ready.set(1 if ready else 0)
+            await grpc_server.set_serving(ready)
+        await asyncio.sleep(0.05)
+
+
+def _run_loop(coro) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux; fall back elsewhere
-        return asyncio.run(serve(settings))
-    return uvloop.run(serve(settings))
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def run(settings: Settings) -> int:
+    """The whole server in this one process."""
+    from service import logs
+
+    logs.configure(settings.log_level, settings.log_format)
+    return _run_loop(serve(settings))
+
+
+def frontend_main(settings_json: str, table_shape: dict, index: int, run_dir: str, executors: int) -> None:
+    """Entry point of a front-end process (spawned by ``service.supervisor``)."""
+    from service import logs
+
+    settings = Settings.model_validate_json(settings_json)
+    logs.configure(settings.log_level, settings.log_format)
+    ipc.become_child()
+    table = ipc.ControlTable(ipc.TableShape(**table_shape))
+    role = FrontendRole(index, table, str(Path(run_dir)), executors)
+    sys.exit(_run_loop(serve(settings, role)))
 
 
 if __name__ == "__main__":  # pragma: no cover

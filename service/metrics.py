@@ -1,10 +1,18 @@
-"""Prometheus metrics, in a registry of their own per server instance."""
+"""Prometheus metrics, in a registry of their own per server instance.
+
+In a multi-process server (``--workers`` > 1) every process writes its values to
+prometheus-client's multiprocess folder (``PROMETHEUS_MULTIPROC_DIR``, private to the server and
+made empty by the supervisor) and ``/metrics`` in any front end answers for the whole server:
+counters and histograms summed, gauges combined as each one's ``multiprocess_mode`` says."""
 
 from __future__ import annotations
 
+import os
 import time
+from typing import ClassVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from service.batcher import BatchObserver
 
@@ -65,7 +73,8 @@ class Metrics:
         self.batch_size = Histogram(
             "cnnserve_batch_size", "Images per executed batch.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("cnnserve_queue_depth", "Images waiting in the model's queue.", ["model"], registry=r)
+        self.queue_depth = Gauge("cnnserve_queue_depth", "Images waiting in the model's queue.", ["model"], registry=r,
+                                 multiprocess_mode="livesum")  # fmt: skip
         self.images = Counter("cnnserve_images", "Images computed.", ["model"], registry=r)
         self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r)
         self.model_info = Gauge(
@@ -73,25 +82,104 @@ class Metrics:
             "Loaded model versions and the provider they run on.",
             ["model", "version", "provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.explanations = Counter(
             "cnnserve_explanations", "Explanation requests computed, by attribution method.", ["method"], registry=r
         )
-        self.explanations_active = Gauge("cnnserve_explanations_active", "Explanations being computed now.", registry=r)
-        self.explanations_waiting = Gauge(
-            "cnnserve_explanations_waiting", "Explanations waiting for a turn.", registry=r
-        )
-        self.ready = Gauge("cnnserve_ready", "1 when the server is ready for traffic.", registry=r)
+        self.explanations_active = Gauge("cnnserve_explanations_active", "Explanations being computed now.",
+                                         registry=r, multiprocess_mode="livesum")  # fmt: skip
+        self.explanations_waiting = Gauge("cnnserve_explanations_waiting", "Explanations waiting for a turn.",
+                                          registry=r, multiprocess_mode="livesum")  # fmt: skip
+        self.ready = Gauge("cnnserve_ready", "1 when the server is ready for traffic.", registry=r,
+                           multiprocess_mode="livemin")  # fmt: skip
+        self.workers = Gauge("cnnserve_workers", "Front-end processes serving requests.", registry=r,
+                             multiprocess_mode="livesum")  # fmt: skip
 
-    def observer(self, model: str) -> ModelObserver:
-        return ModelObserver(self, model)
+    def exposition(self) -> bytes:
+        """The text format for ``/metrics``: this process's registry, or every process's values in a
+        multi-process server."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
 
-class ModelObserver(BatchObserver):
-    """Feeds one model's batcher events into the metrics (label children resolved once)."""
+class ModelStats:
+    """Per-model-version counts and durations in Triton's statistics shape (nanoseconds), served by
+    the Open Inference Protocol's statistics endpoints.
 
-    def __init__(self, metrics: Metrics, model: str) -> None:
+    The numbers live in one int64 vector, so that with several processes each writes its own row
+    of a shared-memory table (one writer per row: no locks) and a reader sums the rows
+    (:meth:`total`). Without a table the vector is private to the process."""
+
+    FIELDS: tuple[str, ...] = (
+        "success_count", "success_ns", "fail_count", "fail_ns", "queue_count", "queue_ns",
+        "request_compute_count", "request_compute_ns",  # per request, Triton's meaning
+        "inference_count",  # images computed
+        "execution_count",  # batches run
+        "last_inference_ms",
+    )  # fmt: skip
+    _INDEX: ClassVar[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
+    _LAST = _INDEX["last_inference_ms"]
+
+    @classmethod
+    def width(cls, max_batch_size: int) -> int:
+        """Length of the vector: the fields, then [count, compute ns] per batch size 0..max."""
+        return len(cls.FIELDS) + 2 * (max_batch_size + 1)
+
+    def __init__(self, values: np.ndarray | None = None, max_batch_size: int = 1024) -> None:
+        self.values = np.zeros(self.width(max_batch_size), np.int64) if values is None else values
+
+    def __getattr__(self, name: str) -> int:
+        index = ModelStats._INDEX.get(name)
+        if index is None:
+            raise AttributeError(name)
+        return int(self.values[index])
+
+    @classmethod
+    def total(cls, rows: np.ndarray) -> ModelStats:
+        """The sum of several processes' rows (the most recent ``last_inference_ms``)."""
+        summed = rows.sum(axis=0)
+        summed[cls._LAST] = rows[:, cls._LAST].max()
+        return cls(summed)
+
+    @property
+    def batches(self) -> dict[int, list[int]]:
+        """Batch size -> [count, compute ns], for the sizes that ran."""
+        table = self.values[len(self.FIELDS) :].reshape(-1, 2)
+        return {int(size): [int(c), int(ns)] for size, (c, ns) in enumerate(table) if c}
+
+    def request_done(self, ok: bool, seconds: float) -> None:
+        v, i = self.values, self._INDEX
+        outcome = "success" if ok else "fail"
+        v[i[outcome + "_count"]] += 1
+        v[i[outcome + "_ns"]] += int(seconds * 1e9)
+
+    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
+        v, i, ns = self.values, self._INDEX, int(compute_s * 1e9)
+        # Triton charges every request of a batch the whole batch's compute time.
+        v[i["request_compute_count"]] += requests
+        v[i["request_compute_ns"]] += ns * requests
+        v[i["queue_count"]] += len(queue_waits_s)
+        v[i["queue_ns"]] += int(sum(queue_waits_s) * 1e9)
+        v[i["inference_count"]] += size
+        v[i["execution_count"]] += 1
+        v[i["last_inference_ms"]] = int(time.time() * 1000)
+        slot = len(self.FIELDS) + 2 * size
+        if slot + 1 < len(v):
+            v[slot] += 1
+            v[slot + 1] += ns
+
+
+class StatsObserver(BatchObserver):
+    """Feeds one model version's batcher events into the Prometheus metrics (label children
+    resolved once) and into its ModelStats."""
+
+    def __init__(self, metrics: Metrics, model: str, stats: ModelStats) -> None:
         self.metrics = metrics
+        self.stats = stats
         self._depth = metrics.queue_depth.labels(model)
         self._batch = metrics.batch_size.labels(model)
         self._queue = metrics.queue_duration.labels(model)
@@ -101,62 +189,13 @@ class ModelObserver(BatchObserver):
     def queue_depth(self, images: int) -> None:
         self._depth.set(images)
 
+    def dropped(self, reason: str, images: int) -> None:
+        self.metrics.rejected.labels(reason).inc()
+
     def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
         self._batch.observe(size)
         self._infer.observe(compute_s)
         self._images.inc(size)
         for wait in queue_waits_s:
             self._queue.observe(wait)
-
-    def dropped(self, reason: str, images: int) -> None:
-        self.metrics.rejected.labels(reason).inc()
-
-
-class ModelStats:
-    """Per-model-version counts and durations in Triton's statistics shape (nanoseconds),
-    served by the Open Inference Protocol's statistics endpoints."""
-
-    def __init__(self) -> None:
-        self.success_count = self.success_ns = 0
-        self.fail_count = self.fail_ns = 0
-        self.queue_count = self.queue_ns = 0
-        self.compute_count = self.compute_ns = 0  # per executed batch
-        self.request_compute_count = self.request_compute_ns = 0  # per request, Triton's meaning
-        self.inference_count = 0  # images computed
-        self.execution_count = 0  # batches run
-        self.last_inference_ms = 0
-        self.batches: dict[int, list[int]] = {}  # batch size -> [count, compute ns]
-
-    def request_done(self, ok: bool, seconds: float) -> None:
-        if ok:
-            self.success_count += 1
-            self.success_ns += int(seconds * 1e9)
-        else:
-            self.fail_count += 1
-            self.fail_ns += int(seconds * 1e9)
-
-
-class StatsObserver(ModelObserver):
-    """ModelObserver that also keeps the model's ModelStats."""
-
-    def __init__(self, metrics: Metrics, model: str, stats: ModelStats) -> None:
-        super().__init__(metrics, model)
-        self.stats = stats
-
-    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
-        super().batch_done(size, requests, queue_waits_s, compute_s)
-        s = self.stats
-        ns = int(compute_s * 1e9)
-        s.compute_count += 1
-        s.compute_ns += ns
-        # Triton charges every request of a batch the whole batch's compute time.
-        s.request_compute_count += requests
-        s.request_compute_ns += ns * requests
-        s.queue_count += len(queue_waits_s)
-        s.queue_ns += int(sum(queue_waits_s) * 1e9)
-        s.inference_count += size
-        s.execution_count += 1
-        s.last_inference_ms = int(time.time() * 1000)
-        entry = s.batches.setdefault(size, [0, 0])
-        entry[0] += 1
-        entry[1] += ns
+        self.stats.batch_done(size, requests, queue_waits_s, compute_s)

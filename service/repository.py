@@ -21,7 +21,7 @@ class ModelSpec:
 def scan(root: str | Path) -> list[ModelSpec]:
     """Every ``<name>/<version>/model.onnx`` below ``root``, sorted by name then version number.
     Raises FileNotFoundError when the root is missing or holds no model."""
-    root = Path(root)
+    root = Path(root).absolute()  # errors name the folder wherever the server was started
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a folder")
     specs = []

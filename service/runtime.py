@@ -12,8 +12,9 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from service.codec import Normalizer
+from service import devices
 from service.postprocess import ranking, softmax
+from service.preprocess import Normalizer, Preprocessing
 from service.repository import ModelSpec
 from service.settings import Settings
 
@@ -27,6 +28,23 @@ class GpuRequired(RuntimeError):
     """--require-gpu was given and the session did not get the CUDA provider."""
 
 
+class ModelLoadError(RuntimeError):
+    """A model version could not be loaded; the message names its file and the cause."""
+
+
+def load_model(spec: ModelSpec, settings: Settings) -> ModelRuntime:
+    """A warmed-up runtime for ``spec``; any failure is one ModelLoadError naming the file."""
+    try:
+        runtime = ModelRuntime(spec, settings)
+        runtime.warm_up(settings.max_batch_size)
+    except GpuRequired:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises many types (InvalidProtobuf, Fail, ...)
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load {spec.path.resolve()}: {cause}") from None
+    return runtime
+
+
 class BatchOutput(NamedTuple):
     logits: np.ndarray  # float32 [n, classes]
     probabilities: np.ndarray  # float32 [n, classes]
@@ -38,9 +56,10 @@ class BatchOutput(NamedTuple):
     ranked_labels: list
 
 
-def provider_options(settings: Settings) -> list[tuple[str, dict]]:
+def provider_options(settings: Settings, names: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(provider, options) pairs for ``names`` (default: the settings' providers)."""
     out = []
-    for name in settings.providers:
+    for name in settings.providers if names is None else names:
         opts: dict = {}
         if name == CUDA:
             opts = {"device_id": settings.cuda_device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
@@ -66,7 +85,58 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     so.intra_op_num_threads = settings.intra_op_threads or default_intra_op_threads()
     so.inter_op_num_threads = settings.inter_op_threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0")
+    so.log_severity_level = devices.onnxruntime_log_severity(settings.log_level)
     return so
+
+
+_announced: set[str] = set()
+
+
+def session_providers(settings: Settings) -> list[tuple[str, dict]]:
+    """The settings' providers less those that cannot run here (CUDA without a driver or a
+    library), said once per process in one line of ours; GpuRequired under --require-gpu."""
+    names, reason = devices.usable_providers(settings.providers)
+    if reason is not None:
+        if settings.require_gpu:
+            raise GpuRequired(f"{reason}; refusing to start because require_gpu is set")
+        if reason not in _announced:
+            _announced.add(reason)
+            log.warning("%s: running on the CPU", reason)
+    return provider_options(settings, names or [CPU])
+
+
+def read_metadata(path: object, meta: dict[str, str]) -> tuple[list[str], Preprocessing]:
+    """The labels and preprocessing from a model's ONNX metadata (docs/models.md); ValueError
+    naming the file and what is missing or malformed otherwise."""
+    hint = "add them with `cnnserve import-model` (docs/models.md)"
+    missing = [key for key in ("labels", "preprocessing") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: model metadata lacks {' and '.join(missing)}; {hint}")
+    try:
+        labels = json.loads(meta["labels"])
+        pre = Preprocessing.parse(json.loads(meta["preprocessing"]))
+    except ValueError as e:
+        raise ValueError(f"{path}: model metadata is malformed ({e}); {hint}") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{path}: metadata labels must be a JSON list of strings; {hint}")
+    return labels, pre
+
+
+def check_input(path: object, input_shape: list[int], pre: Preprocessing, classes: int, output_shape: list) -> None:
+    """The graph's input and output agree with the metadata: [N,3,H,W] at the preprocessing's
+    size, and one score per label."""
+    if len(input_shape) != 4 or input_shape[1] != 3:
+        raise ValueError(f"{path}: the model's input is {input_shape}; an image classifier takes [N,3,H,W]")
+    if input_shape[0] != -1:
+        raise ValueError(
+            f"{path}: the model's batch dimension is fixed at {input_shape[0]}; the server batches requests, so it "
+            "must be dynamic (`cnnserve import-model` makes it so)"
+        )
+    if input_shape[2:] != list(pre.size) and all(d > 0 for d in input_shape[2:]):
+        raise ValueError(f"{path}: the model's input is {input_shape} but its preprocessing size is {list(pre.size)}")
+    last = output_shape[-1] if output_shape else None
+    if isinstance(last, int) and last != classes:
+        raise ValueError(f"{path}: the model answers {last} scores but its metadata has {classes} labels")
 
 
 class ModelRuntime:
@@ -76,7 +146,8 @@ class ModelRuntime:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
         self.name, self.version = spec.name, spec.version
-        providers = provider_options(settings)
+        devices.quiet_onnxruntime(settings.log_level)
+        providers = session_providers(settings)
         # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
         self.session = ort.InferenceSession(
             spec.path.read_bytes(),
@@ -85,27 +156,27 @@ class ModelRuntime:
             provider_options=[o for _, o in providers],
         )
         self.provider = self.session.get_providers()[0]
-        if CUDA in settings.providers and self.provider != CUDA:
+        if any(p == CUDA for p, _ in providers) and self.provider != CUDA:
+            # The probe passed but ONNX Runtime still chose another provider (a wrong device
+            # ordinal, a driver too old for this CUDA): its own log says why at --log-level DEBUG.
             message = (
                 f"{spec.name}/{spec.version}: CUDA was asked for but the session runs on {self.provider} "
-                f"(built into this onnxruntime: {', '.join(ort.get_available_providers())}; CUDA also needs an "
-                f"NVIDIA driver and the CUDA/cuDNN libraries onnxruntime's log names)"
+                "(--log-level DEBUG shows onnxruntime's own messages)"
             )
             if settings.require_gpu:
                 raise GpuRequired(message + "; refusing to start because require_gpu is set")
             log.warning(message + "; running on the CPU")
 
         meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.labels: list[str] = json.loads(meta["labels"])
-            pre = json.loads(meta["preprocessing"])
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{spec.path}: model metadata lacks labels/preprocessing ({e})") from None
-        self.preprocessing = pre
-        self.normalizer = Normalizer(pre["scale"], pre["mean"], pre["std"])
+        self.labels, pre = read_metadata(spec.path, meta)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = [d if isinstance(d, int) else -1 for d in inp.shape]  # [-1, 3, 32, 32]
+        check_input(spec.path, self.input_shape, pre, len(self.labels), self.session.get_outputs()[0].shape)
+        self.input_shape = [-1, 3, *pre.size]  # spatial dimensions the graph leaves dynamic: the metadata's size
+        self.preprocessing = pre.to_metadata()
+        self.image_size = pre.size
+        self.normalizer = Normalizer(pre)
         self.output_name = self.session.get_outputs()[0].name
         self.num_classes = len(self.labels)
         self.labels_array = np.array(self.labels, dtype=object)
@@ -115,9 +186,23 @@ class ModelRuntime:
         self.pad_to = settings.max_batch_size if pad else 0
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
 
+    def describe(self) -> dict:
+        """What a front end in another process needs (``service.model_description.ModelDescription``)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "labels": self.labels,
+            "preprocessing": self.preprocessing,
+            "input_name": self.input_name,
+            "input_shape": self.input_shape,
+            "output_name": self.output_name,
+            "provider": self.provider,
+            "pad_to": self.pad_to,
+        }
+
     def prepare(self, parts: list[np.ndarray]) -> np.ndarray:
-        """Concatenate requests' images into one model input. uint8 [n,32,32,3] parts (decoded
-        images) are normalised together in one vectorised step; float32 [n,3,32,32] parts (Open
+        """Concatenate requests' images into one model input. uint8 [n,H,W,3] parts (decoded
+        images) are normalised together in one vectorised step; float32 [n,3,H,W] parts (Open
         Inference Protocol tensors, already preprocessed) are used as they are."""
         if all(p.dtype == np.uint8 for p in parts):
             return self.normalizer(parts[0] if len(parts) == 1 else np.concatenate(parts))

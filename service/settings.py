@@ -7,9 +7,10 @@ List fields take a comma-separated string in the environment (``CNNSERVE_PROVIDE
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROVIDER_ALIASES = {
@@ -27,12 +28,27 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address both servers bind to.")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: pick a free one).")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one).")
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="Front-end processes that share the HTTP and gRPC ports and do all per-request work "
+        "(protocol, decoding, top-k). One Python process answers ~2-3k requests/s whatever the hardware; "
+        "more front ends use more cores. auto: one per core (with a GPU: one per core left after one per "
+        "GPU); 1 with --executor worker: a single process, as simple as it gets.",
+    )
+    executor: Literal["auto", "device", "worker"] = Field(
+        "auto",
+        description="Where the models run with several workers. device: one executor process per device "
+        "(each GPU, or the CPU) owns the sessions and one batch queue per model that every front end feeds "
+        "through shared memory, so batches grow with the whole node's load. worker: each front end runs "
+        "its own session with its own queue (no hand-over cost; N smaller batches). auto: device with a "
+        "GPU, worker on the CPU (measured best there; see README).",
+    )
     model_repository: str = Field(
         "models", description="Folder of models laid out as <name>/<version>/model.onnx (Triton style)."
     )
 
     providers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        default_factory=lambda: ["cuda", "cpu"],  # validated into ONNX Runtime's full names
         description="ONNX Runtime execution providers in order of preference (cuda, cpu, tensorrt or full "
         "names). CUDA absent: one warning, then CPU; see --require-gpu.",
     )
@@ -152,3 +168,52 @@ class Settings(BaseSettings):
             if not v.endswith("ExecutionProvider"):
                 raise ValueError(f"unknown execution provider {v!r} (try cuda, cpu, tensorrt)")
         return value
+
+
+def flag_name(field: str) -> str:
+    """The ``cnnserve serve`` flag of a settings field: ``max_batch_size`` → ``--max-batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return f"CNNSERVE_{field.upper()}"
+
+
+def allowed_values(field: str) -> str:
+    """What a field accepts, in words, from its type and bounds."""
+    info = Settings.model_fields[field]
+    annotation = info.annotation
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(v) for v in typing.get_args(annotation))
+    if annotation is bool:
+        return "true or false"
+    if field == "providers":
+        return "a comma-separated list of cuda, cpu, tensorrt (or full ONNX Runtime provider names)"
+    kind = {int: "an integer", float: "a number"}.get(annotation, "a string")  # type: ignore[call-overload]
+    bounds = []
+    for m in info.metadata:
+        for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{word} {getattr(m, attr)}")
+    return kind + (" " + " and ".join(bounds) if bounds else "")
+
+
+def explain_error(error: ValidationError, from_flags: typing.Collection[str] = ()) -> str:
+    """A settings error for people: per bad value, the flag and environment variable that set it,
+    the value given and what is allowed (pydantic's own text names internal fields and links
+    to its website)."""
+    lines = []
+    for err in error.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
+        if field not in Settings.model_fields:
+            lines.append(f"{field or 'settings'}: {msg}")
+            continue
+        value = err.get("input")
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        if field in from_flags:
+            given = f"{flag_name(field)} {shown} (environment variable {env_name(field)})"
+        else:
+            given = f"{env_name(field)}={shown} (flag {flag_name(field)})"
+        lines.append(f"{given}: {msg}; allowed: {allowed_values(field)}")
+    return "\n".join(lines)

@@ -1,14 +1,10 @@
-"""Shared test fixtures: a real cnnserve server process on 127.0.0.1 with ephemeral ports."""
+"""Shared test fixtures: a real cnnserve server process on 127.0.0.1 with ephemeral ports
+(started by bench/serverproc.py, which the benchmarks use too)."""
 
 from __future__ import annotations
 
 import io
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,88 +12,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench import serverproc
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "models"
 MODEL_PATH = MODEL_REPOSITORY / "cifar10" / "1" / "model.onnx"
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-train-jpeg.tar.gz"
-LISTENING = re.compile(r"listening http=(\S+):(\d+) grpc=(\S+):(\d+)")
 
 
-class ServerProcess:
-    """``cnnserve serve`` in a subprocess; stderr is collected so tests can read the logs."""
+#: The server suite runs once as one process (the default here) and once with several front ends
+#: and a device executor: `.ci/run` sets CNNSERVE_TEST_WORKERS=2 for the second run.
+TEST_WORKERS = os.environ.get("CNNSERVE_TEST_WORKERS", "1")
+TEST_EXECUTOR = os.environ.get("CNNSERVE_TEST_EXECUTOR", "worker" if TEST_WORKERS == "1" else "device")
+
+
+class ServerProcess(serverproc.ServerProcess):
+    """``cnnserve serve`` in a subprocess (bench/serverproc.py) with the tests' defaults: one
+    intra-op thread, so servers started side by side share a small machine; ``wait_ready=False``
+    returns once it listens. ``--workers``/``--executor`` come from CNNSERVE_TEST_WORKERS/_EXECUTOR
+    unless ``args`` set them."""
 
     def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, timeout: float = 60) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--providers",
-            "cpu",
+        super().__init__(
             "--intra-op-threads",
             "1",
-            "--model-repository",
-            str(MODEL_REPOSITORY),
+            *([] if "--workers" in args else ["--workers", TEST_WORKERS, "--executor", TEST_EXECUTOR]),
             *args,
-        ]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            env=env,
+            wait="ready" if wait_ready else "listening",
+            timeout=timeout,
         )
-        self.lines: list[str] = []
-        self._listening = threading.Event()
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._listening.wait(timeout):
-            self.stop()
-            raise RuntimeError("server did not start listening:\n" + self.log)
-        if wait_ready:
-            self.wait_ready(timeout)
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = LISTENING.search(line)
-            if m:
-                self.http_port, self.grpc_port = int(m.group(2)), int(m.group(4))
-                self._listening.set()
-            if " ready in " in line:
-                self._ready.set()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        if not self._ready.wait(timeout):
-            raise RuntimeError("server did not become ready:\n" + self.log)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def terminate(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="session")

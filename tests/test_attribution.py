@@ -28,7 +28,7 @@ def runtime() -> ModelRuntime:
 
 @pytest.fixture(scope="module")
 def fill(runtime) -> np.ndarray:
-    return attribution.fill_colour(runtime.preprocessing["mean"], runtime.preprocessing["scale"])
+    return attribution.fill_colour(runtime.preprocessing)
 
 
 def explain(runtime, image, fill, method, seed=0, target=None):

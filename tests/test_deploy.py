@@ -3,10 +3,13 @@
 What is checked, and with what (tools from the dev extra in pyproject.toml; a test skips, saying which
 tool is missing, only when that tool is not installed):
 
-* Dockerfile: hadolint reports nothing; targets, entrypoint, ports, user, healthcheck, and the
-  CUDA major of the GPU base image against the installed onnxruntime-gpu build.
-* deploy/: every overlay (and each with the optional monitoring component) renders with
-  `kubectl kustomize`; the rendered core resources pass kubernetes-validate in strict mode.
+* Dockerfile: hadolint reports nothing; both flavours' base, one shared builder stage, entrypoint,
+  ports, user, healthcheck, and the CUDA major of the GPU base image against the installed
+  onnxruntime-gpu build.
+* deploy/: the base and every overlay (and each with the optional monitoring and queue-autoscaling
+  components) renders with `kubectl kustomize`; the rendered core resources pass
+  kubernetes-validate in strict mode. deploy/README.md's step 4 runs as written, and its GPU
+  queue-autoscaling example renders; the prometheus-adapter rule serves the HPA's metric.
   kubernetes-validate has no schemas for CRDs (ServiceMonitor, PrometheusRule,
   InferenceService): those get structural checks here instead (selectors, ports, probes, rule
   shape, PromQL syntax), see test_servicemonitor_*, test_prometheusrule_*, test_inferenceservice_*.
@@ -90,27 +93,31 @@ def _kustomize(path: str) -> tuple[dict, ...]:
 
 
 def render(variant: str, tmp_root: Path | None = None) -> list[dict]:
-    """Rendered manifests of a variant: "cpu", "gpu", "cpu+monitoring", "gpu+monitoring", "kserve"."""
+    """Rendered manifests of a variant: "base", "cpu", "gpu", "kserve", or an overlay with an
+    optional component: "cpu+monitoring", "gpu+queue-autoscaling", ..."""
     if variant == "kserve":
         return list(_kustomize(str(KSERVE)))
+    if variant == "base":
+        return list(_kustomize(str(DEPLOY / "base")))
     overlay, _, component = variant.partition("+")
     if not component:
         return list(_kustomize(str(DEPLOY / "overlays" / overlay)))
     # An overlay with the optional component, as a user would write it (kustomize wants relative
     # paths to other kustomizations).
-    assert component == "monitoring"
+    assert component in COMPONENTS
     assert tmp_root is not None
     where = tmp_root / f"with-{overlay}-{component}"
     where.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(DEPLOY, where)
     (where / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {rel}/overlays/{overlay}\ncomponents:\n  - {rel}/monitoring\n"
+        f"resources:\n  - {rel}/overlays/{overlay}\ncomponents:\n  - {rel}/{component}\n"
     )
     return list(_kustomize(str(where)))
 
 
-VARIANTS = ["cpu", "gpu", "cpu+monitoring", "gpu+monitoring", "kserve"]
+COMPONENTS = ("monitoring", "queue-autoscaling")
+VARIANTS = ["base", "cpu", "gpu", *(f"{o}+{c}" for c in COMPONENTS for o in OVERLAYS), "kserve"]
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +221,9 @@ def effective_settings(docs: list[dict], monkeypatch) -> object:
 # ----------------------------------------------------------------------------------------------
 # Dockerfile
 # ----------------------------------------------------------------------------------------------
-def dockerfile_stages() -> dict[str, dict]:
-    """Stage name -> {"from": base, "lines": [instruction lines]} (continuations joined)."""
+def dockerfile_stages(flavour: str = "cpu") -> dict[str, dict]:
+    """Stage name -> {"from": base, "lines": [instruction lines]} (continuations joined), as built
+    with ``--build-arg FLAVOUR=<flavour>``."""
     text = DOCKERFILE.read_text()
     logical, buf = [], ""
     for raw in text.splitlines():
@@ -233,7 +241,7 @@ def dockerfile_stages() -> dict[str, dict]:
         word = line.split(None, 1)[0].upper()
         if word == "ARG" and current is None:
             name, _, default = line.split(None, 1)[1].partition("=")
-            args[name] = default
+            args[name] = flavour if name == "FLAVOUR" else default
         elif word == "FROM":
             m = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line, re.I)
             assert m, f"every stage is named: {line}"
@@ -277,14 +285,14 @@ def test_hadolint_reports_nothing():
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res.stdout + res.stderr
 
 
-def test_dockerfile_targets_and_runtime_contract():
-    stages = dockerfile_stages()
-    assert {"cpu", "gpu"} <= set(stages)
-    assert stage_root(stages, "cpu").startswith("python:3.11-slim")
-    assert stage_root(stages, "gpu").startswith("nvidia/cuda:")
-    assert re.search(r"-cudnn-runtime-", stage_root(stages, "gpu")), "GPU base must be a runtime + cuDNN image"
+def test_dockerfile_flavours_and_runtime_contract():
+    """One builder and one runtime stage serve both flavours; the FLAVOUR argument picks the base."""
     fields = settings_fields()
-    for target in ("cpu", "gpu"):
+    for flavour, root in (("cpu", "python:3.11-slim"), ("gpu", "nvidia/cuda:")):
+        stages = dockerfile_stages(flavour)
+        assert list(stages)[-1] == "runtime", "the runtime stage is the last, so the default target"
+        assert stage_root(stages, "runtime").startswith(root) and stage_root(stages, "builder").startswith(root)
+        target = "runtime"
         entry = instructions(stages, target, "ENTRYPOINT")
         assert entry and json.loads(entry[-1]) == ["cnnserve", "serve"], "exec-form ENTRYPOINT [cnnserve, serve]"
         exposed = {int(p) for body in instructions(stages, target, "EXPOSE") for p in body.split()}
@@ -297,11 +305,17 @@ def test_dockerfile_targets_and_runtime_contract():
         assert hc and "/healthz" in hc[-1] and "python" in hc[-1]
         env = image_env(stages, target)
         assert env.get("CNNSERVE_MODEL_REPOSITORY") == "/models"
+        assert env.get("CNNSERVE_PROVIDERS") == ("cuda,cpu" if flavour == "gpu" else "cpu")
         for key in env:
             if key.startswith("CNNSERVE_"):
                 assert key[len("CNNSERVE_") :].lower() in fields, f"{key} in Dockerfile is no Settings field"
         copies = instructions(stages, target, "COPY")
         assert any(re.fullmatch(r"models/?\s+/models/?", c) for c in copies), "bundled models/ -> /models"
+        assert any(c.startswith("--from=builder ") for c in copies)
+    stages = dockerfile_stages()
+    installing = [name for name, st in stages.items() if any("pip install" in ln for ln in st["lines"])]
+    assert installing == ["builder"], f"one builder stage for both flavours, not {installing}"
+    assert re.search(r"-cudnn-runtime-", stage_root(dockerfile_stages("gpu"), "runtime")), "GPU base: runtime + cuDNN"
     assert "torch" not in DOCKERFILE.read_text().replace("no torch", "")
 
 
@@ -310,7 +324,7 @@ def test_gpu_base_image_matches_onnxruntime_gpu_cuda_major():
     info = pytest.importorskip("onnxruntime.capi.build_and_package_info", reason="onnxruntime not installed")
     if getattr(info, "package_name", "") != "onnxruntime-gpu" or not getattr(info, "cuda_version", ""):
         pytest.skip("installed onnxruntime is not the CUDA build")
-    base = stage_root(dockerfile_stages(), "gpu")
+    base = stage_root(dockerfile_stages("gpu"), "runtime")
     m = re.match(r"nvidia/cuda:(\d+)\.", base)
     assert m, base
     assert m.group(1) == info.cuda_version.split(".")[0], (
@@ -320,7 +334,7 @@ def test_gpu_base_image_matches_onnxruntime_gpu_cuda_major():
 
 def test_image_uid_matches_pod_security_context():
     stages = dockerfile_stages()
-    uid = int(instructions(stages, "cpu", "USER")[-1].split(":")[0])
+    uid = int(instructions(stages, "runtime", "USER")[-1].split(":")[0])
     for variant in ("cpu", "gpu", "kserve"):
         spec = pod_spec(workload(render(variant)))
         assert spec["securityContext"]["runAsUser"] == uid
@@ -331,7 +345,7 @@ def test_dockerignore_keeps_context_small_but_complete():
         ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
     }
     assert {".venv", "runs", ".git", "data"} <= lines
-    for needed in ("pyproject.toml", "README.md", "service", "models", "scripts", "protos"):
+    for needed in ("pyproject.toml", "README.md", "service", "loadtest", "models", "scripts", "protos"):
         assert needed not in lines, f"{needed} is needed in the build context"
 
 
@@ -591,13 +605,10 @@ def test_hpa_and_pdb(overlay):
     }
     assert "replicas" not in dep["spec"], "the HPA owns the replica count"
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    assert metrics["Resource"]["resource"]["name"] == "cpu"
-    assert metrics["Resource"]["resource"]["target"]["type"] == "Utilization"
-    pods = metrics["Pods"]["pods"]
-    assert pods["metric"]["name"] == "cnnserve_queue_depth"
-    assert pods["target"]["type"] == "AverageValue"
-    assert exported_metrics().get("cnnserve_queue_depth") == "gauge"
+    # CPU only: a metric the cluster cannot fetch would block every scale-down.
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
     pdb = one(docs, "PodDisruptionBudget")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -836,4 +847,96 @@ def test_dashboard_covers_the_service():
 def test_deploy_readme_documents_the_adapter_rule():
     text = (DEPLOY / "README.md").read_text()
     assert "cnnserve_queue_depth" in text and "prometheus-adapter" in text
+    assert "kubectl kustomize edit" not in text, "kubectl has no kustomize edit"
     assert "kubectl apply -k deploy/overlays/cpu" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# queue-depth autoscaling (optional component) and the README's steps
+# ----------------------------------------------------------------------------------------------
+QUEUE = DEPLOY / "queue-autoscaling"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_queue_autoscaling_component_adds_the_queue_metric(overlay, tmp_root):
+    """The component appends the Pods metric to the overlay's HPA and changes nothing else."""
+    plain = one(render(overlay), "HorizontalPodAutoscaler")
+    hpa = one(render(f"{overlay}+queue-autoscaling", tmp_root), "HorizontalPodAutoscaler")
+    cpu, queue = hpa["spec"]["metrics"]
+    assert cpu == plain["spec"]["metrics"][0]
+    assert queue["type"] == "Pods" and queue["pods"]["metric"]["name"] == "cnnserve_queue_depth"
+    assert queue["pods"]["target"] == {"type": "AverageValue", "averageValue": "32"}
+    assert exported_metrics().get("cnnserve_queue_depth") == "gauge"
+    assert {k: v for k, v in hpa["spec"].items() if k != "metrics"} == {
+        k: v for k, v in plain["spec"].items() if k != "metrics"
+    }
+
+
+def _readme_block(marker: str, language: str) -> str:
+    """The fenced block right after the HTML comment containing ``marker`` in deploy/README.md,
+    its indentation removed."""
+    text = (DEPLOY / "README.md").read_text()
+    m = re.search(re.escape(marker) + r"[^\n]*-->\n([ \t]*)```" + language + r"\n(.*?)\n[ \t]*```", text, re.S)
+    assert m, f"no {language} block after {marker!r} in deploy/README.md"
+    indent = m.group(1)
+    return "\n".join(line.removeprefix(indent) for line in m.group(2).splitlines()) + "\n"
+
+
+def _clone_layout(tmp_path: Path) -> Path:
+    """tmp/cnnserve/deploy: a copy of deploy/ where the README's paths expect the clone."""
+    shutil.copytree(DEPLOY, tmp_path / "cnnserve" / "deploy")
+    return tmp_path
+
+
+def test_readme_step_4_runs_as_written(tmp_path):
+    """Step 4's shell block, run with bash in the clone's parent folder: it writes an overlay that
+    renders, retags the image and sets the namespace (kubectl has no `kustomize edit`)."""
+    kubectl = _tool("kubectl")
+    where = _clone_layout(tmp_path)
+    script = _readme_block("runs this block as written", "sh")
+    env = {**os.environ, "PATH": f"{Path(kubectl).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    res = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=where, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip() == "image: registry.example.com/cnnserve:0.1.0-cpu"
+    docs = list(_kustomize(str(where / "cnnserve-prod")))
+    assert {d["metadata"].get("namespace") for d in docs} == {"cnnserve"}
+    assert pod_spec(workload(docs))["containers"][0]["image"] == "registry.example.com/cnnserve:0.1.0-cpu"
+    assert one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def test_readme_gpu_queue_example_renders_and_validates(tmp_path):
+    """The Scaling section's GPU overlay with the queue component: the target is raised to 128."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    where = _clone_layout(tmp_path) / "gpu-queue"
+    where.mkdir()
+    (where / "kustomization.yaml").write_text(_readme_block("renders this overlay as written", "yaml"))
+    docs = list(_kustomize(str(where)))
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource", "Pods"]
+    assert hpa["spec"]["metrics"][1]["pods"]["target"]["averageValue"] == "128"
+    assert "nvidia.com/gpu" in pod_spec(workload(docs))["containers"][0]["resources"]["limits"]
+    kv.validate(hpa, kv.utils.latest_version(), strict=True)
+
+
+def test_prometheus_adapter_rule_serves_the_components_metric():
+    """The adapter rule shipped with the component (and shown in the README) names the metric the
+    HPA asks for, maps namespace and pod, and its query is PromQL once templated."""
+    values = yaml.safe_load((QUEUE / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    patch = yaml.safe_load((QUEUE / "hpa-queue-depth.yaml").read_text())
+    wanted = patch[0]["value"]["pods"]["metric"]["name"]
+    assert rule["name"]["as"] == wanted and re.fullmatch(rule["name"]["matches"], wanted)
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert _selected_series(rule["seriesQuery"]) == {wanted}
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", wanted)
+        .replace("<<.LabelMatchers>>", 'namespace="cnnserve",pod=~"cnnserve-.*"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    assert _selected_series(query) == {wanted}
+    readme = (DEPLOY / "README.md").read_text()
+    shown = re.search(r"```yaml\n(rules:\n.*?)```", readme, re.S)
+    assert shown and yaml.safe_load(shown.group(1)) == values, "README's rule differs from the shipped file"

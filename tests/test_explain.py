@@ -244,8 +244,11 @@ def test_the_page_and_its_files_are_served(server):
 
 @pytest.fixture(scope="module")
 def busy_server():
-    """One explanation at a time, none waiting; a long batching delay keeps each one in flight."""
+    """One explanation at a time, none waiting; a long batching delay keeps each one in flight.
+    One process: the explanations' limits hold per front-end process."""
     s = ServerProcess(
+        "--workers",
+        "1",
         "--drain-seconds",
         "0",
         "--explain-concurrency",

@@ -116,8 +116,8 @@ def test_server_on_cuda_serves_grpc_and_http_under_load(runtimes, tmp_path):
                 "grpc",
                 "--address",
                 s.grpc_target,
-                "--metrics-url",
-                f"{s.http}/metrics",
+                "--metrics-address",
+                f"127.0.0.1:{s.http_port}",
                 "--concurrency",
                 "64",
                 "--duration",
@@ -131,6 +131,6 @@ def test_server_on_cuda_serves_grpc_and_http_under_load(runtimes, tmp_path):
         )
         summary = json.loads(report.read_text())
         assert rc == 0 and summary["summary"]["errors"] == 0 and summary["summary"]["ok"] > 0
-        assert summary["server"]["batch_size_mean"] > 1
+        assert summary["server"]["batch_size_mean"] > 1 and summary["server_warnings"] == []
     finally:
         assert s.stop() == 0, s.log

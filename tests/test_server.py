@@ -8,10 +8,12 @@ import base64
 import io
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -24,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
-from tests.conftest import MODEL_PATH, ROOT, ServerProcess, distinct_images, jpeg_bytes, png_bytes
+from tests.conftest import MODEL_PATH, ROOT, ServerProcess, distinct_images, jpeg_bytes, png_bytes, wait_until
 
 LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -206,6 +208,27 @@ def test_http_bad_input_gets_its_code_and_a_json_error(server, name, kwargs, sta
     assert isinstance(r.json()["error"], str) and r.json()["error"]
 
 
+def test_a_non_image_upload_says_which_formats_are_accepted(server, tmp_path):
+    for kwargs in (
+        dict(content=b"%PDF-1.7 not an image", headers={"Content-Type": "application/octet-stream"}),
+        dict(files={"file": ("notes.txt", b"plain text, not an image", "text/plain")}),
+    ):
+        r = httpx.post(f"{server.http}/predict", **kwargs)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "send JPEG or PNG (also GIF, BMP" in error and "BytesIO" not in error and " at 0x" not in error
+    path = tmp_path / "notes.txt"
+    path.write_text("not an image")
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "classify", str(path), "--target", server.grpc_target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "send JPEG or PNG" in out.stderr and "BytesIO" not in out.stderr
+
+
 @pytest.mark.parametrize(
     "params,status",
     [
@@ -377,38 +400,6 @@ def test_cli_classify_over_grpc_and_http(server, tmp_path):
         timeout=60,
     )
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
-
-
-@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is present: CUDA really runs here")
-def test_cuda_fallback_is_announced_and_require_gpu_refuses(server):
-    # The shared server asked for CPU only; ask for the default (CUDA, then CPU) here.
-    s = ServerProcess("--providers", "cuda,cpu", "--drain-seconds", "0")
-    try:
-        assert "CUDA was asked for but the session runs on CPUExecutionProvider" in s.log
-        assert httpx.get(f"{s.http}/readyz").json()["models"][0]["provider"] == "CPUExecutionProvider"
-    finally:
-        assert s.stop() == 0
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--require-gpu",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 1
-    assert "refusing to start because require_gpu is set" in out.stderr
 
 
 def test_readiness_is_false_until_the_model_is_loaded_and_warm(tmp_path):
@@ -604,32 +595,72 @@ def test_a_request_larger_than_the_queue_is_413_not_429():
         assert s.stop() == 0
 
 
-def test_a_port_in_use_is_a_clear_error_not_a_traceback():
+def _serve_fails(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``cnnserve serve`` that must fail at start-up; its stderr must be our lines only."""
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr
+    return out
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_port_in_use_is_one_clear_line(workers, protocol):
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--http-port",
-                str(port),
-                "--grpc-port",
-                "0",
-                "--providers",
-                "cpu",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert out.returncode == 1
-    assert "cannot listen" in out.stderr and "Traceback" not in out.stderr
+        other = "--grpc-port" if protocol == "http" else "--http-port"
+        out = _serve_fails("--workers", workers, f"--{protocol}-port", str(port), other, "0")
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, out.stderr
+    assert f"port {port} is already in use on 127.0.0.1" in errors[0] and f"--{protocol}-port" in errors[0]
+    assert f"CNNSERVE_{protocol.upper()}_PORT" in errors[0]
+    assert "GRPC_VERBOSITY" not in out.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_missing_model_repository_is_named_by_its_absolute_path(tmp_path, workers):
+    out = _serve_fails("--workers", workers, "--model-repository", "no-such-models", cwd=tmp_path)
+    assert f"model repository {tmp_path / 'no-such-models'} is not a folder" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_corrupt_model_is_one_line_naming_the_file(tmp_path, workers):
+    version_dir = tmp_path / "cifar10" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])  # cut short
+    out = _serve_fails("--workers", workers, "--executor", "device", "--model-repository", str(tmp_path),
+                       "--http-port", "0", "--grpc-port", "0")  # fmt: skip
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, out.stderr
+    assert f"cannot load {version_dir / 'model.onnx'}" in errors[0], out.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_second_ctrl_c_stops_at_once(workers):
+    s = ServerProcess("--workers", workers, "--drain-seconds", "30")
+    children = list(s.children.values())
+    s.proc.send_signal(signal.SIGINT)
+    assert wait_until(lambda: "Ctrl-C again stops now" in s.log, timeout=10), s.log
+    assert httpx.get(f"{s.http}/readyz").status_code == 503  # draining, still answering
+    started = time.monotonic()
+    s.proc.send_signal(signal.SIGINT)
+    assert s.proc.wait(10) == 130
+    assert time.monotonic() - started < 5
+    assert "second Ctrl-C: stopping now" in s.log
+    for pid in children:  # no process outlives the server
+        assert wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), timeout=5)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.cli import build_parser, settings_from_args
-from service.settings import Settings
+from service.settings import Settings, allowed_values
 from tests.conftest import ROOT
 
 
@@ -53,15 +54,63 @@ def test_help_lists_every_setting_with_its_environment_variable():
         assert f"CNNSERVE_{name.upper()}" in text
 
 
-def test_invalid_flag_value_exits_2_with_a_message():
-    out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--max-batch-size", "-3"],
+def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **(env or {})},
     )
-    assert out.returncode == 2 and "max_batch_size" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args,env,expected",
+    [
+        (["--http-port", "99999"], {}, "--http-port 99999 (environment variable CNNSERVE_HTTP_PORT)"),
+        (["--max-batch-size", "-3"], {}, "--max-batch-size -3 (environment variable CNNSERVE_MAX_BATCH_SIZE)"),
+        (["--providers", "quantum"], {}, "--providers quantum (environment variable CNNSERVE_PROVIDERS)"),
+        ([], {"CNNSERVE_LOG_FORMAT": "xml"}, "CNNSERVE_LOG_FORMAT=xml (flag --log-format)"),
+        ([], {"CNNSERVE_MAX_QUEUE_DELAY_MS": "soon"}, "CNNSERVE_MAX_QUEUE_DELAY_MS=soon (flag --max-queue-delay-ms)"),
+    ],
+)
+def test_bad_settings_name_the_flag_the_variable_the_value_and_what_is_allowed(args, env, expected):
+    out = _serve(*args, env=env)
+    assert out.returncode == 2, out.stderr
+    assert expected in out.stderr, out.stderr
+    assert "allowed: " in out.stderr
+    assert "pydantic" not in out.stderr and "https://" not in out.stderr
+    field = (args[0][2:] if args else next(iter(env))[len("CNNSERVE_") :].lower()).replace("-", "_")
+    assert f"allowed: {allowed_values(field)}" in out.stderr
+
+
+def test_allowed_values_come_from_the_fields_types_and_bounds():
+    assert allowed_values("http_port") == "an integer >= 0 and <= 65535"
+    assert allowed_values("log_format") == "one of text, json"
+    assert allowed_values("require_gpu") == "true or false"
+    assert allowed_values("max_queue_delay_ms") == "a number >= 0.0 and <= 10000"
+
+
+def test_help_lists_every_command_and_every_choice():
+    top = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert top.returncode == 0
+    for command in ("serve", "classify", "loadtest", "import-model", "train", "export", "evaluate"):
+        assert f"    {command} " in top.stdout, top.stdout
+    out = _serve("--help")
+    text = " ".join(out.stdout.split())
+    for flag, choices in (
+        ("--log-format", "{text,json}"),
+        ("--log-level", "{DEBUG,INFO,WARNING,ERROR}"),
+        ("--pad-batches", "{auto,on,off}"),
+        ("--cudnn-conv-algo-search", "{EXHAUSTIVE,HEURISTIC,DEFAULT}"),
+    ):
+        assert f"{flag} {choices}" in text
+    assert "[default: cuda,cpu; env CNNSERVE_PROVIDERS]" in text
+    assert "| `--providers` | `CNNSERVE_PROVIDERS` | `cuda,cpu` |" in (ROOT / "README.md").read_text()
+    assert Settings().providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def test_readme_documents_every_setting():

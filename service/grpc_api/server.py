@@ -18,13 +18,14 @@ log = logging.getLogger("cnnserve.grpc")
 
 
 class GrpcServer:
-    def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings) -> None:
+    def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings, reuse_port: bool = False) -> None:
         limit = settings.max_request_bytes
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                # Front ends of a multi-process server share the port; a lone server must own it.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
         classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), self.server)

@@ -6,6 +6,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
@@ -16,14 +17,19 @@ from service.http_api.context import HttpContext, error_response, json_response
 from service.metrics import Metrics
 
 log = logging.getLogger("cnnserve.http")
+DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc files
 
 
 def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI (/docs) and ReDoc (/redoc) from the files its package
+    # ships, so the docs work in a cluster without internet access; no validator badge either.
+    app = FastAPIOffline(
         title="cnnserve",
         version=__version__,
-        description="CIFAR-10 image classification: /predict, /explain, Open Inference Protocol (/v2), metrics; "
-        "a page at / that shows what each layer sees.",
+        description="Image classification: /predict, /explain, Open Inference Protocol (/v2), metrics; "
+        "a page at / that shows what each layer of the network sees.",
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None},
     )
     ctx = HttpContext(core, metrics)
     app.include_router(routes.build_router(ctx))

@@ -111,16 +111,21 @@ class HttpContext:
         return body
 
     def deadline(self, request: Request) -> float | None:
-        raw = request.headers.get(TIMEOUT_HEADER)
-        if raw is None:
-            return self.core.deadline(None)
-        try:
-            ms = float(raw)
-        except ValueError:
-            ms = -1.0
-        if not ms > 0 or math.isinf(ms):
-            raise InvalidParameter(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
-        return self.core.deadline(ms / 1000.0)
+        return self.core.deadline(timeout_from_header(request.headers.get(TIMEOUT_HEADER)))
+
+
+def timeout_from_header(raw: str | None) -> float | None:
+    """The X-Request-Timeout-Ms header's value in seconds (None: no header); InvalidParameter
+    unless it is a positive, finite number of milliseconds."""
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not ms > 0 or math.isinf(ms):
+        raise InvalidParameter(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+    return ms / 1000.0
 
 
 async def _disconnected(request: Request) -> None:

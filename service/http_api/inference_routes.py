@@ -14,12 +14,15 @@ from fastapi.responses import Response
 from service import inference_protocol as v2
 from service.http_api import inference_rest as rest
 from service.http_api.context import HttpContext, json_response
+from service.http_api.schemas import V2_INFER_REQUEST_BODY, error_responses
 
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
 
 def build_router(ctx: HttpContext) -> APIRouter:
-    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
+    # Every /v2 error is {"error": ...}; declaring 4XX/5XX also keeps FastAPI from advertising its
+    # own 422 HTTPValidationError, which these routes never send.
+    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"], responses=error_responses("4XX", "5XX"))
     core = ctx.core
 
     async def _json(value_fn, *args) -> Response:
@@ -95,8 +98,10 @@ def build_router(ctx: HttpContext) -> APIRouter:
             content, media_type=BINARY_CONTENT_TYPE, headers={"Inference-Header-Content-Length": str(header_length)}
         )
 
-    @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
-    @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version")
+    body = {"requestBody": V2_INFER_REQUEST_BODY}
+
+    @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)", openapi_extra=body)
+    @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version", openapi_extra=body)
     async def model_infer(request: Request, name: str, version: str | None = None):
         return await ctx.handle("v2_infer", _infer(request, name, version))
 

@@ -9,11 +9,18 @@ from dataclasses import dataclass
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.core import Classification, ImageInput
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
+from service.http_api.schemas import (
+    PREDICT_REQUEST_BODY,
+    Liveness,
+    PredictResponse,
+    Readiness,
+    error_responses,
+)
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -22,7 +29,7 @@ Bodies:
 - `multipart/form-data`: one or more parts named `file`.
 - `application/json`: `{{"images": ["<base64 JPEG/PNG>", ...], "top_k": 3}}`.
 
-Images that are not 32x32 RGB are converted to RGB, centre-cropped to a square and resized.
+Images are converted to RGB, centre-cropped to the model's aspect ratio and resized to its input size.
 Header `{TIMEOUT_HEADER}`: give up (504) if the request is still queued after this many milliseconds.
 Errors: `{{"error": "..."}}` with 400 bad image, 404 unknown model, 413 too large, 415 unsupported
 type, 422 invalid parameter, 429 queue full (with Retry-After), 503 not ready, 504 deadline.
@@ -88,7 +95,14 @@ class ImagesRequest:
     fields: dict
 
 
-def _json_images(body: bytes) -> tuple[list[ImageInput], dict]:
+def parse_json_body(body: bytes) -> tuple[list[ImageInput], object, object, object]:
+    """/predict's JSON body → (image bytes, top_k, model, model_version) as given (checked later)."""
+    images, doc = _json_document(body)
+    return images, doc.get("top_k"), doc.get("model"), doc.get("model_version")
+
+
+def _json_document(body: bytes) -> tuple[list[ImageInput], dict]:
+    """The JSON body's decoded images and the whole document (for /explain's own fields)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -123,7 +137,7 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
         if not images:
             raise InvalidInput('multipart body has no file part named "file"')
     elif content_type == "application/json":
-        images, doc = _json_images(await ctx.body(request))
+        images, doc = _json_document(await ctx.body(request))
         top_k = top_k if top_k is not None else doc.get("top_k")
         model = model or doc.get("model")
         version = version or doc.get("model_version")
@@ -160,17 +174,24 @@ def build_router(ctx: HttpContext) -> APIRouter:
         "/predict",
         summary="Classify images (top-k labels with probabilities)",
         description=PREDICT_DOC,
-        responses={200: {"description": "One result per image, in order"}},
-        openapi_extra={"parameters": PREDICT_PARAMETERS},
+        responses={
+            200: {"model": PredictResponse, "description": "One result per image, in order"},
+            **error_responses(400, 404, 413, 415, 422, 429, 503, 504),
+        },
+        openapi_extra={"parameters": PREDICT_PARAMETERS, "requestBody": PREDICT_REQUEST_BODY},
     )
     async def predict(request: Request):
         return await ctx.handle("predict", _predict(request))
 
-    @router.get("/healthz", summary="Liveness: the process answers")
+    @router.get("/healthz", summary="Liveness: the process answers", responses={200: {"model": Liveness}})
     async def healthz():
         return json_response({"status": "live"})
 
-    @router.get("/readyz", summary="Readiness: every model loaded and warm, not draining")
+    @router.get(
+        "/readyz",
+        summary="Readiness: every model loaded and warm, not draining",
+        responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
+    )
     async def readyz():
         models = [{"name": m.name, "version": m.version, "provider": m.runtime.provider} for m in core.all_models()]
         reason = core.not_ready_reason()
@@ -178,8 +199,12 @@ def build_router(ctx: HttpContext) -> APIRouter:
             return json_response({"status": "ready", "models": models})
         return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)
 
-    @router.get("/metrics", summary="Prometheus metrics")
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "text format"}},
+    )
     async def metrics():
-        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -1,0 +1,318 @@
+"""The device executor: the one process per device (each GPU; one for the CPU) that owns the ONNX
+Runtime session of every model version and its one batch queue, fed by every front end.
+
+So every front end's images meet in one queue per model version and batches are as large as the
+node's whole load allows — not one small queue per front end, and not one CUDA context per
+front end launching small batches.
+
+Threads: one I/O thread accepts front ends and reads their records (a message carries many);
+one compute thread per model version takes a batch (greedy, or waiting ``max_queue_delay_ms``
+for company), drops images whose deadline passed or whose caller left, gathers the rest from the
+front ends' slabs into one input, runs it, writes logits, probabilities and the ranking back into
+the same slots, and answers each front end with one message per batch. Per-image work is numpy
+over whole chunks of records; Python work is per message and per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from service import ipc
+from service.metrics import Metrics, ModelStats, StatsObserver
+from service.postprocess import ranking, softmax
+from service.repository import ModelSpec
+from service.settings import Settings
+
+log = logging.getLogger("cnnserve.executor")
+
+
+class _Frontend:
+    """One connected front end: its socket, its slabs (after its hello) and whether it is alive."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.index = -1
+        self.slabs: ipc.Slabs | None = None
+        self.alive = True
+        self.send_lock = threading.Lock()
+
+    def send(self, payload: bytes) -> None:
+        if not self.alive:
+            return
+        try:
+            with self.send_lock:
+                self.sock.send(payload)
+        except OSError:  # gone, or stuck past the socket's timeout: it gets nothing more
+            self.alive = False
+
+
+@dataclass
+class _Chunk:
+    frontend: _Frontend
+    records: np.ndarray  # ipc.SUBMIT
+    arrived: float
+
+
+class ModelQueue:
+    """One model version's queue of chunks of records, and the thread that batches and runs them."""
+
+    def __init__(self, executor: Executor, index: int, runtime, stats: ModelStats) -> None:
+        s = executor.settings
+        self.executor, self.index, self.runtime = executor, index, runtime
+        self.max_batch_size = s.max_batch_size
+        self.delay_s = s.max_queue_delay_ms / 1000.0
+        self.chunks: deque[_Chunk] = deque()
+        self.queued = 0
+        self.cond = threading.Condition()
+        self.observer = StatsObserver(executor.metrics, runtime.name, stats)
+        shape = tuple(runtime.input_shape[1:])
+        self.input_shape, self.input_size = shape, int(np.prod(shape))
+        self.thread = threading.Thread(target=self._run, name=f"{runtime.name}-{runtime.version}-batches", daemon=True)
+
+    def put(self, chunk: _Chunk) -> None:
+        with self.cond:
+            self.chunks.append(chunk)
+            self.queued += len(chunk.records)
+            self.cond.notify()
+
+    def _take(self) -> list[_Chunk] | None:
+        """Up to max_batch_size records, FIFO; None once the executor stops and nothing is left."""
+        with self.cond:
+            while not self.chunks:
+                if self.executor.stopping.is_set():
+                    return None
+                self.cond.wait(0.1)
+            if self.delay_s > 0 and self.queued < self.max_batch_size:
+                # Remaining time of the oldest chunk's delay, not a fresh full delay.
+                until = self.chunks[0].arrived + self.delay_s
+                while self.queued < self.max_batch_size and (left := until - time.monotonic()) > 0:
+                    self.cond.wait(left)
+            taken, size = [], 0
+            while self.chunks and size < self.max_batch_size:
+                chunk = self.chunks[0]
+                room = self.max_batch_size - size
+                if len(chunk.records) <= room:
+                    taken.append(self.chunks.popleft())
+                    size += len(chunk.records)
+                else:
+                    taken.append(_Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
+                    chunk.records = chunk.records[room:]
+                    size += room
+            self.queued -= size
+        self.executor.metrics.queue_depth.labels(self.runtime.name).set(self.queued)
+        return taken
+
+    def _run(self) -> None:
+        while (chunks := self._take()) is not None:
+            try:
+                self._run_batch(chunks)
+            except Exception:
+                log.exception("batch bookkeeping failed")
+
+    def _run_batch(self, chunks: list[_Chunk]) -> None:
+        now = time.monotonic()
+        live: list[tuple[_Chunk, np.ndarray, np.ndarray]] = []  # (chunk, mask of its live records, statuses)
+        statuses: list[np.ndarray] = []
+        for chunk in chunks:
+            rec, fe = chunk.records, chunk.frontend
+            status = np.full(len(rec), ipc.STATUS_OK, np.uint8)
+            if not fe.alive or fe.slabs is None:
+                status[:] = ipc.STATUS_CANCELLED
+            else:
+                deadline = rec["deadline"]
+                status[(deadline > 0) & (deadline <= now)] = ipc.STATUS_DEADLINE
+                status[(status == ipc.STATUS_OK) & (fe.slabs.cancelled[rec["slot"]] != 0)] = ipc.STATUS_CANCELLED
+            statuses.append(status)
+            if (status == ipc.STATUS_OK).any():
+                live.append((chunk, status == ipc.STATUS_OK, status))
+        for reason, code in (("deadline", ipc.STATUS_DEADLINE), ("cancelled", ipc.STATUS_CANCELLED)):
+            # Per request, as the one-process batcher counts: a request's first image stands for it.
+            dropped = sum(int(((s == code) & (c.records["index"] == 0)).sum()) for c, s in zip(chunks, statuses))
+            if dropped:
+                self.executor.metrics.rejected.labels(reason).inc(dropped)
+        if live:
+            self._compute(live)
+        self._answer(chunks, statuses)
+
+    def _compute(self, live: list[tuple[_Chunk, np.ndarray, np.ndarray]]) -> None:
+        n = sum(int(mask.sum()) for _, mask, _ in live)
+        x = np.empty((n, self.input_size), np.float32)
+        pos, placed = 0, []
+        for chunk, mask, _ in live:
+            slots = chunk.records["slot"][mask]
+            x[pos : pos + len(slots)] = chunk.frontend.slabs.inputs[slots, : self.input_size]
+            placed.append((chunk.frontend.slabs, slots, pos))
+            pos += len(slots)
+        started = time.monotonic()
+        try:
+            logits = self.runtime.run(x.reshape(n, *self.input_shape))
+            probs = softmax(logits.copy())
+            order = ranking(probs)
+            ranked = np.take_along_axis(probs, order, axis=1)
+        except Exception as e:
+            log.exception("%s/%s: batch of %d images failed: %s", self.runtime.name, self.runtime.version, n, e)
+            for _, mask, status in live:
+                status[mask] = ipc.STATUS_FAILED
+            return
+        elapsed = time.monotonic() - started
+        classes = logits.shape[1]
+        for slabs, slots, start in placed:
+            end = start + len(slots)
+            slabs.logits[slots, :classes] = logits[start:end]
+            slabs.probabilities[slots, :classes] = probs[start:end]
+            slabs.ranked[slots, :classes] = ranked[start:end]
+            slabs.order[slots, :classes] = order[start:end]
+        firsts = [c.arrived for c, mask, _ in live for _ in range(int((c.records["index"][mask] == 0).sum()))]
+        self.observer.batch_done(n, len(firsts), [started - a for a in firsts], elapsed)
+
+    def _answer(self, chunks: list[_Chunk], statuses: list[np.ndarray]) -> None:
+        by_frontend: dict[_Frontend, list[np.ndarray]] = {}
+        for chunk, status in zip(chunks, statuses):
+            done = np.empty(len(chunk.records), ipc.DONE)
+            done["request"] = chunk.records["request"]
+            done["slot"] = chunk.records["slot"]
+            done["status"] = status
+            by_frontend.setdefault(chunk.frontend, []).append(done)
+        for fe, parts in by_frontend.items():
+            self.executor.count_taken(fe, sum(len(p) for p in parts))
+            fe.send(ipc.MSG_DONE + b"".join(p.tobytes() for p in parts))
+
+
+class Executor:
+    """Loads the models, then serves front ends on ``ipc.executor_socket(run_dir, index)`` until
+    told to stop (``ipc.STOP_SIGNAL``), after which it finishes what is queued and returns."""
+
+    def __init__(self, settings: Settings, table: ipc.ControlTable, index: int, specs: list[ModelSpec]) -> None:
+        self.settings, self.table, self.index, self.specs = settings, table, index, specs
+        self.row = index
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        self.queues: list[ModelQueue] = []
+        self._taken_lock = threading.Lock()
+        self._models_message = b""
+
+    def load(self, runtime_factory=None) -> None:
+        """Create and warm up every model version's session (``runtime_factory(spec)`` makes the
+        runtime; by default an ONNX Runtime session on this executor's device)."""
+        from service.runtime import load_model
+
+        factory = runtime_factory or (lambda spec: load_model(spec, self.settings))
+        descriptions = []
+        for i, spec in enumerate(self.specs):
+            started = time.monotonic()
+            runtime = factory(spec)
+            padded = f", batches padded to {runtime.pad_to}" if getattr(runtime, "pad_to", 0) else ""
+            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, spec.path, runtime.provider,
+                     time.monotonic() - started, padded)  # fmt: skip
+            stats = ModelStats(self.table.stats[self.row, i])
+            self.queues.append(ModelQueue(self, i, runtime, stats))
+            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)
+            descriptions.append(runtime.describe())
+        self._models_message = ipc.MSG_MODELS + orjson.dumps(
+            {"executor": self.index, "max_queue_size": self.settings.max_queue_size, "models": descriptions}
+        )
+
+    def count_taken(self, fe: _Frontend, n: int) -> None:
+        if fe.index >= 0 and fe.alive:
+            with self._taken_lock:
+                self.table.taken[fe.index, self.index] += n
+
+    def serve(self, path: str) -> None:
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(path)
+        listener.listen(256)
+        for queue in self.queues:
+            queue.thread.start()
+        self.table.pid[self.row] = os.getpid()
+        self.table.state[self.row] = ipc.READY
+        self.metrics.ready.set(1)
+        log.info("executor %d ready on %s", self.index, path)
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ, None)
+        try:
+            while not self.stopping.is_set():
+                for key, _ in selector.select(0.2):
+                    if key.data is None:
+                        self._accept(listener, selector)
+                    else:
+                        self._read(key.data, selector)
+        finally:
+            selector.close()
+            listener.close()
+            for queue in self.queues:
+                queue.thread.join(timeout=self.settings.shutdown_timeout_seconds)
+            self.table.state[self.row] = ipc.STOPPED
+
+    def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+        sock, _ = listener.accept()
+        # Sends come from the compute threads: bounded, so one stuck front end cannot stall a device.
+        sock.settimeout(2.0)
+        fe = _Frontend(sock)
+        selector.register(sock, selectors.EVENT_READ, fe)
+        fe.send(self._models_message)
+
+    def _read(self, fe: _Frontend, selector: selectors.BaseSelector) -> None:
+        try:
+            data = fe.sock.recv(ipc.MAX_MESSAGE_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            fe.alive = False
+            selector.unregister(fe.sock)
+            fe.sock.close()
+            return
+        kind = data[:1]
+        if kind == ipc.MSG_SUBMIT:
+            records = np.frombuffer(data, ipc.SUBMIT, offset=1)
+            now = time.monotonic()
+            models = records["model"]
+            if (models == models[0]).all():
+                self._enqueue(fe, int(models[0]), records, now)
+            else:
+                for m in np.unique(models):
+                    self._enqueue(fe, int(m), records[models == m], now)
+        elif kind == ipc.MSG_HELLO:
+            hello = orjson.loads(data[1:])
+            fe.slabs = ipc.Slabs(hello["path"], hello["slots"], hello["input_size"], hello["classes"])
+            with self._taken_lock:
+                self.table.taken[hello["frontend"], self.index] = 0
+            fe.index = hello["frontend"]
+
+    def _enqueue(self, fe: _Frontend, model: int, records: np.ndarray, now: float) -> None:
+        if model >= len(self.queues):  # a front end of another incarnation; cannot happen in one server
+            log.error("record for unknown model index %d", model)
+            return
+        self.queues[model].put(_Chunk(fe, records, now))
+
+
+def main(settings_json: str, table_shape: dict, index: int, specs: list[tuple[str, str, str]]) -> None:
+    """Entry point of an executor process (spawned by the supervisor)."""
+    from pathlib import Path
+
+    from service import logs
+
+    settings = Settings.model_validate_json(settings_json)
+    logs.configure(settings.log_level, settings.log_format)
+    ipc.become_child()
+    table = ipc.ControlTable(ipc.TableShape(**table_shape))
+    executor = Executor(settings, table, index, [ModelSpec(n, v, Path(p)) for n, v, p in specs])
+    signal.signal(ipc.STOP_SIGNAL, lambda *_: executor.stopping.set())
+    try:
+        executor.load()
+    except Exception as e:  # noqa: BLE001 - one line naming the cause, then exit 1
+        log.error("executor %d cannot load models: %s", index, e)
+        raise SystemExit(1) from None
+    executor.serve(ipc.executor_socket(Path(table_shape["path"]).parent, index))

@@ -1,0 +1,314 @@
+"""A front end's side of the device executors (``service.executor``).
+
+:class:`ExecutorClient` keeps one connection to one executor (reconnecting when it restarts),
+owns this front end's slabs for it, hands images over through them and resolves each request's
+future when its slots come back. :class:`RemoteBatcher` gives ``service.core`` the interface of
+``service.batcher.Batcher`` for one model version served by the executors.
+
+Cost on the event loop per request: a normalisation into the slab (numpy over the request's
+images), one 20-byte record appended to a message that carries every request of this loop
+iteration, and on completion a few row reads. If the executor dies, every request waiting on it
+fails at once with ``NotReady`` (503 / UNAVAILABLE: retry) and the client reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service import ipc
+from service.errors import Cancelled, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from service.model_description import ModelDescription
+from service.runtime import BatchOutput
+
+log = logging.getLogger("cnnserve.frontend")
+
+_ONE_RECORD = struct.Struct("<IIdHH")  # ipc.SUBMIT, packed, for the common one-image request
+assert _ONE_RECORD.size == ipc.SUBMIT.itemsize
+_RECORDS_PER_MESSAGE_BYTES = ipc.MAX_RECORDS_PER_MESSAGE * ipc.SUBMIT.itemsize
+
+
+class _Pending:
+    __slots__ = ("future", "model", "remaining", "slabs", "slots", "status")
+
+    def __init__(self, future: asyncio.Future, slots: list[int], model: ModelDescription, slabs: ipc.Slabs) -> None:
+        self.future, self.slots, self.model, self.slabs = future, slots, model, slabs
+        self.remaining = len(slots)
+        self.status = ipc.STATUS_OK
+
+    def caller_left(self, future: asyncio.Future) -> None:
+        if future.cancelled():  # dropped by the executor before compute; the slots stay ours until it says so
+            self.slabs.cancelled[self.slots] = 1
+
+
+class ExecutorClient:
+    def __init__(self, table: ipc.ControlTable, frontend: int, executor: int, run_dir: str | Path,
+                 slots: int) -> None:  # fmt: skip
+        self.table, self.frontend, self.executor = table, frontend, executor
+        self.path = ipc.executor_socket(run_dir, executor)
+        self.run_dir, self.slots = Path(run_dir), slots
+        self.models: list[ModelDescription] = []
+        self.max_queue_size = 0
+        self.slabs: ipc.Slabs | None = None
+        self.sock: socket.socket | None = None
+        self.connected = asyncio.Event()
+        self.on_change: Any = None  # called with no argument when the connection comes or goes
+        self._pending: dict[int, _Pending] = {}
+        self._free: list[int] = []
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
+        self._next_id = 1
+        self._incarnation = 0
+        self._lost: asyncio.Future | None = None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- connection ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect, serve, and reconnect whenever the executor goes away, until close()."""
+        self._loop = asyncio.get_running_loop()
+        was_connected = False
+        while not self._closed:
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                sock.connect(self.path)  # a Unix socket connects at once, or fails at once
+            except OSError:
+                sock.close()
+                await asyncio.sleep(0.05)
+                continue
+            sock.setblocking(False)
+            self._lost = self._loop.create_future()
+            self.sock = sock
+            self._loop.add_reader(sock.fileno(), self._readable)
+            await self._lost
+            if self.connected.is_set():
+                was_connected = True
+            self._drop_connection()
+            if was_connected and not self._closed:
+                log.warning("device executor %d went away: its requests failed (503 / UNAVAILABLE); reconnecting",
+                            self.executor)  # fmt: skip
+
+    def _readable(self) -> None:
+        sock = self.sock
+        while sock is not None:
+            try:
+                data = sock.recv(ipc.MAX_MESSAGE_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lose()
+                return
+            kind = data[:1]
+            if kind == ipc.MSG_DONE:
+                self._done(np.frombuffer(data, ipc.DONE, offset=1))
+            elif kind == ipc.MSG_MODELS:
+                self._hello(orjson.loads(data[1:]))
+
+    def _hello(self, doc: dict) -> None:
+        self.models = [ModelDescription.from_dict(m) for m in doc["models"]]
+        self.max_queue_size = doc["max_queue_size"]
+        input_size = max(m.input_size for m in self.models)
+        classes = max(m.num_classes for m in self.models)
+        self._incarnation += 1
+        old = self.slabs
+        path = self.run_dir / f"fe{self.frontend}-ex{self.executor}-{os.getpid()}-{self._incarnation}.slab"
+        self.slabs = ipc.Slabs(path, self.slots, input_size, classes, create=True)
+        if old is not None:
+            Path(old.path).unlink(missing_ok=True)
+        self._free = list(range(self.slots))
+        self.table.submitted[self.frontend, self.executor] = 0
+        hello = {"frontend": self.frontend, **self.slabs.describe()}
+        try:
+            assert self.sock is not None
+            self.sock.send(ipc.MSG_HELLO + orjson.dumps(hello))
+        except OSError:
+            self._lose()
+            return
+        self.connected.set()
+        if self.on_change:
+            self.on_change()
+
+    def _lose(self) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    def _drop_connection(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+            self._loop.remove_writer(sock.fileno())
+            sock.close()
+        self.connected.clear()
+        error = NotReady(f"device executor {self.executor} stopped; retry")
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._pending.clear()
+        self._outbox.clear()
+        self._free = list(range(self.slots))
+        self.table.submitted[self.frontend, self.executor] = 0
+        if self.on_change:
+            self.on_change()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._lose()
+
+    # ---- requests -----------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self.table.queue_depth(self.executor)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def submit(self, model_index: int, x: np.ndarray, deadline: float | None) -> asyncio.Future:
+        """Hand ``x`` (float32, the model's input, first axis = images) to the executor; the future
+        resolves to a :class:`BatchOutput` of exactly these images."""
+        if self.sock is None or self.slabs is None or not self.connected.is_set():
+            raise NotReady(f"device executor {self.executor} is starting or restarting; retry")
+        n = len(x)
+        depth = self.depth
+        if depth + n > self.max_queue_size or n > len(self._free):
+            raise Overloaded(f"queue full ({depth} images waiting, limit {self.max_queue_size})")
+        model = self.models[model_index]
+        slabs, free = self.slabs, self._free
+        slots = free[-n:]
+        del free[-n:]
+        request = self._next_id
+        self._next_id = request + 1 if request < 0xFFFFFFFF else 1
+        flat = x.reshape(n, -1)
+        size = flat.shape[1]
+        if n == 1:
+            slot = slots[0]
+            slabs.inputs[slot, :size] = flat[0]
+            slabs.cancelled[slot] = 0
+            self._outbox.append(_ONE_RECORD.pack(request, slot, deadline or 0.0, model_index, 0))
+        else:
+            index = np.array(slots)
+            slabs.inputs[index, :size] = flat
+            slabs.cancelled[index] = 0
+            records = np.empty(n, ipc.SUBMIT)
+            records["request"] = request
+            records["slot"] = index
+            records["deadline"] = deadline or 0.0
+            records["model"] = model_index
+            records["index"] = np.arange(n)
+            self._outbox.append(records.tobytes())
+        assert self._loop is not None
+        future = self._loop.create_future()
+        pending = _Pending(future, slots, model, slabs)
+        future.add_done_callback(pending.caller_left)
+        self._pending[request] = pending
+        self.table.submitted[self.frontend, self.executor] += n
+        if not self._flush_scheduled:
+            # Every request of this loop iteration goes in one message.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        sock = self.sock
+        if sock is None or not self._outbox:
+            return
+        payload = b"".join(self._outbox)
+        self._outbox.clear()
+        sent = 0
+        try:
+            while sent < len(payload):
+                part = payload[sent : sent + _RECORDS_PER_MESSAGE_BYTES]
+                sock.send(ipc.MSG_SUBMIT + part)
+                sent += len(part)
+        except BlockingIOError:  # the executor is behind: send the rest when the socket drains
+            self._outbox.append(payload[sent:])
+            assert self._loop is not None
+            self._loop.add_writer(sock.fileno(), self._writable)
+        except OSError:
+            self._lose()
+
+    def _writable(self) -> None:
+        if self.sock is not None and self._loop is not None:
+            self._loop.remove_writer(self.sock.fileno())
+        self._flush()
+
+    def _done(self, records: np.ndarray) -> None:
+        pending = self._pending
+        for request, status in zip(records["request"].tolist(), records["status"].tolist()):
+            entry = pending.get(request)
+            if entry is None:
+                continue
+            entry.remaining -= 1
+            if status:
+                entry.status = status
+            if entry.remaining == 0:
+                del pending[request]
+                self._finish(entry)
+
+    def _finish(self, entry: _Pending) -> None:
+        future = entry.future
+        if not future.done():
+            if entry.status == ipc.STATUS_OK:
+                future.set_result(self._result(entry))
+            elif entry.status == ipc.STATUS_DEADLINE:
+                future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            elif entry.status == ipc.STATUS_CANCELLED:
+                future.set_exception(Cancelled("the caller went away"))
+            else:
+                future.set_exception(InferenceFailed("inference failed in the device executor (its log has the cause)"))
+        if entry.slabs is self.slabs:
+            self._free.extend(entry.slots)
+
+    @staticmethod
+    def _result(entry: _Pending) -> BatchOutput:
+        model, slabs, slots = entry.model, entry.slabs, entry.slots
+        classes = model.num_classes
+        rows: Any = slice(slots[0], slots[0] + 1) if len(slots) == 1 else np.array(slots)
+        logits = slabs.logits[rows, :classes].copy()
+        probabilities = slabs.probabilities[rows, :classes].copy()
+        order = slabs.order[rows, :classes].astype(np.int64)
+        ranked = slabs.ranked[rows, :classes]
+        return BatchOutput(logits, probabilities, order, order.tolist(), ranked.tolist(),
+                           model.labels_array[order].tolist())  # fmt: skip
+
+
+class RemoteBatcher:
+    """``Batcher``'s interface for one model version that runs in the device executors: images
+    are normalised here (front-end work) and handed to the least-loaded connected executor."""
+
+    def __init__(self, clients: list[ExecutorClient], model_index: int, model: ModelDescription,
+                 max_batch_size: int, max_queue_delay_s: float, max_queue_size: int) -> None:  # fmt: skip
+        self.clients, self.model_index, self.model = clients, model_index, model
+        self.max_batch_size, self.max_queue_delay_s, self.max_queue_size = (
+            max_batch_size, max_queue_delay_s, max_queue_size)  # fmt: skip
+
+    async def submit(self, items: np.ndarray, deadline: float | None = None) -> BatchOutput:
+        x = items if items.dtype == np.float32 else self.model.normalizer(items)
+        clients = self.clients
+        client = clients[0] if len(clients) == 1 else min(clients, key=lambda c: (not c.connected.is_set(), c.depth))
+        return await client.submit(self.model_index, x, deadline)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every request handed over has come back; False on timeout."""
+        until = time.monotonic() + timeout
+        while any(c.in_flight for c in self.clients):
+            if time.monotonic() >= until:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()

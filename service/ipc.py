@@ -1,0 +1,193 @@
+"""What the processes of a multi-process server share, and how it is laid out.
+
+Everything lives in one private run folder (on ``/dev/shm`` where it exists, so it is memory),
+made and removed by the supervisor:
+
+- ``control``: the :class:`ControlTable` — each process's state, the drain flag, the queue
+  counters that let a front end refuse work without asking the executor, and every process's
+  row of model statistics. Each cell has one writer, so nobody takes a lock.
+- ``fe<i>-ex<j>-<pid>.slab``: a front end's :class:`Slabs` for one executor — the model inputs it
+  hands over and the results the executor writes back, row by row ("slots"). Images and results
+  never go through a pipe.
+- ``executor-<j>.sock``: the executor's Unix socket (SOCK_SEQPACKET: message boundaries kept). Only
+  small records cross it: which slot holds which request's image, and which slots are done.
+- ``metrics/``: prometheus-client's multiprocess folder.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+# ---- records on the executor's socket -------------------------------------------------------------
+#: Front end → executor, one per image: which model, which slot holds it, the request's deadline
+#: (``time.monotonic()``, the same clock in every process on Linux; 0: none) and the image's place
+#: in its request (0 marks a request's first image, for per-request statistics).
+SUBMIT = np.dtype([("request", "<u4"), ("slot", "<u4"), ("deadline", "<f8"), ("model", "<u2"), ("index", "<u2")])
+#: Executor → front end, one per image: the slot is done (results written when status is OK).
+DONE = np.dtype([("request", "<u4"), ("slot", "<u4"), ("status", "u1")])
+STATUS_OK, STATUS_DEADLINE, STATUS_CANCELLED, STATUS_FAILED = 0, 1, 2, 3
+
+MSG_MODELS = b"M"  # executor → front end, on connect: JSON list of model descriptions
+MSG_HELLO = b"H"  # front end → executor: JSON {frontend, slab path, slots}
+MSG_SUBMIT = b"S"  # front end → executor: SUBMIT records
+MSG_DONE = b"D"  # executor → front end: DONE records
+#: Most records in one message: keeps a message (24 B a record) well under the socket buffer.
+MAX_RECORDS_PER_MESSAGE = 2048
+MAX_MESSAGE_BYTES = 1 + SUBMIT.itemsize * MAX_RECORDS_PER_MESSAGE + 65536
+
+# ---- process states -----------------------------------------------------------------------------
+STARTING, LISTENING, READY, STOPPED = 0, 1, 2, 3
+
+
+#: How the supervisor tells a child to stop (drain its admitted work, then exit). Children ignore
+#: SIGTERM and SIGINT: a terminal's Ctrl-C and systemd's default stop signal reach every process
+#: of the group at once, and only the supervisor may decide the order of a drain.
+STOP_SIGNAL = signal.SIGUSR1
+
+
+def become_child() -> None:
+    """In a child process: ignore the group's SIGTERM/SIGINT, and get STOP_SIGNAL if the
+    supervisor dies (Linux), so no process outlives its server."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(STOP_SIGNAL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def make_run_dir() -> Path:
+    """A private folder for one server's shared files; in memory where /dev/shm exists."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="cnnserve-", dir=base))
+    (path / "metrics").mkdir()
+    return path
+
+
+def executor_socket(run_dir: str | Path, index: int) -> str:
+    return str(Path(run_dir) / f"executor-{index}.sock")
+
+
+def _map(path: Path, size: int, create: bool) -> mmap.mmap:
+    if create:
+        with open(path, "wb") as f:
+            f.truncate(size)
+    with open(path, "r+b") as f:
+        return mmap.mmap(f.fileno(), size)
+
+
+class _Layout:
+    """Carves named numpy arrays out of one mapped file, each 64-byte aligned."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[str, np.dtype, tuple[int, ...], int]] = []
+        self.size = 0
+
+    def add(self, name: str, dtype: type | np.dtype, shape: tuple[int, ...]) -> None:
+        dt = np.dtype(dtype)
+        self.parts.append((name, dt, shape, self.size))
+        self.size += -(-int(np.prod(shape, dtype=np.int64)) * dt.itemsize // 64) * 64
+
+    def bind(self, target: object, buffer: mmap.mmap) -> None:
+        for name, dt, shape, offset in self.parts:
+            setattr(target, name, np.ndarray(shape, dt, buffer=buffer, offset=offset))
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """Sizes of a :class:`ControlTable`; rows are executors first, then front ends."""
+
+    path: str
+    executors: int
+    frontends: int
+    models: int
+    stats_width: int
+
+    @property
+    def processes(self) -> int:
+        return self.executors + self.frontends
+
+    def frontend_row(self, index: int) -> int:
+        return self.executors + index
+
+
+class ControlTable:
+    """The shared control table (see the module's docstring). Arrays:
+
+    - ``flags[0]``: 1 once the server drains (every front end's readiness turns false at once).
+    - ``state[row]``: STARTING / LISTENING / READY / STOPPED per process; ``pid[row]``.
+    - ``submitted[f, e]`` (front end f writes) and ``taken[f, e]`` (executor e writes): images
+      handed over and images taken into a batch or dropped. The executor's queue depth is
+      ``(submitted - taken)[:, e].sum()``: any front end reads it without a round trip. Two front
+      ends admitting at the same instant can overshoot the bound by one request each.
+    - ``stats[row, model]``: that process's :class:`service.metrics.ModelStats` vector.
+    """
+
+    def __init__(self, shape: TableShape, create: bool = False) -> None:
+        self.shape = shape
+        layout = _Layout()
+        layout.add("flags", np.int64, (8,))
+        layout.add("state", np.int64, (shape.processes,))
+        layout.add("pid", np.int64, (shape.processes,))
+        layout.add("submitted", np.int64, (shape.frontends, shape.executors))
+        layout.add("taken", np.int64, (shape.frontends, shape.executors))
+        layout.add("stats", np.int64, (shape.processes, shape.models, shape.stats_width))
+        self._buffer = _map(Path(shape.path), layout.size, create)
+        self.flags: np.ndarray
+        self.state: np.ndarray
+        self.pid: np.ndarray
+        self.submitted: np.ndarray
+        self.taken: np.ndarray
+        self.stats: np.ndarray
+        layout.bind(self, self._buffer)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.flags[0])
+
+    def queue_depth(self, executor: int) -> int:
+        return int((self.submitted[:, executor] - self.taken[:, executor]).sum())
+
+    def all_ready(self) -> bool:
+        return bool((self.state == READY).all())
+
+    def describe(self) -> dict:
+        return asdict(self.shape)
+
+
+class Slabs:
+    """One front end's shared rows for one executor: ``inputs[slot]`` (the model input, float32,
+    flattened), and per slot the results the executor writes back: ``logits``, ``probabilities``
+    (class order), ``order`` (classes ranked, best first) and ``ranked`` (probabilities in that
+    order); ``cancelled[slot]`` is set by the front end when the caller went away, so the executor
+    drops the image before compute."""
+
+    def __init__(self, path: str | Path, slots: int, input_size: int, classes: int, create: bool = False) -> None:
+        self.path, self.slots, self.input_size, self.classes = str(path), slots, input_size, classes
+        layout = _Layout()
+        layout.add("inputs", np.float32, (slots, input_size))
+        layout.add("logits", np.float32, (slots, classes))
+        layout.add("probabilities", np.float32, (slots, classes))
+        layout.add("ranked", np.float32, (slots, classes))
+        layout.add("order", np.int16, (slots, classes))
+        layout.add("cancelled", np.uint8, (slots,))
+        self._buffer = _map(Path(path), layout.size, create)
+        self.inputs: np.ndarray
+        self.logits: np.ndarray
+        self.probabilities: np.ndarray
+        self.ranked: np.ndarray
+        self.order: np.ndarray
+        self.cancelled: np.ndarray
+        layout.bind(self, self._buffer)
+
+    def describe(self) -> dict:
+        return {"path": self.path, "slots": self.slots, "input_size": self.input_size, "classes": self.classes}

@@ -1,0 +1,47 @@
+"""What a front end knows of a model version that runs in another process (a device executor):
+the attributes of :class:`service.runtime.ModelRuntime` that answering requests needs, from the
+executor's description, plus the normaliser front ends apply before handing images over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.preprocess import Normalizer, Preprocessing
+
+
+@dataclass
+class ModelDescription:
+    name: str
+    version: str
+    labels: list[str]
+    preprocessing: dict[str, Any]
+    input_name: str
+    input_shape: list[int]
+    output_name: str
+    provider: str
+    pad_to: int
+    labels_array: np.ndarray = field(init=False, repr=False)
+    normalizer: Normalizer = field(init=False, repr=False)
+    image_size: tuple[int, int] = field(init=False)  # (height, width) images are decoded to
+
+    def __post_init__(self) -> None:
+        self.labels_array = np.array(self.labels, dtype=object)
+        pre = Preprocessing.parse(self.preprocessing)
+        self.normalizer = Normalizer(pre)
+        self.image_size = pre.size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_size(self) -> int:
+        return int(np.prod(self.input_shape[1:]))
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ModelDescription:
+        return cls(**{k: doc[k] for k in ("name", "version", "labels", "preprocessing", "input_name", "input_shape",
+                                          "output_name", "provider", "pad_to")})  # fmt: skip

@@ -1,0 +1,245 @@
+"""``cnnserve serve``: one process, or a supervisor of several.
+
+With ``--workers 1`` (and ``--executor worker``) the server is one process (``service.lifecycle``).
+Otherwise this process supervises:
+
+- N **front ends** (``service.lifecycle`` with a ``FrontendRole``) share the HTTP and gRPC ports
+  (SO_REUSEPORT: the kernel spreads connections) and do all per-request work: protocol,
+  validation, decoding, normalisation, top-k, answer formatting;
+- with ``--executor device``, one **device executor** per GPU (one for the CPU) owns the
+  sessions and batch queues (``service.executor``); with ``--executor worker`` each front end
+  runs the models itself.
+
+It reserves both ports before anything starts (so a restarted front end can bind them again),
+restarts any process that dies (a dead executor's requests fail at once with 503 /
+UNAVAILABLE; a dead front end loses only its own connections), and runs the drain for all of
+them: on SIGTERM or Ctrl-C readiness turns false in every front end at once, they serve on for
+``drain_seconds``, then close their listeners and finish what they admitted; then the executors
+stop. A second Ctrl-C stops everything at once (exit status 130).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import time
+from multiprocessing.connection import wait
+
+from service import ipc
+from service.settings import Settings
+
+log = logging.getLogger("cnnserve")
+
+#: --executor auto on a machine without a GPU. Measured on 2 cores (docs/benchmarks.md): see README.
+CPU_AUTO_EXECUTOR = "worker"
+
+
+def visible_gpus(settings: Settings) -> list[int]:
+    """CUDA device ordinals this server may use: none unless CUDA is among the providers and an
+    NVIDIA driver answers; CUDA_VISIBLE_DEVICES is honoured by the driver itself."""
+    if "CUDAExecutionProvider" not in settings.providers or not os.path.exists("/proc/driver/nvidia/version"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    return list(range(count))
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def plan(settings: Settings) -> tuple[int, str, list[int]]:
+    """(front ends, executor placement, GPU ordinals) for ``settings`` on this machine.
+
+    auto: with a GPU, one device executor per GPU and a front end per remaining core (the GPU
+    waits on Python otherwise); on the CPU alone, what measured best on 2 cores: see README."""
+    gpus = visible_gpus(settings)
+    placement = settings.executor
+    if placement == "auto":
+        placement = "device" if gpus else CPU_AUTO_EXECUTOR
+    cores = usable_cores()
+    if settings.workers != "auto":
+        workers = int(settings.workers)
+    elif placement == "device":
+        workers = max(1, min(32, cores - max(1, len(gpus))))
+    else:
+        workers = max(1, min(32, cores))
+    return workers, placement, gpus
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, workers: int, placement: str, gpus: list[int]) -> None:
+        self.settings, self.workers, self.placement, self.gpus = settings, workers, placement, gpus
+        self.executors = max(1, len(gpus)) if placement == "device" else 0
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: dict[int, multiprocessing.process.BaseProcess] = {}  # table row -> process
+        self.stop_requested = False
+        self.interrupts = 0
+        self.started = time.monotonic()
+
+    # ---- signals ------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                log.warning("second Ctrl-C: stopping now")
+                self._kill_all()
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                logging.shutdown()
+                os._exit(130)
+        self.stop_requested = True
+
+    # ---- processes ----------------------------------------------------------------------------
+    def _spawn(self, row: int) -> None:
+        from service import executor, lifecycle
+
+        shape = self.table.describe()
+        if row < self.executors:
+            settings = self.child_settings
+            if self.gpus:
+                settings = settings.model_copy(update={"cuda_device_id": self.gpus[row]})
+            specs = [(s.name, s.version, str(s.path.resolve())) for s in self.specs]
+            args: tuple = (settings.model_dump_json(), shape, row, specs)
+            target, name = executor.main, f"cnnserve-executor-{row}"
+        else:
+            index = row - self.executors
+            args = (self.child_settings.model_dump_json(), shape, index, str(self.run_dir), self.executors)
+            target, name = lifecycle.frontend_main, f"cnnserve-frontend-{index}"
+        self.table.state[row] = ipc.STARTING
+        process = self.context.Process(target=target, args=args, name=name)
+        process.start()
+        self.processes[row] = process
+        log.info("started %s (pid %d)", self._describe(row), process.pid)
+
+    def _placement_text(self) -> str:
+        return f"{self.executors} device executor(s)" if self.executors else "the models in each front end"
+
+    def _describe(self, row: int) -> str:
+        return f"device executor {row}" if row < self.executors else f"front end {row - self.executors}"
+
+    def _reap(self, ever_ready: set[int]) -> int | None:
+        """Restart processes that died; an exit status when one failed before it was ever ready."""
+        from prometheus_client import multiprocess
+
+        for row, process in list(self.processes.items()):
+            if process.is_alive():
+                continue
+            code = process.exitcode
+            if process.pid is not None:
+                multiprocess.mark_process_dead(process.pid, str(self.run_dir / "metrics"))
+            if row not in ever_ready and code not in (None, -signal.SIGKILL, -signal.SIGTERM):
+                return code or 1  # it said why (a model that cannot load, a taken port): not a crash loop
+            if self.stop_requested and code == 0:
+                continue  # stopped on its own while draining: nothing to restart
+            log.warning("%s (pid %s) died with exit status %s: restarting it", self._describe(row), process.pid, code)
+            self._spawn(row)
+        return None
+
+    def _kill_all(self) -> None:
+        for process in self.processes.values():
+            if process.is_alive():
+                process.kill()
+
+    def _stop(self, rows: list[int], timeout: float) -> None:
+        for row in rows:
+            process = self.processes[row]
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, ipc.STOP_SIGNAL)
+        until = time.monotonic() + timeout
+        for row in rows:
+            process = self.processes[row]
+            process.join(max(0.0, until - time.monotonic()))
+            if process.is_alive():
+                log.warning("%s did not stop in time: killing it", self._describe(row))
+                process.kill()
+                process.join()
+
+    # ---- the whole life ---------------------------------------------------------------------------
+    def run(self) -> int:
+        from service.lifecycle import StartupError, bind_listener, check_repository
+        from service.metrics import ModelStats
+
+        s = self.settings
+        try:
+            self.specs = check_repository(s)
+            # Reserve both ports for the server's whole life: front ends bind them again (SO_REUSEPORT).
+            reserved = [bind_listener(s.host, s.http_port, "HTTP", reuse_port=True),
+                        bind_listener(s.host, s.grpc_port, "gRPC", reuse_port=True)]  # fmt: skip
+        except StartupError as e:
+            log.error("%s", e)
+            return 1
+        http_port, grpc_port = (sock.getsockname()[1] for sock in reserved)
+        self.run_dir = ipc.make_run_dir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.run_dir / "metrics")
+        # The supervisor runs the drain: front ends close as soon as they are told to.
+        self.child_settings = s.model_copy(
+            update={"http_port": http_port, "grpc_port": grpc_port, "drain_seconds": 0.0}
+        )
+        shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
+                               ModelStats.width(s.max_batch_size))  # fmt: skip
+        self.table = ipc.ControlTable(shape, create=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("starting %d front end(s) and %s", self.workers, self._placement_text())
+        try:
+            for row in range(shape.processes):
+                self._spawn(row)
+            return self._supervise(http_port, grpc_port)
+        finally:
+            self._kill_all()
+            for sock in reserved:
+                sock.close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _supervise(self, http_port: int, grpc_port: int) -> int:
+        s, table = self.settings, self.table
+        frontends = list(range(self.executors, self.executors + self.workers))
+        listening = ready = False
+        ever_ready: set[int] = set()
+        while not self.stop_requested:
+            wait([p.sentinel for p in self.processes.values()], timeout=0.05)
+            ever_ready.update(int(r) for r in (table.state == ipc.READY).nonzero()[0])
+            failed = self._reap(ever_ready)
+            if failed is not None:
+                self._stop(list(self.processes), s.shutdown_timeout_seconds)
+                return failed
+            if not listening and all(table.state[r] in (ipc.LISTENING, ipc.READY) for r in frontends):
+                listening = True
+                log.info("listening http=%s:%d grpc=%s:%d", s.host, http_port, s.host, grpc_port)
+            if listening and not ready and table.all_ready():
+                ready = True
+                elapsed = time.monotonic() - self.started
+                log.info("ready in %.2fs: %d front end(s), %s", elapsed, self.workers, self._placement_text())
+        table.flags[0] = 1
+        log.info("draining: readiness is false everywhere, serving for %.1fs more (Ctrl-C again stops now)",
+                 s.drain_seconds)  # fmt: skip
+        until = time.monotonic() + s.drain_seconds
+        while time.monotonic() < until:
+            wait([p.sentinel for p in self.processes.values()], timeout=min(0.05, max(0.0, until - time.monotonic())))
+            self._reap(set(self.processes))
+        log.info("closing listeners; finishing admitted requests (at most %.1fs)", s.shutdown_timeout_seconds)
+        self._stop(frontends, s.shutdown_timeout_seconds + 5.0)
+        self._stop(list(range(self.executors)), 10.0)
+        log.info("stopped")
+        return 0
+
+
+def run(settings: Settings) -> int:
+    """``cnnserve serve``: one process, or a supervisor of several (see the module's docstring)."""
+    from service import lifecycle, logs
+
+    workers, placement, gpus = plan(settings)
+    if workers == 1 and placement == "worker":
+        return lifecycle.run(settings)
+    logs.configure(settings.log_level, settings.log_format)
+    return Supervisor(settings, workers, placement, gpus).run()

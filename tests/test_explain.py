@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -303,3 +304,21 @@ def test_bench_explain_smoke(tmp_path):
     assert set(result["latency"]) == {"occlusion", "rise"}
     assert result["latency"]["occlusion"]["requests"] == 3 and result["latency"]["occlusion"]["p50_ms"] > 0
     assert result["deletion_test"]["occlusion"]["images"] == 5
+
+
+def test_readme_explain_curl_commands_run(server, tmp_path):
+    """The README's /explain curl lines, run as written against a real server."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    readme = (ROOT / "README.md").read_text()
+    commands = [line[2:] for line in readme.splitlines() if line.startswith("$ curl") and "/explain" in line]
+    assert len(commands) >= 2
+    (tmp_path / "cat.png").write_bytes(png_bytes(distinct_images(1, seed=16)[0]))
+    for command in commands:
+        command = command.replace("localhost:8000", f"127.0.0.1:{server.http_port}")
+        out = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)["results"][0]
+        assert result["attribution"]["height"] == 32 and [layer["name"] for layer in result["layers"]] == list(
+            LAYER_SHAPES
+        )

@@ -20,6 +20,7 @@ from PIL import Image
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from service.http_api.schemas import ExplainResponse
 from tests.conftest import ROOT, SHARED_CIFAR, ServerProcess, distinct_images, png_bytes, wait_until
 from tests.test_server import GRPC_BAD, HTTP_BAD, Reference, metric_samples, sample
 
@@ -47,6 +48,7 @@ def test_http_explanation_shapes_names_and_predictions(server, reference):
     r = httpx.post(f"{server.http}/explain", params={"top_k": 3}, content=png_bytes(image), headers=PNG, timeout=30)
     assert r.status_code == 200, r.text
     doc = r.json()
+    ExplainResponse.model_validate(doc)  # the documented schema (OpenAPI)
     assert doc["model"] == "cifar10" and doc["model_version"] == "1" and len(doc["results"]) == 1
     result = doc["results"][0]
     probs = reference.probabilities(image[None])[0]
@@ -241,6 +243,7 @@ def test_the_page_and_its_files_are_served(server):
     png = httpx.get(f"{server.http}{samples['samples'][3]['url']}")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert httpx.get(f"{server.http}/samples/10.png").status_code == 404
+    assert httpx.get(f"{server.http}/samples/x.png").json()["error"]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from service.errors import InvalidParameter
 from service.explain import Explanations
 from service.http_api.context import HttpContext, json_response
 from service.http_api.routes import PREDICT_DOC, PREDICT_PARAMETERS, int_parameter, read_images
+from service.http_api.schemas import PREDICT_REQUEST_BODY, ExplainResponse, error_responses
 
 EXPLAIN_DOC = f"""Explain the model's answer for one or more images (at most `explain_max_images`).
 
@@ -130,8 +131,11 @@ def build_router(ctx: HttpContext) -> APIRouter:
         "/explain",
         summary="Explain images: top-k, attribution map and every layer's activations",
         description=EXPLAIN_DOC,
-        responses={200: {"description": "One explanation per image, in order"}},
-        openapi_extra={"parameters": EXPLAIN_PARAMETERS},
+        responses={
+            200: {"model": ExplainResponse, "description": "One explanation per image, in order"},
+            **error_responses(400, 404, 413, 415, 422, 429, 503, 504),
+        },
+        openapi_extra={"parameters": EXPLAIN_PARAMETERS, "requestBody": PREDICT_REQUEST_BODY},
     )
     async def explain(request: Request):
         return await ctx.handle("explain", _explain(request))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
 from service.http_api.context import HttpContext, json_response
+from service.http_api.schemas import error_responses
 from service.samples import SOURCE, Samples
 
 STATIC = resources.files("service") / "static"
@@ -37,12 +38,18 @@ def build_router(ctx: HttpContext) -> APIRouter:
             }
         )
 
-    @router.get("/samples/{index}.png", summary="One sample image (PNG, 32x32)")
-    async def sample_image(index: int):
+    @router.get(
+        "/samples/{index}.png",
+        summary="One sample image (PNG, 32x32)",
+        responses={200: {"content": {"image/png": {}}}, **error_responses(404)},
+    )
+    async def sample_image(request: Request):
+        # Read by hand: a declared path parameter would bring FastAPI's own 422, not our error format.
+        index = request.path_params["index"]
         found = await samples.get()
-        if not 0 <= index < len(found):
-            return json_response({"error": f"no sample {index} (there are {len(found)})"}, 404)
-        return Response(found[index].png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        if not index.isdigit() or not 0 <= int(index) < len(found):
+            return json_response({"error": f"no sample {index!r} (there are {len(found)})"}, 404)
+        return Response(found[int(index)].png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     return router
 

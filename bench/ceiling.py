@@ -15,6 +15,14 @@ min / median / max over the rounds.
     .venv/bin/python bench/ceiling.py --quick    # smoke run (seconds)
 
 Writes bench/results/ceiling.json (machine, settings, every round) and docs/img/ceiling.png.
+
+``--precision fp32,int8`` (or fp16) times each precision variant of the model (``model.onnx``,
+``model.int8.onnx``, ``model.fp16.onnx`` beside ``--model``) in the same interleaved rounds and
+prints each variant's speed-up over fp32 per thread setting and batch size; it writes
+bench/results/ceiling-precision.json and docs/img/ceiling-precision.png unless told otherwise.
+The comparison in docs/benchmarks.md:
+
+    .venv/bin/python bench/ceiling.py --precision fp32,int8 --threads 1,2 --batch-sizes 1,64
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.plots import finish_axes, machine_title, new_figure, save, spread_errorbar  # noqa: E402
 from loadtest.machine import machine_info, spread  # noqa: E402
+from service.repository import variant_filename  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "cifar10" / "1" / "model.onnx"
 BATCH_SIZES = [2**i for i in range(9)]  # 1 .. 256
@@ -130,8 +139,32 @@ def plot(result: dict, path: Path) -> None:
     save(fig, path, machine_title(m, f"onnxruntime {m['onnxruntime']}", f"{result['config']['rounds']} rounds"))
 
 
-def thread_label(threads: int) -> str:
-    return "intra-op threads: default" if threads == 0 else f"intra-op threads: {threads}"
+def thread_label(threads: int, precision: str | None = None) -> str:
+    label = "intra-op threads: default" if threads == 0 else f"intra-op threads: {threads}"
+    return label if precision is None else f"{precision}, {label}"
+
+
+def speedups(summary: dict, precisions: list[str], threads: list[int]) -> list[dict]:
+    """Each variant's median ms per run against fp32's, per thread setting and batch size."""
+    out = []
+    for t in threads:
+        base = {r["batch_size"]: r["latency_ms"]["median"] for r in summary[thread_label(t, "fp32")]}
+        for p in precisions:
+            if p == "fp32":
+                continue
+            for r in summary[thread_label(t, p)]:
+                bs = r["batch_size"]
+                out.append(
+                    {
+                        "precision": p,
+                        "threads": t,
+                        "batch_size": bs,
+                        "fp32_ms": base[bs],
+                        "ms": r["latency_ms"]["median"],
+                        "speedup": base[bs] / r["latency_ms"]["median"],
+                    }
+                )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,11 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="execution provider (default cpu; cuda: --threads only sizes the CPU-side pool)",
     )
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        help="comma-separated variants of --model to time: fp32, int8, fp16 (default fp32)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 0.15 s per point, 5 batch sizes")
     ap.add_argument("--json", default=None, help="default bench/results/ceiling[-cuda].json")
     ap.add_argument("--plot", default=None, help="default docs/img/ceiling[-cuda].png")
     args = ap.parse_args(argv)
-    suffix = "-cuda" if args.provider == "cuda" else ""
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    compare = precisions != ["fp32"]
+    suffix = ("-precision" if compare else "") + ("-cuda" if args.provider == "cuda" else "")
     args.json = args.json or str(ROOT / "bench" / "results" / f"ceiling{suffix}.json")
     args.plot = args.plot or str(ROOT / "docs" / "img" / f"ceiling{suffix}.png")
 
@@ -163,16 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_sizes:
         sizes = [int(s) for s in args.batch_sizes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
-    if not Path(args.model).is_file():
-        print(f"ceiling: no model at {args.model} (run cnnserve export first)", file=sys.stderr)
+    models = {p: Path(args.model).with_name(variant_filename(p)) if compare else Path(args.model) for p in precisions}
+    missing = [str(m) for m in models.values() if not m.is_file()]
+    if missing:
+        print(f"ceiling: no model at {', '.join(missing)} (run cnnserve export / quantize first)", file=sys.stderr)
         return 1
 
     machine = machine_info()
-    sessions = {t: make_session(args.model, t, args.allow_spinning, args.provider) for t in threads}
-    inputs = {bs: input_batch(sessions[threads[0]], bs) for bs in sizes}
-    points = [(t, bs) for t in threads for bs in sizes]
+    sessions = {
+        (p, t): make_session(models[p], t, args.allow_spinning, args.provider) for p in precisions for t in threads
+    }
+    inputs = {bs: input_batch(sessions[precisions[0], threads[0]], bs) for bs in sizes}
+    points = [(p, t, bs) for p in precisions for t in threads for bs in sizes]
     print(
-        f"ceiling: {args.model}, {rounds} rounds x {len(points)} points x {seconds:g} s; "
+        f"ceiling: {', '.join(map(str, models.values()))}, {rounds} rounds x {len(points)} points x {seconds:g} s; "
         f"{machine['cpu_model']}, {machine['cpu_count']} cores, load {machine['load_average']}",
         file=sys.stderr,
     )
@@ -180,33 +224,48 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(rounds):
         order = points if r % 2 == 0 else points[::-1]
         this = []
-        for t, bs in order:
-            m = time_runs(sessions[t], inputs[bs], seconds)
-            this.append({"threads": t, "batch_size": bs, **m})
+        for p, t, bs in order:
+            m = time_runs(sessions[p, t], inputs[bs], seconds)
+            this.append({"precision": p, "threads": t, "batch_size": bs, **m})
         rounds_out.append(this)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
 
     summary: dict[str, list] = {}
-    print(f"\n{'threads':>9} {'batch':>6} {'images/s min / median / max':>34} {'ms per run min / median / max':>34}")
-    for t in threads:
+    print(
+        f"\n{'variant':>7} {'threads':>9} {'batch':>6} {'images/s min / median / max':>34} "
+        f"{'ms per run min / median / max':>34}"
+    )
+    for prec, t in ((p, t) for p in precisions for t in threads):
         rows = []
         for bs in sizes:
-            ips = [p["img_per_s"] for rnd in rounds_out for p in rnd if p["threads"] == t and p["batch_size"] == bs]
-            lat = [
-                p["latency_ms_median"] for rnd in rounds_out for p in rnd if p["threads"] == t and p["batch_size"] == bs
+            mine = [
+                q for rnd in rounds_out for q in rnd if (q["precision"], q["threads"], q["batch_size"]) == (prec, t, bs)
             ]
+            ips = [q["img_per_s"] for q in mine]
+            lat = [q["latency_ms_median"] for q in mine]
             row = {"batch_size": bs, "img_per_s": spread(ips), "latency_ms": spread(lat)}
             rows.append(row)
             a, b = row["img_per_s"], row["latency_ms"]
             print(
-                f"{'default' if t == 0 else t:>9} {bs:>6} {a['min']:10.0f} / {a['median']:8.0f} / {a['max']:8.0f}"
+                f"{prec:>7} {'default' if t == 0 else t:>9} {bs:>6}"
+                f" {a['min']:10.0f} / {a['median']:8.0f} / {a['max']:8.0f}"
                 f" {b['min']:12.3f} / {b['median']:8.3f} / {b['max']:8.3f}"
             )
-        summary[thread_label(t)] = rows
+        summary[thread_label(t, prec if compare else None)] = rows
         best = max(rows, key=lambda row: row["img_per_s"]["median"])
         one = next((row["latency_ms"]["median"] for row in rows if row["batch_size"] == 1), float("nan"))
         rate = best["img_per_s"]["median"]
-        print(f"{'':>9} best: {rate:.0f} images/s at batch {best['batch_size']}; 1 image: {one:.3f} ms")
+        print(f"{'':>17} best: {rate:.0f} images/s at batch {best['batch_size']}; 1 image: {one:.3f} ms")
+
+    ratios = speedups(summary, precisions, threads) if compare and "fp32" in precisions else []
+    if ratios:
+        print(f"\n{'variant':>7} {'threads':>9} {'batch':>6} {'fp32 ms':>9} {'ms':>9} {'speed-up':>9}")
+        for r in ratios:
+            t = "default" if r["threads"] == 0 else r["threads"]
+            print(
+                f"{r['precision']:>7} {t:>9} {r['batch_size']:>6}"
+                f" {r['fp32_ms']:9.3f} {r['ms']:9.3f} {r['speedup']:8.2f}x"
+            )
 
     result = {
         "benchmark": "ceiling",
@@ -215,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "config": {
             "model": str(args.model),
+            "precisions": precisions,
+            "models": {p: str(m) for p, m in models.items()},
             "provider": args.provider,
             "batch_sizes": sizes,
             "threads": threads,
@@ -224,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
         },
         "summary": summary,
+        "speedups": ratios,
         "rounds": rounds_out,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

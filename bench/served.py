@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from bench.plots import finish_axes, machine_title, new_figure, save, spread_errorbar  # noqa: E402
 from bench.serverproc import MODEL_REPOSITORY, ServerProcess, parse_cpus, pinned_command  # noqa: E402
 from loadtest.machine import machine_info, spread  # noqa: E402
+from service.repository import variant_filename  # noqa: E402
 
 CONCURRENCY = [1, 4, 16, 64, 256]
 QUICK_CONCURRENCY = [1, 16, 64]
@@ -217,6 +218,7 @@ def plot(result: dict, path: Path) -> None:
     m = result["machine"]
     mode = "pinned: server core 0, client core 1" if result["config"]["pinned"] else "unpinned"
     rounds = result["config"]["rounds"]
+    mode += f", {result['config'].get('precision', 'fp32')}"
     save(fig, path, machine_title(m, mode, f"onnxruntime {m['onnxruntime']}", f"{rounds} rounds"))
 
 
@@ -227,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["cpu", "cuda"],
         default="cpu",
         help="execution provider of the servers and the ceiling (default cpu; cuda: --require-gpu)",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "fp16"],
+        default="fp32",
+        help="model variant the servers load and the ceiling times (default fp32; other: *-<precision>.json)",
     )
     ap.add_argument("--pinned", action="store_true", help="server on --server-cpus, load generator on --client-cpus")
     ap.add_argument("--server-cpus", default="0", help="taskset list for the servers with --pinned (default 0)")
@@ -255,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="default docs/img/served[-pinned].png")
     args = ap.parse_args(argv)
 
-    suffix = ("-pinned" if args.pinned else "") + ("-cuda" if args.provider == "cuda" else "")
+    suffix = (
+        ("-pinned" if args.pinned else "")
+        + ("-cuda" if args.provider == "cuda" else "")
+        + ("" if args.precision == "fp32" else f"-{args.precision}")
+    )
     json_path = Path(args.json or ROOT / "bench" / "results" / f"served{suffix}.json")
     plot_path = Path(args.plot or ROOT / "docs" / "img" / f"served{suffix}.png")
     if args.quick:
@@ -268,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         concurrency = [int(c) for c in args.concurrency.split(",")]
     protocols = [p for p in args.protocols.split(",") if p]
     batching = [b for b in args.batching.split(",") if b]
-    if not (MODEL_REPOSITORY / "cifar10" / "1" / "model.onnx").is_file():
-        print(f"served: no model in {MODEL_REPOSITORY} (run cnnserve export first)", file=sys.stderr)
+    model_file = MODEL_REPOSITORY / "cifar10" / "1" / variant_filename(args.precision)
+    if not model_file.is_file():
+        print(f"served: no {model_file} (run cnnserve export / quantize first)", file=sys.stderr)
         return 1
 
     server_cpus = client_cpus = None
@@ -289,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.ceiling import BATCH_SIZES, QUICK_BATCH_SIZES, make_session
 
     machine = machine_info()
-    session = make_session(MODEL_REPOSITORY / "cifar10" / "1" / "model.onnx", threads, provider=args.provider)
-    server_extra = ["--intra-op-threads", str(threads)] if args.pinned else []
+    session = make_session(model_file, threads, provider=args.provider)
+    server_extra = ["--precision", args.precision]
+    server_extra += ["--intra-op-threads", str(threads)] if args.pinned else []
     if args.provider == "cuda":
         server_extra += ["--providers", "cuda", "--require-gpu"]
     servers: dict[str, ServerProcess] = {}
@@ -417,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "config": {
             "provider": args.provider,
+            "precision": args.precision,
             "pinned": args.pinned,
             "server_cpus": server_cpus,
             "client_cpus": client_cpus,

@@ -67,15 +67,22 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
 def evaluate(model_path: str | Path, data: str | Path, split: str = "val", batch_size: int = 500) -> dict:
     ds = load_split(data, split)
     preds, labels = predict(model_path, ds.images, batch_size)
+    return summarize(model_path, data, split, ds.labels, preds, labels)
+
+
+def summarize(
+    model_path: str | Path, data: str | Path, split: str, truth: np.ndarray, preds: np.ndarray, labels: list[str]
+) -> dict:
+    """The evaluation record (top-1, per-class accuracy, confusion matrix) of predictions."""
     n = len(labels)
-    cm = confusion_matrix(ds.labels, preds, n)
+    cm = confusion_matrix(truth, preds, n)
     per_class = (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()
     return {
         "model": str(model_path),
         "data": str(data),
         "split": split,
-        "images": len(ds),
-        "top1": float((preds == ds.labels).mean()),
+        "images": len(truth),
+        "top1": float((preds == truth).mean()),
         "classes": labels,
         "per_class": dict(zip(labels, per_class)),
         "confusion_matrix": cm.tolist(),

@@ -4,6 +4,10 @@
         --evaluation models/cifar10/evaluation.json
 
 Copies the run's curves.png next to the card; every figure in the card comes from those files.
+The card's "Precision variants" section comes from the variant files beside the model, their
+``evaluation.<precision>.json`` (``cnnserve quantize --out-dir``) and, for speeds, a
+``bench/ceiling.py --precision`` result (``--speeds``). ``--variants-only`` rewrites just that
+section of an existing card (no training run needed).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import platform
 import shutil
 from pathlib import Path
 
-from export.export_onnx import sha256_of
+from export.quantize import sha256_of
+from service.repository import PRECISIONS, variant_filename
+
+VARIANTS_HEADING = "## Precision variants"
 
 
 def machine() -> str:
@@ -30,6 +37,119 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
     )
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def render_variants(model: Path, card_dir: Path, speeds: dict | None = None) -> str:
+    """The "Precision variants" section: every variant file beside ``model`` with its size,
+    sha256, validation top-1 (overall and per class, from card_dir/evaluation[.<p>].json), how it
+    was made, and the in-process speeds of a ``bench/ceiling.py --precision`` result."""
+    present = [p for p in PRECISIONS if model.with_name(variant_filename(p)).is_file()]
+    evaluations = {
+        p: json.loads((card_dir / ("evaluation.json" if p == "fp32" else f"evaluation.{p}.json")).read_text())
+        for p in present
+    }
+    base = evaluations["fp32"]["top1"]
+    rows = []
+    for p in present:
+        path = model.with_name(variant_filename(p))
+        e = evaluations[p]
+        delta = "—" if p == "fp32" else f"{100 * (e['top1'] - base):+.2f} pp"
+        agree = "—" if p == "fp32" else f"{100 * e['top1_agreement_with_fp32']:.2f} %"
+        rows.append(
+            f"| {p} | `{os.path.relpath(path, card_dir)}` | {path.stat().st_size / 1e6:.1f} MB | "
+            f"**{100 * e['top1']:.2f} %** | {delta} | {agree} | `{sha256_of(path)}` |"
+        )
+    classes = evaluations["fp32"]["classes"]
+    per_class = "\n".join(
+        f"| {c} | " + " | ".join(f"{100 * evaluations[p]['per_class'][c]:.1f} %" for p in present) + " |"
+        for c in classes
+    )
+    how = []
+    if "int8" in present:
+        q = json.loads(_metadata(model.with_name(variant_filename("int8")))["quantization"])
+        cal = q["calibration"]
+        how.append(
+            f"- **int8** (for the CPU): {q['tool']}; {q['format']} format, weights {q['weights']}, activations "
+            f"{q['activations']}, calibrated on {cal['images']} training images drawn with seed {cal['seed']} "
+            f"(`{cal['selection']}`; sha256 of the index list `{cal['index_sha256'][:16]}…`) from the training "
+            f"split, never the validation split. Kept FP32: {', '.join(q['kept_fp32']) or 'nothing'} (the layer "
+            "that produces the logits: quantizing its input moved most of the answers that changed, and keeping "
+            "it costs no measurable speed). Written only because its validation top-1 is within "
+            f"{evaluations['int8'].get('max_accuracy_drop_pp', 0.5):g} points of FP32's (`--max-accuracy-drop`)."
+        )
+    if "fp16" in present:
+        q = json.loads(_metadata(model.with_name(variant_filename("fp16")))["quantization"])
+        parity = evaluations["fp16"].get("fp16_parity") or {}
+        how.append(
+            f"- **fp16** (for CUDA): {q['tool']}, `keep_io_types=True` (input and output stay FP32). Parity "
+            f"with FP32 on {parity.get('images', 512)} validation images (CPU provider): max |logit difference| "
+            f"{parity.get('max_abs_logit_diff', float('nan')):.1e}, identical top-1. ONNX Runtime's x86 CPU "
+            "provider computes it in FP32 with the FP16-rounded weights (no FP16 kernels), so that check and the "
+            "accuracy above cover the rounding of the weights, and it is no faster than FP32 there; FP16 arithmetic "
+            "on CUDA is checked by `scripts/gpu-check.sh` (tests/test_gpu.py)."
+        )
+    speed = "Not measured yet: `python bench/ceiling.py --precision fp32,int8 --threads 1,2 --batch-sizes 1,64`."
+    if speeds and speeds.get("speedups"):
+        m = speeds["machine"]
+        lines = [
+            "| variant | intra-op threads | batch | fp32 ms per run | variant ms per run | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in speeds["speedups"]:
+            t = "default" if r["threads"] == 0 else r["threads"]
+            lines.append(
+                f"| {r['precision']} | {t} | {r['batch_size']} | {r['fp32_ms']:.3f} | {r['ms']:.3f} | "
+                f"**{r['speedup']:.2f}x** |"
+            )
+        speed = (
+            f"ONNX Runtime alone, in process (`{speeds['command']}`; {m['cpu_model']}, {m['cpu_count']} cores, "
+            f"onnxruntime {m['onnxruntime']}, load average {m.get('load_average', '?')} at the start, "
+            f"{speeds['config']['rounds']} interleaved rounds, medians):\n\n" + "\n".join(lines)
+        )
+    header = " | ".join(present)
+    return f"""{VARIANTS_HEADING}
+
+The same model at other numeric precisions, beside `model.onnx` in the version folder. The
+server's `precision` setting picks the file (`auto`, the default: int8 on the CPU provider, fp32
+on CUDA; see the project README). Every variant takes and answers FP32 tensors.
+
+| precision | file | size | validation top-1 | vs fp32 | top-1 agreement with fp32 | sha256 |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+| class | {header} |
+|---|{"---|" * len(present)}
+{per_class}
+
+{chr(10).join(how)}
+
+{speed}
+
+```console
+$ cnnserve quantize --model models/cifar10/1/model.onnx --out-dir models/cifar10
+$ python -m export.model_card --variants-only --model models/cifar10/1/model.onnx \\
+      --speeds bench/results/ceiling-precision.json
+```
+"""
+
+
+def replace_variants_section(card: str, section: str) -> str:
+    """``card`` with its variants section replaced by ``section`` (inserted before "## Reproduce"
+    when it has none)."""
+    start = card.find(VARIANTS_HEADING + "\n")
+    if start >= 0:
+        end = card.find("\n## ", start + len(VARIANTS_HEADING))
+        return card[:start] + section.rstrip("\n") + ("\n" + card[end:] if end >= 0 else "\n")
+    at = card.find("## Reproduce")
+    if at < 0:
+        return card.rstrip("\n") + "\n\n" + section
+    return card[:at] + section + "\n" + card[at:]
 
 
 def render(run: Path, model: Path, evaluation: dict, card_dir: Path, train_machine: str) -> str:
@@ -123,10 +243,23 @@ def main() -> None:
     parser.add_argument("--evaluation", type=Path, default=Path("models/cifar10/evaluation.json"))
     parser.add_argument("--machine", default=None, help="where training ran (default: this machine)")
     parser.add_argument("--notes", type=Path, default=None, help="markdown appended to the card (run-specific notes)")
+    parser.add_argument("--speeds", type=Path, default=None, help="a bench/ceiling.py --precision result (JSON)")
+    parser.add_argument(
+        "--variants-only", action="store_true", help="rewrite only the card's precision-variants section"
+    )
     args = parser.parse_args()
     card_dir = args.model.parent.parent
+    speeds = json.loads(args.speeds.read_text()) if args.speeds else None
+    has_variants = any(args.model.with_name(variant_filename(p)).is_file() for p in PRECISIONS if p != "fp32")
+    if args.variants_only:
+        card = card_dir / "README.md"
+        card.write_text(replace_variants_section(card.read_text(), render_variants(args.model, card_dir, speeds)))
+        print(f"wrote the precision-variants section of {card}")
+        return
     shutil.copyfile(args.run / "curves.png", card_dir / "curves.png")
     text = render(args.run, args.model, json.loads(args.evaluation.read_text()), card_dir, args.machine or machine())
+    if has_variants:
+        text = replace_variants_section(text, render_variants(args.model, card_dir, speeds))
     if args.notes:
         text += "\n" + args.notes.read_text()
     (card_dir / "README.md").write_text(text)

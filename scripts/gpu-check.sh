@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA path, checked on a machine with an NVIDIA GPU: tests/test_gpu.py (CUDA session vs the
-# CPU's answers, the server on CUDA under gRPC/HTTP load), what a change of batch size costs
-# (bench/cudnn_shapes.py), then the CUDA ceiling and the served benchmark against it. CI has no
+# CPU's answers, the FP16 variant vs FP32, the server on CUDA under gRPC/HTTP load), what a change
+# of batch size costs (bench/cudnn_shapes.py), then the CUDA ceiling and the served benchmark
+# against it, and FP16 vs FP32 on CUDA (in process and served). CI has no
 # GPU; run this where there is one and keep what it writes.
 #
 # Needs: an NVIDIA driver, the project's environment (pip install -e '.[dev]' brings
@@ -30,5 +31,13 @@ status=0
 "$PYTHON" bench/served.py --provider cuda --protocols grpc,http --batching on --concurrency 1,16,64,256 \
     --rounds 2 --duration 3 --warmup 1 --client-processes 4 \
     --json "$out/served-cuda.json" --plot "$out/served-cuda.png" 2>&1 | tee "$out/served-cuda.txt" || status=1
+# The FP16 variant against FP32 on CUDA: in process (padded batch sizes included), then served.
+"$PYTHON" bench/ceiling.py --provider cuda --precision fp32,fp16 --threads 0 --batch-sizes 1,64,256 \
+    --rounds 3 --seconds 0.5 --json "$out/ceiling-precision-cuda.json" --plot "$out/ceiling-precision-cuda.png" \
+    2>&1 | tee "$out/ceiling-precision-cuda.txt" || status=1
+"$PYTHON" bench/served.py --provider cuda --precision fp16 --protocols grpc,http --batching on \
+    --concurrency 1,64 --rounds 2 --duration 3 --warmup 1 --client-processes 4 \
+    --json "$out/served-cuda-fp16.json" --plot "$out/served-cuda-fp16.png" 2>&1 | tee "$out/served-cuda-fp16.txt" \
+    || status=1
 echo "gpu-check: exit $status; results in $out"
 exit $status

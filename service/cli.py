@@ -1,7 +1,7 @@
 """cnnserve: serve image classifiers (ONNX) over gRPC and HTTP, and the tools around them.
 
-Commands: serve, classify, loadtest, import-model, train, export, evaluate. `cnnserve COMMAND
---help` describes each. train/export need the `train` extra (torch), import-model the `onnx`
+Commands: serve, classify, loadtest, import-model, train, export, quantize, evaluate. `cnnserve COMMAND
+--help` describes each. train/export/quantize need the `train` extra (torch, onnxconverter-common), import-model the `onnx`
 package (also in the `train` extra); each is imported only when called, so the serving install
 never loads them.
 """
@@ -112,6 +112,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from export.quantize import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,6 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="write confusion_matrix.png and evaluation.json here")
     p.add_argument("--batch-size", type=int, default=500)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "quantize",
+        help="write INT8 (CPU) and FP16 (CUDA) variants of an ONNX model, each checked on the validation split",
+        description="Write model.int8.onnx / model.fp16.onnx beside --model, each refused (not written) when its "
+        "validation top-1 falls more than --max-accuracy-drop points below the FP32 model's.",
+    )
+    p.add_argument("--model", default="models/cifar10/1/model.onnx", help="the FP32 model")
+    p.add_argument("--data", default=DEFAULT_DATA, help="training images calibrate (INT8); the validation split checks")
+    p.add_argument("--precision", default="int8,fp16", help="comma-separated variants: int8, fp16 (default both)")
+    p.add_argument("--calibration-images", type=int, default=512, help="training images that calibrate INT8 (512)")
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed that draws them (default 0)")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.5,
+        help="most percentage points of validation top-1 a variant may lose against FP32 (default 0.5)",
+    )
+    p.add_argument(
+        "--quantize-output-layer",
+        action="store_true",
+        help="also quantize the layer that produces the logits (default: kept FP32, which keeps top-1 "
+        "agreement with FP32 above 99 %% at no measurable cost)",
+    )
+    p.add_argument("--out-dir", default=None, help="write evaluation.<precision>.json here (the model card's figures)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("loadtest", help="load-test a running server: throughput, latency, batching")
     # Only the flag definitions (argparse and dataclasses): the load generator itself, with numpy,

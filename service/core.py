@@ -107,10 +107,11 @@ class InferenceCore:
             started = time.monotonic()
             runtime = load_model(spec, self.settings)
             log.info(
-                "loaded %s/%s from %s on %s in %.2fs",
+                "loaded %s/%s from %s (%s) on %s in %.2fs",
                 spec.name,
                 spec.version,
-                spec.path,
+                runtime.path,
+                runtime.precision,
                 runtime.provider,
                 time.monotonic() - started,
             )
@@ -152,7 +153,7 @@ class InferenceCore:
             )
             batcher.start()
             self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(runtime, batcher, stats, rows)
-            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)
+            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, runtime.precision).set(1)
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.workers.set(1)

@@ -213,11 +213,12 @@ class Executor:
             started = time.monotonic()
             runtime = factory(spec)
             padded = f", batches padded to {runtime.pad_to}" if getattr(runtime, "pad_to", 0) else ""
-            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, spec.path, runtime.provider,
+            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, getattr(runtime, "path", spec.path), runtime.provider,
                      time.monotonic() - started, padded)  # fmt: skip
             stats = ModelStats(self.table.stats[self.row, i])
             self.queues.append(ModelQueue(self, i, runtime, stats))
-            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider).set(1)
+            precision = getattr(runtime, "precision", "fp32")
+            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, precision).set(1)
             descriptions.append(runtime.describe())
         self._models_message = ipc.MSG_MODELS + orjson.dumps(
             {"executor": self.index, "max_queue_size": self.settings.max_queue_size, "models": descriptions}

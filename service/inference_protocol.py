@@ -108,8 +108,10 @@ def model_metadata(core: InferenceCore, name: str, version: str | None = None) -
 def model_config(core: InferenceCore, name: str, version: str | None = None) -> dict:
     """The model's configuration in Triton's ``ModelConfig`` form (proto field names, dims
     without the batch dimension), valid input for ``json_format.ParseDict``. ``parameters`` add
-    the execution provider, the labels and the input's preprocessing (JSON strings), which a
-    client needs to build the normalised input tensor."""
+    the execution provider, the precision variant that answers (its file is
+    ``default_model_filename``, as in Triton), the labels and the input's preprocessing (JSON
+    strings), which a client needs to build the normalised input tensor. Every variant takes and
+    answers FP32 tensors."""
     model = find_model(core, name, version)
     rt, batcher, s = model.runtime, model.batcher, core.settings
     on_gpu = rt.provider == CUDA
@@ -151,9 +153,10 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
                 "gpus": [s.cuda_device_id] if on_gpu else [],
             }
         ],
-        "default_model_filename": "model.onnx",
+        "default_model_filename": rt.path.name,
         "parameters": {
             "execution_provider": {"string_value": rt.provider},
+            "precision": {"string_value": rt.precision},
             "labels": {"string_value": orjson.dumps(rt.labels).decode()},
             "preprocessing": {"string_value": orjson.dumps(rt.preprocessing).decode()},
         },

@@ -92,7 +92,7 @@ def check_repository(settings: Settings) -> list[repository.ModelSpec]:
 
 def _describe_ready(core: InferenceCore) -> str:
     return ", ".join(
-        f"{m.name}/{m.version} on {m.runtime.provider}"
+        f"{m.name}/{m.version} ({m.runtime.precision}) on {m.runtime.provider}"
         + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")
         for m in core.all_models()
     )

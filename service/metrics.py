@@ -79,8 +79,8 @@ class Metrics:
         self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r)
         self.model_info = Gauge(
             "cnnserve_model_info",
-            "Loaded model versions and the provider they run on.",
-            ["model", "version", "provider"],
+            "Loaded model versions, the provider they run on and the precision variant that answers.",
+            ["model", "version", "provider", "precision"],
             registry=r,
             multiprocess_mode="livemax",
         )

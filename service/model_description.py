@@ -5,6 +5,7 @@ executor's description, plus the normaliser front ends apply before handing imag
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ class ModelDescription:
     output_name: str
     provider: str
     pad_to: int
+    precision: str
+    path: Path  # the variant's file, as the executor loaded it
     labels_array: np.ndarray = field(init=False, repr=False)
     normalizer: Normalizer = field(init=False, repr=False)
     image_size: tuple[int, int] = field(init=False)  # (height, width) images are decoded to
@@ -44,4 +47,5 @@ class ModelDescription:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ModelDescription:
         return cls(**{k: doc[k] for k in ("name", "version", "labels", "preprocessing", "input_name", "input_shape",
-                                          "output_name", "provider", "pad_to")})  # fmt: skip
+                                          "output_name", "provider", "pad_to", "precision")},
+                   path=Path(doc["path"]))  # fmt: skip

@@ -17,11 +17,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from service.preprocess import COLORS, Preprocessing
 from service.repository import MODEL_FILENAME, ModelSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from service.preprocess import Preprocessing
 
 IMAGENET_MEAN = "0.485,0.456,0.406"
 IMAGENET_STD = "0.229,0.224,0.225"
@@ -90,6 +93,8 @@ def add_metadata(model, labels: list[str], pre: Preprocessing, size_given: bool)
     """The model with our metadata and a dynamic batch dimension; the preprocessing with the
     graph's own input size when ``size_given`` is false. Raises ModelImportError when the graph is
     not an image classifier this server can run."""
+    from service.preprocess import Preprocessing
+
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -127,6 +132,8 @@ def add_metadata(model, labels: list[str], pre: Preprocessing, size_given: bool)
 def validate(path: Path, name: str, version: str) -> tuple[list[int], np.ndarray]:
     """Load the file with the server's own loader (CPU) and run a batch of two images through it.
     Returns the input shape and the probabilities of the batch."""
+    import numpy as np
+
     from service.runtime import ModelRuntime
     from service.settings import Settings
 
@@ -142,6 +149,10 @@ def validate(path: Path, name: str, version: str) -> tuple[list[int], np.ndarray
 
 
 def import_model(args: argparse.Namespace) -> Path:
+    import numpy as np
+
+    from service.preprocess import Preprocessing
+
     try:
         import onnx
     except ImportError:
@@ -218,7 +229,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--channel-order",
         default="rgb",
-        choices=[c.lower() for c in COLORS],
+        choices=["rgb", "bgr"],  # service.preprocess.COLORS; literal, so building the parser needs no numpy
         help="channel order the model expects (default rgb; OpenCV-trained models often bgr)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing model file")

@@ -1,6 +1,9 @@
 """The model repository: ``<root>/<name>/<version>/model.onnx`` (Triton's layout).
 
-Versions are positive integers; a request without a version gets the highest one.
+Versions are positive integers; a request without a version gets the highest one. Beside
+``model.onnx`` (FP32, required) a version folder may hold precision variants of the same model,
+``model.int8.onnx`` and ``model.fp16.onnx`` (written by ``cnnserve quantize``); the ``precision``
+setting picks which file a server loads.
 """
 
 from __future__ import annotations
@@ -9,13 +12,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODEL_FILENAME = "model.onnx"
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+def variant_filename(precision: str) -> str:
+    """``model.onnx`` for fp32, ``model.<precision>.onnx`` for the others."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
+    return MODEL_FILENAME if precision == "fp32" else f"model.{precision}.onnx"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     version: str
-    path: Path
+    path: Path  # the FP32 model.onnx
+
+    def variant_path(self, precision: str) -> Path:
+        return self.path.with_name(variant_filename(precision))
+
+    def variants(self) -> tuple[str, ...]:
+        """The precisions whose file is present, in PRECISIONS order: fp32 always (scan found it;
+        like it, a variant may be any readable non-folder, a pipe included)."""
+        others = (p for p in PRECISIONS[1:] if self.variant_path(p).exists() and not self.variant_path(p).is_dir())
+        return ("fp32", *others)
 
 
 def scan(root: str | Path) -> list[ModelSpec]:

@@ -1,5 +1,6 @@
-"""One ONNX Runtime session per model version: providers, options, metadata, and the batch
-function the batcher calls (preprocess → run → softmax → ranking, all over the whole batch)."""
+"""One ONNX Runtime session per model version: which precision variant, providers, options,
+metadata, and the batch function the batcher calls (preprocess → run → softmax → ranking, all over
+the whole batch)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,25 @@ log = logging.getLogger("cnnserve.runtime")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+
+#: What precision "auto" loads on each provider (fp32 elsewhere, and where the variant is absent).
+#: INT8 on the CPU: 2-3x faster for the same validation accuracy (models/cifar10/README.md). Not
+#: FP16 on CUDA: not yet measured on a GPU, and served throughput there is bound by the Python
+#: process rather than the GPU (docs/gpu.md), so FP32 stays the default until scripts/gpu-check.sh
+#: shows FP16 pays; ask for it with precision=fp16.
+AUTO_PRECISION = {CPU: "int8"}
+#: The provider each variant is made for; elsewhere it runs, but is not expected to be faster.
+MEANT_FOR = {"int8": CPU, "fp16": CUDA}
+
+
+def choose_precision(requested: str, provider: str, available: tuple[str, ...]) -> str:
+    """The variant to load: the requested one, or for "auto" the provider's (AUTO_PRECISION)
+    where present, else fp32."""
+    if requested != "auto":
+        return requested
+    wanted = AUTO_PRECISION.get(provider, "fp32")
+    return wanted if wanted in available else "fp32"
 
 
 class GpuRequired(RuntimeError):
@@ -148,14 +168,33 @@ class ModelRuntime:
         self.name, self.version = spec.name, spec.version
         devices.quiet_onnxruntime(settings.log_level)
         providers = session_providers(settings)
-        # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
-        self.session = ort.InferenceSession(
-            spec.path.read_bytes(),
-            sess_options=session_options(settings),
-            providers=[p for p, _ in providers],
-            provider_options=[o for _, o in providers],
-        )
+        available = spec.variants()
+        if settings.precision != "auto" and settings.precision not in available:
+            raise FileNotFoundError(
+                f"{spec.name}/{spec.version}: precision {settings.precision} was asked for but "
+                f"{spec.variant_path(settings.precision)} is absent (present: {', '.join(available)}; "
+                "cnnserve quantize writes the variants; precision auto falls back to fp32)"
+            )
+        #: The variant that answers ("fp32", "int8" or "fp16") and its file.
+        self.precision = choose_precision(settings.precision, providers[0][0], available)
+        self.session = self._open(spec.variant_path(self.precision), settings, providers)
         self.provider = self.session.get_providers()[0]
+        # "auto" chose for the preferred provider; a session that fell back to another one (CUDA
+        # asked for, CPU given) is reopened with that provider's variant.
+        if (fitting := choose_precision(settings.precision, self.provider, available)) != self.precision:
+            self.precision = fitting
+            self.session = self._open(spec.variant_path(fitting), settings, providers)
+            self.provider = self.session.get_providers()[0]
+        self.path = spec.variant_path(self.precision)
+        if MEANT_FOR.get(self.precision, self.provider) != self.provider:
+            log.warning(
+                "%s/%s: the %s variant is made for %s; on %s it is not expected to beat fp32",
+                spec.name,
+                spec.version,
+                self.precision,
+                MEANT_FOR[self.precision],
+                self.provider,
+            )
         if any(p == CUDA for p, _ in providers) and self.provider != CUDA:
             # The probe passed but ONNX Runtime still chose another provider (a wrong device
             # ordinal, a driver too old for this CUDA): its own log says why at --log-level DEBUG.
@@ -168,11 +207,11 @@ class ModelRuntime:
             log.warning(message + "; running on the CPU")
 
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.labels, pre = read_metadata(spec.path, meta)
+        self.labels, pre = read_metadata(self.path, meta)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = [d if isinstance(d, int) else -1 for d in inp.shape]  # [-1, 3, 32, 32]
-        check_input(spec.path, self.input_shape, pre, len(self.labels), self.session.get_outputs()[0].shape)
+        check_input(self.path, self.input_shape, pre, len(self.labels), self.session.get_outputs()[0].shape)
         self.input_shape = [-1, 3, *pre.size]  # spatial dimensions the graph leaves dynamic: the metadata's size
         self.preprocessing = pre.to_metadata()
         self.image_size = pre.size
@@ -198,7 +237,19 @@ class ModelRuntime:
             "output_name": self.output_name,
             "provider": self.provider,
             "pad_to": self.pad_to,
+            "precision": self.precision,
+            "path": str(self.path),
         }
+
+    @staticmethod
+    def _open(path, settings: Settings, providers: list[tuple[str, dict]]) -> ort.InferenceSession:
+        # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
+        return ort.InferenceSession(
+            path.read_bytes(),
+            sess_options=session_options(settings),
+            providers=[p for p, _ in providers],
+            provider_options=[o for _, o in providers],
+        )
 
     def prepare(self, parts: list[np.ndarray]) -> np.ndarray:
         """Concatenate requests' images into one model input. uint8 [n,H,W,3] parts (decoded

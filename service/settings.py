@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers in order of preference (cuda, cpu, tensorrt or full "
         "names). CUDA absent: one warning, then CPU; see --require-gpu.",
     )
+    precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto",
+        description="Which variant of each model to load: model.onnx (fp32), model.int8.onnx or model.fp16.onnx "
+        "from its version folder. auto: int8 on the CPU provider, fp32 on CUDA, fp32 where the variant is "
+        "absent. An explicit precision whose file is absent stops the server.",
+    )
     require_gpu: bool = Field(False, description="Refuse to start unless the session really runs on CUDA.")
     cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal.")
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(

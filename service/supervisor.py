@@ -39,16 +39,23 @@ CPU_AUTO_EXECUTOR = "worker"
 
 
 def visible_gpus(settings: Settings) -> list[int]:
-    """CUDA device ordinals this server may use: none unless CUDA is among the providers and an
-    NVIDIA driver answers; CUDA_VISIBLE_DEVICES is honoured by the driver itself."""
-    if "CUDAExecutionProvider" not in settings.providers or not os.path.exists("/proc/driver/nvidia/version"):
+    """CUDA device ordinals this server may use: none unless CUDA is among the providers and can
+    run here (``service.devices.cuda_available``); CUDA_VISIBLE_DEVICES is honoured by the driver."""
+    if "CUDAExecutionProvider" not in settings.providers:
+        return []
+    from service.devices import cuda_available
+
+    if not cuda_available()[0]:
         return []
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
+        return [0]  # the driver answers but nvidia-smi is absent: at least one device
     count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-    return list(range(count))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # nvidia-smi lists every GPU; CUDA numbers the visible ones from 0
+        count = min(count, len([d for d in visible.split(",") if d.strip()]))
+    return list(range(max(1, count)))
 
 
 def usable_cores() -> int:

@@ -32,10 +32,20 @@ class ServerProcess(serverproc.ServerProcess):
     returns once it listens. ``--workers``/``--executor`` come from CNNSERVE_TEST_WORKERS/_EXECUTOR
     unless ``args`` set them."""
 
-    def __init__(self, *args: str, env: dict | None = None, wait_ready: bool = True, timeout: float = 60) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict | None = None,
+        wait_ready: bool = True,
+        timeout: float = 60,
+        precision: str | None = "fp32",
+    ) -> None:
+        # fp32 unless asked: most tests compare answers with a direct run of model.onnx. None: the
+        # server's default (auto); tests/test_variants.py serves every variant.
         super().__init__(
             "--intra-op-threads",
             "1",
+            *(["--precision", precision] if precision else []),
             *([] if "--workers" in args else ["--workers", TEST_WORKERS, "--executor", TEST_EXECUTOR]),
             *args,
             env=env,

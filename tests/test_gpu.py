@@ -44,14 +44,58 @@ pytestmark = pytest.mark.skipif(
 
 # TF32 and cuDNN's algorithm choice make CUDA's float results differ slightly from the CPU's.
 PROBABILITY_TOLERANCE = 5e-3
+# FP16 arithmetic on top of that: logits within ~3e-3 of FP32's on the CPU provider (cnnserve quantize).
+FP16_PROBABILITY_TOLERANCE = 2e-2
 
 
 @pytest.fixture(scope="module")
 def runtimes():
     spec = next(s for s in scan(MODEL_REPOSITORY) if s.path == MODEL_PATH)
-    cuda = ModelRuntime(spec, Settings(providers=["cuda"], require_gpu=True))
-    cpu = ModelRuntime(spec, Settings(providers=["cpu"]))
+    cuda = ModelRuntime(spec, Settings(providers=["cuda"], require_gpu=True, precision="fp32"))
+    cpu = ModelRuntime(spec, Settings(providers=["cpu"], precision="fp32"))
     return cuda, cpu
+
+
+def test_auto_precision_on_cuda_is_fp32_and_fp16_agrees_with_fp32(runtimes):
+    """precision auto loads model.onnx on CUDA; the FP16 variant, asked for, runs on CUDA and
+    agrees with FP32 on the CPU (its CPU-provider parity is checked by cnnserve quantize)."""
+    _, cpu = runtimes
+    spec = next(s for s in scan(MODEL_REPOSITORY) if s.path == MODEL_PATH)
+    auto = ModelRuntime(spec, Settings(providers=["cuda"], require_gpu=True))
+    assert (auto.provider, auto.precision) == (CUDA, "fp32")
+    fp16 = ModelRuntime(spec, Settings(providers=["cuda"], require_gpu=True, precision="fp16"))
+    assert (fp16.provider, fp16.precision, fp16.path.name) == (CUDA, "fp16", "model.fp16.onnx")
+    images = distinct_images(256, seed=4)
+    for batch in (1, 7, 64, 256):
+        half, full = fp16.run_batch([images[:batch]]), cpu.run_batch([images[:batch]])
+        np.testing.assert_allclose(half.probabilities, full.probabilities, atol=FP16_PROBABILITY_TOLERANCE)
+        top2 = np.sort(full.probabilities, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 2 * FP16_PROBABILITY_TOLERANCE
+        assert np.array_equal(half.order[clear, 0], full.order[clear, 0])
+
+
+def test_server_serves_the_fp16_variant_on_cuda(runtimes):
+    _, cpu = runtimes
+    s = ServerProcess("--providers", "cuda", "--require-gpu", "--drain-seconds", "0", precision="fp16")
+    try:
+        ready = httpx.get(f"{s.http}/readyz").json()
+        assert [(m["provider"], m["precision"], m["file"]) for m in ready["models"]] == [
+            (CUDA, "fp16", "model.fp16.onnx")
+        ]
+        assert f'precision="fp16",provider="{CUDA}"' in httpx.get(f"{s.http}/metrics").text  # labels sorted
+        config = httpx.get(f"{s.http}/v2/models/cifar10/config").json()["config"]
+        assert config["default_model_filename"] == "model.fp16.onnx"
+        images = distinct_images(16, seed=6)
+        expected = cpu.run_batch([images])
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            reply = pb_grpc.ClassifierStub(channel).Classify(
+                pb.ClassifyRequest(images=[pb.Image(encoded=png_bytes(im)) for im in images], top_k=1), timeout=30
+            )
+        for i, result in enumerate(reply.results):
+            got = result.predictions[0]
+            assert abs(got.probability - expected.probabilities[i, got.index]) < FP16_PROBABILITY_TOLERANCE
+    finally:
+        assert s.stop() == 0, s.log
 
 
 def test_session_runs_on_cuda_and_agrees_with_the_cpu(runtimes):
@@ -73,7 +117,7 @@ def test_server_on_cuda_serves_grpc_and_http_under_load(runtimes, tmp_path):
     s = ServerProcess("--providers", "cuda", "--require-gpu", "--drain-seconds", "0")
     try:
         ready = httpx.get(f"{s.http}/readyz").json()
-        assert [m["provider"] for m in ready["models"]] == [CUDA]
+        assert [(m["provider"], m["precision"]) for m in ready["models"]] == [(CUDA, "fp32")]
         assert f"on {CUDA}, batches padded to 64" in s.log
         assert f'provider="{CUDA}"' in httpx.get(f"{s.http}/metrics").text
 

@@ -193,7 +193,16 @@ def build_router(ctx: HttpContext) -> APIRouter:
         responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
     )
     async def readyz():
-        models = [{"name": m.name, "version": m.version, "provider": m.runtime.provider} for m in core.all_models()]
+        models = [
+            {
+                "name": m.name,
+                "version": m.version,
+                "provider": m.runtime.provider,
+                "precision": m.runtime.precision,
+                "file": m.runtime.path.name,
+            }
+            for m in core.all_models()
+        ]
         reason = core.not_ready_reason()
         if reason is None:
             return json_response({"status": "ready", "models": models})

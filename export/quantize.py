@@ -45,7 +45,7 @@ import onnxruntime as ort
 
 from export.data import load_split
 from export.evaluate import predict, summarize
-from service.codec import Normalizer
+from service.preprocess import Normalizer
 from service.repository import variant_filename
 
 VARIANTS = ("int8", "fp16")
@@ -85,7 +85,7 @@ def _set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
 
 def normalizer_of(proto: onnx.ModelProto) -> Normalizer:
     pre = json.loads(_metadata(proto)["preprocessing"])
-    return Normalizer(pre["scale"], pre["mean"], pre["std"])
+    return Normalizer(pre)
 
 
 def calibration_index(n_train: int, images: int, seed: int) -> np.ndarray:

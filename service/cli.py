@@ -1,9 +1,9 @@
 """cnnserve: serve image classifiers (ONNX) over gRPC and HTTP, and the tools around them.
 
-Commands: serve, classify, loadtest, import-model, train, export, quantize, evaluate. `cnnserve COMMAND
---help` describes each. train/export/quantize need the `train` extra (torch, onnxconverter-common), import-model the `onnx`
-package (also in the `train` extra); each is imported only when called, so the serving install
-never loads them.
+Commands: serve, classify, loadtest, import-model, train, export, quantize, evaluate.
+`cnnserve COMMAND --help` describes each. train/export/quantize need the `train` extra (torch,
+onnxconverter-common), import-model the `onnx` package (also in the `train` extra); each is
+imported only when called, so the serving install never loads them.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -137,3 +139,29 @@ def describe() -> str:
 if __name__ == "__main__":  # pragma: no cover - python -m service.devices
     print(describe())
     sys.exit(0 if cuda_available()[0] else 1)
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity (taskset), capped by a cgroup CPU quota
+    (a container's CPU limit: Kubernetes ``limits.cpu``), rounded up. The node's core count
+    would oversubscribe a container."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:  # cgroup v2
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None

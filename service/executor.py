@@ -197,6 +197,7 @@ class Executor:
         self.settings, self.table, self.index, self.specs = settings, table, index, specs
         self.row = index
         self.metrics = Metrics()
+        self.metrics.process_name = f"executor-{index}"
         self.stopping = threading.Event()
         self.queues: list[ModelQueue] = []
         self._taken_lock = threading.Lock()
@@ -213,7 +214,8 @@ class Executor:
             started = time.monotonic()
             runtime = factory(spec)
             padded = f", batches padded to {runtime.pad_to}" if getattr(runtime, "pad_to", 0) else ""
-            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, getattr(runtime, "path", spec.path), runtime.provider,
+            path = getattr(runtime, "path", spec.path)
+            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, path, runtime.provider,
                      time.monotonic() - started, padded)  # fmt: skip
             stats = ModelStats(self.table.stats[self.row, i])
             self.queues.append(ModelQueue(self, i, runtime, stats))
@@ -244,7 +246,11 @@ class Executor:
         selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ, None)
         try:
+            cpu_recorded = time.monotonic()
             while not self.stopping.is_set():
+                if time.monotonic() - cpu_recorded >= 1.0:
+                    self.metrics.record_process_cpu()
+                    cpu_recorded = time.monotonic()
                 for key, _ in selector.select(0.2):
                     if key.data is None:
                         self._accept(listener, selector)

@@ -101,6 +101,8 @@ def _describe_ready(core: InferenceCore) -> str:
 async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     started = time.monotonic()
     metrics = Metrics()
+    if role is not None:
+        metrics.process_name = f"frontend-{role.index}"
     core = InferenceCore(settings, metrics, role.table if role else None, role.row if role else 0)
     try:
         if role is None:
@@ -234,7 +236,11 @@ async def _follow_shared_state(core: InferenceCore, grpc_server: GrpcServer, sto
     """A front end's gRPC health follows the whole server's readiness (a drain, a restarting
     process) within 50 ms; HTTP readiness reads the shared table on every call anyway."""
     serving = None
+    ticks = 0
     while not stop.is_set():
+        ticks += 1
+        if ticks % 20 == 0:  # every second: this process's CPU, for per-process load in /metrics
+            core.metrics.record_process_cpu()
         ready = core.is_ready
         if ready != serving:
             serving = ready

@@ -95,10 +95,21 @@ class Metrics:
                            multiprocess_mode="livemin")  # fmt: skip
         self.workers = Gauge("cnnserve_workers", "Front-end processes serving requests.", registry=r,
                              multiprocess_mode="livesum")  # fmt: skip
+        self.process_cpu = Counter("cnnserve_process_cpu_seconds", "CPU time used, by server process (server, "
+                                   "frontend-N, executor-N): per-process load.", ["process"], registry=r)  # fmt: skip
+        self._cpu_seen = 0.0
+        self.process_name = "server"
+
+    def record_process_cpu(self) -> None:
+        """Add this process's CPU time since the last call (every thread's) to its counter."""
+        now = time.process_time()
+        self.process_cpu.labels(self.process_name).inc(max(0.0, now - self._cpu_seen))
+        self._cpu_seen = now
 
     def exposition(self) -> bytes:
         """The text format for ``/metrics``: this process's registry, or every process's values in a
         multi-process server."""
+        self.record_process_cpu()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)

@@ -29,7 +29,8 @@ class ModelSpec:
     path: Path  # the FP32 model.onnx
 
     def variant_path(self, precision: str) -> Path:
-        return self.path.with_name(variant_filename(precision))
+        """The file of a precision variant; fp32 is the spec's own file, whatever its name."""
+        return self.path if precision == "fp32" else self.path.with_name(variant_filename(precision))
 
     def variants(self) -> tuple[str, ...]:
         """The precisions whose file is present, in PRECISIONS order: fp32 always (scan found it;

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from typing import NamedTuple
 
@@ -90,12 +89,8 @@ def provider_options(settings: Settings, names: list[str] | None = None) -> list
 
 
 def default_intra_op_threads() -> int:
-    """Usable cores (CPU affinity, so taskset is honoured) minus one for the event loop."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    """Usable cores (CPU affinity and a container's CPU limit) minus one for the event loop."""
+    return max(1, devices.usable_cores() - 1)
 
 
 def session_options(settings: Settings) -> ort.SessionOptions:

@@ -58,13 +58,6 @@ def visible_gpus(settings: Settings) -> list[int]:
     return list(range(max(1, count)))
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def plan(settings: Settings) -> tuple[int, str, list[int]]:
     """(front ends, executor placement, GPU ordinals) for ``settings`` on this machine.
 
@@ -74,6 +67,8 @@ def plan(settings: Settings) -> tuple[int, str, list[int]]:
     placement = settings.executor
     if placement == "auto":
         placement = "device" if gpus else CPU_AUTO_EXECUTOR
+    from service.devices import usable_cores
+
     cores = usable_cores()
     if settings.workers != "auto":
         workers = int(settings.workers)
@@ -127,6 +122,17 @@ class Supervisor:
         process.start()
         self.processes[row] = process
         log.info("started %s (pid %d)", self._describe(row), process.pid)
+
+    def _intra_op_threads(self) -> int:
+        """ONNX Runtime threads per session when left to auto: the cores are shared out, not
+        claimed by every process. Models in each worker: the worker's share of the cores. A CPU
+        executor: the cores the front ends leave. A GPU executor: one (the GPU computes)."""
+        from service.devices import usable_cores
+
+        cores = usable_cores()
+        if self.placement == "worker":
+            return max(1, cores // self.workers)
+        return 1 if self.gpus else max(1, cores - self.workers)
 
     def _placement_text(self) -> str:
         return f"{self.executors} device executor(s)" if self.executors else "the models in each front end"

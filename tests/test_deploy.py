@@ -636,13 +636,21 @@ def test_cpu_overlay_has_no_gpu():
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
-def test_intra_op_threads_fit_cpu_request(variant, monkeypatch):
-    """ORT's default thread count follows the node's cores, not the pod's CPU: pin it."""
+def test_processes_and_threads_fit_cpu_request(variant, monkeypatch):
+    """The pod's processes and ORT threads fit its CPU: either left to auto (sized from the
+    cgroup's CPU limit, not the node's cores) or set so that front ends + executor + ORT threads
+    fit the CPU request."""
     docs = render(variant)
     s = effective_settings(docs, monkeypatch)
-    cpu = server_container(workload(docs))["resources"]["requests"]["cpu"]
+    resources = server_container(workload(docs))["resources"]
+    cpu = resources["requests"]["cpu"]
     cores = float(cpu[:-1]) / 1000 if str(cpu).endswith("m") else float(cpu)
-    assert 1 <= s.intra_op_threads <= max(1, cores)
+    if s.workers == "auto":
+        assert s.intra_op_threads == 0 and "cpu" in resources["limits"]
+    else:
+        executors = 1 if s.executor == "device" else 0
+        threads = s.intra_op_threads * (executors or s.workers)
+        assert s.workers + executors + threads <= max(1, cores)
 
 
 # ----------------------------------------------------------------------------------------------

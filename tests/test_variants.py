@@ -27,9 +27,9 @@ from export.data import load_split
 from export.evaluate import predict
 from export.quantize import calibration_index
 from service.cli import main as cli_main
-from service.codec import Normalizer
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from service.preprocess import Normalizer
 from service.repository import variant_filename
 from tests.conftest import MODEL_PATH, ROOT, SHARED_CIFAR, ServerProcess, distinct_images, png_bytes
 
@@ -235,7 +235,7 @@ def direct_run(precision: str, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     so.intra_op_num_threads = 1
     session = ort.InferenceSession(str(variant_path(precision)), so, providers=["CPUExecutionProvider"])
     pre = json.loads(session.get_modelmeta().custom_metadata_map["preprocessing"])
-    x = Normalizer(pre["scale"], pre["mean"], pre["std"])(pixels)
+    x = Normalizer(pre)(pixels)
     logits = session.run(None, {"input": x})[0]
     e = np.exp(logits - logits.max(1, keepdims=True))
     return x, logits, e / e.sum(1, keepdims=True)

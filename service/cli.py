@@ -85,8 +85,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from export.export_onnx import export
+    from export.layers_onnx import write_companion
 
-    export(args.checkpoint, args.output, data=args.data, opset=args.opset)
+    output = export(args.checkpoint, args.output, data=args.data, opset=args.opset)
+    if not args.no_layers:
+        write_companion(output)
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from export.layers_onnx import write_companion
+
+    write_companion(args.model, args.output)
     return 0
 
 
@@ -171,7 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="models/cifar10/1/model.onnx")
     p.add_argument("--data", default=DEFAULT_DATA, help="images for the parity check (validation split)")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-layers", action="store_true", help="do not write the companion layers.onnx (used by /explain)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "layers",
+        help="write layers.onnx (intermediate activations, for /explain) beside a model.onnx (needs the train extra)",
+    )
+    p.add_argument("--model", default="models/cifar10/1/model.onnx")
+    p.add_argument("--output", default=None, help="default: layers.onnx beside the model")
+    p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("evaluate", help="accuracy of an ONNX model through onnxruntime (no torch)")
     p.add_argument("--model", default="models/cifar10/1/model.onnx")

@@ -32,7 +32,9 @@ from service.errors import (
     PayloadTooLarge,
 )
 from service.executor_client import ExecutorClient, RemoteBatcher
+from service.explain import Explainer, Explanations
 from service.ipc import ControlTable
+from service.layers import LayerModel
 from service.metrics import Metrics, ModelStats, StatsObserver
 from service.model_description import ModelDescription
 from service.runtime import BatchOutput, ModelRuntime, load_model
@@ -121,10 +123,14 @@ class InferenceCore:
         self.table, self.row = table, row
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self._runtimes: list[ModelRuntime] = []
+        #: Companion sessions with the named intermediate activations (service.layers), for the
+        #: model versions whose folder holds a layers.onnx.
+        self.layer_models: dict[tuple[str, str], LayerModel] = {}
         self.ready = False
         self.draining = False
         self._decode_pool = ThreadPoolExecutor(decode_thread_count(settings), thread_name_prefix="decode")
         self.buffered_bytes = 0  # request bytes held in memory by requests in progress (HTTP and gRPC)
+        self.explainer = Explainer(self)
 
     # ---- life cycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -142,6 +148,22 @@ class InferenceCore:
                 time.monotonic() - started,
             )
             self._runtimes.append(runtime)
+        self.load_layers()
+
+    def load_layers(self) -> None:
+        """Load the companion ``layers.onnx`` of every model version that has one (blocking: run it
+        in a thread). Also in a front end whose models run in a device executor: the layers of a
+        request's few images are computed where the request is served. A companion that cannot be
+        loaded is logged and left out (explanations then carry no layers); it never stops the server."""
+        for spec in repository.scan(self.settings.model_repository):
+            try:
+                companion = LayerModel.beside(spec)
+            except Exception as e:  # noqa: BLE001 - ORT raises many types
+                log.warning("%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
+                            spec.name, spec.version, e)  # fmt: skip
+                continue
+            if companion is not None:
+                self.layer_models[(spec.name, spec.version)] = companion
 
     def _stats(self, index: int) -> tuple[ModelStats, np.ndarray | None]:
         if self.table is None:
@@ -405,6 +427,29 @@ class InferenceCore:
             [r[:k] for r in out.ranked_probabilities],
             [r[:k] for r in out.ranked_labels],
         )
+
+    async def run_images(self, target: LoadedModel, pixels: np.ndarray, deadline: float | None = None) -> BatchOutput:
+        """Run decoded uint8 [n,H,W,3] images through the model's batcher (as classify does,
+        without the top-k): how explanations submit their perturbed images."""
+        return await self._submit(target, pixels, deadline)
+
+    def layer_model(self, target: LoadedModel) -> LayerModel | None:
+        return self.layer_models.get((target.name, target.version))
+
+    async def explain(
+        self,
+        images: list[ImageInput],
+        top_k: int | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        target: int | None = None,
+        method: str | None = None,
+        seed: int = 0,
+        deadline: float | None = None,
+    ) -> Explanations:
+        """Each image's top-k, attribution of ``target`` (default: the top-1) and layers
+        (``service.explain``): validated like classify, then admitted by the explanations' own limits."""
+        return await self.explainer.explain(images, top_k, model, version, target, method, seed, deadline)
 
     async def infer_tensor(self, target: LoadedModel, tensor: np.ndarray, deadline: float | None = None) -> BatchOutput:
         """Run a preprocessed float32 [n,3,32,32] tensor (Open Inference Protocol input)."""

@@ -13,11 +13,16 @@ Supported Triton extensions: ``classification``, ``binary_tensor_data``, ``model
 
 The model has one input (FP32 [-1,3,32,32], already normalised) and two outputs: the ONNX graph's
 ``logits`` and ``probabilities`` (their softmax, computed by the server). A request of N images
-is submitted to the batcher as one request of N images.
+is submitted to the batcher as one request of N images. Where the model version has a companion
+``layers.onnx`` (``service.layers``), its intermediate activations are extra outputs a request
+may ask for by name (``conv1``, ``conv2``, ``pool``, ``fc3``, ``fc4``); they are listed in the
+model's metadata and configuration, are never sent unasked, and are computed by the companion
+session in this process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 import time
@@ -31,6 +36,7 @@ import orjson
 from service import __version__
 from service.core import INLINE_DECODE_BYTES, InferenceCore, LoadedModel
 from service.errors import InvalidInput
+from service.layers import DROPOUT_NOTE, LAYER_NAMES
 from service.runtime import CUDA, BatchOutput
 
 SERVER_NAME = "cnnserve"
@@ -73,6 +79,15 @@ def _versions(core: InferenceCore, name: str) -> list[str]:
     return sorted(core.models.get(name, {}), key=int)
 
 
+def layer_shapes(core: InferenceCore, model: LoadedModel) -> dict[str, list[int]]:
+    """The extra layer outputs of a model version (name -> shape with -1 for the batch), empty
+    when it has no companion graph."""
+    companion = core.layer_model(model)
+    if companion is None:
+        return {}
+    return {name: [-1, *companion.shapes[name][1:]] for name in LAYER_NAMES}
+
+
 def model_metadata(core: InferenceCore, name: str, version: str | None = None) -> dict:
     model = find_model(core, name, version)
     rt = model.runtime
@@ -85,6 +100,7 @@ def model_metadata(core: InferenceCore, name: str, version: str | None = None) -
         "outputs": [
             {"name": rt.output_name, "datatype": FP32, "shape": classes},
             {"name": PROBABILITIES, "datatype": FP32, "shape": classes},
+            *({"name": n, "datatype": FP32, "shape": shape} for n, shape in layer_shapes(core, model).items()),
         ],
     }
 
@@ -100,7 +116,8 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
     rt, batcher, s = model.runtime, model.batcher, core.settings
     on_gpu = rt.provider == CUDA
     classes = [rt.num_classes]
-    return {
+    layers = layer_shapes(core, model)
+    config = {
         "name": model.name,
         "platform": PLATFORM,
         "backend": BACKEND,
@@ -112,6 +129,10 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
         "output": [
             {"name": rt.output_name, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
             {"name": PROBABILITIES, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
+            *(
+                {"name": n, "data_type": TYPE_FP32, "dims": shape[1:], "label_filename": ""}
+                for n, shape in layers.items()
+            ),
         ],
         "dynamic_batching": {
             "preferred_batch_size": [],
@@ -140,6 +161,12 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
             "preprocessing": {"string_value": orjson.dumps(rt.preprocessing).decode()},
         },
     }
+    if layers:
+        config["parameters"]["layer_outputs"] = {
+            "string_value": f"{', '.join(layers)}: intermediate activations (conv1, conv2, fc3 after ReLU; "
+            f"fc4 = logits), computed on request only. {DROPOUT_NOTE}"
+        }
+    return config
 
 
 def repository_index(core: InferenceCore) -> list[dict]:
@@ -351,17 +378,23 @@ def _finite(name: str, tensor: np.ndarray) -> np.ndarray:
     return tensor
 
 
-def plan_outputs(model: LoadedModel, requested: Sequence[tuple[str, dict]], binary_default: bool) -> list[OutputSpec]:
+def plan_outputs(
+    model: LoadedModel,
+    requested: Sequence[tuple[str, dict]],
+    binary_default: bool,
+    layer_names: Sequence[str] = (),
+) -> list[OutputSpec]:
     """The outputs to answer: the requested ones in order, or logits and probabilities.
 
     ``classification: k`` turns an output into BYTES [n,k] strings ``"<probability>:<index>:<label>"``
     of the k most probable classes. Unlike Triton, which ranks and prints the output's raw values,
     the value printed is always the softmax probability, for ``logits`` as for ``probabilities``
-    (the ranking is the same). k is capped at the number of classes, as Triton does."""
+    (the ranking is the same). k is capped at the number of classes, as Triton does.
+    ``layer_names`` (the companion graph's outputs) may be asked for by name, without classification."""
     rt = model.runtime
-    known = (rt.output_name, PROBABILITIES)
     if not requested:
-        return [OutputSpec(name, 0, binary_default) for name in known]
+        return [OutputSpec(name, 0, binary_default) for name in (rt.output_name, PROBABILITIES)]
+    known = (rt.output_name, PROBABILITIES, *layer_names)
     plan, seen = [], set()
     for name, params in requested:
         if name not in known:
@@ -375,6 +408,8 @@ def plan_outputs(model: LoadedModel, requested: Sequence[tuple[str, dict]], bina
         k = typed_parameter(params, "classification", int, 0, where)
         if k < 0:
             raise InvalidInput(f"{where}: classification must be a positive number of classes, got {k}")
+        if k and name in layer_names:
+            raise InvalidInput(f"{where}: classification applies to logits and probabilities only")
         binary = typed_parameter(params, "binary_data", bool, binary_default, where)
         plan.append(OutputSpec(name, min(int(k), rt.num_classes), binary))
     return plan
@@ -389,11 +424,16 @@ def classification_strings(model: LoadedModel, result: BatchOutput, k: int) -> l
     return [f"{p:.6f}{suffixes[i]}" for p, i in zip(probs.ravel().tolist(), idx.ravel().tolist())]
 
 
-def build_outputs(model: LoadedModel, plan: Sequence[OutputSpec], result: BatchOutput) -> list[OutputTensor]:
+def build_outputs(
+    model: LoadedModel, plan: Sequence[OutputSpec], result: BatchOutput, layers: dict[str, np.ndarray] | None = None
+) -> list[OutputTensor]:
     n = len(result.logits)
     outputs = []
     for spec in plan:
-        if spec.classification:
+        if layers and spec.name in layers:
+            array = layers[spec.name]
+            outputs.append(OutputTensor(spec.name, FP32, list(array.shape), spec.binary, array=array))
+        elif spec.classification:
             outputs.append(
                 OutputTensor(
                     spec.name,
@@ -427,12 +467,15 @@ async def infer(core: InferenceCore, request: InferRequest, deadline: float | No
     if not isinstance(request.id, str):
         raise InvalidInput("request id must be a string")
     binary_default = typed_parameter(request.parameters, "binary_data_output", bool, False, "request")
-    plan = plan_outputs(model, request.outputs, binary_default)
+    companion = core.layer_model(model)
+    plan = plan_outputs(model, request.outputs, binary_default, LAYER_NAMES if companion else ())
     if len(request.inputs) == 1 and request.inputs[0].shape and _is_int(request.inputs[0].shape[0]):
         n = int(request.inputs[0].shape[0])
         if n > 0:
             core.check_image_count(n)
             core.admit(model, n)  # refused before the tensor is built
     tensor = decode_input(core, model, request.inputs)
+    wanted = [spec.name for spec in plan if spec.name in LAYER_NAMES]
     result = await core.infer_tensor(model, tensor, request_deadline(core, request, deadline))
-    return InferResponse(model.name, model.version, request.id, build_outputs(model, plan, result))
+    layers = await asyncio.to_thread(companion.run, tensor, wanted) if wanted and companion else None
+    return InferResponse(model.name, model.version, request.id, build_outputs(model, plan, result, layers))

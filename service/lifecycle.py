@@ -149,7 +149,10 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         slots = settings.max_queue_size + 4 * settings.max_batch_size
         clients = [ExecutorClient(role.table, role.index, e, role.run_dir, slots) for e in range(role.executors)]
         tasks = [asyncio.create_task(c.run()) for c in clients]
-        loader = asyncio.create_task(asyncio.wait([asyncio.create_task(c.connected.wait()) for c in clients]))
+        waits = [asyncio.create_task(c.connected.wait()) for c in clients]
+        # The models run in the executors; /explain's layers are computed here (service.layers).
+        waits.append(asyncio.create_task(asyncio.to_thread(core.load_layers)))
+        loader = asyncio.create_task(asyncio.wait(waits))
     else:
         tasks = []
         loader = asyncio.create_task(asyncio.to_thread(core.load))

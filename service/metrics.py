@@ -84,6 +84,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.explanations = Counter(
+            "cnnserve_explanations", "Explanation requests computed, by attribution method.", ["method"], registry=r
+        )
+        self.explanations_active = Gauge("cnnserve_explanations_active", "Explanations being computed now.",
+                                         registry=r, multiprocess_mode="livesum")  # fmt: skip
+        self.explanations_waiting = Gauge("cnnserve_explanations_waiting", "Explanations waiting for a turn.",
+                                          registry=r, multiprocess_mode="livesum")  # fmt: skip
         self.ready = Gauge("cnnserve_ready", "1 when the server is ready for traffic.", registry=r,
                            multiprocess_mode="livemin")  # fmt: skip
         self.workers = Gauge("cnnserve_workers", "Front-end processes serving requests.", registry=r,

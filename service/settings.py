@@ -172,6 +172,25 @@ class Settings(BaseSettings):
         description="Most concurrent HTTP connections (and requests in progress), and most gRPC calls in "
         "progress; past it HTTP requests are answered 503 and gRPC calls RESOURCE_EXHAUSTED at once.",
     )
+    explain_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Explanations (/explain, Explain) computed at once. Each runs ~226 forward passes per "
+        "image through the model's queue; a low limit keeps that queue free for /predict.",
+    )
+    explain_queue_size: int = Field(
+        8,
+        ge=0,
+        description="Explanations waiting for a turn; more are refused at once (HTTP 429 + Retry-After / "
+        "RESOURCE_EXHAUSTED).",
+    )
+    explain_max_images: int = Field(4, ge=1, description="Most images in one explanation request (more: 413).")
+
+    samples_data: str = Field(
+        "../shared/data/cifar10/cifar10-train-jpeg.tar.gz",
+        description="CIFAR-10 data (image-folder .tar.gz or python archive) the page at / takes its ten "
+        "sample images from: the first held-out validation image of each class. Absent: no samples.",
+    )
 
     drain_seconds: float = Field(
         5.0,

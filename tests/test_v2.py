@@ -24,6 +24,14 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import MODEL_PATH, ServerProcess
 
 MODEL = "cifar10"
+# The layers of the bundled layers.onnx, extra outputs asked for by name (tests/test_explain.py).
+LAYER_OUTPUTS = [
+    ("conv1", [-1, 32, 32, 32]),
+    ("conv2", [-1, 32, 32, 32]),
+    ("pool", [-1, 32, 16, 16]),
+    ("fc3", [-1, 512]),
+    ("fc4", [-1, 10]),
+]
 
 pytestmark = pytest.mark.skipif(not MODEL_PATH.is_file(), reason="bundled model models/cifar10/1/model.onnx missing")
 
@@ -119,12 +127,13 @@ def test_http_health_metadata_config(server, http):
     assert model["outputs"] == [
         {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+        *({"name": name, "datatype": "FP32", "shape": shape} for name, shape in LAYER_OUTPUTS),
     ]
     assert http.get_model_metadata(MODEL, "1")["versions"] == ["1"]
     config = http.get_model_config(MODEL)
     assert config["name"] == MODEL and config["max_batch_size"] > 0
     assert config["input"][0]["dims"] == [3, 32, 32] and config["input"][0]["data_type"] == "TYPE_FP32"
-    assert [o["dims"] for o in config["output"]] == [[10], [10]]
+    assert [o["dims"] for o in config["output"]] == [[10], [10], *(shape[1:] for _, shape in LAYER_OUTPUTS)]
     assert "max_queue_delay_microseconds" in config["dynamic_batching"]
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
     preprocessing = json.loads(config["parameters"]["preprocessing"]["string_value"])
@@ -147,10 +156,15 @@ def test_grpc_health_metadata_config(grpc_client):
     model = g.get_model_metadata(MODEL)
     assert model.platform == "onnxruntime_onnx" and list(model.versions) == ["1"]
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("input", "FP32", [-1, 3, 32, 32])]
-    assert [(t.name, list(t.shape)) for t in model.outputs] == [("logits", [-1, 10]), ("probabilities", [-1, 10])]
+    assert [(t.name, list(t.shape)) for t in model.outputs] == [
+        ("logits", [-1, 10]),
+        ("probabilities", [-1, 10]),
+        *LAYER_OUTPUTS,
+    ]
     config = g.get_model_config(MODEL).config
     assert config.max_batch_size > 0 and config.platform == "onnxruntime_onnx"
-    assert list(config.input[0].dims) == [3, 32, 32] and [list(o.dims) for o in config.output] == [[10], [10]]
+    assert list(config.input[0].dims) == [3, 32, 32]
+    assert [list(o.dims) for o in config.output] == [[10], [10], *(shape[1:] for _, shape in LAYER_OUTPUTS)]
     assert config.input[0].data_type == config.output[0].data_type == 11  # TYPE_FP32
     assert config.HasField("dynamic_batching")
     with pytest.raises(InferenceServerException) as e:

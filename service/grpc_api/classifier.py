@@ -14,7 +14,7 @@ from service.metrics import Metrics
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 
 
-def _images(request: pb.ClassifyRequest) -> list:
+def _images(request: pb.ClassifyRequest | pb.ExplainRequest) -> list:
     images = []
     for i, image in enumerate(request.images):
         source = image.WhichOneof("source")
@@ -52,3 +52,35 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             for ls, ix, ps in zip(result.labels, result.indices, result.probabilities)
         ]
         return pb.ClassifyResponse(model=result.model, model_version=result.version, results=results)
+
+    @rpc
+    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        result = await self.core.explain(
+            _images(request),
+            top_k=request.top_k if request.HasField("top_k") else None,
+            model=request.model or None,
+            version=request.model_version or None,
+            target=request.target if request.HasField("target") else None,
+            method=request.method or None,
+            seed=request.seed,
+            deadline=self.core.deadline(context.time_remaining()),
+        )
+        Prediction = pb.Prediction
+        results = [
+            pb.Explanation(
+                predictions=[
+                    Prediction(label=l, index=i, probability=p) for l, i, p in zip(r.labels, r.indices, r.probabilities)
+                ],
+                attribution=pb.Attribution(
+                    method=r.method,
+                    class_index=r.class_index,
+                    label=r.label,
+                    height=r.values.shape[0],
+                    width=r.values.shape[1],
+                    values=r.values.ravel().tolist(),
+                ),
+                layers=[pb.Layer(**layer) for layer in r.layers],
+            )
+            for r in result.results
+        ]
+        return pb.ExplainResponse(model=result.model, model_version=result.version, results=results)

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import __version__
 from service.core import InferenceCore
 from service.errors import ServiceError
-from service.http_api import inference_routes, routes
+from service.http_api import explain_routes, inference_routes, page_routes, routes
 from service.http_api.context import HttpContext, error_response, json_response
 from service.metrics import Metrics
 
@@ -26,13 +26,17 @@ def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
     app = FastAPIOffline(
         title="cnnserve",
         version=__version__,
-        description="Image classification: /predict, Open Inference Protocol (/v2), metrics.",
+        description="Image classification: /predict, /explain, Open Inference Protocol (/v2), metrics; "
+        "a page at / that shows what each layer of the network sees.",
         static_url=DOCS_ASSETS,
         swagger_ui_parameters={"validatorUrl": None},
     )
     ctx = HttpContext(core, metrics)
     app.include_router(routes.build_router(ctx))
     app.include_router(inference_routes.build_router(ctx))
+    app.include_router(explain_routes.build_router(ctx))
+    app.include_router(page_routes.build_router(ctx))
+    app.mount("/static", page_routes.static_files(), name="static")
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):

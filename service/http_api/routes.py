@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Request
@@ -11,7 +12,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
-from service.core import Classification
+from service.core import Classification, ImageInput
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api import multipart
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
@@ -89,15 +90,33 @@ def int_parameter(name: str, text: str | None) -> int | None:
     return parse_uint(text, name, InvalidParameter)
 
 
-def parse_json_body(body: bytes) -> tuple[list[bytes], object, object, object]:
+@dataclass
+class ImagesRequest:
+    """What /predict and /explain read from a request: the images, the query's or JSON body's
+    top_k / model / version, and the JSON body's other fields (empty for other bodies)."""
+
+    images: list[ImageInput]
+    top_k: int | None
+    model: str | None
+    version: str | None
+    fields: dict
+
+
+def parse_json_body(body: bytes) -> tuple[list[ImageInput], object, object, object]:
     """/predict's JSON body → (image bytes, top_k, model, model_version) as given (checked later)."""
+    images, doc = _json_document(body)
+    return images, doc.get("top_k"), doc.get("model"), doc.get("model_version")
+
+
+def _json_document(body: bytes) -> tuple[list[ImageInput], dict]:
+    """The JSON body's decoded images and the whole document (for /explain's own fields)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"body is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise InvalidInput('JSON body must be an object with "images": a list of base64 strings')
-    images = []
+    images: list[ImageInput] = []
     for i, item in enumerate(doc["images"]):
         if not isinstance(item, str):
             raise InvalidInput(f"images[{i}] must be a base64 string")
@@ -105,47 +124,60 @@ def parse_json_body(body: bytes) -> tuple[list[bytes], object, object, object]:
             images.append(base64.b64decode(item, validate=True))
         except (binascii.Error, ValueError):
             raise InvalidInput(f"images[{i}] is not valid base64") from None
-    return images, doc.get("top_k"), doc.get("model"), doc.get("model_version")
+    return images, doc
+
+
+async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
+    """The images and common parameters of a /predict or /explain request, from any body type
+    PREDICT_DOC lists (query parameters win over the JSON body's)."""
+    query = request.query_params
+    top_k = int_parameter("top_k", query.get("top_k"))
+    model, version = query.get("model") or None, query.get("version") or None
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    doc: dict = {}
+    ctx.precheck(model, version)  # queue full or not ready: refused before the body is read
+    if content_type == "multipart/form-data":
+        body = await ctx.body(request)  # bounded by max_request_bytes
+        args = (body, request.headers.get("content-type", ""), ctx.core.settings.max_images_per_request)
+        if len(body) <= INLINE_PARSE_BYTES:
+            images: list[ImageInput] = list(multipart.file_parts(*args))
+        else:  # parsing megabytes: off the event loop
+            images = list(await ctx.core.offload(multipart.file_parts, *args))
+        if not images:
+            raise InvalidInput('multipart body has no file part named "file"')
+    elif content_type == "application/json":
+        body = await ctx.body(request)
+        if len(body) <= INLINE_PARSE_BYTES:
+            images, doc = _json_document(body)
+        else:  # parsing and base64-decoding megabytes: off the event loop
+            images, doc = await ctx.core.offload(_json_document, body)
+        top_k = top_k if top_k is not None else doc.get("top_k")
+        model = model or doc.get("model")
+        version = version or doc.get("model_version")
+    elif content_type.startswith(IMAGE_TYPES):
+        images = [await ctx.body(request)]
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {content_type or '(none)'!r}: send image/jpeg, image/png, "
+            "multipart/form-data or application/json"
+        )
+    if (model is not None and not isinstance(model, str)) or (version is not None and not isinstance(version, str)):
+        raise InvalidInput("model and model_version must be strings")
+    return ImagesRequest(images, top_k, model, version, doc)
 
 
 def build_router(ctx: HttpContext) -> APIRouter:
     router = APIRouter()
     core = ctx.core
 
-    async def _predict(request: Request, top_k_text: str | None, model: str | None, version: str | None) -> Response:
-        top_k = int_parameter("top_k", top_k_text)
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    async def _predict(request: Request) -> Response:
         deadline = ctx.deadline(request)
-        ctx.precheck(model, version)  # queue full or not ready: refused before the body is read
-        if content_type == "multipart/form-data":
-            body = await ctx.body(request)  # bounded by max_request_bytes
-            args = (body, request.headers.get("content-type", ""), core.settings.max_images_per_request)
-            if len(body) <= INLINE_PARSE_BYTES:
-                images = multipart.file_parts(*args)
-            else:  # parsing megabytes: off the event loop
-                images = await core.offload(multipart.file_parts, *args)
-            if not images:
-                raise InvalidInput('multipart body has no file part named "file"')
-        elif content_type == "application/json":
-            body = await ctx.body(request)
-            if len(body) <= INLINE_PARSE_BYTES:
-                images, json_top_k, json_model, json_version = parse_json_body(body)
-            else:  # parsing and base64-decoding megabytes: off the event loop
-                images, json_top_k, json_model, json_version = await core.offload(parse_json_body, body)
-            top_k = top_k if top_k is not None else json_top_k
-            model = model or json_model
-            version = version or json_version
-        elif content_type.startswith(IMAGE_TYPES):
-            images = [await ctx.body(request)]
-        else:
-            raise UnsupportedMediaType(
-                f"unsupported Content-Type {content_type or '(none)'!r}: send image/jpeg, image/png, "
-                "multipart/form-data or application/json"
-            )
-        if (model is not None and not isinstance(model, str)) or (version is not None and not isinstance(version, str)):
-            raise InvalidInput("model and model_version must be strings")
+        parsed = await read_images(ctx, request)
         result = await ctx.unless_disconnected(
-            core.classify(images, top_k=top_k, model=model, version=version, deadline=deadline), request
+            core.classify(
+                parsed.images, top_k=parsed.top_k, model=parsed.model, version=parsed.version, deadline=deadline
+            ),
+            request,
         )
         return json_response(classification_json(result))
 
@@ -162,12 +194,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         openapi_extra={"parameters": PREDICT_PARAMETERS, "requestBody": PREDICT_REQUEST_BODY},
     )
     async def predict(request: Request):
-        query = request.query_params
-        return await ctx.handle(
-            "predict",
-            _predict(request, query.get("top_k"), query.get("model") or None, query.get("version") or None),
-            request,
-        )
+        return await ctx.handle("predict", _predict(request), request)
 
     @router.api_route(
         "/healthz",

@@ -32,6 +32,40 @@ class PredictResponse(BaseModel):
     results: list[ImageResult] = Field(description="one per image, in request order")
 
 
+class Attribution(BaseModel):
+    method: str = Field(examples=["occlusion"])
+    class_index: int = Field(description="the explained class", examples=[3])
+    label: str = Field(examples=["cat"])
+    height: int = Field(examples=[32])
+    width: int = Field(examples=[32])
+    values: list[list[float]] = Field(
+        description="height rows of width values on the model's input; positive where hiding the pixels "
+        "lowers the class's probability"
+    )
+
+
+class Layer(BaseModel):
+    name: str = Field(examples=["conv1"])
+    shape: list[int] = Field(description="one image's activation", examples=[[32, 32, 32]])
+    description: str = Field(description="what the layer does, in one sentence")
+    maps: list[str] | None = Field(None, description="per-channel greyscale PNGs, base64 (conv1, conv2, pool)")
+    maxima: list[float] | None = Field(None, description="each map's maximum (its white)")
+    filters: list[str] | None = Field(None, description="conv1 only: its filters as 3x3 RGB PNGs, base64")
+    values: list[float] | None = Field(None, description="the activations (fc3, fc4)")
+
+
+class ImageExplanation(BaseModel):
+    predictions: list[Prediction] = Field(description="the top_k classes, most probable first")
+    attribution: Attribution
+    layers: list[Layer] = Field(description="conv1, conv2, pool, fc3, fc4; empty without layers.onnx")
+
+
+class ExplainResponse(BaseModel):
+    model: str = Field(examples=["cifar10"])
+    model_version: str = Field(examples=["1"])
+    results: list[ImageExplanation] = Field(description="one per image, in request order")
+
+
 class PredictJsonBody(BaseModel):
     images: list[str] = Field(description="base64 of each encoded image (JPEG, PNG, ...)", min_length=1)
     top_k: int | None = Field(None, ge=1, le=10, description="labels per image (default 5)")

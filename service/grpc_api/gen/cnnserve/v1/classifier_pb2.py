@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63nnserve/v1/classifier.proto\x12\x0b\x63nnserve.v1\"9\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.cnnserve.v1.RawImageH\x00\x42\x08\n\x06source\"y\n\x0f\x43lassifyRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.cnnserve.v1.Image\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\tB\x08\n\x06_top_k\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\">\n\x0e\x43lassification\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.cnnserve.v1.Prediction\"f\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.cnnserve.v1.Classification2U\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.cnnserve.v1.ClassifyRequest\x1a\x1d.cnnserve.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63nnserve/v1/classifier.proto\x12\x0b\x63nnserve.v1\"9\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.cnnserve.v1.RawImageH\x00\x42\x08\n\x06source\"y\n\x0f\x43lassifyRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.cnnserve.v1.Image\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\tB\x08\n\x06_top_k\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\">\n\x0e\x43lassification\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.cnnserve.v1.Prediction\"f\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.cnnserve.v1.Classification\"\xc4\x01\n\x0e\x45xplainRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.cnnserve.v1.Image\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x13\n\x06target\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_top_kB\t\n\x07_targetB\x07\n\x05_seed\"p\n\x0b\x41ttribution\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\r\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06values\x18\x06 \x03(\x02\"x\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04maps\x18\x04 \x03(\x0c\x12\x0e\n\x06maxima\x18\x05 \x03(\x02\x12\x0f\n\x07\x66ilters\x18\x06 \x03(\x0c\x12\x0e\n\x06values\x18\x07 \x03(\x02\"\x8e\x01\n\x0b\x45xplanation\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.cnnserve.v1.Prediction\x12-\n\x0b\x61ttribution\x18\x02 \x01(\x0b\x32\x18.cnnserve.v1.Attribution\x12\"\n\x06layers\x18\x03 \x03(\x0b\x32\x12.cnnserve.v1.Layer\"b\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.cnnserve.v1.Explanation2\x9b\x01\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.cnnserve.v1.ClassifyRequest\x1a\x1d.cnnserve.v1.ClassifyResponse\x12\x44\n\x07\x45xplain\x12\x1b.cnnserve.v1.ExplainRequest\x1a\x1c.cnnserve.v1.ExplainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION']._serialized_end=430
   _globals['_CLASSIFYRESPONSE']._serialized_start=432
   _globals['_CLASSIFYRESPONSE']._serialized_end=534
-  _globals['_CLASSIFIER']._serialized_start=536
-  _globals['_CLASSIFIER']._serialized_end=621
+  _globals['_EXPLAINREQUEST']._serialized_start=537
+  _globals['_EXPLAINREQUEST']._serialized_end=733
+  _globals['_ATTRIBUTION']._serialized_start=735
+  _globals['_ATTRIBUTION']._serialized_end=847
+  _globals['_LAYER']._serialized_start=849
+  _globals['_LAYER']._serialized_end=969
+  _globals['_EXPLANATION']._serialized_start=972
+  _globals['_EXPLANATION']._serialized_end=1114
+  _globals['_EXPLAINRESPONSE']._serialized_start=1116
+  _globals['_EXPLAINRESPONSE']._serialized_end=1214
+  _globals['_CLASSIFIER']._serialized_start=1217
+  _globals['_CLASSIFIER']._serialized_end=1372
 # @@protoc_insertion_point(module_scope)

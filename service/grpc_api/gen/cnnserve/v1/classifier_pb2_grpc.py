@@ -39,6 +39,11 @@ class ClassifierStub:
                 request_serializer=cnnserve_dot_v1_dot_classifier__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=cnnserve_dot_v1_dot_classifier__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/cnnserve.v1.Classifier/Explain',
+                request_serializer=cnnserve_dot_v1_dot_classifier__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=cnnserve_dot_v1_dot_classifier__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -53,6 +58,16 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Explain images: each one's top-k, an attribution map of one class over the 32x32 input, and the
+        activations of every layer (conv1, conv2, pool, fc3, fc4). Errors as Classify, plus
+        INVALID_ARGUMENT for a bad target or method and RESOURCE_EXHAUSTED when the explanations' own
+        limits (explain_concurrency running, explain_queue_size waiting) are reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +75,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=cnnserve_dot_v1_dot_classifier__pb2.ClassifyRequest.FromString,
                     response_serializer=cnnserve_dot_v1_dot_classifier__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=cnnserve_dot_v1_dot_classifier__pb2.ExplainRequest.FromString,
+                    response_serializer=cnnserve_dot_v1_dot_classifier__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +109,33 @@ class Classifier:
             '/cnnserve.v1.Classifier/Classify',
             cnnserve_dot_v1_dot_classifier__pb2.ClassifyRequest.SerializeToString,
             cnnserve_dot_v1_dot_classifier__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnserve.v1.Classifier/Explain',
+            cnnserve_dot_v1_dot_classifier__pb2.ExplainRequest.SerializeToString,
+            cnnserve_dot_v1_dot_classifier__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,58 @@
+"""The page for people at GET /: static files from the package (no CDN, no build step) and the
+sample images it offers."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
+
+from service.http_api.context import HttpContext, json_response
+from service.http_api.schemas import error_responses
+from service.samples import SOURCE, Samples
+
+STATIC = resources.files("service") / "static"
+
+
+def build_router(ctx: HttpContext) -> APIRouter:
+    router = APIRouter(tags=["Page"])
+    samples = Samples(ctx.core.settings.samples_data)
+    index_html = (STATIC / "index.html").read_bytes()
+
+    @router.get("/", summary="The explanation page", include_in_schema=False)
+    async def page():
+        return Response(index_html, media_type="text/html; charset=utf-8")
+
+    @router.get("/samples", summary="The page's sample images (one per class; empty without the data)")
+    async def sample_list():
+        found = await samples.get()
+        return json_response(
+            {
+                "source": SOURCE if found else None,
+                "samples": [
+                    {"label": s.label, "class_index": s.class_index, "url": f"/samples/{i}.png"}
+                    for i, s in enumerate(found)
+                ],
+            }
+        )
+
+    @router.get(
+        "/samples/{index}.png",
+        summary="One sample image (PNG, 32x32)",
+        responses={200: {"content": {"image/png": {}}}, **error_responses(404)},
+    )
+    async def sample_image(request: Request):
+        # Read by hand: a declared path parameter would bring FastAPI's own 422, not our error format.
+        index = request.path_params["index"]
+        found = await samples.get()
+        if not index.isdigit() or not 0 <= int(index) < len(found):
+            return json_response({"error": f"no sample {index!r} (there are {len(found)})"}, 404)
+        return Response(found[int(index)].png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    return router
+
+
+def static_files() -> StaticFiles:
+    return StaticFiles(directory=str(STATIC))

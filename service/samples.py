@@ -1,0 +1,74 @@
+"""The page's ten sample images, one per class, read from the CIFAR-10 data when it is present.
+
+CIFAR-10 images are not committed (the data's terms are not ours to relicense), so the server
+takes them at run time from ``samples_data`` (the training archive the model was trained from):
+the first image of each class in the held-out validation split that ``export.data`` defines
+(5,000 images, stratified, seed 0), i.e. images the model never trained on. Without the data the
+page simply offers no samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("cnnserve.samples")
+
+SOURCE = (
+    "CIFAR-10 (Krizhevsky, 2009), training archive; the first image of each class in cnnserve's "
+    "held-out validation split (not used for training)"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    label: str
+    class_index: int
+    png: bytes
+
+
+def load_samples(path: str | Path) -> list[Sample]:
+    """One held-out validation image per class, as PNG (raises when the data cannot be read)."""
+    from export.data import load_split
+
+    ds = load_split(path, "val")
+    out = []
+    for c, label in enumerate(ds.classes):
+        i = int(np.flatnonzero(ds.labels == c)[0])
+        buf = io.BytesIO()
+        Image.fromarray(ds.images[i]).save(buf, format="PNG")
+        out.append(Sample(label, c, buf.getvalue()))
+    return out
+
+
+class Samples:
+    """Loaded on first use, in a worker thread (decoding the archive the first time takes seconds;
+    ``export.data`` caches it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._samples: list[Sample] | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def get(self) -> list[Sample]:
+        if self._samples is not None:
+            return self._samples
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._samples is None:
+                if not self.path.is_file() and not self.path.is_dir():
+                    self._samples = []
+                else:
+                    try:
+                        self._samples = await asyncio.to_thread(load_samples, self.path)
+                    except Exception as e:  # a damaged archive must not break the page
+                        log.warning("cannot read sample images from %s: %s", self.path, e)
+                        self._samples = []
+        return self._samples

@@ -43,8 +43,12 @@ SERVERS = {
     "2-device": ["--workers", "2", "--executor", "device"],
     "auto": ["--workers", "auto", "--executor", "auto"],
 }
-LOADS = [("loadtest", "grpc", 1), ("loadtest", "grpc", 64), ("loadtest", "http", 64),
-         ("perf_analyzer", "grpc-v2", 1), ("perf_analyzer", "grpc-v2", 64)]  # fmt: skip
+# (tool, target, concurrency, images per request)
+LOADS = [("loadtest", "grpc", 1, 1), ("loadtest", "grpc", 64, 1), ("loadtest", "http", 64, 1),
+         ("perf_analyzer", "grpc-v2", 1, 1), ("perf_analyzer", "grpc-v2", 64, 1)]  # fmt: skip
+#: --gpu: the issue's GPU points (single-image Classify and v2 at c=256, 64-image requests, c=1).
+GPU_LOADS = [("loadtest", "grpc", 1, 1), ("loadtest", "grpc", 256, 1), ("perf_analyzer", "grpc-v2", 256, 1),
+             ("loadtest", "grpc", 32, 64)]  # fmt: skip
 PA = Path(os.environ.get("PA_ROOT", "/tmp/perf_analyzer")) / "bin" / "perf_analyzer"
 
 
@@ -82,13 +86,14 @@ def perf_analyzer(server: ServerProcess, concurrency: int, seconds: float) -> di
     return {"img_per_s": float(rate.group(1)), "p50_ms": int(p50.group(1)) / 1000, "requests": requests}
 
 
-def point(server: ServerProcess, tool: str, protocol: str, concurrency: int, seconds: float) -> dict:
+def point(server: ServerProcess, tool: str, protocol: str, concurrency: int, images: int, seconds: float) -> dict:
     pids = roles(server)
     before = {role: sum(cpu_seconds(p) for p in ps) for role, ps in pids.items()}
     if tool == "perf_analyzer":
         result = perf_analyzer(server, concurrency, seconds)
     else:
-        report = run_loadtest(server, protocol, concurrency, seconds, 0.5, processes=2)
+        report = run_loadtest(server, protocol, concurrency, seconds, 0.5, processes=4 if concurrency > 64 else 2,
+                              extra=["--images-per-request", str(images)])  # fmt: skip
         s = report["summary"]
         result = {"img_per_s": s["img_per_s"], "p50_ms": s["latency_ms"]["p50"], "requests": s["ok"],
                   "errors": s["errors"]}  # fmt: skip
@@ -107,53 +112,61 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {','.join(SERVERS)}")
     ap.add_argument("--quick", action="store_true", help="1 round of 1 s points")
+    ap.add_argument("--provider", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--gpu", action="store_true", help="the GPU points (c=256, 64-image requests) instead")
     ap.add_argument("--json", default="bench/results/workers.json")
     args = ap.parse_args()
     rounds, seconds = (1, 1.0) if args.quick else (args.rounds, args.seconds)
     names = args.servers.split(",")
-    loads = [load for load in LOADS if load[0] != "perf_analyzer" or PA.exists()]
-    if len(loads) < len(LOADS):
+    wanted = GPU_LOADS if args.gpu else LOADS
+    loads = [load for load in wanted if load[0] != "perf_analyzer" or PA.exists()]
+    if len(loads) < len(wanted):
         print(f"perf_analyzer not found at {PA}: its points are skipped", file=sys.stderr)
-    servers = {name: ServerProcess(*SERVERS[name], "--drain-seconds", "0") for name in names}
+    extra = ["--providers", args.provider, "--drain-seconds", "0"]
+    servers = {name: ServerProcess(*SERVERS[name], *extra) for name in names}
     rows = []
     try:
         for r in range(rounds):
             order = loads[r % len(loads) :] + loads[: r % len(loads)]
-            for tool, protocol, concurrency in order:
+            for tool, protocol, concurrency, images in order:
                 for name in names[r % len(names) :] + names[: r % len(names)]:
-                    row = point(servers[name], tool, protocol, concurrency, seconds)
-                    row.update(round=r, server=name, tool=tool, protocol=protocol, concurrency=concurrency)
+                    row = point(servers[name], tool, protocol, concurrency, images, seconds)
+                    row.update(round=r, server=name, tool=tool, protocol=protocol, concurrency=concurrency,
+                               images=images)  # fmt: skip
                     rows.append(row)
                     cpu = ", ".join(f"{k} {v:.3f}" for k, v in row["cpu_ms_per_request"].items())
-                    print(f"r{r} {tool:13s} {protocol:7s} c={concurrency:<3d} {name:8s} {row['img_per_s']:8.0f} img/s "
-                          f"p50 {row['p50_ms']:6.2f} ms  CPU ms/request: {cpu}", flush=True)  # fmt: skip
+                    where = f"r{r} {tool:13s} {protocol:7s} c={concurrency:<3d} k={images:<2d} {name:8s}"
+                    print(f"{where} {row['img_per_s']:8.0f} img/s p50 {row['p50_ms']:6.2f} ms  CPU ms/request: {cpu}",
+                          flush=True)  # fmt: skip
     finally:
         for s in servers.values():
             s.stop()
     print("\nmedian over rounds (min), ratio to --workers 1 in the same round (median, min):")
     summary = []
-    for tool, protocol, concurrency in loads:
+    for tool, protocol, concurrency, images in loads:
         for name in names:
-            mine = [x for x in rows if (x["tool"], x["protocol"], x["concurrency"], x["server"]) ==
-                    (tool, protocol, concurrency, name)]  # fmt: skip
+            key = (tool, protocol, concurrency, images)
+            mine = [x for x in rows if (x["tool"], x["protocol"], x["concurrency"], x["images"]) == key
+                    and x["server"] == name]  # fmt: skip
             ratios = sorted(
                 x["img_per_s"] / base["img_per_s"]
                 for x in mine
                 for base in rows
-                if (base["tool"], base["protocol"], base["concurrency"], base["server"], base["round"])
-                == (tool, protocol, concurrency, "1", x["round"])
+                if (base["tool"], base["protocol"], base["concurrency"], base["images"]) == key
+                and (base["server"], base["round"]) == ("1", x["round"])
             )
             rates = sorted(x["img_per_s"] for x in mine)
             p50s = sorted(x["p50_ms"] for x in mine)
-            entry = {"tool": tool, "protocol": protocol, "concurrency": concurrency, "server": name,
+            entry = {"tool": tool, "protocol": protocol, "concurrency": concurrency, "images": images, "server": name,
                      "img_per_s_median": rates[len(rates) // 2], "img_per_s_min": rates[0],
                      "p50_ms_median": p50s[len(p50s) // 2],
                      "ratio_median": ratios[len(ratios) // 2] if ratios else None,
                      "ratio_min": ratios[0] if ratios else None}  # fmt: skip
             summary.append(entry)
             ratio = "" if not ratios else f"  x{entry['ratio_median']:.2f} (min x{entry['ratio_min']:.2f})"
-            print(f"{tool:13s} {protocol:7s} c={concurrency:<3d} {name:8s} {entry['img_per_s_median']:8.0f} img/s "
-                  f"(min {entry['img_per_s_min']:.0f})  p50 {entry['p50_ms_median']:.2f} ms{ratio}")  # fmt: skip
+            where = f"{tool:13s} {protocol:7s} c={concurrency:<3d} k={images:<2d} {name:8s}"
+            print(f"{where} {entry['img_per_s_median']:8.0f} img/s (min {entry['img_per_s_min']:.0f})  "
+                  f"p50 {entry['p50_ms_median']:.2f} ms{ratio}")  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine_info(), "rounds": rounds, "seconds": seconds, "servers": SERVERS,
               "summary": summary, "rows": rows}  # fmt: skip

@@ -26,6 +26,9 @@ status=0
     "$PYTHON" bench/cudnn_shapes.py
 } 2>&1 | tee "$out/runtime.txt" || status=1
 "$PYTHON" -m pytest -v -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.txt" || status=1
+# The same with two front ends and a device executor owning the GPU.
+CNNSERVE_TEST_WORKERS=2 "$PYTHON" -m pytest -v -rs -p no:cacheprovider tests/test_gpu.py tests/test_workers.py \
+    2>&1 | tee "$out/test_gpu_workers.txt" || status=1
 "$PYTHON" bench/ceiling.py --provider cuda --threads 0 --rounds 3 --seconds 0.5 \
     --json "$out/ceiling-cuda.json" --plot "$out/ceiling-cuda.png" 2>&1 | tee "$out/ceiling-cuda.txt" || status=1
 "$PYTHON" bench/served.py --provider cuda --protocols grpc,http --batching on --concurrency 1,16,64,256 \
@@ -39,5 +42,14 @@ status=0
     --concurrency 1,64 --rounds 2 --duration 3 --warmup 1 --client-processes 4 \
     --json "$out/served-cuda-fp16.json" --plot "$out/served-cuda-fp16.png" 2>&1 | tee "$out/served-cuda-fp16.txt" \
     || status=1
+# Workers (issue 11): --workers auto (front ends + one device executor) against one process, on
+# CUDA, side by side; single-image Classify and v2 at c=256, 64-image requests, c=1. Then the
+# executor's control path on one core, and the same comparison on this machine's many CPU cores.
+"$PYTHON" bench/workers.py --provider cuda --gpu --servers 1,auto --rounds 2 --seconds 4 \
+    --json "$out/workers-cuda.json" 2>&1 | tee "$out/workers-cuda.txt" || status=1
+"$PYTHON" bench/executor_capacity.py --drivers 4 --json "$out/executor-capacity.json" \
+    2>&1 | tee "$out/executor-capacity.txt" || status=1
+"$PYTHON" bench/workers.py --provider cpu --rounds 2 --seconds 3 \
+    --json "$out/workers-cpu16.json" 2>&1 | tee "$out/workers-cpu16.txt" || status=1
 echo "gpu-check: exit $status; results in $out"
 exit $status

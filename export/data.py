@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, cast
 
 import numpy as np
 from PIL import Image
@@ -59,10 +60,10 @@ def cache_dir() -> Path:
 
 def _decode_rgb32(data: bytes, name: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if im.size != (32, 32):
-            raise ValueError(f"{name}: expected a 32x32 image, got {im.size[0]}x{im.size[1]}")
-        return np.asarray(im, dtype=np.uint8)
+        rgb = im.convert("RGB")
+        if rgb.size != (32, 32):
+            raise ValueError(f"{name}: expected a 32x32 image, got {rgb.size[0]}x{rgb.size[1]}")
+        return np.asarray(rgb, dtype=np.uint8)
 
 
 def _split_class_of(parts: tuple[str, ...], split: str) -> str | None:
@@ -106,7 +107,8 @@ def load_image_folder(path: str | Path, split: str = "train") -> Dataset:
                 cls = _split_class_of(Path(member.name).parts, split)
                 if cls is None:
                     continue
-                items.append((cls, member.name, tar.extractfile(member).read()))
+                # extractfile() is None only for members that are not regular files (isfile() above)
+                items.append((cls, member.name, cast(IO[bytes], tar.extractfile(member)).read()))
     return _build_dataset(items, str(path))
 
 
@@ -130,7 +132,7 @@ def load_cifar_python(path: str | Path, split: str = "train") -> Dataset:
             for member in tar:
                 base = Path(member.name).name
                 if member.isfile() and base in (*names, "batches.meta"):
-                    blobs[base] = tar.extractfile(member).read()
+                    blobs[base] = cast(IO[bytes], tar.extractfile(member)).read()  # isfile(): never None
     missing = [n for n in names if n not in blobs]
     if missing:
         raise ValueError(f"{path}: not a CIFAR-10 python archive (missing {', '.join(missing)})")

@@ -154,7 +154,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
     model = Cifar10CNN()
     ema = copy.deepcopy(model)
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if name.endswith("bias") else decay).append(p)
     optimizer = torch.optim.SGD(

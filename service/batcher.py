@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -30,7 +30,10 @@ from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overload
 
 log = logging.getLogger("cnnserve.batcher")
 
-BatchFn = Callable[[list[np.ndarray]], Sequence[np.ndarray]]
+# The batch function's outputs: a tuple of arrays (or a NamedTuple such as runtime.BatchOutput,
+# whose fields may also be lists), each with one entry per image.
+Outputs = TypeVar("Outputs", bound=Sequence[Any])
+BatchFn = Callable[[list[np.ndarray]], Outputs]
 
 
 class BatchObserver:
@@ -52,10 +55,10 @@ class _Request:
     pieces: list = field(default_factory=list)  # (start, outputs) per finished chunk
 
 
-class Batcher:
+class Batcher(Generic[Outputs]):
     def __init__(
         self,
-        run_batch: BatchFn,
+        run_batch: BatchFn[Outputs],
         *,
         max_batch_size: int = 64,
         max_queue_delay_s: float = 0.0,
@@ -94,7 +97,7 @@ class Batcher:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-worker")
 
-    async def submit(self, items: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
+    async def submit(self, items: np.ndarray, deadline: float | None = None) -> Outputs:
         """Queue ``items`` (first axis = images) and return the batch function's outputs for
         exactly these images. ``deadline`` is a ``time.monotonic()`` instant."""
         if self._closed:
@@ -189,7 +192,7 @@ class Batcher:
             self._deliver(chunks, outputs)
 
     @staticmethod
-    def _deliver(chunks: list[tuple[_Request, int, int]], outputs: Sequence[np.ndarray]) -> None:
+    def _deliver(chunks: list[tuple[_Request, int, int]], outputs: Sequence[Any]) -> None:
         offset = 0
         for request, start, end in chunks:
             n = end - start

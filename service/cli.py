@@ -24,7 +24,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; help shows the description, default and environment variable."""
     group = parser.add_argument_group("server settings (flag, or CNNSERVE_<NAME> environment variable)")
     for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default
+        default = field.get_default(call_default_factory=True)
         shown = ",".join(default) if isinstance(default, list) else default
         help_text = f"{field.description} [default: {shown}; env CNNSERVE_{name.upper()}]".replace("%", "%%")
         annotation = field.annotation

@@ -84,7 +84,7 @@ class LoadedModel:
     ``stats`` this process's statistics, ``stats_rows`` every process's (multi-process server)."""
 
     runtime: ModelRuntime | ModelDescription
-    batcher: Batcher | RemoteBatcher
+    batcher: Batcher[BatchOutput] | RemoteBatcher
     stats: ModelStats
     decoding: int = 0  # images admitted and being decoded: counted against the queue by admit()
     stats_rows: np.ndarray | None = None

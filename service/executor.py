@@ -150,9 +150,11 @@ class ModelQueue:
         x = np.empty((n, self.input_size), np.float32)
         pos, placed = 0, []
         for chunk, mask, _ in live:
+            slabs = chunk.frontend.slabs
+            assert slabs is not None  # live chunks come from front ends past their hello (_run_batch)
             slots = chunk.records["slot"][mask]
-            x[pos : pos + len(slots)] = chunk.frontend.slabs.inputs[slots, : self.input_size]
-            placed.append((chunk.frontend.slabs, slots, pos))
+            x[pos : pos + len(slots)] = slabs.inputs[slots, : self.input_size]
+            placed.append((slabs, slots, pos))
             pos += len(slots)
         started = time.monotonic()
         try:

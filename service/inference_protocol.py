@@ -117,7 +117,7 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
     on_gpu = rt.provider == CUDA
     classes = [rt.num_classes]
     layers = layer_shapes(core, model)
-    config = {
+    config: dict[str, Any] = {
         "name": model.name,
         "platform": PLATFORM,
         "backend": BACKEND,
@@ -274,12 +274,16 @@ class OutputTensor:
         """The tensor as Triton's raw bytes: little-endian values; BYTES elements as a 4-byte
         little-endian length followed by the bytes."""
         if self.strings is None:
+            assert self.array is not None  # FP32 tensors carry an array
             return self.array.astype(_LE_FP32, copy=False).tobytes()
         encoded = [s.encode() for s in self.strings]
         return b"".join([part for e in encoded for part in (_LENGTH.pack(len(e)), e)])
 
     def json_data(self) -> Any:
-        return self.array.reshape(-1) if self.strings is None else self.strings
+        if self.strings is not None:
+            return self.strings
+        assert self.array is not None  # FP32 tensors carry an array
+        return self.array.reshape(-1)
 
 
 @dataclass

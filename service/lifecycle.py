@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -145,11 +146,12 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         role.table.state[role.row] = ipc.LISTENING
 
     clients: list[ExecutorClient] = []
+    loader: asyncio.Task[Any]  # waits for the executors, or loads the models here
     if role is not None and role.executors:
         slots = settings.max_queue_size + 4 * settings.max_batch_size
         clients = [ExecutorClient(role.table, role.index, e, role.run_dir, slots) for e in range(role.executors)]
         tasks = [asyncio.create_task(c.run()) for c in clients]
-        waits = [asyncio.create_task(c.connected.wait()) for c in clients]
+        waits: list[asyncio.Task[Any]] = [asyncio.create_task(c.connected.wait()) for c in clients]
         # The models run in the executors; /explain's layers are computed here (service.layers).
         waits.append(asyncio.create_task(asyncio.to_thread(core.load_layers)))
         loader = asyncio.create_task(asyncio.wait(waits))

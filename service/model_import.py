@@ -23,6 +23,7 @@ from service.repository import MODEL_FILENAME, ModelSpec
 
 if TYPE_CHECKING:
     import numpy as np
+    import onnx
 
     from service.preprocess import Preprocessing
 
@@ -89,7 +90,9 @@ def _dims(value_info) -> list:
     ]
 
 
-def add_metadata(model, labels: list[str], pre: Preprocessing, size_given: bool) -> tuple[object, Preprocessing]:
+def add_metadata(
+    model: onnx.ModelProto, labels: list[str], pre: Preprocessing, size_given: bool
+) -> tuple[onnx.ModelProto, Preprocessing]:
     """The model with our metadata and a dynamic batch dimension; the preprocessing with the
     graph's own input size when ``size_given`` is false. Raises ModelImportError when the graph is
     not an image classifier this server can run."""

@@ -244,7 +244,8 @@ def allowed_values(field: str) -> str:
         return "true or false"
     if field == "providers":
         return "a comma-separated list of cuda, cpu, tensorrt (or full ONNX Runtime provider names)"
-    kind = {int: "an integer", float: "a number"}.get(annotation, "a string")  # type: ignore[call-overload]
+    kinds: dict[object, str] = {int: "an integer", float: "a number"}
+    kind = kinds.get(annotation, "a string")
     bounds = []
     for m in info.metadata:
         for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):

@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 
 from service import ipc
@@ -64,7 +65,7 @@ def plan(settings: Settings) -> tuple[int, str, list[int]]:
     auto: with a GPU, one device executor per GPU and a front end per remaining core (the GPU
     waits on Python otherwise); on the CPU alone, what measured best on 2 cores: see README."""
     gpus = visible_gpus(settings)
-    placement = settings.executor
+    placement: str = settings.executor
     if placement == "auto":
         placement = "device" if gpus else CPU_AUTO_EXECUTOR
     from service.devices import usable_cores
@@ -106,6 +107,7 @@ class Supervisor:
         from service import executor, lifecycle
 
         shape = self.table.describe()
+        target: Callable[..., None]
         if row < self.executors:
             settings = self.child_settings
             if self.gpus:

@@ -104,6 +104,7 @@ class HttpContext:
         also cancels its place in the batcher queue (dropped before compute). Call it only once
         the body has been read: the watcher consumes the request's remaining ASGI messages."""
         this = asyncio.current_task()
+        assert this is not None  # called from a request's task
         gone = False
 
         async def watch() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import uvicorn
 
 from service.http_api.protocol import HttpLimits, protocol_class
@@ -18,7 +20,7 @@ def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
         header_timeout=settings.header_timeout_seconds,
         body_timeout=settings.body_timeout_seconds,
     )
-    options = dict(
+    options: dict[str, Any] = dict(
         lifespan="off",
         access_log=False,
         log_config=None,

@@ -33,10 +33,10 @@ def reference():
     return Reference()
 
 
-@pytest.fixture(scope="module")
-def hostile():
+def _hostile_server(*extra: str) -> ServerProcess:
     """Short timeouts and small caps, so that every limit is reached in well under a second."""
-    s = ServerProcess(
+    return ServerProcess(
+        *extra,
         "--drain-seconds",
         "0",
         "--header-timeout-seconds",
@@ -56,6 +56,21 @@ def hostile():
         "--log-level",
         "DEBUG",
     )
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    s = _hostile_server()
+    yield s
+    assert s.stop() == 0, s.log
+
+
+@pytest.fixture(scope="module")
+def hostile_one_process():
+    """The same, as one process whatever CNNSERVE_TEST_WORKERS says: the per-process caps
+    (connections, buffered bytes) are counted exactly only when one process takes every
+    connection (with several front ends each gets its share of the cap: README)."""
+    s = _hostile_server("--workers", "1", "--executor", "worker")
     yield s
     assert s.stop() == 0, s.log
 
@@ -307,7 +322,8 @@ def test_png_text_chunks_that_inflate_are_refused_and_small_ones_decode(hostile,
 
 
 # ---- 5. stalled uploads, slow headers, too many connections ------------------------------------
-def test_stalled_uploads_are_capped_in_memory_and_timed_out(hostile, reference):
+def test_stalled_uploads_are_capped_in_memory_and_timed_out(hostile_one_process, reference):
+    hostile = hostile_one_process
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n"
     stalled = socket.create_connection(("127.0.0.1", hostile.http_port), timeout=10)
     stalled.sendall(head % (3 * MIB) + b"\0" * MIB)  # 3 MiB declared, 1 MiB sent, then silence
@@ -345,7 +361,8 @@ def test_slow_headers_and_silent_connections_are_closed(hostile, reference):
     serves_normally(hostile, reference)
 
 
-def test_connections_past_the_limit_get_503(hostile, reference):
+def test_connections_past_the_limit_get_503(hostile_one_process, reference):
+    hostile = hostile_one_process
     idle = [socket.create_connection(("127.0.0.1", hostile.http_port), timeout=10) for _ in range(16)]
     try:
         time.sleep(0.1)

@@ -49,6 +49,12 @@ def main() -> int:
         "--images-per-request", type=int, default=8, help="images per request of the c=16 point (0: skip it)"
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of 0.5 s points, c=1 only")
+    ap.add_argument(
+        "--after-args",
+        default="",
+        help="extra serve flags for the after server only, e.g. '--workers 1 --precision fp32' to compare "
+        "with a revision that predates those settings under the same process model and precision",
+    )
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "compare-revisions.json"))
     args = ap.parse_args()
     points = [(1, 1), (64, 1)] + ([(16, args.images_per_request)] if args.images_per_request > 0 else [])
@@ -62,7 +68,11 @@ def main() -> int:
             f"before ({args.before})": checkout(args.before, Path(tmp)),
             f"after ({args.after})": checkout(args.after, Path(tmp)),
         }
-        servers = {name: ServerProcess(cwd=tree, model_repository=ROOT / "models") for name, tree in trees.items()}
+        extra = {name: (args.after_args.split() if name.startswith("after") else []) for name in trees}
+        servers = {
+            name: ServerProcess(*extra[name], cwd=tree, model_repository=ROOT / "models")
+            for name, tree in trees.items()
+        }
         try:
             for rnd in range(args.rounds):
                 order = list(servers.items()) if rnd % 2 == 0 else list(servers.items())[::-1]
@@ -101,6 +111,7 @@ def main() -> int:
                 "machine": machine_info(),
                 "before": args.before,
                 "after": args.after,
+                "after_args": args.after_args,
                 "rounds": args.rounds,
                 "results": summary,
             },

@@ -74,10 +74,12 @@ def perf_analyzer(server: ServerProcess, concurrency: int, seconds: float) -> di
     """Three measurement windows (perf_analyzer's stability check needs three; its gate is off)."""
     window_ms = max(300, int(seconds * 1000 / 3))
     cmd = [str(PA), "-m", "cifar10", "-u", server.grpc_target, "-i", "grpc", "-b", "1",
-           "--shape", "input:3,32,32", "--input-data", "random",
+           # zero: perf_analyzer's random FP32 data is random bits, NaN included, which the server refuses
+           "--shape", "input:3,32,32", "--input-data", "zero",
            "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(window_ms),
            "--stability-percentage", "999", "--max-trials", "3"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 4 + 120).stdout
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=seconds * 4 + 120).stdout  # fmt: skip
     rate = re.search(r"Throughput: ([0-9.]+) infer/sec", out)
     p50 = re.search(r"p50 latency: ([0-9]+) usec", out)
     if not rate or not p50:

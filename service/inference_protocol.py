@@ -97,10 +97,12 @@ def model_metadata(core: InferenceCore, name: str, version: str | None = None) -
         "versions": [model.version] if version else _versions(core, model.name),
         "platform": PLATFORM,
         "inputs": [{"name": rt.input_name, "datatype": FP32, "shape": list(rt.input_shape)}],
+        # The layer outputs are not listed here: tools that request every output the metadata
+        # lists (Triton's perf_analyzer does) would compute all of them on every request. The model
+        # configuration lists and describes them; a request asks for them by name.
         "outputs": [
             {"name": rt.output_name, "datatype": FP32, "shape": classes},
             {"name": PROBABILITIES, "datatype": FP32, "shape": classes},
-            *({"name": n, "datatype": FP32, "shape": shape} for n, shape in layer_shapes(core, model).items()),
         ],
     }
 

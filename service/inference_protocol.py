@@ -97,9 +97,9 @@ def model_metadata(core: InferenceCore, name: str, version: str | None = None) -
         "versions": [model.version] if version else _versions(core, model.name),
         "platform": PLATFORM,
         "inputs": [{"name": rt.input_name, "datatype": FP32, "shape": list(rt.input_shape)}],
-        # The layer outputs are not listed here: tools that request every output the metadata
-        # lists (Triton's perf_analyzer does) would compute all of them on every request. The model
-        # configuration lists and describes them; a request asks for them by name.
+        # The layer outputs are not listed (here nor in the configuration's ``output``): tools that
+        # request every listed output (Triton's perf_analyzer) would compute all of them on every
+        # request. The configuration's parameters.layer_outputs describes them; a request asks by name.
         "outputs": [
             {"name": rt.output_name, "datatype": FP32, "shape": classes},
             {"name": PROBABILITIES, "datatype": FP32, "shape": classes},
@@ -131,10 +131,6 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
         "output": [
             {"name": rt.output_name, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
             {"name": PROBABILITIES, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
-            *(
-                {"name": n, "data_type": TYPE_FP32, "dims": shape[1:], "label_filename": ""}
-                for n, shape in layers.items()
-            ),
         ],
         "dynamic_batching": {
             "preferred_batch_size": [],
@@ -165,8 +161,13 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
     }
     if layers:
         config["parameters"]["layer_outputs"] = {
-            "string_value": f"{', '.join(layers)}: intermediate activations (conv1, conv2, fc3 after ReLU; "
-            f"fc4 = logits), computed on request only. {DROPOUT_NOTE}"
+            "string_value": orjson.dumps(
+                {
+                    "outputs": [{"name": n, "datatype": FP32, "shape": shape} for n, shape in layers.items()],
+                    "description": "intermediate activations (conv1, conv2, fc3 after ReLU; fc4 = logits), "
+                    f"computed only when a request names them. {DROPOUT_NOTE}",
+                }
+            ).decode()
         }
     return config
 

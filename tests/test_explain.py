@@ -187,12 +187,13 @@ def test_grpc_explain_bad_input_gets_its_status(server, name, fields, code):
 def test_layers_as_open_inference_protocol_outputs(server, reference):
     meta = httpx.get(f"{server.http}/v2/models/cifar10").json()
     outputs = {o["name"]: o["shape"] for o in meta["outputs"]}
-    # Metadata lists the model's own outputs only (perf_analyzer requests every listed output);
-    # the configuration lists the layers too.
+    # Metadata and configuration list the model's own outputs only (perf_analyzer requests every
+    # listed output); the configuration's parameters describe the layers.
     assert outputs == {"logits": [-1, 10], "probabilities": [-1, 10]}
     config = httpx.get(f"{server.http}/v2/models/cifar10/config").json()
-    assert {o["name"]: o["dims"] for o in config["output"]}["pool"] == [32, 16, 16]
-    assert "Dropout" in config["parameters"]["layer_outputs"]["string_value"]
+    layers = json.loads(config["parameters"]["layer_outputs"]["string_value"])
+    assert {o["name"]: o["shape"] for o in layers["outputs"]}["pool"] == [-1, 32, 16, 16]
+    assert "Dropout" in layers["description"]
     pixels = distinct_images(2, seed=14)
     x = ((pixels.astype(np.float32) / 255.0 - reference.mean) / reference.std).transpose(0, 3, 1, 2)
     body = {

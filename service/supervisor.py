@@ -200,6 +200,23 @@ class Supervisor:
         self.child_settings = s.model_copy(
             update={"http_port": http_port, "grpc_port": grpc_port, "drain_seconds": 0.0}
         )
+        if s.intra_op_threads == 0:
+            self.child_settings.intra_op_threads = self._intra_op_threads()
+        # The server-wide caps on connections and buffered request bytes are shared out among the
+        # front ends (the kernel spreads connections evenly enough), so the whole server stays
+        # within what the settings promise, memory above all.
+        self.child_settings.max_connections = max(1, -(-s.max_connections // self.workers))
+        self.child_settings.max_buffered_bytes = max(1024, s.max_buffered_bytes // self.workers)
+        # CUDA that cannot run here is said once, by the supervisor, not once per child.
+        from service.devices import usable_providers
+
+        usable, reason = usable_providers(s.providers)
+        if reason is not None and not s.require_gpu:
+            log.warning("%s: running on the CPU", reason)
+            self.child_settings.providers = usable or ["CPUExecutionProvider"]
+        c = self.child_settings
+        log.info("each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections and "
+                 "%d buffered request bytes", c.intra_op_threads, c.max_connections, c.max_buffered_bytes)  # fmt: skip
         shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
                                ModelStats.width(s.max_batch_size))  # fmt: skip
         self.table = ipc.ControlTable(shape, create=True)

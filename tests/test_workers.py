@@ -178,3 +178,23 @@ def test_sigkill_under_load_fails_fast_restarts_and_recovers(victim):
         # Its in-flight requests failed at once as UNAVAILABLE / 503 rather than waiting.
         failed = [(t1 - t0) for t0, t1, o in grpc_out + http_out if o in ("UNAVAILABLE", "503")]
         assert failed and max(failed) < 3.0
+
+
+def test_what_the_supervisor_shares_out_and_says_once():
+    """CUDA that cannot run is said once (by the supervisor, not by every child); the server-wide
+    caps are shared out among the front ends, and ORT's threads among the processes."""
+    from service.devices import cuda_available
+
+    cuda_ok, reason = cuda_available()
+    caps = ["--max-connections", "101", "--max-buffered-bytes", str(8 << 20)]
+    s = ServerProcess("--workers", "2", "--executor", "worker", "--providers", "cuda,cpu", "--intra-op-threads", "0",
+                      *caps, "--drain-seconds", "0")  # fmt: skip
+    try:
+        if not cuda_ok:
+            assert s.log.count(f"{reason}: running on the CPU") == 1, s.log
+        cores = len(os.sched_getaffinity(0))
+        expected = f"each process: {max(1, cores // 2)} ONNX Runtime intra-op thread(s); each front end: up to 51 "
+        assert expected in s.log and f"{4 << 20} buffered request bytes" in s.log, s.log
+        assert _classify(s.grpc_target, png_bytes(IMAGES[0])).results[0].predictions
+    finally:
+        assert s.stop() == 0, s.log

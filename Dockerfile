@@ -6,8 +6,11 @@
 # The flavour picks a base stage (cpu-base or gpu-base); the builder and the runtime stage are the
 # same for both. Only runtime dependencies go in (no torch, no dev tools). The bundled model
 # repository (models/) lands in /models; mount a volume over /models to serve other models.
-# Run:  docker run --rm -p 8000:8000 -p 8001:8001 cnnserve:cpu      (GPU: add --gpus all)
+# Run:  docker run --rm --shm-size=256m -p 8000:8000 -p 8001:8001 cnnserve:cpu      (GPU: add --gpus all)
 # Any setting: -e CNNSERVE_<FIELD>=... or flags after the image name (`cnnserve serve` is the entrypoint).
+# `cnnserve serve` runs several processes by default (--workers auto: one per core of the container's
+# CPU limit; with a GPU, front ends plus one device executor). They share images and results in
+# /dev/shm: docker's default 64 MiB is enough for the bundled model, --shm-size gives headroom.
 
 # The CUDA major of the base must match the onnxruntime-gpu wheel: PyPI's onnxruntime-gpu
 # 1.31.x is built against CUDA 13.0 / cuDNN 9 (capi/build_and_package_info.py: cuda_version='13.0';

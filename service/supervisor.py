@@ -152,6 +152,10 @@ class Supervisor:
             code = process.exitcode
             if process.pid is not None:
                 multiprocess.mark_process_dead(process.pid, str(self.run_dir / "metrics"))
+                # A dead front end's slabs: memory in /dev/shm until unlinked (an executor that
+                # still maps one keeps it alive until it lets go).
+                for slab in self.run_dir.glob(f"fe*-ex*-{process.pid}-*.slab"):
+                    slab.unlink(missing_ok=True)
             if row not in ever_ready and code not in (None, -signal.SIGKILL, -signal.SIGTERM):
                 return code or 1  # it said why (a model that cannot load, a taken port): not a crash loop
             if self.stop_requested and code == 0:

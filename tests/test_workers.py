@@ -9,6 +9,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -164,6 +165,8 @@ def test_sigkill_under_load_fails_fast_restarts_and_recovers(victim):
         assert wait_until(lambda: any(t0 > killed and o == "OK" for t0, _, o in grpc_out[-50:]), timeout=20), s.log
         assert wait_until(lambda: any(t0 > killed and o == "200" for t0, _, o in http_out[-50:]), timeout=20), s.log
         assert wait_until(lambda: httpx.get(f"{s.http}/readyz").status_code == 200, timeout=20)
+        if victim == "front end":  # its shared-memory slabs went with it
+            assert not list(Path("/dev/shm").glob(f"cnnserve-*/fe*-{pid}-*.slab"))
     finally:
         stop.set()
         for t in threads:

@@ -134,6 +134,9 @@ class ModelStats:
     )  # fmt: skip
     _INDEX: ClassVar[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
     _LAST = _INDEX["last_inference_ms"]
+    # (count, ns) positions, looked up once: request_done runs for every request.
+    _SUCCESS = (_INDEX["success_count"], _INDEX["success_ns"])
+    _FAIL = (_INDEX["fail_count"], _INDEX["fail_ns"])
 
     @classmethod
     def width(cls, max_batch_size: int) -> int:
@@ -163,10 +166,10 @@ class ModelStats:
         return {int(size): [int(c), int(ns)] for size, (c, ns) in enumerate(table) if c}
 
     def request_done(self, ok: bool, seconds: float) -> None:
-        v, i = self.values, self._INDEX
-        outcome = "success" if ok else "fail"
-        v[i[outcome + "_count"]] += 1
-        v[i[outcome + "_ns"]] += int(seconds * 1e9)
+        count, ns = self._SUCCESS if ok else self._FAIL
+        v = self.values
+        v[count] += 1
+        v[ns] += int(seconds * 1e9)
 
     def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None:
         v, i, ns = self.values, self._INDEX, int(compute_s * 1e9)

@@ -33,6 +33,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                 flag_name(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
             continue
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("repeatable"):
+            # A list flag given once per item (--load-model a --load-model b), as Triton's.
+            group.add_argument(flag_name(name), dest=name, action="append", default=None,
+                               metavar=name.upper(), help=help_text)  # fmt: skip
+            continue
         choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
         # Fields with choices keep argparse's {a,b,c} metavar, so --help lists them.
         group.add_argument(

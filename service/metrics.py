@@ -84,6 +84,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # Model control (service.model_control): what was loaded, refused and retired while serving.
+        self.model_loads = Counter("cnnserve_model_loads", "Model version loads, by model and result (loaded, "
+                                   "failed).", ["model", "result"], registry=r)  # fmt: skip
+        self.model_unloads = Counter("cnnserve_model_unloads", "Model versions taken out of service.", ["model"],
+                                     registry=r)  # fmt: skip
+        self.model_version = Gauge("cnnserve_model_version", "The version a request naming none gets (the highest "
+                                   "served); 0: the model is not served.", ["model"], registry=r,
+                                   multiprocess_mode="livemax")  # fmt: skip
         self.explanations = Counter(
             "cnnserve_explanations", "Explanation requests computed, by attribution method.", ["method"], registry=r
         )

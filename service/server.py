@@ -36,6 +36,7 @@ from service.http_api.server_config import uvicorn_config
 from service.inference import repository
 from service.inference.core import InferenceCore
 from service.metrics import Metrics
+from service.model_control.controller import ModelController
 from service.settings import Settings
 from service.workers import shared_memory as ipc
 from service.workers.remote_batcher import ExecutorClient
@@ -86,7 +87,13 @@ def bind_listener(host: str, port: int, protocol: str, reuse_port: bool = False)
 
 
 def check_repository(settings: Settings) -> list[repository.ModelSpec]:
-    """The model repository's versions, or a StartupError naming its absolute path."""
+    """The model repository's versions, or a StartupError naming its absolute path. Under model
+    control the repository may start empty (models arrive later), but must be a folder."""
+    if settings.model_control_mode != "none":
+        root = Path(settings.model_repository).absolute()
+        if not root.is_dir():
+            raise StartupError(f"model repository {root} is not a folder")
+        return []
     try:
         return repository.scan(settings.model_repository)
     except FileNotFoundError as e:
@@ -156,6 +163,11 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         # The models run in the executors; /explain's layers are computed here (service.explain.layers).
         waits.append(asyncio.create_task(asyncio.to_thread(core.load_layers)))
         loader = asyncio.create_task(asyncio.wait(waits))
+    elif settings.model_control_mode != "none":
+        # Versions are loaded, swapped and retired by the controller, at start-up and after.
+        tasks = []
+        core.repository = ModelController(core, metrics, settings)
+        loader = asyncio.create_task(core.repository.start())
     else:
         tasks = []
         loader = asyncio.create_task(asyncio.to_thread(core.load))
@@ -169,6 +181,8 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
                 core.start_remote(clients)
             else:
                 core.start()
+            if core.repository is not None:
+                core.repository.start_polling()
             if role is None:
                 await grpc_server.set_serving(True)
                 log.info("ready in %.2fs: %s", time.monotonic() - started, _describe_ready(core))
@@ -204,6 +218,8 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     for task in (watcher, loader, *tasks):
         if task is not None and not task.done():
             task.cancel()
+    if core.repository is not None:
+        await core.repository.close()
     await core.close()
     if role is not None:
         role.table.state[role.row] = ipc.STOPPED

@@ -46,6 +46,23 @@ class Settings(BaseSettings):
     model_repository: str = Field(
         "models", description="Folder of models laid out as <name>/<version>/model.onnx (Triton style)."
     )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="How models change while serving (README: Model control). none: what start-up found, "
+        "until exit. poll: the repository is read again every --repository-poll-seconds; new, changed and "
+        "removed versions are loaded or unloaded, each swapped in only once loaded and warmed. explicit: "
+        "only --load-model models at start-up, then the repository API's load and unload (off otherwise). "
+        "poll and explicit need --workers 1 --executor worker for now.",
+    )
+    repository_poll_seconds: float = Field(
+        15.0, gt=0.0, description="Seconds between two reads of the model repository (--model-control-mode poll)."
+    )
+    load_model: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="With --model-control-mode explicit: a model to load at start-up (repeat the flag, or "
+        "a comma-separated list; * loads every model). Others wait for a load request.",
+        json_schema_extra={"repeatable": True},
+    )
 
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["cuda", "cpu"],  # validated into ONNX Runtime's full names
@@ -214,6 +231,21 @@ class Settings(BaseSettings):
             return [PROVIDER_ALIASES.get(str(v).lower(), str(v)) for v in value]
         return value
 
+    @field_validator("load_model", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
+        return value
+
+    @field_validator("load_model")
+    @classmethod
+    def _star_alone(cls, value: list[str]) -> list[str]:
+        if "*" in value and len(value) > 1:
+            raise ValueError("* (every model) must be the only model named")
+        return value
+
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, value: list[str]) -> list[str]:
@@ -242,6 +274,8 @@ def allowed_values(field: str) -> str:
         return "one of " + ", ".join(str(v) for v in typing.get_args(annotation))
     if annotation is bool:
         return "true or false"
+    if field == "load_model":
+        return "model folder names (repeat the flag, or separate them with commas), or *"
     if field == "providers":
         return "a comma-separated list of cuda, cpu, tensorrt (or full ONNX Runtime provider names)"
     kinds: dict[object, str] = {int: "an integer", float: "a number"}

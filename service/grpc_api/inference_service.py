@@ -2,8 +2,9 @@
 tritonclient's generated stubs: protobuf ↔ ``service.protocol.open_inference``, nothing else.
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
-ModelConfig, ModelStatistics, RepositoryIndex. The other RPCs (streaming, repository load/unload,
-shared memory, trace, logging) answer UNIMPLEMENTED. Errors are mapped by ``Instrumented``, which
+ModelConfig, ModelStatistics, RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload
+(``service.model_control.protocol``). The other RPCs (streaming, shared memory, trace, logging)
+answer UNIMPLEMENTED. Errors are mapped by ``Instrumented``, which
 also records ``cnnserve_requests_total{protocol="grpc",method=<RPC>,code}``.
 """
 
@@ -19,6 +20,7 @@ from service.errors import InvalidInput
 from service.grpc_api.instrumented import rpc
 from service.inference.core import InferenceCore
 from service.metrics import Metrics
+from service.model_control import protocol as repository
 from service.protocol import open_inference as v2
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -110,7 +112,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def RepositoryIndex(self, request, context):
-        return json_format.ParseDict({"models": v2.repository_index(self.core)}, pb.RepositoryIndexResponse())
+        models = repository.index(self.core, request.ready)
+        return json_format.ParseDict({"models": models}, pb.RepositoryIndexResponse())
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context):
+        await repository.load(self.core, request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context):
+        await repository.unload(self.core, request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
     @rpc
     async def ModelInfer(self, request, context):

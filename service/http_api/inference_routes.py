@@ -8,12 +8,15 @@ metrics.
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from service.errors import InvalidInput
 from service.http_api import inference_rest as rest
 from service.http_api.context import HttpContext, json_response
 from service.http_api.schemas import V2_INFER_REQUEST_BODY, error_responses
+from service.model_control import protocol as repository
 from service.protocol import open_inference as v2
 
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -46,9 +49,45 @@ def build_router(ctx: HttpContext) -> APIRouter:
             return json_response({"ready": True})
         return json_response({"ready": False, "error": f"not ready: {reason}"}, 503)
 
-    @router.post("/repository/index", summary="Loaded model versions and their state")
-    async def repository_index():
-        return await ctx.handle("v2_repository_index", _json(v2.repository_index))
+    # ---- model repository extension (service.model_control) -------------------------------------
+    async def _repository_body(request: Request) -> dict:
+        """A repository request's JSON object (tritonclient sends none, {} or {"parameters": ...})."""
+        raw = await ctx.body(request)
+        if not raw.strip():
+            return {}
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise InvalidInput(f"request body is not valid JSON: {e}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("parameters", {}), dict):
+            raise InvalidInput('request body must be a JSON object, its "parameters" an object')
+        return doc
+
+    async def _index(request: Request) -> Response:
+        ready = (await _repository_body(request)).get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput(f'"ready" must be true or false, got {ready!r}')
+        return json_response(repository.index(core, ready))
+
+    async def _load(request: Request, name: str) -> Response:
+        await repository.load(core, name, (await _repository_body(request)).get("parameters", {}))
+        return json_response({})
+
+    async def _unload(request: Request, name: str) -> Response:
+        await repository.unload(core, name, (await _repository_body(request)).get("parameters", {}))
+        return json_response({})
+
+    @router.post("/repository/index", summary="Model versions in the repository, their state and reason")
+    async def repository_index(request: Request):
+        return await ctx.handle("v2_repository_index", _index(request), request)
+
+    @router.post("/repository/models/{name}/load", summary="Load or reload a model (--model-control-mode explicit)")
+    async def repository_load(request: Request, name: str):
+        return await ctx.handle("v2_repository_load", _load(request, name), request)
+
+    @router.post("/repository/models/{name}/unload", summary="Unload a model (--model-control-mode explicit)")
+    async def repository_unload(request: Request, name: str):
+        return await ctx.handle("v2_repository_unload", _unload(request, name), request)
 
     # ---- statistics (before /models/{name} so that "stats" is not taken for a model name) -------
     @router.get("/models/stats", summary="Statistics of every model (Triton's statistics extension)")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from service.metrics import Metrics, ModelStats, StatsObserver
 from service.settings import Settings
 from service.workers.remote_batcher import ExecutorClient, RemoteBatcher
 from service.workers.shared_memory import ControlTable
+
+if TYPE_CHECKING:  # the controller imports this module
+    from service.model_control.controller import ModelController
 
 log = logging.getLogger("cnnserve.core")
 T = TypeVar("T")
@@ -131,6 +134,8 @@ class InferenceCore:
         self._decode_pool = ThreadPoolExecutor(decode_thread_count(settings), thread_name_prefix="decode")
         self.buffered_bytes = 0  # request bytes held in memory by requests in progress (HTTP and gRPC)
         self.explainer = Explainer(self)
+        #: Loads, reloads and unloads versions while serving (--model-control-mode poll or explicit).
+        self.repository: ModelController | None = None
 
     # ---- life cycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -172,25 +177,42 @@ class InferenceCore:
 
     def start(self) -> None:
         """Create the batchers on the running loop and report ready."""
-        s = self.settings
         for index, runtime in enumerate(self._runtimes):
-            stats, rows = self._stats(index)
-            batcher = Batcher(
-                runtime.run_batch,
-                max_batch_size=s.max_batch_size,
-                max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
-                max_queue_size=s.max_queue_size,
-                observer=StatsObserver(self.metrics, runtime.name, stats),
-                name=f"{runtime.name}-{runtime.version}",
-            )
-            batcher.start()
-            self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(
-                runtime, batcher, stats, stats_rows=rows
-            )
-            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, runtime.precision).set(1)
+            loaded = self.local_model(runtime, index)
+            self.models.setdefault(runtime.name, {})[runtime.version] = loaded
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.workers.set(1)
+
+    def local_model(self, runtime: ModelRuntime, index: int | None = None) -> LoadedModel:
+        """A started batcher (on the running loop) around ``runtime``, not yet served. ``index``: its
+        column in the shared statistics (None: a version loaded while serving, with statistics of
+        its own; model control runs in the one-process server only)."""
+        s = self.settings
+        stats, rows = self._stats(index) if index is not None else (ModelStats(max_batch_size=s.max_batch_size), None)
+        batcher = Batcher(
+            runtime.run_batch,
+            max_batch_size=s.max_batch_size,
+            max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+            max_queue_size=s.max_queue_size,
+            observer=StatsObserver(self.metrics, runtime.name, stats),
+            name=f"{runtime.name}-{runtime.version}",
+        )
+        batcher.start()
+        self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, runtime.precision).set(1)
+        return LoadedModel(runtime, batcher, stats, stats_rows=rows)
+
+    def swap_versions(self, name: str, versions: dict[str, LoadedModel]) -> list[LoadedModel]:
+        """Serve exactly ``versions`` of model ``name`` from now on (none: the model is gone), in one
+        step: a lookup sees the old set or the new one, never a mix. Requests that already hold an
+        old version finish on it; the versions no longer served are returned for the caller to
+        drain and close."""
+        old = self.models.get(name, {})
+        if versions:
+            self.models[name] = dict(versions)  # a new dict: nothing iterating the old one sees it change
+        else:
+            self.models.pop(name, None)
+        return [m for v, m in old.items() if versions.get(v) is not m]
 
     def start_remote(self, clients: list[ExecutorClient]) -> None:
         """Serve the models of the device executors ``clients`` are connected to, and report ready."""
@@ -244,7 +266,9 @@ class InferenceCore:
         if not self.ready:
             raise NotReady("models are still loading")
         if not name:
-            name = next(iter(sorted(self.models)))
+            if not self.models:  # model control: every model may be unloaded
+                raise ModelNotFound("no model is loaded")
+            name = min(self.models)
         versions = self.models.get(name)
         if versions is None:
             raise ModelNotFound(f"unknown model {name!r} (available: {', '.join(sorted(self.models))})")

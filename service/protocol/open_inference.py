@@ -9,7 +9,7 @@ to and from :class:`InferRequest` / :class:`InferResponse` and plain dicts; ever
 ``service.errors`` domain error, which the bindings map with ``service.errors``' two tables.
 
 Supported Triton extensions: ``classification``, ``binary_tensor_data``, ``model_configuration``,
-``statistics`` (plus ``POST /v2/repository/index`` / ``RepositoryIndex`` as a read-only listing).
+``statistics``, ``model_repository`` (index, load, unload: ``service.model_control.protocol``).
 
 The model has one input (FP32 [-1,3,32,32], already normalised) and two outputs: the ONNX graph's
 ``logits`` and ``probabilities`` (their softmax, computed by the server). A request of N images
@@ -42,7 +42,7 @@ from service.inference.runtime import CUDA, BatchOutput
 SERVER_NAME = "cnnserve"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
-EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 PROBABILITIES = "probabilities"
 FP32 = "FP32"
 BYTES = "BYTES"
@@ -123,7 +123,7 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
         "name": model.name,
         "platform": PLATFORM,
         "backend": BACKEND,
-        "version_policy": {"all": {}},
+        "version_policy": core.repository.policy(model.name).as_config() if core.repository else {"all": {}},
         "max_batch_size": batcher.max_batch_size,
         "input": [
             {"name": rt.input_name, "data_type": TYPE_FP32, "format": "FORMAT_NCHW", "dims": list(rt.input_shape[1:])}
@@ -170,11 +170,6 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
             ).decode()
         }
     return config
-
-
-def repository_index(core: InferenceCore) -> list[dict]:
-    state = "READY" if core.is_ready else "UNAVAILABLE"
-    return [{"name": m.name, "version": m.version, "state": state, "reason": ""} for m in core.all_models()]
 
 
 def _duration(count: int, ns: int) -> dict:

@@ -279,5 +279,16 @@ def run(settings: Settings) -> int:
     workers, placement, gpus = plan(settings)
     if workers == 1 and placement == "worker":
         return lifecycle.run(settings)
+    if settings.model_control_mode != "none":
+        # Front ends and executors do not yet move to a new version together (README: Model control).
+        logs.configure(settings.log_level, settings.log_format)
+        log.error(
+            "--model-control-mode %s needs the one-process server for now: add --workers 1 --executor worker "
+            "(this start would have %d front end(s), executor %s)",
+            settings.model_control_mode,
+            workers,
+            placement,
+        )
+        return 1
     logs.configure(settings.log_level, settings.log_format)
     return Supervisor(settings, workers, placement, gpus).run()

@@ -1,0 +1,316 @@
+"""The model controller of a one-process server: loads, reloads and unloads model versions while
+requests are being served, and keeps the state and reason of each for the repository index.
+
+A new or changed version is loaded and warmed up in a thread (``service.inference.runtime.load_model``,
+the same path as at start-up, with every check it makes) while the old one keeps serving; only a
+version that loaded is swapped in (``InferenceCore.swap_versions``, one step on the event loop).
+A version that fails leaves what served before serving, and the index says why. Versions taken
+out of service finish the requests they hold, then their batcher is closed and their session
+dropped. One load, unload or poll runs at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.explain.layers import LayerModel
+from service.inference.core import InferenceCore, LoadedModel
+from service.inference.repository import ModelSpec
+from service.inference.runtime import load_model
+from service.metrics import Metrics
+from service.model_control.disk import Fingerprint, fingerprint, model_names, versions_on_disk
+from service.model_control.errors import ModelLoadFailed
+from service.model_control.policy import CONFIG_FILENAME, PolicyError, VersionPolicy, read_policy
+from service.settings import Settings
+
+log = logging.getLogger("cnnserve.model_control")
+
+READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
+#: Model names are folder names; anything with a separator or a leading dot is not one of ours.
+VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+#: A retired version is closed once it has been idle (nothing queued, nothing being decoded) on
+#: two looks this far apart: an explanation submits its images in several steps, and a request
+#: that looked the version up before the swap may still be reading its body.
+RETIRE_GRACE_S = 1.0
+
+
+@dataclass
+class VersionStatus:
+    state: str
+    reason: str = ""
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class ModelController:
+    def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings) -> None:
+        self.core, self.metrics, self.settings = core, metrics, settings
+        self.root = Path(settings.model_repository).absolute()
+        self.mode = settings.model_control_mode
+        self.status: dict[str, dict[str, VersionStatus]] = {}
+        #: Why a model as a whole could not be (re)loaded (config.json malformed, no version).
+        self.model_reason: dict[str, str] = {}
+        self.policies: dict[str, VersionPolicy] = {}
+        self._loaded_from: dict[tuple[str, str], Fingerprint] = {}  # the files a served version came from
+        self._seen: dict[str, object] = {}  # poll mode: each model's folder as last acted upon
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+
+    # ---- start and stop ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load what the mode says at start-up: poll, every model; explicit, the --load-model ones
+        ("*": every model). A model that fails to load is reported in the index and the server
+        starts without it; a --load-model name with no folder stops the server (a typo)."""
+        if self.mode == "poll":
+            names = model_names(self.root)
+        else:
+            wanted = self.settings.load_model
+            names = model_names(self.root) if wanted == ["*"] else wanted
+            unknown = [n for n in names if not self._folder(n).is_dir()]
+            if unknown:
+                raise FileNotFoundError(f"--load-model {', '.join(unknown)}: no such model folder in {self.root}")
+        for name in names:
+            self._seen[name] = self._disk_state(name)
+            try:
+                await self._load(name)
+            except ModelLoadFailed:
+                pass  # logged and in the index; the other models still start
+
+    def start_polling(self) -> None:
+        if self.mode == "poll":
+            self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for task in list(self._retiring):
+            task.cancel()
+
+    # ---- load -------------------------------------------------------------------------------
+    def _folder(self, name: str) -> Path:
+        return self.root / name
+
+    async def load(self, name: str) -> None:
+        """(Re)load model ``name`` as its folder and version policy say; ModelNotFound without a
+        folder, ModelLoadFailed (naming each cause) when some of it could not be served."""
+        from service.errors import ModelNotFound
+
+        if not VALID_NAME.match(name) or not self._folder(name).is_dir():
+            raise ModelNotFound(f"no model {name!r} in the repository {self.root}")
+        async with self._lock:
+            await self._load(name)
+
+    async def _load(self, name: str) -> None:
+        folder = self._folder(name)
+        try:
+            policy = read_policy(folder)
+        except PolicyError as e:
+            self._model_failed(name, str(e))
+            raise ModelLoadFailed(f"failed to load {name!r}: {e}") from None
+        on_disk = versions_on_disk(folder)
+        wanted = policy.choose(list(on_disk))
+        problems: list[str] = []  # of the model as a whole: in the index under its name
+        failed: list[str] = []  # of single versions: in the index under each version
+        if missing := policy.missing(list(on_disk)):
+            problems.append(f"version {', '.join(map(str, missing))} of its version policy is not in {folder}")
+        if not on_disk:
+            problems.append(f"{folder} holds no <version>/model.onnx")
+        current = dict(self.core.models.get(name, {}))
+        new: dict[str, LoadedModel] = {}
+        fresh: list[tuple[LoadedModel, Fingerprint]] = []
+        for number in wanted:
+            version, disk = str(number), on_disk[number]
+            old = current.get(version)
+            if old is not None and self._loaded_from.get((name, version)) == disk.fingerprint:
+                new[version] = old  # unchanged: keep serving it as it is
+                continue
+            self._set(name, version, LOADING)
+            try:
+                loaded = await self._load_version(disk.spec)
+            except Exception as e:  # noqa: BLE001 - any failure of one version is reported, not raised
+                reason = _one_line(e)
+                failed.append(f"version {version}: {reason}")
+                self.metrics.model_loads.labels(name, "failed").inc()
+                kept = " (the version loaded earlier keeps serving)" if old is not None else ""
+                self._set(name, version, UNAVAILABLE, reason + kept)
+                log.error("model %s version %s failed to load: %s%s", name, version, reason, kept)
+                if old is not None:
+                    new[version] = old
+                continue
+            new[version] = loaded
+            fresh.append((loaded, disk.fingerprint))
+        if problems or failed:
+            # As Triton: a failed reload leaves the model as it was, less versions gone from disk.
+            for version, old in current.items():
+                if int(version) in on_disk:
+                    new.setdefault(version, old)
+        removed = self.core.swap_versions(name, new)
+        self.policies[name] = policy
+        for loaded, fp in fresh:
+            self._loaded_from[(name, loaded.version)] = fp
+            self._set(name, loaded.version, READY)
+        self._retire(removed, "not in the repository or its version policy any more")
+        self._publish(name)
+        if problems:
+            self.model_reason[name] = "; ".join(problems)
+        else:
+            self.model_reason.pop(name, None)
+        if problems or failed:
+            raise ModelLoadFailed(f"failed to load {name!r}: {'; '.join(problems + failed)}")
+
+    async def _load_version(self, spec: ModelSpec) -> LoadedModel:
+        started = time.monotonic()
+        runtime = await asyncio.to_thread(load_model, spec, self.settings)
+        try:
+            companion = await asyncio.to_thread(LayerModel.beside, spec)
+        except Exception as e:  # noqa: BLE001 - ORT raises many types; explanations then have no layers
+            log.warning("%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
+                        spec.name, spec.version, e)  # fmt: skip
+            companion = None
+        loaded = self.core.local_model(runtime)
+        if companion is not None:
+            self.core.layer_models[(spec.name, spec.version)] = companion
+        self.metrics.model_loads.labels(spec.name, "loaded").inc()
+        log.info("loaded %s/%s from %s (%s) on %s in %.2fs", spec.name, spec.version, runtime.path,
+                 runtime.precision, runtime.provider, time.monotonic() - started)  # fmt: skip
+        return loaded
+
+    def _model_failed(self, name: str, reason: str) -> None:
+        self.model_reason[name] = reason
+        self.metrics.model_loads.labels(name, "failed").inc()
+        log.error("model %s failed to load: %s", name, reason)
+
+    # ---- unload -----------------------------------------------------------------------------
+    async def unload(self, name: str, version: str | None = None) -> None:
+        """Stop serving model ``name`` (or one version of it); requests it holds still finish.
+        ModelNotFound when there is no such model (or version) to unload. Unloading a model that
+        is in the repository but not loaded succeeds, as in Triton."""
+        from service.errors import ModelNotFound
+
+        if not VALID_NAME.match(name):
+            raise ModelNotFound(f"no model {name!r} to unload")
+        async with self._lock:
+            current = self.core.models.get(name, {})
+            if version:
+                if version not in current:
+                    raise ModelNotFound(f"model {name!r} has no loaded version {version!r}")
+                keep = {v: m for v, m in current.items() if v != version}
+            else:
+                if not current and name not in self.status and not self._folder(name).is_dir():
+                    raise ModelNotFound(f"no model {name!r} to unload")
+                keep = {}
+            self._retire(self.core.swap_versions(name, keep), "unloaded")
+            self._publish(name)
+
+    def _retire(self, models: list[LoadedModel], why: str) -> None:
+        for m in models:
+            served = m.version in self.core.models.get(m.name, {})  # reloaded in place: the new one serves
+            if not served and self.status.get(m.name, {}).get(m.version, VersionStatus(READY)).state != UNAVAILABLE:
+                self._set(m.name, m.version, UNAVAILABLE, why)
+            self.metrics.model_unloads.labels(m.name).inc()
+            log.info("model %s version %s out of service (%s); it finishes the requests it holds", m.name,
+                     m.version, why)  # fmt: skip
+            task = asyncio.create_task(self._close_when_idle(m), name=f"retire-{m.name}-{m.version}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _close_when_idle(self, m: LoadedModel) -> None:
+        limit = time.monotonic() + max(self.settings.shutdown_timeout_seconds, RETIRE_GRACE_S)
+        idle_looks = 0
+        while idle_looks < 2 and time.monotonic() < limit:
+            await m.batcher.drain(max(0.0, limit - time.monotonic()))
+            idle_looks = idle_looks + 1 if m.decoding == 0 and m.batcher.queued_images == 0 else 0
+            if idle_looks < 2:
+                await asyncio.sleep(RETIRE_GRACE_S)
+        await m.batcher.close()
+        rt = m.runtime
+        if self.core.models.get(m.name, {}).get(m.version) is None:  # not reloaded in place meanwhile
+            self.core.layer_models.pop((m.name, m.version), None)
+            self.metrics.model_info.remove(m.name, m.version, rt.provider, rt.precision)
+        log.info("model %s version %s closed; its session is released", m.name, m.version)
+
+    # ---- state --------------------------------------------------------------------------------
+    def _set(self, name: str, version: str, state: str, reason: str = "") -> None:
+        self.status.setdefault(name, {})[version] = VersionStatus(state, reason)
+
+    def _publish(self, name: str) -> None:
+        versions = self.core.models.get(name, {})
+        self.metrics.model_version.labels(name).set(max(map(int, versions)) if versions else 0)
+
+    def policy(self, name: str) -> VersionPolicy:
+        return self.policies.get(name, VersionPolicy())
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """Triton's repository index: every version with its state and reason, and every model
+        folder never loaded (name only, as Triton lists them)."""
+        out = []
+        for name in sorted(set(model_names(self.root)) | set(self.status) | set(self.model_reason)):
+            versions = self.status.get(name, {})
+            for version in sorted(versions, key=int):
+                st = versions[version]
+                if not ready_only or st.state == READY:
+                    out.append({"name": name, "version": version, "state": st.state, "reason": st.reason})
+            if name in self.model_reason and not ready_only:
+                out.append({"name": name, "version": "", "state": UNAVAILABLE, "reason": self.model_reason[name]})
+            elif not versions and not ready_only:
+                out.append({"name": name, "version": "", "state": "", "reason": ""})
+        return out
+
+    # ---- polling ------------------------------------------------------------------------------
+    def _disk_state(self, name: str) -> object:
+        folder = self._folder(name)
+        config = folder / CONFIG_FILENAME
+        files = fingerprint(folder)
+        config_fp = [f for f in files if f[0] == config.name]
+        return (tuple(config_fp), tuple(sorted((v, d.fingerprint) for v, d in versions_on_disk(folder).items())))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_seconds)
+            try:
+                await self.poll_once()
+            except Exception:  # noqa: BLE001 - a poll that fails must not stop the next one
+                log.exception("repository poll failed")
+
+    async def poll_once(self) -> None:
+        """Act on every model whose folder changed since the last poll, once it has read the same
+        twice (disk.py: half-written files are never loaded)."""
+        async with self._lock:
+            names = set(model_names(self.root)) | set(self.core.models) | set(self._seen)
+            first = {n: self._disk_state(n) for n in names}
+            changed = sorted(n for n in names if first[n] != self._seen.get(n))
+            if not changed:
+                return
+            await asyncio.sleep(min(1.0, self.settings.repository_poll_seconds))
+            for name in changed:
+                state = self._disk_state(name)
+                if state != first[name]:
+                    log.info("model %s is still changing on disk; looking again at the next poll", name)
+                    continue
+                self._seen[name] = state
+                folder = self._folder(name)
+                if not versions_on_disk(folder) and not (folder / CONFIG_FILENAME).exists():
+                    self._forget(name)
+                    continue
+                try:
+                    await self._load(name)
+                except ModelLoadFailed:
+                    pass  # logged and in the index; the next change is tried again
+
+    def _forget(self, name: str) -> None:
+        """The model's folder is gone (or empty): stop serving it, as Triton's poll mode does."""
+        self._seen.pop(name, None)
+        self.model_reason.pop(name, None)
+        self._retire(self.core.swap_versions(name, {}), "its folder left the repository")
+        self._publish(name)
+        if not self._folder(name).is_dir():
+            self.status.pop(name, None)

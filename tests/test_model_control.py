@@ -1,0 +1,269 @@
+"""Model control (service.model_control), end to end: a real server on a model repository the test
+makes in a temporary folder, real tritonclient HTTP and gRPC calls, files dropped in as a deploy
+pipeline would (a version written under a temporary name, then renamed into place)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from service.model_control.policy import PolicyError, VersionPolicy, parse_policy
+from tests.conftest import MODEL_PATH, ROOT, ServerProcess, png_bytes, wait_until
+
+pytestmark = pytest.mark.skipif(not MODEL_PATH.is_file(), reason="bundled model models/cifar10/1/model.onnx missing")
+ONE_PROCESS = ("--workers", "1", "--executor", "worker", "--drain-seconds", "0")
+PIXELS = np.zeros((1, 3, 32, 32), np.float32)
+
+
+def add_version(model_dir: Path, version: int, broken: bool = False) -> None:
+    """Write the version under a temporary name, then rename it into place (what README asks of
+    a deploy pipeline); ``broken``: a truncated model.onnx."""
+    staging = model_dir / f".{version}.tmp"
+    staging.mkdir(parents=True)
+    if broken:
+        (staging / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])
+    else:
+        shutil.copy(MODEL_PATH, staging / "model.onnx")
+    os.rename(staging, model_dir / str(version))
+
+
+def v2_input(module) -> list:
+    tensor = module.InferInput("input", [1, 3, 32, 32], "FP32")
+    tensor.set_data_from_numpy(PIXELS)
+    return [tensor]
+
+
+@pytest.fixture
+def serve():
+    """Start servers for one test; any still running when it ends (a failed assertion) is stopped."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        started.append(ServerProcess(*args))
+        return started[-1]
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.stop()
+
+
+def index_of(s: ServerProcess) -> dict[tuple[str, str], dict]:
+    return {(m["name"], m["version"]): m for m in httpx.post(f"{s.http}/v2/repository/index").json()}
+
+
+# ---- version policy ----------------------------------------------------------------------------
+def test_version_policies_choose_as_triton():
+    available = [1, 2, 5]
+    assert parse_policy({}, "c").choose(available) == [1, 2, 5]
+    assert parse_policy({"version_policy": {"latest": {"num_versions": 2}}}, "c").choose(available) == [2, 5]
+    specific = parse_policy({"version_policy": {"specific": {"versions": [5, 3]}}}, "c")
+    assert specific.choose(available) == [5] and specific.missing(available) == [3]
+    assert VersionPolicy("latest", num_versions=1).as_config() == {"latest": {"num_versions": 1}}
+    for bad in (
+        {"version_policy": {"latest": {"num_versions": 0}}},
+        {"version_policy": {"newest": {}}},
+        {"version_policy": {"all": {}, "latest": {}}},
+        {"max_batch_size": 8},  # not read by cnnserve: refused, not ignored
+    ):
+        with pytest.raises(PolicyError, match="c: "):
+            parse_policy(bad, "c")
+
+
+# ---- poll mode under load ----------------------------------------------------------------------
+def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path, serve):
+    model_dir = tmp_path / "cifar10"
+    add_version(model_dir, 1)
+    (model_dir / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+    s = serve("--model-repository", str(tmp_path), *ONE_PROCESS, "--model-control-mode", "poll",
+                      "--repository-poll-seconds", "0.3")  # fmt: skip
+    stop = threading.Event()
+    answers: list[str] = []  # the version each answer names
+    failures: list[str] = []
+    image = png_bytes(np.full((32, 32, 3), 90, np.uint8))
+
+    def caller(kind: str) -> None:
+        http = thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}")
+        grpc_v2 = tgrpc.InferenceServerClient(s.grpc_target)
+        channel = grpc.insecure_channel(s.grpc_target)
+        classify = pb_grpc.ClassifierStub(channel).Classify
+        try:
+            while not stop.is_set():
+                try:
+                    if kind == "http":
+                        answers.append(http.infer("cifar10", v2_input(thttp)).get_response()["model_version"])
+                    elif kind == "grpc":
+                        answers.append(grpc_v2.infer("cifar10", v2_input(tgrpc)).get_response().model_version)
+                    elif kind == "predict":
+                        r = httpx.post(f"{s.http}/predict", files=[("file", ("a.png", image, "image/png"))])
+                        r.raise_for_status()
+                        answers.append(r.json()["model_version"])
+                    else:
+                        request = pb.ClassifyRequest(images=[pb.Image(encoded=image)])
+                        answers.append(classify(request, timeout=30).model_version)
+                except Exception as e:  # noqa: BLE001 - every failure is the test's finding
+                    failures.append(f"{kind}: {e}")
+        finally:
+            http.close()
+            grpc_v2.close()
+            channel.close()
+
+    kinds = ["http", "http", "http", "grpc", "grpc", "grpc", "predict", "classify"]
+    threads = [threading.Thread(target=caller, args=(k,)) for k in kinds]
+    try:
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: len(answers) >= 50, timeout=60), failures
+        add_version(model_dir, 2)
+        assert wait_until(lambda: "2" in answers[-8:], timeout=60), (failures, s.log)
+        served_at = len(answers)
+        assert wait_until(lambda: len(answers) >= served_at + 100, timeout=60), failures
+        # A broken version 3 is reported and never served: answers keep naming 2.
+        add_version(model_dir, 3, broken=True)
+        assert wait_until(lambda: index_of(s).get(("cifar10", "3"), {}).get("state") == "UNAVAILABLE", timeout=30)
+        broken_at = len(answers)
+        assert wait_until(lambda: len(answers) >= broken_at + 50, timeout=60), failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert failures == []
+    assert set(answers) == {"1", "2"}
+    assert answers[broken_at:].count("2") == len(answers) - broken_at  # 3 never answered; 1 retired
+    index = index_of(s)
+    assert index[("cifar10", "2")]["state"] == "READY"
+    assert index[("cifar10", "1")]["state"] == "UNAVAILABLE" and "version policy" in index[("cifar10", "1")]["reason"]
+    assert "cannot load" in index[("cifar10", "3")]["reason"] and "/3/model.onnx" in index[("cifar10", "3")]["reason"]
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http, pytest.raises(InferenceServerException) as e:
+        http.infer("cifar10", v2_input(thttp), model_version="3")
+    assert e.value.status() == "404"
+    metrics = httpx.get(f"{s.http}/metrics").text
+    assert 'cnnserve_model_version{model="cifar10"} 2.0' in metrics
+    assert 'cnnserve_model_loads_total{model="cifar10",result="failed"} 1.0' in metrics
+    assert 'cnnserve_model_unloads_total{model="cifar10"} 1.0' in metrics
+    assert wait_until(lambda: "model cifar10 version 1 closed" in s.log, timeout=30), s.log
+    assert s.stop() == 0, s.log
+
+
+# ---- explicit mode: the repository extension through tritonclient ------------------------------
+def test_explicit_mode_loads_and_unloads_through_tritonclient(tmp_path, serve):
+    add_version(tmp_path / "cifar10", 1)
+    add_version(tmp_path / "other", 1)
+    s = serve("--model-repository", str(tmp_path), *ONE_PROCESS, "--model-control-mode", "explicit",
+                      "--load-model", "cifar10")  # fmt: skip
+    http = thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}")
+    g = tgrpc.InferenceServerClient(s.grpc_target)
+    try:
+        assert "model_repository" in http.get_server_metadata()["extensions"]
+        index = http.get_model_repository_index()
+        assert {"name": "cifar10", "version": "1", "state": "READY", "reason": ""} in index
+        assert {"name": "other", "version": "", "state": "", "reason": ""} in index  # in the repository, not loaded
+        assert not http.is_model_ready("other")
+        g.load_model("other")
+        assert g.is_model_ready("other")
+        assert g.infer("other", v2_input(tgrpc)).get_response().model_version == "1"
+        assert [(m.name, m.state) for m in g.get_model_repository_index().models] == [
+            ("cifar10", "READY"),
+            ("other", "READY"),
+        ]
+
+        # A broken new version: the load fails naming the file, the index says why, 1 keeps serving.
+        add_version(tmp_path / "other", 2, broken=True)
+        with pytest.raises(InferenceServerException) as e:
+            http.load_model("other")
+        assert e.value.status() == "400" and "other/2/model.onnx" in str(e.value)
+        entry = {(m["name"], m["version"]): m for m in http.get_model_repository_index()}[("other", "2")]
+        assert entry["state"] == "UNAVAILABLE" and "cannot load" in entry["reason"]
+        ready_only = httpx.post(f"{s.http}/v2/repository/index", json={"ready": True}).json()
+        assert [(m["name"], m["version"]) for m in ready_only] == [("cifar10", "1"), ("other", "1")]
+        assert http.infer("other", v2_input(thttp)).get_response()["model_version"] == "1"
+
+        # A malformed config.json: refused naming the file; what served keeps serving.
+        (tmp_path / "other" / "config.json").write_text("{not json")
+        with pytest.raises(InferenceServerException) as e:
+            g.load_model("other")
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "config.json" in str(e.value)
+        assert g.is_model_ready("other", "1")
+
+        # Triton's own load parameters are refused with a reason, not ignored.
+        with pytest.raises(InferenceServerException) as e:
+            http.load_model("cifar10", config='{"max_batch_size": 2}')
+        assert e.value.status() == "400" and "repository" in str(e.value)
+
+        # Unknown models: 404 / NOT_FOUND; the server keeps serving.
+        with pytest.raises(InferenceServerException) as e:
+            http.load_model("nope")
+        assert e.value.status() == "404"
+        with pytest.raises(InferenceServerException) as e:
+            g.unload_model("../cifar10")
+        assert e.value.status() == "StatusCode.NOT_FOUND"
+
+        # One version (cnnserve's "version" parameter), then the whole model.
+        r = httpx.post(f"{s.http}/v2/repository/models/other/unload", json={"parameters": {"version": "1"}})
+        assert r.status_code == 200, r.text
+        with pytest.raises(InferenceServerException) as e:
+            http.infer("other", v2_input(thttp))
+        assert e.value.status() == "404"
+        http.unload_model("cifar10")
+        with pytest.raises(InferenceServerException) as e:
+            g.infer("cifar10", v2_input(tgrpc))
+        assert e.value.status() == "StatusCode.NOT_FOUND"
+        index = {(m["name"], m["version"]): m for m in http.get_model_repository_index()}
+        assert index[("cifar10", "1")] == {"name": "cifar10", "version": "1", "state": "UNAVAILABLE",
+                                           "reason": "unloaded"}  # fmt: skip
+        r = httpx.post(f"{s.http}/predict", files=[("file", ("a.png", png_bytes(np.zeros((32, 32, 3), np.uint8))))])
+        assert r.status_code == 404 and "no model is loaded" in r.text
+        g.load_model("cifar10")  # and back
+        assert http.infer("cifar10", v2_input(thttp)).get_response()["model_version"] == "1"
+    finally:
+        http.close()
+        g.close()
+    assert s.stop() == 0, s.log
+
+
+# ---- off unless enabled ------------------------------------------------------------------------
+def test_load_and_unload_are_off_without_explicit_mode(tmp_path, serve):
+    add_version(tmp_path / "cifar10", 1)
+    s = serve("--model-repository", str(tmp_path), *ONE_PROCESS)
+    http = thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}")
+    g = tgrpc.InferenceServerClient(s.grpc_target)
+    try:
+        with pytest.raises(InferenceServerException) as e:
+            http.load_model("cifar10")
+        assert e.value.status() == "403" and "--model-control-mode explicit" in str(e.value)
+        with pytest.raises(InferenceServerException) as e:
+            g.unload_model("cifar10")
+        assert e.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert http.is_model_ready("cifar10")  # still serving
+        assert [m.state for m in g.get_model_repository_index().models] == ["READY"]
+    finally:
+        http.close()
+        g.close()
+    assert s.stop() == 0, s.log
+
+
+def test_model_control_refuses_several_processes_with_one_clear_line(tmp_path):
+    add_version(tmp_path / "cifar10", 1)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", "--workers", "2",
+         "--model-repository", str(tmp_path), "--model-control-mode", "poll"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "needs the one-process server for now: add --workers 1 --executor worker" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROVIDER_ALIASES = {
@@ -245,6 +245,15 @@ class Settings(BaseSettings):
         if "*" in value and len(value) > 1:
             raise ValueError("* (every model) must be the only model named")
         return value
+
+    @model_validator(mode="after")
+    def _load_model_needs_explicit(self) -> Settings:
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError(
+                "--load-model (CNNSERVE_LOAD_MODEL) needs --model-control-mode explicit; with "
+                f"{self.model_control_mode} every model of the repository is loaded"
+            )
+        return self
 
     @field_validator("providers")
     @classmethod

@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
+from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
+from service.cli import build_parser, settings_from_args
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from service.model_control.policy import PolicyError, VersionPolicy, parse_policy
+from service.settings import Settings
 from tests.conftest import MODEL_PATH, ROOT, ServerProcess, png_bytes, wait_until
 
 pytestmark = pytest.mark.skipif(not MODEL_PATH.is_file(), reason="bundled model models/cifar10/1/model.onnx missing")
@@ -83,6 +86,17 @@ def test_version_policies_choose_as_triton():
     ):
         with pytest.raises(PolicyError, match="c: "):
             parse_policy(bad, "c")
+
+
+def test_load_model_flag_repeats_and_needs_explicit_mode():
+    args = build_parser().parse_args(
+        ["serve", "--model-control-mode", "explicit", "--load-model", "a", "--load-model", "b,c"]
+    )
+    assert settings_from_args(args).load_model == ["a", "b", "c"]
+    with pytest.raises(ValidationError, match="needs --model-control-mode explicit"):
+        Settings(load_model=["a"])
+    with pytest.raises(ValidationError, match="only model named"):
+        Settings(model_control_mode="explicit", load_model="*,a")
 
 
 # ---- poll mode under load ----------------------------------------------------------------------
@@ -204,6 +218,14 @@ def test_explicit_mode_loads_and_unloads_through_tritonclient(tmp_path, serve):
         with pytest.raises(InferenceServerException) as e:
             http.load_model("cifar10", config='{"max_batch_size": 2}')
         assert e.value.status() == "400" and "repository" in str(e.value)
+
+        # Malformed requests: 400 naming what is wrong.
+        r = httpx.post(f"{s.http}/v2/repository/models/cifar10/load", content=b"{")
+        assert r.status_code == 400 and "not valid JSON" in r.text
+        r = httpx.post(f"{s.http}/v2/repository/models/cifar10/unload", json={"parameters": {"version": 1}})
+        assert r.status_code == 400 and "'version' must be a version number as a string" in r.text
+        r = httpx.post(f"{s.http}/v2/repository/index", json={"ready": "yes"})
+        assert r.status_code == 400 and "must be true or false" in r.json()["error"]
 
         # Unknown models: 404 / NOT_FOUND; the server keeps serving.
         with pytest.raises(InferenceServerException) as e:

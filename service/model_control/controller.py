@@ -62,7 +62,7 @@ class ModelController:
         self._loaded_from: dict[tuple[str, str], Fingerprint] = {}  # the files a served version came from
         self._seen: dict[str, object] = {}  # poll mode: each model's folder as last acted upon
         self._lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], LoadedModel] = {}
         self._poller: asyncio.Task[None] | None = None
 
     # ---- start and stop ---------------------------------------------------------------------
@@ -90,10 +90,12 @@ class ModelController:
             self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
 
     async def close(self) -> None:
+        """At shutdown, after the served models drained: stop polling, close retiring versions now."""
         if self._poller is not None:
             self._poller.cancel()
-        for task in list(self._retiring):
+        for task, m in list(self._retiring.items()):
             task.cancel()
+            await m.batcher.close()
 
     # ---- load -------------------------------------------------------------------------------
     def _folder(self, name: str) -> Path:
@@ -220,8 +222,8 @@ class ModelController:
             log.info("model %s version %s out of service (%s); it finishes the requests it holds", m.name,
                      m.version, why)  # fmt: skip
             task = asyncio.create_task(self._close_when_idle(m), name=f"retire-{m.name}-{m.version}")
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retiring[task] = m
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def _close_when_idle(self, m: LoadedModel) -> None:
         limit = time.monotonic() + max(self.settings.shutdown_timeout_seconds, RETIRE_GRACE_S)

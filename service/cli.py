@@ -123,6 +123,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def cmd_sync_repository(args: argparse.Namespace) -> int:
+    from service.model_control.sync import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -235,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", default=None, help="write evaluation.<precision>.json here (the model card's figures)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "sync-repository",
+        help="publish model versions into a polled repository (write, then rename)",
+        description="Publish new model versions into a repository a --model-control-mode poll server reads.",
+    )
+    from service.model_control.sync import add_arguments as add_sync_arguments
+
+    add_sync_arguments(p)
+    p.set_defaults(func=cmd_sync_repository)
 
     p = sub.add_parser("loadtest", help="load-test a running server: throughput, latency, batching")
     # Only the flag definitions (argparse and dataclasses): the load generator itself, with numpy,

@@ -116,7 +116,7 @@ def render(variant: str, tmp_root: Path | None = None) -> list[dict]:
     return list(_kustomize(str(where)))
 
 
-COMPONENTS = ("monitoring", "queue-autoscaling")
+COMPONENTS = ("monitoring", "queue-autoscaling", "model-control")
 VARIANTS = ["base", "cpu", "gpu", *(f"{o}+{c}" for c in COMPONENTS for o in OVERLAYS), "kserve"]
 
 

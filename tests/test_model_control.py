@@ -25,6 +25,7 @@ from service.cli import build_parser, settings_from_args
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from service.model_control.policy import PolicyError, VersionPolicy, parse_policy
+from service.model_control.sync import sync_once
 from service.settings import Settings
 from tests.conftest import MODEL_PATH, ROOT, ServerProcess, png_bytes, wait_until
 
@@ -289,3 +290,67 @@ def test_model_control_refuses_several_processes_with_one_clear_line(tmp_path):
     assert out.returncode == 1, out.stderr
     assert "needs the one-process server for now: add --workers 1 --executor worker" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_sync_repository_publishes_new_versions_only(tmp_path):
+    source, target = tmp_path / "source", tmp_path / "target"
+    for version in (1, 2):
+        (source / "m" / str(version)).mkdir(parents=True)
+        (source / "m" / str(version) / "model.onnx").write_bytes(b"v%d" % version)
+    (source / "m" / "config.json").write_text('{"version_policy": {"latest": {"num_versions": 1}}}')
+    assert sync_once(source, target) == ["m/1: published", "m/2: published", "m/config.json: published"]
+    assert (target / "m" / "2" / "model.onnx").read_bytes() == b"v2"
+    assert sync_once(source, target) == []
+    (source / "m" / "2" / "model.onnx").write_bytes(b"rewritten")
+    shutil.rmtree(source / "m" / "1")
+    done = sync_once(source, target, delete=True)
+    assert done[0].startswith("m/2: differs") and done[1:] == ["m/1: removed"]
+    assert (target / "m" / "2" / "model.onnx").read_bytes() == b"v2"  # immutable: never rewritten
+    assert sorted(p.name for p in (target / "m").iterdir()) == ["2", "config.json"]  # no staging left
+
+
+# ---- the Kubernetes example (deploy/model-control), its steps run here -------------------------
+def test_kubernetes_example_steps_publish_a_new_version(tmp_path, serve, monkeypatch):
+    """Render cpu + deploy/model-control, check its settings, then run its init container's and
+    sidecar's commands as written, with their volumes mapped to folders here, against a poll-mode
+    server: the seeded model serves, then a version put in the store is served."""
+    from tests.test_deploy import effective_settings, render
+
+    docs = render("cpu+model-control", tmp_path / "kustomize")
+    settings = effective_settings(docs, monkeypatch)
+    monkeypatch.undo()  # the pod's CNNSERVE_* environment must not reach the server started below
+    assert (settings.model_control_mode, settings.model_repository) == ("poll", "/repository")
+    assert (settings.workers, settings.executor) == (1, "worker")  # what model control needs for now
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    server = next(c for c in pod["containers"] if c["name"] == "cnnserve")
+    assert {"name": "repository", "mountPath": "/repository", "readOnly": True} in server["volumeMounts"]
+    seed = next(c for c in pod["initContainers"] if c["name"] == "seed-repository")["command"]
+    sidecar_container = next(c for c in pod["initContainers"] if c["name"] == "repository-sync")
+    assert sidecar_container["restartPolicy"] == "Always"  # a native sidecar: it keeps running
+    sidecar = sidecar_container["command"]
+    assert next(v for v in pod["volumes"] if v["name"] == "model-store")["persistentVolumeClaim"]["readOnly"]
+
+    volumes = {"/models": ROOT / "models", "/repository": tmp_path / "repository", "/model-store": tmp_path / "store"}
+
+    def run_step(command: list[str]) -> str:
+        assert command[:2] == ["cnnserve", "sync-repository"]
+        args = [str(volumes.get(a, a)) for a in command[2:]]
+        if "--every" in args:  # the sidecar's loop, one round of it
+            del args[args.index("--every") : args.index("--every") + 2]
+        out = subprocess.run([sys.executable, "-m", "service.cli", "sync-repository", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    assert "cifar10/1: published" in run_step(seed)
+    s = serve("--model-repository", str(volumes["/repository"]), *ONE_PROCESS, "--model-control-mode", "poll",
+              "--repository-poll-seconds", "0.3")  # fmt: skip
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        assert http.infer("cifar10", v2_input(thttp)).get_response()["model_version"] == "1"
+        (volumes["/model-store"] / "cifar10" / "2").mkdir(parents=True)
+        shutil.copy(MODEL_PATH, volumes["/model-store"] / "cifar10" / "2" / "model.onnx")
+        assert "cifar10/2: published" in run_step(sidecar)
+        assert run_step(sidecar) == ""  # nothing new: nothing done
+        assert wait_until(lambda: http.infer("cifar10", v2_input(thttp)).get_response()["model_version"] == "2", 30)
+    assert not any(p.name.startswith(".") for p in (volumes["/repository"] / "cifar10").iterdir())  # no leftovers
+    assert s.stop() == 0, s.log

@@ -104,6 +104,7 @@ def test_load_model_flag_repeats_and_needs_explicit_mode():
 def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path, serve):
     model_dir = tmp_path / "cifar10"
     add_version(model_dir, 1)
+    add_version(tmp_path / "extra", 1)
     (model_dir / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
     s = serve("--model-repository", str(tmp_path), *ONE_PROCESS, "--model-control-mode", "poll",
                       "--repository-poll-seconds", "0.3")  # fmt: skip
@@ -172,6 +173,12 @@ def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path,
     assert 'cnnserve_model_loads_total{model="cifar10",result="failed"} 1.0' in metrics
     assert 'cnnserve_model_unloads_total{model="cifar10"} 1.0' in metrics
     assert wait_until(lambda: "model cifar10 version 1 closed" in s.log, timeout=30), s.log
+    # A model folder taken out of the repository is unloaded and leaves the index.
+    os.rename(tmp_path / "extra", tmp_path / ".extra.removed")
+    assert wait_until(lambda: ("extra", "1") not in index_of(s), timeout=30), s.log
+    r = httpx.post(f"{s.http}/predict", params={"model": "extra"}, files=[("file", ("a.png", image, "image/png"))])
+    assert r.status_code == 404, r.text
+    assert 'cnnserve_model_unloads_total{model="extra"} 1.0' in httpx.get(f"{s.http}/metrics").text
     assert s.stop() == 0, s.log
 
 
@@ -253,6 +260,17 @@ def test_explicit_mode_loads_and_unloads_through_tritonclient(tmp_path, serve):
         assert r.status_code == 404 and "no model is loaded" in r.text
         g.load_model("cifar10")  # and back
         assert http.infer("cifar10", v2_input(thttp)).get_response()["model_version"] == "1"
+
+        # A version whose files changed is reloaded in place: the new session serves, the old closes.
+        shutil.copy(MODEL_PATH, tmp_path / "cifar10" / "1" / "model.onnx")  # new inode and mtime
+        closed_before = s.log.count("model cifar10 version 1 closed")
+        http.load_model("cifar10")
+        assert wait_until(lambda: s.log.count("model cifar10 version 1 closed") == closed_before + 1, timeout=30)
+        assert http.infer("cifar10", v2_input(thttp)).get_response()["model_version"] == "1"
+        assert index_of(s)[("cifar10", "1")]["state"] == "READY"
+        metrics = httpx.get(f"{s.http}/metrics").text
+        info = 'cnnserve_model_info{model="cifar10",precision="fp32",provider="CPUExecutionProvider",version="1"} 1.0'
+        assert info in metrics  # the retired session's series is not removed from under the new one
     finally:
         http.close()
         g.close()

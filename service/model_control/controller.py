@@ -12,6 +12,9 @@ dropped. One load, unload or poll runs at a time.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import logging
 import re
 import time
@@ -37,6 +40,18 @@ VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 #: two looks this far apart: an explanation submits its images in several steps, and a request
 #: that looked the version up before the swap may still be reading its body.
 RETIRE_GRACE_S = 1.0
+
+
+def release_memory() -> None:
+    """Free a closed session now and hand the freed pages back to the OS: without malloc_trim,
+    glibc keeps them in its arenas and the process's memory only plateaus (measured: 171 MiB at
+    start, 320 MiB after 12 reloads of the 16 MB model)."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None)  # glibc only
+        if trim is not None:
+            trim(0)
 
 
 @dataclass
@@ -78,12 +93,13 @@ class ModelController:
             unknown = [n for n in names if not self._folder(n).is_dir()]
             if unknown:
                 raise FileNotFoundError(f"--load-model {', '.join(unknown)}: no such model folder in {self.root}")
-        for name in names:
-            self._seen[name] = self._disk_state(name)
-            try:
-                await self._load(name)
-            except ModelLoadFailed:
-                pass  # logged and in the index; the other models still start
+        async with self._lock:  # a load request may arrive while start-up still loads
+            for name in names:
+                self._seen[name] = self._disk_state(name)
+                try:
+                    await self._load(name)
+                except ModelLoadFailed:
+                    pass  # logged and in the index; the other models still start
 
     def start_polling(self) -> None:
         if self.mode == "poll":
@@ -238,7 +254,14 @@ class ModelController:
         if self.core.models.get(m.name, {}).get(m.version) is None:  # not reloaded in place meanwhile
             self.core.layer_models.pop((m.name, m.version), None)
             self.metrics.model_info.remove(m.name, m.version, rt.provider, rt.precision)
-        log.info("model %s version %s closed; its session is released", m.name, m.version)
+        name, version = m.name, m.version
+        # Drop the last references (this task's and the shutdown list's) before freeing.
+        task = asyncio.current_task()
+        if task is not None:
+            self._retiring.pop(task, None)
+        del m, rt
+        await asyncio.to_thread(release_memory)
+        log.info("model %s version %s closed; its session is released", name, version)
 
     # ---- state --------------------------------------------------------------------------------
     def _set(self, name: str, version: str, state: str, reason: str = "") -> None:

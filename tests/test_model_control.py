@@ -179,6 +179,11 @@ def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path,
     r = httpx.post(f"{s.http}/predict", params={"model": "extra"}, files=[("file", ("a.png", image, "image/png"))])
     assert r.status_code == 404, r.text
     assert 'cnnserve_model_unloads_total{model="extra"} 1.0' in httpx.get(f"{s.http}/metrics").text
+    # A new model folder is loaded.
+    os.rename(tmp_path / ".extra.removed", tmp_path / "added")
+    assert wait_until(lambda: index_of(s).get(("added", "1"), {}).get("state") == "READY", timeout=30), s.log
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        assert http.infer("added", v2_input(thttp)).get_response()["model_version"] == "1"
     assert s.stop() == 0, s.log
 
 

@@ -37,6 +37,7 @@ from service.inference import repository
 from service.inference.core import InferenceCore
 from service.metrics import Metrics
 from service.model_control.controller import ModelController
+from service.model_control.fleet import FleetBarrier
 from service.settings import Settings
 from service.workers import shared_memory as ipc
 from service.workers.remote_batcher import ExecutorClient
@@ -166,7 +167,11 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     elif settings.model_control_mode != "none":
         # Versions are loaded, swapped and retired by the controller, at start-up and after.
         tasks = []
-        core.repository = ModelController(core, metrics, settings)
+        barrier = None
+        if role is not None:  # front ends swap together (service.model_control.fleet)
+            timeout = 2 * settings.repository_poll_seconds + 30
+            barrier = FleetBarrier(role.run_dir, role.index, role.table.shape.frontends, timeout)
+        core.repository = ModelController(core, metrics, settings, barrier)
         loader = asyncio.create_task(core.repository.start())
     else:
         tasks = []

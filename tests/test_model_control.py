@@ -100,6 +100,56 @@ def test_load_model_flag_repeats_and_needs_explicit_mode():
         Settings(model_control_mode="explicit", load_model="*,a")
 
 
+class Load:
+    """Eight callers in threads, each in a loop until stopped: three tritonclient HTTP v2 infer,
+    three tritonclient gRPC v2 infer, one /predict, one Classify; the version each answer names
+    is kept in ``answers``, every error in ``failures``."""
+
+    KINDS = ("http", "http", "http", "grpc", "grpc", "grpc", "predict", "classify")
+
+    def __init__(self, s: ServerProcess) -> None:
+        self.s = s
+        self.answers: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self.image = png_bytes(np.full((32, 32, 3), 90, np.uint8))
+        self.threads = [threading.Thread(target=self._caller, args=(k,)) for k in self.KINDS]
+        for t in self.threads:
+            t.start()
+
+    def _caller(self, kind: str) -> None:
+        s = self.s
+        http = thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}")
+        grpc_v2 = tgrpc.InferenceServerClient(s.grpc_target)
+        channel = grpc.insecure_channel(s.grpc_target)
+        classify = pb_grpc.ClassifierStub(channel).Classify
+        try:
+            while not self._stop.is_set():
+                try:
+                    if kind == "http":
+                        self.answers.append(http.infer("cifar10", v2_input(thttp)).get_response()["model_version"])
+                    elif kind == "grpc":
+                        self.answers.append(grpc_v2.infer("cifar10", v2_input(tgrpc)).get_response().model_version)
+                    elif kind == "predict":
+                        r = httpx.post(f"{s.http}/predict", files=[("file", ("a.png", self.image, "image/png"))])
+                        r.raise_for_status()
+                        self.answers.append(r.json()["model_version"])
+                    else:
+                        request = pb.ClassifyRequest(images=[pb.Image(encoded=self.image)])
+                        self.answers.append(classify(request, timeout=30).model_version)
+                except Exception as e:  # noqa: BLE001 - every failure is the test's finding
+                    self.failures.append(f"{kind}: {e}")
+        finally:
+            http.close()
+            grpc_v2.close()
+            channel.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
 # ---- poll mode under load ----------------------------------------------------------------------
 def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path, serve):
     model_dir = tmp_path / "cifar10"
@@ -108,42 +158,10 @@ def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path,
     (model_dir / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
     s = serve("--model-repository", str(tmp_path), *ONE_PROCESS, "--model-control-mode", "poll",
                       "--repository-poll-seconds", "0.3")  # fmt: skip
-    stop = threading.Event()
-    answers: list[str] = []  # the version each answer names
-    failures: list[str] = []
     image = png_bytes(np.full((32, 32, 3), 90, np.uint8))
-
-    def caller(kind: str) -> None:
-        http = thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}")
-        grpc_v2 = tgrpc.InferenceServerClient(s.grpc_target)
-        channel = grpc.insecure_channel(s.grpc_target)
-        classify = pb_grpc.ClassifierStub(channel).Classify
-        try:
-            while not stop.is_set():
-                try:
-                    if kind == "http":
-                        answers.append(http.infer("cifar10", v2_input(thttp)).get_response()["model_version"])
-                    elif kind == "grpc":
-                        answers.append(grpc_v2.infer("cifar10", v2_input(tgrpc)).get_response().model_version)
-                    elif kind == "predict":
-                        r = httpx.post(f"{s.http}/predict", files=[("file", ("a.png", image, "image/png"))])
-                        r.raise_for_status()
-                        answers.append(r.json()["model_version"])
-                    else:
-                        request = pb.ClassifyRequest(images=[pb.Image(encoded=image)])
-                        answers.append(classify(request, timeout=30).model_version)
-                except Exception as e:  # noqa: BLE001 - every failure is the test's finding
-                    failures.append(f"{kind}: {e}")
-        finally:
-            http.close()
-            grpc_v2.close()
-            channel.close()
-
-    kinds = ["http", "http", "http", "grpc", "grpc", "grpc", "predict", "classify"]
-    threads = [threading.Thread(target=caller, args=(k,)) for k in kinds]
+    load = Load(s)
+    answers, failures = load.answers, load.failures
     try:
-        for t in threads:
-            t.start()
         assert wait_until(lambda: len(answers) >= 50, timeout=60), failures
         add_version(model_dir, 2)
         assert wait_until(lambda: "2" in answers[-8:], timeout=60), (failures, s.log)
@@ -155,9 +173,7 @@ def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path,
         broken_at = len(answers)
         assert wait_until(lambda: len(answers) >= broken_at + 50, timeout=60), failures
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+        load.stop()
     assert failures == []
     assert set(answers) == {"1", "2"}
     assert answers[broken_at:].count("2") == len(answers) - broken_at  # 3 never answered; 1 retired
@@ -184,6 +200,41 @@ def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path,
     assert wait_until(lambda: index_of(s).get(("added", "1"), {}).get("state") == "READY", timeout=30), s.log
     with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
         assert http.infer("added", v2_input(thttp)).get_response()["model_version"] == "1"
+    assert s.stop() == 0, s.log
+
+
+def test_front_ends_swap_together_under_load(tmp_path, serve):
+    """Two front ends (--executor worker): each loads the new version, and swaps only once both
+    have it; no request fails, no answer comes from the broken version."""
+    model_dir = tmp_path / "cifar10"
+    add_version(model_dir, 1)
+    (model_dir / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+    s = serve("--model-repository", str(tmp_path), "--workers", "2", "--executor", "worker", "--drain-seconds",
+              "0", "--model-control-mode", "poll", "--repository-poll-seconds", "0.3")  # fmt: skip
+    load = Load(s)
+    answers, failures = load.answers, load.failures
+    try:
+        assert wait_until(lambda: len(answers) >= 50, timeout=60), failures
+        add_version(model_dir, 2)
+        swapped = "model cifar10 serves versions 2 (every front end has it)"
+        assert wait_until(lambda: s.log.count(swapped) == 2, timeout=60), s.log
+        swapped_at = len(answers)
+        add_version(model_dir, 3, broken=True)
+        assert wait_until(lambda: s.log.count("model cifar10 version 3 failed to load") == 2, timeout=60), s.log
+        assert wait_until(lambda: len(answers) >= swapped_at + 100, timeout=60), failures
+    finally:
+        load.stop()
+    assert failures == []
+    assert set(answers) == {"1", "2"}
+    assert answers[-50:] == ["2"] * 50
+    # Together: both front ends had loaded version 2 before either served it (one stderr, in order).
+    lines = s.lines
+    loaded = [i for i, line in enumerate(lines) if "loaded cifar10/2 from" in line]
+    served = [i for i, line in enumerate(lines) if swapped in line]
+    assert len(loaded) == 2 and max(loaded) < min(served), s.log
+    assert wait_until(lambda: s.log.count("model cifar10 version 1 closed") == 2, timeout=30), s.log  # each one's
+    index = index_of(s)  # any front end answers; each has the same states
+    assert index[("cifar10", "2")]["state"] == "READY" and index[("cifar10", "3")]["state"] == "UNAVAILABLE"
     assert s.stop() == 0, s.log
 
 
@@ -317,11 +368,11 @@ def test_model_control_refuses_several_processes_with_one_clear_line(tmp_path):
     add_version(tmp_path / "cifar10", 1)
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", "--workers", "2",
-         "--model-repository", str(tmp_path), "--model-control-mode", "poll"],
+         "--executor", "worker", "--model-repository", str(tmp_path), "--model-control-mode", "explicit"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
-    assert "needs the one-process server for now: add --workers 1 --executor worker" in out.stderr
+    assert "--model-control-mode explicit with 2 front end(s) and executor worker is not supported yet" in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -353,7 +404,7 @@ def test_kubernetes_example_steps_publish_a_new_version(tmp_path, serve, monkeyp
     settings = effective_settings(docs, monkeypatch)
     monkeypatch.undo()  # the pod's CNNSERVE_* environment must not reach the server started below
     assert (settings.model_control_mode, settings.model_repository) == ("poll", "/repository")
-    assert (settings.workers, settings.executor) == (1, "worker")  # what model control needs for now
+    assert settings.executor == "worker"  # poll mode's front ends run the models themselves
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     server = next(c for c in pod["containers"] if c["name"] == "cnnserve")
     assert {"name": "repository", "mountPath": "/repository", "readOnly": True} in server["volumeMounts"]

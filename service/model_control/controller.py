@@ -28,6 +28,7 @@ from service.inference.runtime import load_model
 from service.metrics import Metrics
 from service.model_control.disk import Fingerprint, fingerprint, model_names, versions_on_disk
 from service.model_control.errors import ModelLoadFailed
+from service.model_control.fleet import FleetBarrier, change_key
 from service.model_control.policy import CONFIG_FILENAME, PolicyError, VersionPolicy, read_policy
 from service.settings import Settings
 
@@ -66,8 +67,13 @@ def _one_line(error: BaseException) -> str:
 
 
 class ModelController:
-    def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings) -> None:
+    def __init__(
+        self, core: InferenceCore, metrics: Metrics, settings: Settings, barrier: FleetBarrier | None = None
+    ) -> None:
         self.core, self.metrics, self.settings = core, metrics, settings
+        #: Several front ends (fleet.py): a change is swapped in only when every one has it loaded.
+        self.barrier = barrier
+        self._serving = False  # start-up loads need no agreement: nothing serves yet
         self.root = Path(settings.model_repository).absolute()
         self.mode = settings.model_control_mode
         self.status: dict[str, dict[str, VersionStatus]] = {}
@@ -100,8 +106,11 @@ class ModelController:
                     await self._load(name)
                 except ModelLoadFailed:
                     pass  # logged and in the index; the other models still start
+                if self.barrier is not None:
+                    self.barrier.serving(name, change_key(self._seen[name]), list(self.core.models.get(name, {})))
 
     def start_polling(self) -> None:
+        self._serving = True
         if self.mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
 
@@ -129,6 +138,7 @@ class ModelController:
 
     async def _load(self, name: str) -> None:
         folder = self._folder(name)
+        key = change_key(self._disk_state(name))
         try:
             policy = read_policy(folder)
         except PolicyError as e:
@@ -171,7 +181,19 @@ class ModelController:
             for version, old in current.items():
                 if int(version) in on_disk:
                     new.setdefault(version, old)
+        if self.barrier is not None and self._serving:
+            why = await self.barrier.agree(name, key, list(new))
+            if why is not None:
+                await self._discard(name, fresh, current, why)
+                error = ModelLoadFailed(f"failed to load {name!r}: {why}")
+                error.retry = True  # type: ignore[attr-defined]  # poll_once tries the change again
+                raise error
         removed = self.core.swap_versions(name, new)
+        if self.barrier is not None:
+            self.barrier.serving(name, key, list(new))
+        if fresh or removed:
+            together = " (every front end has it)" if self.barrier is not None and self._serving else ""
+            log.info("model %s serves versions %s%s", name, ", ".join(sorted(new, key=int)) or "none", together)
         self.policies[name] = policy
         for loaded, fp in fresh:
             self._loaded_from[(name, loaded.version)] = fp
@@ -201,6 +223,21 @@ class ModelController:
         log.info("loaded %s/%s from %s (%s) on %s in %.2fs", spec.name, spec.version, runtime.path,
                  runtime.precision, runtime.provider, time.monotonic() - started)  # fmt: skip
         return loaded
+
+    async def _discard(
+        self, name: str, fresh: list[tuple[LoadedModel, Fingerprint]], current: dict[str, LoadedModel], why: str
+    ) -> None:
+        """Close versions loaded for a change the front ends did not agree on; what served still does."""
+        log.error("model %s: %s", name, why)
+        for loaded, _ in fresh:
+            await loaded.batcher.close()
+            rt = loaded.runtime
+            if loaded.version in current:
+                self._set(name, loaded.version, READY)  # the earlier session keeps serving
+            else:
+                self._set(name, loaded.version, UNAVAILABLE, f"not swapped in: {why}")
+                self.core.layer_models.pop((name, loaded.version), None)
+                self.metrics.model_info.remove(name, loaded.version, rt.provider, rt.precision)
 
     def _model_failed(self, name: str, reason: str) -> None:
         self.model_reason[name] = reason
@@ -324,15 +361,24 @@ class ModelController:
                 self._seen[name] = state
                 folder = self._folder(name)
                 if not versions_on_disk(folder) and not (folder / CONFIG_FILENAME).exists():
-                    self._forget(name)
+                    await self._forget(name, state)
                     continue
                 try:
                     await self._load(name)
-                except ModelLoadFailed:
-                    pass  # logged and in the index; the next change is tried again
+                except ModelLoadFailed as e:
+                    if getattr(e, "retry", False):
+                        self._seen.pop(name, None)
+                    # else logged and in the index; the next change of its files is tried again
 
-    def _forget(self, name: str) -> None:
+    async def _forget(self, name: str, state: object) -> None:
         """The model's folder is gone (or empty): stop serving it, as Triton's poll mode does."""
+        if self.barrier is not None:
+            why = await self.barrier.agree(name, change_key(state), [])
+            if why is not None:
+                log.error("model %s: %s", name, why)
+                self._seen.pop(name, None)
+                return
+            self.barrier.serving(name, change_key(state), [])
         self._seen.pop(name, None)
         self.model_reason.pop(name, None)
         self._retire(self.core.swap_versions(name, {}), "its folder left the repository")

@@ -279,12 +279,13 @@ def run(settings: Settings) -> int:
     workers, placement, gpus = plan(settings)
     if workers == 1 and placement == "worker":
         return lifecycle.run(settings)
-    if settings.model_control_mode != "none":
-        # Front ends and executors do not yet move to a new version together (README: Model control).
+    if settings.model_control_mode != "none" and (placement != "worker" or settings.model_control_mode != "poll"):
+        # Several front ends swap together in poll mode (service.model_control.fleet); explicit
+        # load requests and the device executor's sessions are not shared yet (README: Model control).
         logs.configure(settings.log_level, settings.log_format)
         log.error(
-            "--model-control-mode %s needs the one-process server for now: add --workers 1 --executor worker "
-            "(this start would have %d front end(s), executor %s)",
+            "--model-control-mode %s with %d front end(s) and executor %s is not supported yet: use "
+            "--workers 1 --executor worker, or poll mode with --executor worker",
             settings.model_control_mode,
             workers,
             placement,

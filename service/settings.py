@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         "until exit. poll: the repository is read again every --repository-poll-seconds; new, changed and "
         "removed versions are loaded or unloaded, each swapped in only once loaded and warmed. explicit: "
         "only --load-model models at start-up, then the repository API's load and unload (off otherwise). "
-        "explicit needs --workers 1 --executor worker; poll runs with --executor worker (front ends swap together).",
+        "Several front ends need --executor worker (they swap together); not the device executor yet.",
     )
     repository_poll_seconds: float = Field(
         15.0, gt=0.0, description="Seconds between two reads of the model repository (--model-control-mode poll)."

@@ -343,6 +343,39 @@ def test_explicit_mode_loads_and_unloads_through_tritonclient(tmp_path, serve):
     assert s.stop() == 0, s.log
 
 
+def test_explicit_load_and_unload_reach_every_front_end(tmp_path, serve):
+    """Two front ends: a load or unload answered by one has been applied by both (the shared
+    operation log), so every new connection, wherever the kernel sends it, sees the change."""
+    add_version(tmp_path / "cifar10", 1)
+    s = serve("--model-repository", str(tmp_path), "--workers", "2", "--executor", "worker", "--drain-seconds",
+              "0", "--model-control-mode", "explicit", "--load-model", "cifar10")  # fmt: skip
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
+
+    def answers(n: int = 24) -> list:
+        """``n`` requests, each on a new connection (SO_REUSEPORT spreads them over the front ends)."""
+        out = []
+        for _ in range(n):
+            r = httpx.post(f"{s.http}/v2/models/cifar10/infer", json=body)
+            out.append(r.json()["model_version"] if r.status_code == 200 else r.status_code)
+        return out
+
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        assert set(answers()) == {"1"}
+        add_version(tmp_path / "cifar10", 2)
+        http.load_model("cifar10")
+        assert set(answers()) == {"2"}
+        assert s.log.count("model cifar10 serves versions 1, 2 (every front end has it)") == 2, s.log
+        add_version(tmp_path / "cifar10", 3, broken=True)
+        with pytest.raises(InferenceServerException) as e:
+            http.load_model("cifar10")
+        assert e.value.status() == "400" and "cifar10/3/model.onnx" in str(e.value)
+        assert set(answers()) == {"2"}
+        with tgrpc.InferenceServerClient(s.grpc_target) as g:
+            g.unload_model("cifar10")
+        assert set(answers()) == {404}
+    assert s.stop() == 0, s.log
+
+
 # ---- off unless enabled ------------------------------------------------------------------------
 def test_load_and_unload_are_off_without_explicit_mode(tmp_path, serve):
     add_version(tmp_path / "cifar10", 1)
@@ -364,15 +397,16 @@ def test_load_and_unload_are_off_without_explicit_mode(tmp_path, serve):
     assert s.stop() == 0, s.log
 
 
-def test_model_control_refuses_several_processes_with_one_clear_line(tmp_path):
+def test_model_control_refuses_the_device_executor_with_one_clear_line(tmp_path):
     add_version(tmp_path / "cifar10", 1)
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", "--workers", "2",
-         "--executor", "worker", "--model-repository", str(tmp_path), "--model-control-mode", "explicit"],
+         "--executor", "device", "--http-port", "0", "--grpc-port", "0", "--model-repository", str(tmp_path),
+         "--model-control-mode", "poll"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
-    assert "--model-control-mode explicit with 2 front end(s) and executor worker is not supported yet" in out.stderr
+    assert "--model-control-mode poll with 2 front end(s) and executor device is not supported yet" in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -12,13 +12,8 @@ dropped. One load, unload or poll runs at a time.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import gc
 import logging
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from service.explain.layers import LayerModel
@@ -29,41 +24,21 @@ from service.metrics import Metrics
 from service.model_control.disk import Fingerprint, fingerprint, model_names, versions_on_disk
 from service.model_control.errors import ModelLoadFailed
 from service.model_control.fleet import FleetBarrier, change_key
+from service.model_control.operations import OperationLog
 from service.model_control.policy import CONFIG_FILENAME, PolicyError, VersionPolicy, read_policy
+from service.model_control.state import (
+    LOADING,
+    READY,
+    RETIRE_GRACE_S,
+    UNAVAILABLE,
+    VALID_NAME,
+    VersionStatus,
+    one_line,
+    release_memory,
+)
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve.model_control")
-
-READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
-#: Model names are folder names; anything with a separator or a leading dot is not one of ours.
-VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-#: A retired version is closed once it has been idle (nothing queued, nothing being decoded) on
-#: two looks this far apart: an explanation submits its images in several steps, and a request
-#: that looked the version up before the swap may still be reading its body.
-RETIRE_GRACE_S = 1.0
-
-
-def release_memory() -> None:
-    """Free a closed session now and hand the freed pages back to the OS: without malloc_trim,
-    glibc keeps them in its arenas and the process's memory only plateaus (measured: 171 MiB at
-    start, 320 MiB after 12 reloads of the 16 MB model)."""
-    gc.collect()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None)  # glibc only
-        if trim is not None:
-            trim(0)
-
-
-@dataclass
-class VersionStatus:
-    state: str
-    reason: str = ""
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class ModelController:
@@ -73,6 +48,10 @@ class ModelController:
         self.core, self.metrics, self.settings = core, metrics, settings
         #: Several front ends (fleet.py): a change is swapped in only when every one has it loaded.
         self.barrier = barrier
+        #: Several front ends in explicit mode: load and unload go through a shared log (operations.py).
+        self.operations: OperationLog | None = None
+        if barrier is not None and settings.model_control_mode == "explicit":
+            self.operations = OperationLog(barrier.folder, self)
         self._serving = False  # start-up loads need no agreement: nothing serves yet
         self.root = Path(settings.model_repository).absolute()
         self.mode = settings.model_control_mode
@@ -108,9 +87,13 @@ class ModelController:
                     pass  # logged and in the index; the other models still start
                 if self.barrier is not None:
                     self.barrier.serving(name, change_key(self._seen[name]), list(self.core.models.get(name, {})))
+        if self.operations is not None:
+            await self.operations.catch_up()  # a restarted front end: what the others did meanwhile
 
     def start_polling(self) -> None:
         self._serving = True
+        if self.operations is not None:
+            self._poller = asyncio.create_task(self.operations.follow(), name="model-operations")
         if self.mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever(), name="repository-poll")
 
@@ -133,12 +116,25 @@ class ModelController:
 
         if not VALID_NAME.match(name) or not self._folder(name).is_dir():
             raise ModelNotFound(f"no model {name!r} in the repository {self.root}")
+        if self.operations is not None:  # several front ends: every one applies it, in one order
+            await self.operations.submit({"op": "load", "model": name})
+            return
         async with self._lock:
             await self._load(name)
 
-    async def _load(self, name: str) -> None:
+    async def apply(self, op: dict, key: str) -> None:
+        """One operation of the shared log (operations.py), as every front end applies it."""
+        async with self._lock:
+            if op["op"] == "load":
+                await self._load(op["model"], key)
+            else:
+                await self._unload(op["model"], op.get("version"), key)
+
+    async def _load(self, name: str, key: str | None = None) -> None:
+        """``key``: what the front ends agree on (fleet.py): the folder's digest in poll mode, the
+        operation's number in explicit mode."""
         folder = self._folder(name)
-        key = change_key(self._disk_state(name))
+        key = key or change_key(self._disk_state(name))
         try:
             policy = read_policy(folder)
         except PolicyError as e:
@@ -165,7 +161,7 @@ class ModelController:
             try:
                 loaded = await self._load_version(disk.spec)
             except Exception as e:  # noqa: BLE001 - any failure of one version is reported, not raised
-                reason = _one_line(e)
+                reason = one_line(e)
                 failed.append(f"version {version}: {reason}")
                 self.metrics.model_loads.labels(name, "failed").inc()
                 kept = " (the version loaded earlier keeps serving)" if old is not None else ""
@@ -253,18 +249,36 @@ class ModelController:
 
         if not VALID_NAME.match(name):
             raise ModelNotFound(f"no model {name!r} to unload")
+        if self.operations is not None:
+            self._unload_target(name, version)  # refused here, before the other front ends see it
+            await self.operations.submit({"op": "unload", "model": name, "version": version})
+            return
         async with self._lock:
-            current = self.core.models.get(name, {})
-            if version:
-                if version not in current:
-                    raise ModelNotFound(f"model {name!r} has no loaded version {version!r}")
-                keep = {v: m for v, m in current.items() if v != version}
-            else:
-                if not current and name not in self.status and not self._folder(name).is_dir():
-                    raise ModelNotFound(f"no model {name!r} to unload")
-                keep = {}
-            self._retire(self.core.swap_versions(name, keep), "unloaded")
-            self._publish(name)
+            await self._unload(name, version)
+
+    def _unload_target(self, name: str, version: str | None) -> dict[str, LoadedModel]:
+        """The versions left after the unload; ModelNotFound when there is nothing to unload."""
+        from service.errors import ModelNotFound
+
+        current = self.core.models.get(name, {})
+        if version:
+            if version not in current:
+                raise ModelNotFound(f"model {name!r} has no loaded version {version!r}")
+            return {v: m for v, m in current.items() if v != version}
+        if not current and name not in self.status and not self._folder(name).is_dir():
+            raise ModelNotFound(f"no model {name!r} to unload")
+        return {}
+
+    async def _unload(self, name: str, version: str | None, key: str | None = None) -> None:
+        keep = self._unload_target(name, version)
+        if self.barrier is not None and self._serving and key is not None:
+            why = await self.barrier.agree(name, key, list(keep))
+            if why is not None:
+                raise ModelLoadFailed(f"failed to unload {name!r}: {why}")
+        self._retire(self.core.swap_versions(name, keep), "unloaded")
+        if self.barrier is not None and key is not None:
+            self.barrier.serving(name, key, list(keep))
+        self._publish(name)
 
     def _retire(self, models: list[LoadedModel], why: str) -> None:
         for m in models:

@@ -14,8 +14,9 @@ from typing import Any
 
 from service.errors import InvalidInput
 from service.inference.core import InferenceCore
-from service.model_control.controller import READY, UNAVAILABLE, ModelController
+from service.model_control.controller import ModelController
 from service.model_control.errors import RepositoryControlOff
+from service.model_control.state import READY, UNAVAILABLE
 
 #: Parameters Triton's load takes that cnnserve refuses: a model's configuration is its folder's
 #: config.json, and model files arrive through the repository (so that every front end and a

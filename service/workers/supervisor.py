@@ -279,13 +279,12 @@ def run(settings: Settings) -> int:
     workers, placement, gpus = plan(settings)
     if workers == 1 and placement == "worker":
         return lifecycle.run(settings)
-    if settings.model_control_mode != "none" and (placement != "worker" or settings.model_control_mode != "poll"):
-        # Several front ends swap together in poll mode (service.model_control.fleet); explicit
-        # load requests and the device executor's sessions are not shared yet (README: Model control).
+    if settings.model_control_mode != "none" and placement != "worker":
+        # Front ends that run the models swap together (service.model_control.fleet); the device
+        # executor's sessions do not take new versions yet (README: Model control).
         logs.configure(settings.log_level, settings.log_format)
         log.error(
-            "--model-control-mode %s with %d front end(s) and executor %s is not supported yet: use "
-            "--workers 1 --executor worker, or poll mode with --executor worker",
+            "--model-control-mode %s with %d front end(s) and executor %s is not supported yet: use --executor worker",
             settings.model_control_mode,
             workers,
             placement,

@@ -306,6 +306,8 @@ def test_explicit_mode_loads_and_unloads_through_tritonclient(tmp_path, serve):
             http.infer("other", v2_input(thttp))
         assert e.value.status() == "404"
         http.unload_model("cifar10")
+        # Its session closes a second or two later (idle twice): wait, so that the counts below are exact.
+        assert wait_until(lambda: "model cifar10 version 1 closed" in s.log, timeout=30), s.log
         with pytest.raises(InferenceServerException) as e:
             g.infer("cifar10", v2_input(tgrpc))
         assert e.value.status() == "StatusCode.NOT_FOUND"

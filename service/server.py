@@ -102,6 +102,8 @@ def check_repository(settings: Settings) -> list[repository.ModelSpec]:
 
 
 def _describe_ready(core: InferenceCore) -> str:
+    if not core.models:  # explicit model control without --load-model
+        return "no model loaded yet"
     return ", ".join(
         f"{m.name}/{m.version} ({m.runtime.precision}) on {m.runtime.provider}"
         + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")

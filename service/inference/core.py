@@ -186,8 +186,8 @@ class InferenceCore:
 
     def local_model(self, runtime: ModelRuntime, index: int | None = None) -> LoadedModel:
         """A started batcher (on the running loop) around ``runtime``, not yet served. ``index``: its
-        column in the shared statistics (None: a version loaded while serving, with statistics of
-        its own; model control runs in the one-process server only)."""
+        column in the shared statistics (None: a version loaded while serving, with this process's
+        statistics only: the shared table's columns are sized at start)."""
         s = self.settings
         stats, rows = self._stats(index) if index is not None else (ModelStats(max_batch_size=s.max_batch_size), None)
         batcher = Batcher(

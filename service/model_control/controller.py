@@ -233,6 +233,7 @@ class ModelController:
             else:
                 self._set(name, loaded.version, UNAVAILABLE, f"not swapped in: {why}")
                 self.core.layer_models.pop((name, loaded.version), None)
+                self.metrics.model_info.labels(name, loaded.version, rt.provider, rt.precision).set(0)
                 self.metrics.model_info.remove(name, loaded.version, rt.provider, rt.precision)
 
     def _model_failed(self, name: str, reason: str) -> None:
@@ -304,6 +305,8 @@ class ModelController:
         rt = m.runtime
         if self.core.models.get(m.name, {}).get(m.version) is None:  # not reloaded in place meanwhile
             self.core.layer_models.pop((m.name, m.version), None)
+            # Zero first: with several processes the series lives in a shared file that remove() leaves.
+            self.metrics.model_info.labels(m.name, m.version, rt.provider, rt.precision).set(0)
             self.metrics.model_info.remove(m.name, m.version, rt.provider, rt.precision)
         name, version = m.name, m.version
         # Drop the last references (this task's and the shutdown list's) before freeing.

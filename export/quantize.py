@@ -69,6 +69,47 @@ class Calibration:
     quantize_output_layer: bool = False
 
 
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How the INT8 variant is quantized (QDQ, MinMax calibration in every recipe).
+
+    ``reduce_range``: weights restricted to 7 bits ([-64, 63]). ONNX Runtime's x86 U8S8 kernels
+    on CPUs without VNNI (AVX2, and AVX-512 before Cascade Lake) multiply with ``vpmaddubsw``,
+    which adds two uint8 x int8 products into a saturating int16: 2 x 255 x 127 = 64,770 overflows
+    32,767, 2 x 255 x 64 = 32,640 does not. VNNI (``vpdpbusd``) and ARM64 (``sdot``/``udot``,
+    ``smull``) accumulate in 32 bits and never saturate, so there the 7th bit only costs resolution.
+    """
+
+    name: str
+    description: str
+    weight_type: str = "int8"  # "int8" or "uint8"
+    activation_type: str = "uint8"  # "uint8" or "int8"
+    per_channel: bool = True
+    reduce_range: bool = True
+
+
+INT8_RECIPES = {
+    r.name: r
+    for r in (
+        Int8Recipe(
+            "u8s8-rr",
+            "uint8 activations, int8 weights in 7 bits (reduce_range), per output channel",
+        ),
+        Int8Recipe(
+            "u8s8",
+            "uint8 activations, int8 weights in 8 bits, per output channel (saturates in vpmaddubsw "
+            "on x86 without VNNI)",
+            reduce_range=False,
+        ),
+        Int8Recipe("u8u8", "uint8 activations, uint8 weights, per output channel", weight_type="uint8", reduce_range=False),
+        Int8Recipe("s8s8", "int8 activations, int8 weights, per output channel", activation_type="int8", reduce_range=False),
+        Int8Recipe("u8s8-pt", "uint8 activations, int8 weights in 8 bits, per tensor", per_channel=False, reduce_range=False),
+        Int8Recipe("u8s8-rr-pt", "uint8 activations, int8 weights in 7 bits (reduce_range), per tensor", per_channel=False),
+    )
+}
+DEFAULT_INT8_RECIPE = "u8s8-rr"
+
+
 def sha256_of(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -101,7 +142,9 @@ def _output_nodes(proto: onnx.ModelProto) -> list[str]:
     return [n.name for n in proto.graph.node if outputs & set(n.output)]
 
 
-def quantize_int8(model: Path, data: str | Path, target: Path, calibration: Calibration) -> dict:
+def quantize_int8(
+    model: Path, data: str | Path, target: Path, calibration: Calibration, recipe: str = DEFAULT_INT8_RECIPE
+) -> dict:
     """Write the INT8 QDQ model to ``target`` (unchecked); returns its ``quantization`` record."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -112,6 +155,8 @@ def quantize_int8(model: Path, data: str | Path, target: Path, calibration: Cali
         quantize_static,
     )
 
+    r = INT8_RECIPES[recipe]
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     proto = onnx.load(str(model))
     train = load_split(data, "train")
     index = calibration_index(len(train), calibration.images, calibration.seed)
@@ -134,17 +179,21 @@ def quantize_int8(model: Path, data: str | Path, target: Path, calibration: Cali
             str(target),
             Reader(),
             quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            per_channel=r.per_channel,
+            reduce_range=r.reduce_range,
+            activation_type=qtype[r.activation_type],
+            weight_type=qtype[r.weight_type],
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=excluded,
         )
+    bits = "7 bits ([-64, 63], reduce_range)" if r.reduce_range else "8 bits"
     return {
         "tool": f"onnxruntime {ort.__version__} quantization.quant_pre_process + quantize_static",
+        "recipe": r.name,
         "format": "QDQ",
-        "weights": "int8, per output channel, symmetric",
-        "activations": "uint8, per tensor, MinMax ranges",
+        "weights": f"{r.weight_type} in {bits}, {'per output channel' if r.per_channel else 'per tensor'}"
+        + (", symmetric" if r.weight_type == "int8" else ""),
+        "activations": f"{r.activation_type}, per tensor, MinMax ranges",
         "kept_fp32": excluded,
         "calibration": {
             "data": Path(data).name,
@@ -293,3 +342,172 @@ def main(args: argparse.Namespace) -> int:
         print(f"cnnserve quantize: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---- which recipe: every candidate measured on this machine --------------------------------------
+#: The /proc/cpuinfo flags that decide which integer kernels ONNX Runtime's MLAS runs (x86-64:
+#: AVX2 = vpmaddubsw U8S8, saturating; AVX-512 BW the same, wider; AVX-512 VNNI / AVX-VNNI =
+#: vpdpbusd, 32-bit accumulation; AMX; ARM64: asimddp = sdot/udot, i8mm = usmmla/smmla).
+CPU_FEATURE_FLAGS = (
+    "sse4_1",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "sve",
+)
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict:
+    """The CPU model and the feature flags of CPU_FEATURE_FLAGS it has (from /proc/cpuinfo), and
+    whether ONNX Runtime's U8S8 kernels can saturate on it (x86-64 without VNNI)."""
+    import platform
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and model is None:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    machine = platform.machine().lower()
+    x86 = machine in ("x86_64", "amd64", "i686") or "sse2" in flags
+    return {
+        "model": model or platform.processor() or None,
+        "arch": machine,
+        "flags": [f for f in CPU_FEATURE_FLAGS if f in flags],
+        "u8s8_can_saturate": bool(x86 and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)),
+    }
+
+
+def _time_sessions(sessions: dict, batch_sizes: list[int], rounds: int, seconds: float) -> dict:
+    """Median ms per run of every session at every batch size, rounds interleaved."""
+    import time
+
+    rng = np.random.default_rng(0)
+    inputs = {n: rng.standard_normal((n, 3, 32, 32), dtype=np.float32) for n in batch_sizes}
+    times: dict = {(k, n): [] for k in sessions for n in batch_sizes}
+    for r in range(rounds):
+        order = [(k, n) for k in sessions for n in batch_sizes]
+        for k, n in order if r % 2 == 0 else order[::-1]:
+            s = sessions[k]
+            feed = {s.get_inputs()[0].name: inputs[n]}
+            s.run(None, feed)
+            runs, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds:
+                s.run(None, feed)
+                runs += 1
+            times[(k, n)].append(1000 * elapsed / runs)
+    return {k: {n: float(np.median(times[(k, n)])) for n in batch_sizes} for k in sessions}
+
+
+def compare_recipes(
+    model: str | Path,
+    data: str | Path,
+    recipes: list[str],
+    quantize_output_layer: tuple[bool, ...] = (False,),
+    batch_sizes: tuple[int, ...] = (1, 64),
+    rounds: int = 5,
+    seconds: float = 0.5,
+) -> dict:
+    """Every INT8 candidate built and measured here against FP32 on the validation split: top-1,
+    top-1 agreement with FP32, the same for the exact integer arithmetic a non-saturating CPU
+    (VNNI, ARM64) computes (emulated: the QDQ graph run unfused, so ONNX Runtime dequantizes and
+    computes in FP32 instead of running its integer kernels), and speed at 1 intra-op thread."""
+    model = Path(model)
+    val = load_split(data, "val")
+    x = normalizer_of(onnx.load(str(model))).__call__(val.images)
+
+    def session(path: Path, fused: bool = True) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not fused:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def top1(s: ort.InferenceSession) -> np.ndarray:
+        name = s.get_inputs()[0].name
+        return np.concatenate([s.run(None, {name: x[i : i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
+
+    base = top1(session(model))
+    out: dict = {
+        "model": str(model),
+        "images": len(x),
+        "fp32_top1": float((base == val.labels).mean()),
+        "cpu": cpu_features(),
+        "onnxruntime": ort.__version__,
+        "candidates": [],
+    }
+    sessions = {"fp32": session(model)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in recipes:
+            for qol in quantize_output_layer:
+                key = name + ("+fc4" if qol else "")
+                path = Path(tmp) / f"{key}.onnx"
+                quantize_int8(model, data, path, Calibration(quantize_output_layer=qol), name)
+                preds, exact = top1(session(path)), top1(session(path, fused=False))
+                row = {
+                    "recipe": key,
+                    "description": INT8_RECIPES[name].description + ("; logits layer quantized too" if qol else ""),
+                    "top1": float((preds == val.labels).mean()),
+                    "agreement": float((preds == base).mean()),
+                    "exact_arithmetic_top1": float((exact == val.labels).mean()),
+                    "exact_arithmetic_agreement": float((exact == base).mean()),
+                }
+                out["candidates"].append(row)
+                print(
+                    f"{key:12s} top-1 {100 * row['top1']:.2f} % (fp32 {100 * out['fp32_top1']:.2f} %), agreement "
+                    f"{100 * row['agreement']:.2f} %; exact arithmetic {100 * row['exact_arithmetic_top1']:.2f} % / "
+                    f"{100 * row['exact_arithmetic_agreement']:.2f} %",
+                    flush=True,
+                )
+                sessions[key] = session(path)
+        ms = _time_sessions(sessions, list(batch_sizes), rounds, seconds)
+    out["timing"] = {"intra_op_threads": 1, "rounds": rounds, "seconds_per_point": seconds, "median_ms": ms}
+    for row in out["candidates"]:
+        row["speedup"] = {str(n): ms["fp32"][n] / ms[row["recipe"]][n] for n in batch_sizes}
+        print(f"{row['recipe']:12s} speed-up over fp32 (1 thread): " + ", ".join(
+            f"batch {n} {ms['fp32'][n]:.3f}/{ms[row['recipe']][n]:.3f} ms = {row['speedup'][str(n)]:.2f}x" for n in batch_sizes
+        ))
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Measure the INT8 recipes on this machine (export.quantize.compare_recipes)")
+    parser.add_argument("--model", default="models/cifar10/1/model.onnx")
+    parser.add_argument("--data", default="../shared/data/cifar10/cifar10-train-jpeg.tar.gz")
+    parser.add_argument("--recipes", default=",".join(INT8_RECIPES))
+    parser.add_argument("--with-output-layer", action="store_true", help="also each recipe with the logits layer quantized")
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", default=None, help="write the result here")
+    a = parser.parse_args()
+    result = compare_recipes(
+        a.model,
+        a.data,
+        a.recipes.split(","),
+        (False, True) if a.with_output_layer else (False,),
+        tuple(int(n) for n in a.batch_sizes.split(",")),
+        a.rounds,
+    )
+    result["command"] = "python -m export.quantize " + " ".join(sys.argv[1:])
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.json}")

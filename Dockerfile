@@ -80,7 +80,7 @@ COPY . .
 # --no-deps: dependencies are in place (with the chosen onnxruntime flavour).
 RUN pip install --no-cache-dir --no-deps . \
  && cnnserve serve --help > /dev/null \
- && python -c "import service.lifecycle"
+ && python -c "import service.server"
 
 # ---------------------------------------------------------------------------------------------
 # Runtime (both flavours; the last stage, so the default target)

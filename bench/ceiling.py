@@ -3,7 +3,7 @@
 For batch sizes 1, 2, 4, ..., 256 and intra-op threads "default" (ORT: one per core) and 1, it
 times ``session.run`` on a ready float32 input in this process — no decoding, no normalisation,
 no softmax, no batching queue — and reports images/s and the median time of one run. The session
-options are the server's own (``service.runtime.session_options``: sequential execution, all
+options are the server's own (``service.inference.runtime.session_options``: sequential execution, all
 graph optimisations, idle threads not spinning unless ``--allow-spinning``), so the figures are
 what the server's runtime could do at best.
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.plots import finish_axes, machine_title, new_figure, save, spread_errorbar  # noqa: E402
 from loadtest.machine import machine_info, spread  # noqa: E402
-from service.repository import variant_filename  # noqa: E402
+from service.inference.repository import variant_filename  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "cifar10" / "1" / "model.onnx"
 BATCH_SIZES = [2**i for i in range(9)]  # 1 .. 256
@@ -53,7 +53,7 @@ def make_session(model: str | Path, threads: int, allow_spinning: bool = False, 
     to fall back to the CPU, so a CUDA figure is never a CPU one)."""
     import onnxruntime as ort
 
-    from service.runtime import CUDA, provider_options, session_options
+    from service.inference.runtime import CUDA, provider_options, session_options
     from service.settings import Settings
 
     settings = Settings(providers=[provider], intra_op_threads=threads, ort_allow_spinning=allow_spinning)

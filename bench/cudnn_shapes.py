@@ -37,7 +37,7 @@ def timed(session, inputs: list[np.ndarray], pad_to: int = 0) -> float:
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
-    from service.runtime import CUDA, provider_options, session_options
+    from service.inference.runtime import CUDA, provider_options, session_options
     from service.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,6 +1,6 @@
 """The device executor's control path on one core, with a synthetic driver.
 
-The real executor (``service.executor.Executor``: its I/O thread, queue, batch formation,
+The real executor (``service.workers.executor.Executor``: its I/O thread, queue, batch formation,
 deadline and cancellation checks, gathers from the slabs, softmax and ranking, scatters, DONE
 messages, counters, metrics and statistics) runs pinned to one core with a model that costs
 nothing (``NullRuntime``: zeros), so what is measured is everything the executor adds per
@@ -32,10 +32,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service import ipc  # noqa: E402
+from service.inference.repository import ModelSpec  # noqa: E402
 from service.metrics import ModelStats  # noqa: E402
-from service.repository import ModelSpec  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.workers import shared_memory as ipc  # noqa: E402
 
 CLASSES = 10
 SHAPE = [-1, 3, 32, 32]
@@ -60,7 +60,7 @@ class NullRuntime:
 
 
 def executor_process(settings_json: str, shape: dict, cpu: int) -> None:
-    from service.executor import Executor
+    from service.workers.executor import Executor
 
     os.sched_setaffinity(0, {cpu})
     table = ipc.ControlTable(ipc.TableShape(**shape))

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.serverproc import ServerProcess  # noqa: E402
 from loadtest.machine import machine_info  # noqa: E402
-from service import attribution  # noqa: E402
+from service.explain import attribution  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-train-jpeg.tar.gz"
 
@@ -92,8 +92,8 @@ def latency(server: ServerProcess, images: list[bytes], method: str, requests: i
 
 
 def deletion_test(images: np.ndarray, methods: list[str], fraction: float) -> dict:
-    from service.repository import scan
-    from service.runtime import ModelRuntime
+    from service.inference.repository import scan
+    from service.inference.runtime import ModelRuntime
     from service.settings import Settings
 
     runtime = ModelRuntime(scan(ROOT / "models")[0], Settings(providers=["cpu"], intra_op_threads=1))

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from bench.plots import finish_axes, machine_title, new_figure, save, spread_errorbar  # noqa: E402
 from bench.serverproc import MODEL_REPOSITORY, ServerProcess, parse_cpus, pinned_command  # noqa: E402
 from loadtest.machine import machine_info, spread  # noqa: E402
-from service.repository import variant_filename  # noqa: E402
+from service.inference.repository import variant_filename  # noqa: E402
 
 CONCURRENCY = [1, 4, 16, 64, 256]
 QUICK_CONCURRENCY = [1, 16, 64]

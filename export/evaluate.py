@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.data import load_split
-from service.preprocess import Normalizer
+from service.inference.preprocess import Normalizer
 
 
 def predict(model_path: str | Path, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, list[str]]:

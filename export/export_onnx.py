@@ -22,7 +22,7 @@ import torch
 from export.data import load_split
 from export.model import Cifar10CNN
 from export.train import to_normalized_nchw
-from service.preprocess import Preprocessing
+from service.inference.preprocess import Preprocessing
 
 PARITY_ATOL = 1e-4
 PARITY_IMAGES = 512

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from export.quantize import sha256_of
-from service.repository import PRECISIONS, variant_filename
+from service.inference.repository import PRECISIONS, variant_filename
 
 VARIANTS_HEADING = "## Precision variants"
 

@@ -20,7 +20,7 @@
 
 Both are refused (nothing written) when their top-1 on the held-out validation split falls more
 than ``max_accuracy_drop_pp`` percentage points below the FP32 model's. The variant is written
-beside the model (``model.int8.onnx``, ``model.fp16.onnx``; see service/repository.py) with the
+beside the model (``model.int8.onnx``, ``model.fp16.onnx``; see service/inference/repository.py) with the
 FP32 metadata (labels, preprocessing) and, added, ``precision``, ``variant_of`` (the FP32 file's
 sha256), ``val_top1`` (the variant's own) and ``quantization`` (the recipe and the calibration
 images' count, seed and selection), all JSON strings.
@@ -45,8 +45,8 @@ import onnxruntime as ort
 
 from export.data import load_split
 from export.evaluate import predict, summarize
-from service.preprocess import Normalizer
-from service.repository import variant_filename
+from service.inference.preprocess import Normalizer
+from service.inference.repository import variant_filename
 
 VARIANTS = ("int8", "fp16")
 DEFAULT_CALIBRATION_IMAGES = 512

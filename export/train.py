@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from export.data import Dataset, channel_stats, load_split
 from export.model import Cifar10CNN
-from service.preprocess import Preprocessing, normalize
+from service.inference.preprocess import Preprocessing, normalize
 
 
 @dataclass

@@ -77,7 +77,7 @@ def model_preprocessing(model_file: str | None) -> tuple[dict, str]:
 
 def images_to_tensor(images: list[bytes], preprocessing: dict) -> np.ndarray:
     """Encoded images → float32 [n,3,32,32], exactly as the server would preprocess them."""
-    from service.preprocess import image_to_tensor
+    from service.inference.preprocess import image_to_tensor
 
     return np.concatenate([image_to_tensor(im, preprocessing) for im in images])
 

@@ -51,13 +51,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service import supervisor
+    from service.workers import supervisor
 
     return supervisor.run(settings_from_args(args))
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from service import client
+    from service.tools import classify_client as client
 
     return client.main(args)
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     p.set_defaults(func=cmd_classify)
 
-    from service import model_import
+    from service.tools import import_model as model_import
 
     p = sub.add_parser(
         "import-model",

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from service.batcher import BatchObserver
+from service.inference.batcher import BatchObserver
 
 LATENCY_BUCKETS = (
     0.0005,

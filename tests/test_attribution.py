@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from export.layers_onnx import add_layer_outputs
-from service import attribution, layers
-from service.repository import scan
-from service.runtime import ModelRuntime
+from service.explain import attribution, layers
+from service.inference.repository import scan
+from service.inference.runtime import ModelRuntime
 from service.settings import Settings
 from tests.conftest import MODEL_PATH, MODEL_REPOSITORY, SHARED_CIFAR, distinct_images
 
@@ -82,8 +82,8 @@ def real_images():
     if not SHARED_CIFAR.exists():
         pytest.skip(f"CIFAR-10 images not present at {SHARED_CIFAR}: no real images for the deletion test")
     from export.data import load_split
-    from service.codec import decode_image
-    from service.samples import load_samples
+    from service.explain.samples import load_samples
+    from service.inference.codec import decode_image
 
     samples = load_samples(SHARED_CIFAR)
     sample_pixels = np.stack([decode_image(s.png, 1 << 20) for s in samples])
@@ -153,7 +153,7 @@ def test_pictures_of_the_layers(runtime):
     by_name = {d["name"]: d for d in described}
     assert len(by_name["conv1"]["filters"]) == 32 and len(by_name["conv1"]["maps"]) == 32
     assert len(by_name["pool"]["maps"]) == 32 and len(by_name["fc3"]["values"]) == 512
-    from service.codec import decode_image
+    from service.inference.codec import decode_image
 
     first = decode_image(by_name["conv1"]["maps"][0], 1 << 20)
     assert first.shape == (32, 32, 3)

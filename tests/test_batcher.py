@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatchObserver
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from service.inference.batcher import Batcher, BatchObserver
 
 
 class Recorder(BatchObserver):

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import onnxruntime as ort
 
-from service import devices
+from service.inference import devices
 from tests.conftest import ROOT, ServerProcess, wait_until
 
 ORT_NOISE = re.compile(r"\[[EW]:onnxruntime|\x1b\[")

@@ -68,7 +68,7 @@ def test_readme_v2_example_runs(server, tmp_path):
 
 def test_image_to_tensor_is_the_servers_preprocessing(server):
     """The tensor from image_to_tensor, sent over v2, gives /predict's probabilities for the same image."""
-    from service.preprocess import image_to_tensor
+    from service.inference.preprocess import image_to_tensor
 
     config = httpx.get(f"{server.http}/v2/models/cifar10/config").json()
     pre = json.loads(config["parameters"]["preprocessing"]["string_value"])

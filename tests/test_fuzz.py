@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from service import codec
+from service.ascii_numbers import parse_decimal, parse_uint
 from service.errors import InvalidInput, InvalidParameter, ServiceError
 from service.http_api.inference_rest import decompress, parse_rest_request
 from service.http_api.routes import parse_json_body
-from service.numbers import parse_decimal, parse_uint
+from service.inference import codec
 from tests.conftest import distinct_images, png_bytes
 
 

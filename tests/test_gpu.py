@@ -21,8 +21,8 @@ import pytest
 from service import cli
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
-from service.repository import scan
-from service.runtime import CPU, CUDA, ModelRuntime
+from service.inference.repository import scan
+from service.inference.runtime import CPU, CUDA, ModelRuntime
 from service.settings import Settings
 from tests.conftest import MODEL_PATH, MODEL_REPOSITORY, ServerProcess, distinct_images, png_bytes
 

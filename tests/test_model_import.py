@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.repository import ModelSpec
-from service.runtime import ModelRuntime
+from service.inference.repository import ModelSpec
+from service.inference.runtime import ModelRuntime
 from service.settings import Settings
 from tests.conftest import ROOT, ServerProcess, png_bytes
 

@@ -10,15 +10,15 @@ import numpy as np
 import orjson
 import pytest
 
-from service.core import InferenceCore, LoadedModel
 from service.errors import InvalidInput, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
 from service.http_api.context import timeout_from_header
 from service.http_api.inference_rest import decompress, encode_rest_response, parse_rest_request
 from service.http_api.routes import int_parameter, parse_json_body
-from service.inference_protocol import InferResponse, InputTensor, build_outputs, decode_input, plan_outputs
+from service.inference.core import InferenceCore, LoadedModel
+from service.inference.repository import scan
+from service.inference.runtime import ModelRuntime
 from service.metrics import Metrics, ModelStats
-from service.repository import scan
-from service.runtime import ModelRuntime
+from service.protocol.open_inference import InferResponse, InputTensor, build_outputs, decode_input, plan_outputs
 from service.settings import Settings
 from tests.conftest import MODEL_PATH, MODEL_REPOSITORY
 

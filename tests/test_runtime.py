@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import numpy as np
 
-from service.repository import scan
-from service.runtime import ModelRuntime
+from service.inference.repository import scan
+from service.inference.runtime import ModelRuntime
 from service.settings import Settings
 from tests.conftest import MODEL_PATH, MODEL_REPOSITORY, ServerProcess, distinct_images, png_bytes
 

@@ -29,8 +29,8 @@ from export.quantize import calibration_index
 from service.cli import main as cli_main
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
-from service.preprocess import Normalizer
-from service.repository import variant_filename
+from service.inference.preprocess import Normalizer
+from service.inference.repository import variant_filename
 from tests.conftest import MODEL_PATH, ROOT, SHARED_CIFAR, ServerProcess, distinct_images, png_bytes
 
 CARD = ROOT / "models" / "cifar10" / "README.md"

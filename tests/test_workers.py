@@ -186,7 +186,7 @@ def test_sigkill_under_load_fails_fast_restarts_and_recovers(victim):
 def test_what_the_supervisor_shares_out_and_says_once():
     """CUDA that cannot run is said once (by the supervisor, not by every child); the server-wide
     caps are shared out among the front ends, and ORT's threads among the processes."""
-    from service.devices import cuda_available
+    from service.inference.devices import cuda_available
 
     cuda_ok, reason = cuda_available()
     caps = ["--max-connections", "101", "--max-buffered-bytes", str(8 << 20)]

@@ -1,1 +1,1 @@
-"""gRPC transport: thin servicers over service.core, plus health and reflection."""
+"""gRPC transport: thin servicers over service.inference.core, plus health and reflection."""

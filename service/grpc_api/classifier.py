@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import grpc
 
-from service.core import InferenceCore, RawImage
 from service.errors import InvalidInput
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from service.grpc_api.instrumented import rpc
+from service.inference.core import InferenceCore, RawImage
 from service.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name

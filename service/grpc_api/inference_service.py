@@ -1,5 +1,5 @@
 """Open Inference Protocol (KServe v2) gRPC binding, ``inference.GRPCInferenceService``, on
-tritonclient's generated stubs: protobuf ↔ ``service.inference_protocol``, nothing else.
+tritonclient's generated stubs: protobuf ↔ ``service.protocol.open_inference``, nothing else.
 
 Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
 ModelConfig, ModelStatistics, RepositoryIndex. The other RPCs (streaming, repository load/unload,
@@ -15,11 +15,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import inference_protocol as v2
-from service.core import InferenceCore
 from service.errors import InvalidInput
 from service.grpc_api.instrumented import rpc
+from service.inference.core import InferenceCore
 from service.metrics import Metrics
+from service.protocol import open_inference as v2
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 

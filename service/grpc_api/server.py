@@ -8,10 +8,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.core import InferenceCore
 from service.grpc_api import classifier, inference_service
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
 from service.grpc_api.instrumented import GuardedRegistration
+from service.inference.core import InferenceCore
 from service.metrics import Metrics
 from service.settings import Settings
 

@@ -1,1 +1,1 @@
-"""HTTP transport: a FastAPI app of thin routes over service.core."""
+"""HTTP transport: a FastAPI app of thin routes over service.inference.core."""

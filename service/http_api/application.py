@@ -10,10 +10,10 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.core import InferenceCore
 from service.errors import ServiceError
 from service.http_api import explain_routes, inference_routes, page_routes, routes
 from service.http_api.context import HttpContext, error_response, json_response
+from service.inference.core import InferenceCore
 from service.metrics import Metrics
 
 log = logging.getLogger("cnnserve.http")

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from service.core import InferenceCore
+from service.ascii_numbers import parse_decimal, parse_uint
 from service.errors import (
     BufferFull,
     Cancelled,
@@ -25,8 +25,8 @@ from service.errors import (
     ServiceError,
     http_status,
 )
+from service.inference.core import InferenceCore
 from service.metrics import Metrics
-from service.numbers import parse_decimal, parse_uint
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 BUFFERED_KEY = "cnnserve.buffered"  # request scope: body bytes this request holds against max_buffered_bytes

@@ -7,9 +7,9 @@ import base64
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.attribution import DEFAULT_METHOD, METHODS
 from service.errors import InvalidParameter
-from service.explain import Explanations
+from service.explain.attribution import DEFAULT_METHOD, METHODS
+from service.explain.explainer import Explanations
 from service.http_api.context import HttpContext, json_response
 from service.http_api.routes import PREDICT_DOC, PREDICT_PARAMETERS, int_parameter, read_images
 from service.http_api.schemas import PREDICT_REQUEST_BODY, ExplainResponse, error_responses

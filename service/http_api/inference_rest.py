@@ -1,7 +1,7 @@
 """The Open Inference Protocol's REST body format: JSON, plus Triton's binary tensor extension
 (``Inference-Header-Content-Length``) and request compression. Turns bodies into
-:class:`service.inference_protocol.InferRequest` and :class:`~service.inference_protocol.InferResponse`
-into bodies; everything else about the protocol is in ``service.inference_protocol``."""
+:class:`service.protocol.open_inference.InferRequest` and :class:`~service.protocol.open_inference.InferResponse`
+into bodies; everything else about the protocol is in ``service.protocol.open_inference``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Any
 
 import orjson
 
+from service.ascii_numbers import parse_uint
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.inference_protocol import (
+from service.protocol.open_inference import (
     INLINE_PARSE_BYTES,
     InferRequest,
     InferResponse,
@@ -21,7 +22,6 @@ from service.inference_protocol import (
     tensor_numbers,
     typed_parameter,
 )
-from service.numbers import parse_uint
 
 HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor extension (HTTP)
 

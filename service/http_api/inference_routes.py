@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe v2) REST routes with Triton's extensions: HTTP ↔ ``service.inference_protocol``.
+"""Open Inference Protocol (KServe v2) REST routes with Triton's extensions: HTTP ↔ ``service.protocol.open_inference``.
 
 Routes are thin: they read the path, headers and body, call ``inference_protocol`` (bodies
 through ``inference_rest``) and write its answer; ``HttpContext.handle`` maps domain errors to
@@ -11,10 +11,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service import inference_protocol as v2
 from service.http_api import inference_rest as rest
 from service.http_api.context import HttpContext, json_response
 from service.http_api.schemas import V2_INFER_REQUEST_BODY, error_responses
+from service.protocol import open_inference as v2
 
 BINARY_CONTENT_TYPE = "application/octet-stream"
 

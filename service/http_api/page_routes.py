@@ -9,9 +9,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
+from service.explain.samples import SOURCE, Samples
 from service.http_api.context import HttpContext, json_response
 from service.http_api.schemas import error_responses
-from service.samples import SOURCE, Samples
 
 STATIC = resources.files("service") / "static"
 

@@ -11,8 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
-from service.core import Classification, ImageInput
+from service.ascii_numbers import parse_uint
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api import multipart
 from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
@@ -23,7 +22,8 @@ from service.http_api.schemas import (
     Readiness,
     error_responses,
 )
-from service.numbers import parse_uint
+from service.inference.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
+from service.inference.core import Classification, ImageInput
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 

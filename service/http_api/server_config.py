@@ -6,7 +6,7 @@ from typing import Any
 
 import uvicorn
 
-from service.http_api.protocol import HttpLimits, protocol_class
+from service.http_api.httptools_limits import HttpLimits, protocol_class
 from service.settings import Settings
 
 

@@ -1,13 +1,13 @@
 """``cnnserve serve``: one process, or a supervisor of several.
 
-With ``--workers 1`` (and ``--executor worker``) the server is one process (``service.lifecycle``).
+With ``--workers 1`` (and ``--executor worker``) the server is one process (``service.server``).
 Otherwise this process supervises:
 
-- N **front ends** (``service.lifecycle`` with a ``FrontendRole``) share the HTTP and gRPC ports
+- N **front ends** (``service.server`` with a ``FrontendRole``) share the HTTP and gRPC ports
   (SO_REUSEPORT: the kernel spreads connections) and do all per-request work: protocol,
   validation, decoding, normalisation, top-k, answer formatting;
 - with ``--executor device``, one **device executor** per GPU (one for the CPU) owns the
-  sessions and batch queues (``service.executor``); with ``--executor worker`` each front end
+  sessions and batch queues (``service.workers.executor``); with ``--executor worker`` each front end
   runs the models itself.
 
 It reserves both ports before anything starts (so a restarted front end can bind them again),
@@ -30,8 +30,8 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 
-from service import ipc
 from service.settings import Settings
+from service.workers import shared_memory as ipc
 
 log = logging.getLogger("cnnserve")
 
@@ -41,10 +41,10 @@ CPU_AUTO_EXECUTOR = "worker"
 
 def visible_gpus(settings: Settings) -> list[int]:
     """CUDA device ordinals this server may use: none unless CUDA is among the providers and can
-    run here (``service.devices.cuda_available``); CUDA_VISIBLE_DEVICES is honoured by the driver."""
+    run here (``service.inference.devices.cuda_available``); CUDA_VISIBLE_DEVICES is honoured by the driver."""
     if "CUDAExecutionProvider" not in settings.providers:
         return []
-    from service.devices import cuda_available
+    from service.inference.devices import cuda_available
 
     if not cuda_available()[0]:
         return []
@@ -68,7 +68,7 @@ def plan(settings: Settings) -> tuple[int, str, list[int]]:
     placement: str = settings.executor
     if placement == "auto":
         placement = "device" if gpus else CPU_AUTO_EXECUTOR
-    from service.devices import usable_cores
+    from service.inference.devices import usable_cores
 
     cores = usable_cores()
     if settings.workers != "auto":
@@ -104,7 +104,8 @@ class Supervisor:
 
     # ---- processes ----------------------------------------------------------------------------
     def _spawn(self, row: int) -> None:
-        from service import executor, lifecycle
+        from service import server as lifecycle
+        from service.workers import executor
 
         shape = self.table.describe()
         target: Callable[..., None]
@@ -129,7 +130,7 @@ class Supervisor:
         """ONNX Runtime threads per session when left to auto: the cores are shared out, not
         claimed by every process. Models in each worker: the worker's share of the cores. A CPU
         executor: the cores the front ends leave. A GPU executor: one (the GPU computes)."""
-        from service.devices import usable_cores
+        from service.inference.devices import usable_cores
 
         cores = usable_cores()
         if self.placement == "worker":
@@ -185,8 +186,8 @@ class Supervisor:
 
     # ---- the whole life ---------------------------------------------------------------------------
     def run(self) -> int:
-        from service.lifecycle import StartupError, bind_listener, check_repository
         from service.metrics import ModelStats
+        from service.server import StartupError, bind_listener, check_repository
 
         s = self.settings
         try:
@@ -212,7 +213,7 @@ class Supervisor:
         self.child_settings.max_connections = max(1, -(-s.max_connections // self.workers))
         self.child_settings.max_buffered_bytes = max(1024, s.max_buffered_bytes // self.workers)
         # CUDA that cannot run here is said once, by the supervisor, not once per child.
-        from service.devices import usable_providers
+        from service.inference.devices import usable_providers
 
         usable, reason = usable_providers(s.providers)
         if reason is not None and not s.require_gpu:
@@ -272,7 +273,8 @@ class Supervisor:
 
 def run(settings: Settings) -> int:
     """``cnnserve serve``: one process, or a supervisor of several (see the module's docstring)."""
-    from service import lifecycle, logs
+    from service import logs
+    from service import server as lifecycle
 
     workers, placement, gpus = plan(settings)
     if workers == 1 and placement == "worker":

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from service.repository import ModelSpec
+from service.inference.repository import ModelSpec
 
 LAYERS_FILENAME = "layers.onnx"
 FILTERS = "conv1_filters"

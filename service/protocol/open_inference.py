@@ -14,7 +14,7 @@ Supported Triton extensions: ``classification``, ``binary_tensor_data``, ``model
 The model has one input (FP32 [-1,3,32,32], already normalised) and two outputs: the ONNX graph's
 ``logits`` and ``probabilities`` (their softmax, computed by the server). A request of N images
 is submitted to the batcher as one request of N images. Where the model version has a companion
-``layers.onnx`` (``service.layers``), its intermediate activations are extra outputs a request
+``layers.onnx`` (``service.explain.layers``), its intermediate activations are extra outputs a request
 may ask for by name (``conv1``, ``conv2``, ``pool``, ``fc3``, ``fc4``); they are listed in the
 model's metadata and configuration, are never sent unasked, and are computed by the companion
 session in this process.
@@ -34,10 +34,10 @@ import numpy as np
 import orjson
 
 from service import __version__
-from service.core import INLINE_DECODE_BYTES, InferenceCore, LoadedModel
 from service.errors import InvalidInput
-from service.layers import DROPOUT_NOTE, LAYER_NAMES
-from service.runtime import CUDA, BatchOutput
+from service.explain.layers import DROPOUT_NOTE, LAYER_NAMES
+from service.inference.core import INLINE_DECODE_BYTES, InferenceCore, LoadedModel
+from service.inference.runtime import CUDA, BatchOutput
 
 SERVER_NAME = "cnnserve"
 PLATFORM = "onnxruntime_onnx"

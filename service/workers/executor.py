@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from service import ipc
+from service.inference.postprocess import ranking, softmax
+from service.inference.repository import ModelSpec
 from service.metrics import Metrics, ModelStats, StatsObserver
-from service.postprocess import ranking, softmax
-from service.repository import ModelSpec
 from service.settings import Settings
+from service.workers import shared_memory as ipc
 
 log = logging.getLogger("cnnserve.executor")
 
@@ -208,7 +208,7 @@ class Executor:
     def load(self, runtime_factory=None) -> None:
         """Create and warm up every model version's session (``runtime_factory(spec)`` makes the
         runtime; by default an ONNX Runtime session on this executor's device)."""
-        from service.runtime import load_model
+        from service.inference.runtime import load_model
 
         factory = runtime_factory or (lambda spec: load_model(spec, self.settings))
         descriptions = []

@@ -7,7 +7,7 @@ docs/models.md)::
      "layout": "NCHW", "color": "RGB", "size": [32, 32]}
 
 and each channel of the input is ``(pixel * scale - mean) / std``, in ``color`` order, at ``size``
-(height, width) after the server's centre crop and resize (``service.codec``).
+(height, width) after the server's centre crop and resize (``service.inference.codec``).
 
 Everyone who turns images into that tensor uses this module: the server (``Normalizer``, over a
 whole batch at once), ``export/train.py`` and ``export/evaluate.py`` (``normalize``), and Open
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from service import codec
+from service.inference import codec
 
 LAYOUTS = ("NCHW",)
 COLORS = ("RGB", "BGR")

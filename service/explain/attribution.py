@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from service.preprocess import Preprocessing
+from service.inference.preprocess import Preprocessing
 
 METHODS = ("occlusion", "rise")
 DEFAULT_METHOD = "occlusion"
@@ -52,7 +52,7 @@ class Plan:
 
 def fill_colour(preprocessing: Mapping[str, Any]) -> np.ndarray:
     """The training mean as a uint8 RGB colour (zero after the model's normalisation), from the
-    model's preprocessing (``service.preprocess``; its mean is in the model's colour order)."""
+    model's preprocessing (``service.inference.preprocess``; its mean is in the model's colour order)."""
     pre = Preprocessing.parse(preprocessing)
     rgb = pre.mean if pre.color == "RGB" else pre.mean[::-1]
     return np.clip(np.round(np.asarray(rgb, np.float64) / pre.scale), 0, 255).astype(np.uint8)

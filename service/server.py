@@ -1,7 +1,7 @@
 """One server process's life: the gRPC and HTTP listeners, the core, readiness, graceful drain.
 
 It is the whole server with ``--workers 1``, and each front end of a multi-process server
-(``service.supervisor``), which differs in a :class:`FrontendRole`: its listeners share the ports
+(``service.workers.supervisor``), which differs in a :class:`FrontendRole`: its listeners share the ports
 (SO_REUSEPORT), its readiness and statistics cover every process of the server, and its models
 run either in the device executors or, with ``--executor worker``, in the process itself.
 
@@ -30,14 +30,15 @@ from typing import Any
 
 import uvicorn
 
-from service import ipc, repository
-from service.core import InferenceCore
-from service.executor_client import ExecutorClient
 from service.grpc_api.server import GrpcServer
 from service.http_api.application import create_app
 from service.http_api.server_config import uvicorn_config
+from service.inference import repository
+from service.inference.core import InferenceCore
 from service.metrics import Metrics
 from service.settings import Settings
+from service.workers import shared_memory as ipc
+from service.workers.remote_batcher import ExecutorClient
 
 log = logging.getLogger("cnnserve")
 
@@ -152,7 +153,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         clients = [ExecutorClient(role.table, role.index, e, role.run_dir, slots) for e in range(role.executors)]
         tasks = [asyncio.create_task(c.run()) for c in clients]
         waits: list[asyncio.Task[Any]] = [asyncio.create_task(c.connected.wait()) for c in clients]
-        # The models run in the executors; /explain's layers are computed here (service.layers).
+        # The models run in the executors; /explain's layers are computed here (service.explain.layers).
         waits.append(asyncio.create_task(asyncio.to_thread(core.load_layers)))
         loader = asyncio.create_task(asyncio.wait(waits))
     else:
@@ -258,7 +259,7 @@ def run(settings: Settings) -> int:
 
 
 def frontend_main(settings_json: str, table_shape: dict, index: int, run_dir: str, executors: int) -> None:
-    """Entry point of a front-end process (spawned by ``service.supervisor``)."""
+    """Entry point of a front-end process (spawned by ``service.workers.supervisor``)."""
     from service import logs
 
     settings = Settings.model_validate_json(settings_json)

@@ -136,7 +136,7 @@ def describe() -> str:
     return f"CUDA usable (onnxruntime {ort.__version__})" if ok else f"CUDA not usable: {reason}"
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m service.devices
+if __name__ == "__main__":  # pragma: no cover - python -m service.inference.devices
     print(describe())
     sys.exit(0 if cuda_available()[0] else 1)
 

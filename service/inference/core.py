@@ -19,8 +19,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service import codec, repository
-from service.batcher import Batcher
 from service.errors import (
     BufferFull,
     DeadlineExceeded,
@@ -31,14 +29,16 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
 )
-from service.executor_client import ExecutorClient, RemoteBatcher
-from service.explain import Explainer, Explanations
-from service.ipc import ControlTable
-from service.layers import LayerModel
+from service.explain.explainer import Explainer, Explanations
+from service.explain.layers import LayerModel
+from service.inference import codec, repository
+from service.inference.batcher import Batcher
+from service.inference.model_description import ModelDescription
+from service.inference.runtime import BatchOutput, ModelRuntime, load_model
 from service.metrics import Metrics, ModelStats, StatsObserver
-from service.model_description import ModelDescription
-from service.runtime import BatchOutput, ModelRuntime, load_model
 from service.settings import Settings
+from service.workers.remote_batcher import ExecutorClient, RemoteBatcher
+from service.workers.shared_memory import ControlTable
 
 log = logging.getLogger("cnnserve.core")
 T = TypeVar("T")
@@ -123,7 +123,7 @@ class InferenceCore:
         self.table, self.row = table, row
         self.models: dict[str, dict[str, LoadedModel]] = {}
         self._runtimes: list[ModelRuntime] = []
-        #: Companion sessions with the named intermediate activations (service.layers), for the
+        #: Companion sessions with the named intermediate activations (service.explain.layers), for the
         #: model versions whose folder holds a layers.onnx.
         self.layer_models: dict[tuple[str, str], LayerModel] = {}
         self.ready = False
@@ -448,7 +448,7 @@ class InferenceCore:
         deadline: float | None = None,
     ) -> Explanations:
         """Each image's top-k, attribution of ``target`` (default: the top-1) and layers
-        (``service.explain``): validated like classify, then admitted by the explanations' own limits."""
+        (``service.explain.explainer``): validated like classify, then admitted by the explanations' own limits."""
         return await self.explainer.explain(images, top_k, model, version, target, method, seed, deadline)
 
     async def infer_tensor(self, target: LoadedModel, tensor: np.ndarray, deadline: float | None = None) -> BatchOutput:

@@ -1,5 +1,5 @@
 """What a front end knows of a model version that runs in another process (a device executor):
-the attributes of :class:`service.runtime.ModelRuntime` that answering requests needs, from the
+the attributes of :class:`service.inference.runtime.ModelRuntime` that answering requests needs, from the
 executor's description, plus the normaliser front ends apply before handing images over."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from service.preprocess import Normalizer, Preprocessing
+from service.inference.preprocess import Normalizer, Preprocessing
 
 
 @dataclass

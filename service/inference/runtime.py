@@ -12,10 +12,10 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from service import devices
-from service.postprocess import ranking, softmax
-from service.preprocess import Normalizer, Preprocessing
-from service.repository import ModelSpec
+from service.inference import devices
+from service.inference.postprocess import ranking, softmax
+from service.inference.preprocess import Normalizer, Preprocessing
+from service.inference.repository import ModelSpec
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve.runtime")
@@ -221,7 +221,7 @@ class ModelRuntime:
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
 
     def describe(self) -> dict:
-        """What a front end in another process needs (``service.model_description.ModelDescription``)."""
+        """What a front end in another process needs (``service.inference.model_description.ModelDescription``)."""
         return {
             "name": self.name,
             "version": self.version,

@@ -1,9 +1,9 @@
 """Explanations: a prediction, its attribution map and the layers' activations, for each image.
 
-The attribution's perturbed images (``service.attribution``) go through the core's own submit
+The attribution's perturbed images (``service.explain.attribution``) go through the core's own submit
 path, the model's batcher and runtime, like any request (so they run wherever the model runs,
 CPU or GPU). The layer activations of the one original image come from the companion session
-(``service.layers``) in a worker thread, at the same time.
+(``service.explain.layers``) in a worker thread, at the same time.
 
 Explanations cost ~226 forward passes per image, so they have their own admission: at most
 ``explain_concurrency`` computed at once and ``explain_queue_size`` waiting for a turn; past that
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service import attribution, layers
 from service.errors import DeadlineExceeded, InvalidParameter, Overloaded, PayloadTooLarge
+from service.explain import attribution, layers
 
 if TYPE_CHECKING:
-    from service.core import ImageInput, InferenceCore, LoadedModel
+    from service.inference.core import ImageInput, InferenceCore, LoadedModel
 
 
 class ExplanationsBusy(Overloaded):
@@ -45,7 +45,7 @@ class ImageExplanation:
     class_index: int
     label: str
     values: np.ndarray  # float32 [32,32]
-    layers: list[dict]  # service.layers.describe
+    layers: list[dict]  # service.explain.layers.describe
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
-"""A front end's side of the device executors (``service.executor``).
+"""A front end's side of the device executors (``service.workers.executor``).
 
 :class:`ExecutorClient` keeps one connection to one executor (reconnecting when it restarts),
 owns this front end's slabs for it, hands images over through them and resolves each request's
-future when its slots come back. :class:`RemoteBatcher` gives ``service.core`` the interface of
-``service.batcher.Batcher`` for one model version served by the executors.
+future when its slots come back. :class:`RemoteBatcher` gives ``service.inference.core`` the interface of
+``service.inference.batcher.Batcher`` for one model version served by the executors.
 
 Cost on the event loop per request: a normalisation into the slab (numpy over the request's
 images), one 20-byte record appended to a message that carries every request of this loop
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service import ipc
 from service.errors import Cancelled, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from service.model_description import ModelDescription
-from service.runtime import BatchOutput
+from service.inference.model_description import ModelDescription
+from service.inference.runtime import BatchOutput
+from service.workers import shared_memory as ipc
 
 log = logging.getLogger("cnnserve.frontend")
 

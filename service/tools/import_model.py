@@ -19,13 +19,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.repository import MODEL_FILENAME, ModelSpec
+from service.inference.repository import MODEL_FILENAME, ModelSpec
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-    from service.preprocess import Preprocessing
+    from service.inference.preprocess import Preprocessing
 
 IMAGENET_MEAN = "0.485,0.456,0.406"
 IMAGENET_STD = "0.229,0.224,0.225"
@@ -96,7 +96,7 @@ def add_metadata(
     """The model with our metadata and a dynamic batch dimension; the preprocessing with the
     graph's own input size when ``size_given`` is false. Raises ModelImportError when the graph is
     not an image classifier this server can run."""
-    from service.preprocess import Preprocessing
+    from service.inference.preprocess import Preprocessing
 
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
@@ -137,7 +137,7 @@ def validate(path: Path, name: str, version: str) -> tuple[list[int], np.ndarray
     Returns the input shape and the probabilities of the batch."""
     import numpy as np
 
-    from service.runtime import ModelRuntime
+    from service.inference.runtime import ModelRuntime
     from service.settings import Settings
 
     runtime = ModelRuntime(ModelSpec(name, version, path), Settings(providers=["cpu"], intra_op_threads=1))
@@ -154,7 +154,7 @@ def validate(path: Path, name: str, version: str) -> tuple[list[int], np.ndarray
 def import_model(args: argparse.Namespace) -> Path:
     import numpy as np
 
-    from service.preprocess import Preprocessing
+    from service.inference.preprocess import Preprocessing
 
     try:
         import onnx
@@ -232,7 +232,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--channel-order",
         default="rgb",
-        choices=["rgb", "bgr"],  # service.preprocess.COLORS; literal, so building the parser needs no numpy
+        choices=["rgb", "bgr"],  # service.inference.preprocess.COLORS; literal, so building the parser needs no numpy
         help="channel order the model expects (default rgb; OpenCV-trained models often bgr)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing model file")

@@ -1,0 +1,1 @@
+"""Command-line tools around the server: the classify client, import-model."""

@@ -45,6 +45,7 @@ import onnxruntime as ort
 
 from export.data import load_split
 from export.evaluate import predict, summarize
+from service.inference.precision import AGREEMENT_THRESHOLD, CHECK_INPUTS_FILENAME, cpu_features, describe_cpu
 from service.inference.preprocess import Normalizer
 from service.inference.repository import variant_filename
 
@@ -53,6 +54,10 @@ DEFAULT_CALIBRATION_IMAGES = 512
 DEFAULT_CALIBRATION_SEED = 0
 DEFAULT_MAX_ACCURACY_DROP_PP = 0.5
 CALIBRATION_BATCH = 128
+#: The check inputs written beside model.onnx (check_inputs.npz): this many validation images,
+#: drawn with numpy.random.default_rng(CHECK_SEED), 3 KB each (uint8): 384 KB.
+CHECK_IMAGES = 128
+CHECK_SEED = 16
 PARITY_IMAGES = 512
 # Measured: 3.7e-3 at most over the 5,000 validation images (logits reach ±12).
 FP16_PARITY_ATOL = 2e-2
@@ -101,10 +106,18 @@ INT8_RECIPES = {
             "on x86 without VNNI)",
             reduce_range=False,
         ),
-        Int8Recipe("u8u8", "uint8 activations, uint8 weights, per output channel", weight_type="uint8", reduce_range=False),
-        Int8Recipe("s8s8", "int8 activations, int8 weights, per output channel", activation_type="int8", reduce_range=False),
-        Int8Recipe("u8s8-pt", "uint8 activations, int8 weights in 8 bits, per tensor", per_channel=False, reduce_range=False),
-        Int8Recipe("u8s8-rr-pt", "uint8 activations, int8 weights in 7 bits (reduce_range), per tensor", per_channel=False),
+        Int8Recipe(
+            "u8u8", "uint8 activations, uint8 weights, per output channel", weight_type="uint8", reduce_range=False
+        ),
+        Int8Recipe(
+            "s8s8", "int8 activations, int8 weights, per output channel", activation_type="int8", reduce_range=False
+        ),
+        Int8Recipe(
+            "u8s8-pt", "uint8 activations, int8 weights in 8 bits, per tensor", per_channel=False, reduce_range=False
+        ),
+        Int8Recipe(
+            "u8s8-rr-pt", "uint8 activations, int8 weights in 7 bits (reduce_range), per tensor", per_channel=False
+        ),
     )
 }
 DEFAULT_INT8_RECIPE = "u8s8-rr"
@@ -135,6 +148,36 @@ def calibration_index(n_train: int, images: int, seed: int) -> np.ndarray:
     if not 1 <= images <= n_train:
         raise ValueError(f"calibration images must be 1..{n_train}, got {images}")
     return np.sort(np.random.default_rng(seed).choice(n_train, images, replace=False))
+
+
+def check_index(n_val: int, images: int = CHECK_IMAGES, seed: int = CHECK_SEED) -> np.ndarray:
+    """Which validation-split images are the check inputs, sorted."""
+    return np.sort(np.random.default_rng(seed).choice(n_val, min(images, n_val), replace=False))
+
+
+def write_check_inputs(model: Path, data: str | Path) -> Path:
+    """``check_inputs.npz`` beside ``model``: the CHECK_IMAGES validation images (uint8 NHWC, the
+    server normalises them as it does requests), their labels and validation-split indices. The
+    server runs them through a variant and FP32 at load (service/inference/precision.py)."""
+    val = load_split(data, "val")
+    index = check_index(len(val))
+    target = Path(model).with_name(CHECK_INPUTS_FILENAME)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".npz", delete=False) as f:
+        np.savez_compressed(f, images=val.images[index], labels=val.labels[index], index=index.astype(np.int64))
+    Path(f.name).chmod(0o644)
+    Path(f.name).replace(target)
+    return target
+
+
+def check_agreement(model: Path, variant: Path) -> dict:
+    """Top-1 agreement of ``variant`` with ``model`` on the check inputs beside ``model``, here."""
+    from service.inference.precision import agreement, load_check_images
+
+    images = load_check_images(model)
+    assert images is not None
+    x = normalizer_of(onnx.load(str(model)))(images)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (model, variant)]
+    return {"images": len(x), "agreement": agreement(*sessions, x, 64), "threshold": AGREEMENT_THRESHOLD}
 
 
 def _output_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -264,6 +307,7 @@ def make_variant(
     max_accuracy_drop_pp: float = DEFAULT_MAX_ACCURACY_DROP_PP,
     output: str | Path | None = None,
     out_dir: str | Path | None = None,
+    recipe: str = DEFAULT_INT8_RECIPE,
 ) -> Path:
     """Build, check and write one variant of ``model``; returns its path. Raises VariantRejected
     (nothing written) when its validation top-1 falls more than ``max_accuracy_drop_pp`` below
@@ -276,12 +320,13 @@ def make_variant(
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / output.name
         if precision == "int8":
-            record = quantize_int8(model, data, candidate, calibration)
+            record = quantize_int8(model, data, candidate, calibration, recipe)
             parity = None
         else:
             record = convert_fp16(model, candidate)
             parity = check_fp16_parity(model, candidate, data)
 
+        measured_on = {"cpu": cpu_features(), "onnxruntime": ort.__version__}
         val = load_split(data, "val")
         base_preds, labels = predict(model, val.images)
         preds, _ = predict(candidate, val.images)
@@ -297,7 +342,20 @@ def make_variant(
         if drop_pp > max_accuracy_drop_pp:
             raise VariantRejected(
                 f"{precision} validation top-1 {100 * result['top1']:.2f} % is {drop_pp:.2f} pp below fp32's "
-                f"{100 * base['top1']:.2f} % (allowed: {max_accuracy_drop_pp:g} pp); {output} not written"
+                f"{100 * base['top1']:.2f} % (allowed: {max_accuracy_drop_pp:g} pp) on CPU "
+                f"{describe_cpu(measured_on['cpu'])}; {output} not written"
+            )
+        # The check the server runs at every load (service/inference/precision.py), run here first.
+        write_check_inputs(model, data)
+        check = check_agreement(model, candidate)
+        print(
+            f"{precision}: top-1 agreement with fp32 on the {check['images']} check inputs "
+            f"{100 * check['agreement']:.2f} % (the server needs {100 * AGREEMENT_THRESHOLD:g} %)"
+        )
+        if check["agreement"] < AGREEMENT_THRESHOLD:
+            raise VariantRejected(
+                f"{precision} agrees with fp32 on only {100 * check['agreement']:.2f} % of the check inputs "
+                f"(the server needs {100 * AGREEMENT_THRESHOLD:g} %); {output} not written"
             )
 
         proto = onnx.load(str(candidate))
@@ -309,6 +367,8 @@ def make_variant(
                 "val_top1": f"{result['top1']:.4f}",
                 "fp32_val_top1": f"{base['top1']:.4f}",
                 "quantization": json.dumps(record),
+                "check": json.dumps(check),
+                "measured_on": json.dumps(measured_on),
             }
         )
         _set_metadata(proto, meta)
@@ -324,6 +384,8 @@ def make_variant(
             top1_agreement_with_fp32=agreement,
             quantization=record,
             fp16_parity=parity,
+            check=check,
+            measured_on=measured_on,
         )
         target = Path(out_dir) / f"evaluation.{precision}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +399,16 @@ def main(args: argparse.Namespace) -> int:
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     try:
         for precision in precisions:
-            make_variant(args.model, precision, args.data, calibration, args.max_accuracy_drop, None, args.out_dir)
+            make_variant(
+                args.model,
+                precision,
+                args.data,
+                calibration,
+                args.max_accuracy_drop,
+                None,
+                args.out_dir,
+                getattr(args, "recipe", DEFAULT_INT8_RECIPE),
+            )
     except (VariantRejected, ValueError) as e:
         print(f"cnnserve quantize: {e}", file=sys.stderr)
         return 1
@@ -345,57 +416,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 # ---- which recipe: every candidate measured on this machine --------------------------------------
-#: The /proc/cpuinfo flags that decide which integer kernels ONNX Runtime's MLAS runs (x86-64:
-#: AVX2 = vpmaddubsw U8S8, saturating; AVX-512 BW the same, wider; AVX-512 VNNI / AVX-VNNI =
-#: vpdpbusd, 32-bit accumulation; AMX; ARM64: asimddp = sdot/udot, i8mm = usmmla/smmla).
-CPU_FEATURE_FLAGS = (
-    "sse4_1",
-    "avx",
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "amx_int8",
-    "amx_bf16",
-    "asimd",
-    "asimddp",
-    "i8mm",
-    "sve",
-)
-
-
-def cpu_features(cpuinfo: str | None = None) -> dict:
-    """The CPU model and the feature flags of CPU_FEATURE_FLAGS it has (from /proc/cpuinfo), and
-    whether ONNX Runtime's U8S8 kernels can saturate on it (x86-64 without VNNI)."""
-    import platform
-
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    model, flags = None, set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "cpu model") and model is None:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-    machine = platform.machine().lower()
-    x86 = machine in ("x86_64", "amd64", "i686") or "sse2" in flags
-    return {
-        "model": model or platform.processor() or None,
-        "arch": machine,
-        "flags": [f for f in CPU_FEATURE_FLAGS if f in flags],
-        "u8s8_can_saturate": bool(x86 and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)),
-    }
-
-
 def _time_sessions(sessions: dict, batch_sizes: list[int], rounds: int, seconds: float) -> dict:
     """Median ms per run of every session at every batch size, rounds interleaved."""
     import time
@@ -447,6 +467,7 @@ def compare_recipes(
         return np.concatenate([s.run(None, {name: x[i : i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
 
     base = top1(session(model))
+    check = check_index(len(val))
     out: dict = {
         "model": str(model),
         "images": len(x),
@@ -470,12 +491,16 @@ def compare_recipes(
                     "agreement": float((preds == base).mean()),
                     "exact_arithmetic_top1": float((exact == val.labels).mean()),
                     "exact_arithmetic_agreement": float((exact == base).mean()),
+                    "check_inputs_agreement": float((preds[check] == base[check]).mean()),
+                    "exact_arithmetic_check_inputs_agreement": float((exact[check] == base[check]).mean()),
                 }
                 out["candidates"].append(row)
                 print(
                     f"{key:12s} top-1 {100 * row['top1']:.2f} % (fp32 {100 * out['fp32_top1']:.2f} %), agreement "
                     f"{100 * row['agreement']:.2f} %; exact arithmetic {100 * row['exact_arithmetic_top1']:.2f} % / "
-                    f"{100 * row['exact_arithmetic_agreement']:.2f} %",
+                    f"{100 * row['exact_arithmetic_agreement']:.2f} %; on the {len(check)} check inputs "
+                    f"{100 * row['check_inputs_agreement']:.1f} % / "
+                    f"{100 * row['exact_arithmetic_check_inputs_agreement']:.1f} %",
                     flush=True,
                 )
                 sessions[key] = session(path)
@@ -483,18 +508,26 @@ def compare_recipes(
     out["timing"] = {"intra_op_threads": 1, "rounds": rounds, "seconds_per_point": seconds, "median_ms": ms}
     for row in out["candidates"]:
         row["speedup"] = {str(n): ms["fp32"][n] / ms[row["recipe"]][n] for n in batch_sizes}
-        print(f"{row['recipe']:12s} speed-up over fp32 (1 thread): " + ", ".join(
-            f"batch {n} {ms['fp32'][n]:.3f}/{ms[row['recipe']][n]:.3f} ms = {row['speedup'][str(n)]:.2f}x" for n in batch_sizes
-        ))
+        print(
+            f"{row['recipe']:12s} speed-up over fp32 (1 thread): "
+            + ", ".join(
+                f"batch {n} {ms['fp32'][n]:.3f}/{ms[row['recipe']][n]:.3f} ms = {row['speedup'][str(n)]:.2f}x"
+                for n in batch_sizes
+            )
+        )
     return out
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Measure the INT8 recipes on this machine (export.quantize.compare_recipes)")
+    parser = argparse.ArgumentParser(
+        description="Measure the INT8 recipes on this machine (export.quantize.compare_recipes)"
+    )
     parser.add_argument("--model", default="models/cifar10/1/model.onnx")
     parser.add_argument("--data", default="../shared/data/cifar10/cifar10-train-jpeg.tar.gz")
     parser.add_argument("--recipes", default=",".join(INT8_RECIPES))
-    parser.add_argument("--with-output-layer", action="store_true", help="also each recipe with the logits layer quantized")
+    parser.add_argument(
+        "--with-output-layer", action="store_true", help="also each recipe with the logits layer quantized"
+    )
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", default=None, help="write the result here")

@@ -16,6 +16,28 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from service.inference.batcher import BatchObserver
 
+#: cnnserve_model_info's labels after model, version, provider and precision (model_info_labels).
+PRECISION_LABELS = ("requested", "reason", "check_agreement", "speedup", "cpu_flags")
+
+
+def model_info_labels(runtime) -> list[str]:
+    """cnnserve_model_info's label values for a loaded runtime (or a front end's description of
+    one): what answers and the precision choice made at load (service/inference/precision.py)."""
+    choice = getattr(runtime, "precision_choice", None) or {}
+    agreement = choice.get("check_agreement")
+    return [
+        runtime.name,
+        runtime.version,
+        runtime.provider,
+        getattr(runtime, "precision", "fp32"),  # a test's stand-in runtime may have none
+        choice.get("requested", ""),
+        choice.get("reason", ""),
+        "" if agreement is None else f"{agreement:.4f}",
+        ",".join(f"{n}:{t['speedup']:.2f}" for n, t in (choice.get("timing") or {}).items()),
+        " ".join((choice.get("cpu") or {}).get("flags", [])),
+    ]
+
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -79,8 +101,10 @@ class Metrics:
         self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r)
         self.model_info = Gauge(
             "cnnserve_model_info",
-            "Loaded model versions, the provider they run on and the precision variant that answers.",
-            ["model", "version", "provider", "precision"],
+            "Loaded model versions, the provider they run on, the precision variant that answers and why: "
+            "the precision asked for, the reason, its top-1 agreement with fp32 on the check inputs and its "
+            "speed-up over fp32 per batch size (batch:ratio), measured at load on this CPU (its flags).",
+            ["model", "version", "provider", "precision", *PRECISION_LABELS],
             registry=r,
             multiprocess_mode="livemax",
         )

@@ -219,6 +219,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
                 "provider": m.runtime.provider,
                 "precision": m.runtime.precision,
                 "file": m.runtime.path.name,
+                "precision_choice": getattr(m.runtime, "precision_choice", None),
             }
             for m in core.all_models()
         ]

@@ -35,7 +35,7 @@ from service.inference import codec, repository
 from service.inference.batcher import Batcher
 from service.inference.model_description import ModelDescription
 from service.inference.runtime import BatchOutput, ModelRuntime, load_model
-from service.metrics import Metrics, ModelStats, StatsObserver
+from service.metrics import Metrics, ModelStats, StatsObserver, model_info_labels
 from service.settings import Settings
 from service.workers.remote_batcher import ExecutorClient, RemoteBatcher
 from service.workers.shared_memory import ControlTable
@@ -187,7 +187,7 @@ class InferenceCore:
             self.models.setdefault(runtime.name, {})[runtime.version] = LoadedModel(
                 runtime, batcher, stats, stats_rows=rows
             )
-            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, runtime.precision).set(1)
+            self.metrics.model_info.labels(*model_info_labels(runtime)).set(1)
         self.ready = True
         self.metrics.ready.set(1)
         self.metrics.workers.set(1)

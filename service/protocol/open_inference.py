@@ -155,6 +155,7 @@ def model_config(core: InferenceCore, name: str, version: str | None = None) -> 
         "parameters": {
             "execution_provider": {"string_value": rt.provider},
             "precision": {"string_value": rt.precision},
+            "precision_choice": {"string_value": orjson.dumps(getattr(rt, "precision_choice", None)).decode()},
             "labels": {"string_value": orjson.dumps(rt.labels).decode()},
             "preprocessing": {"string_value": orjson.dumps(rt.preprocessing).decode()},
         },

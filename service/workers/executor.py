@@ -30,7 +30,7 @@ import orjson
 
 from service.inference.postprocess import ranking, softmax
 from service.inference.repository import ModelSpec
-from service.metrics import Metrics, ModelStats, StatsObserver
+from service.metrics import Metrics, ModelStats, StatsObserver, model_info_labels
 from service.settings import Settings
 from service.workers import shared_memory as ipc
 
@@ -221,8 +221,7 @@ class Executor:
                      time.monotonic() - started, padded)  # fmt: skip
             stats = ModelStats(self.table.stats[self.row, i])
             self.queues.append(ModelQueue(self, i, runtime, stats))
-            precision = getattr(runtime, "precision", "fp32")
-            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, precision).set(1)
+            self.metrics.model_info.labels(*model_info_labels(runtime)).set(1)
             descriptions.append(runtime.describe())
         self._models_message = ipc.MSG_MODELS + orjson.dumps(
             {"executor": self.index, "max_queue_size": self.settings.max_queue_size, "models": descriptions}

@@ -126,6 +126,27 @@ class Supervisor:
         self.processes[row] = process
         log.info("started %s (pid %d)", self._describe(row), process.pid)
 
+    def _plan_precision(self) -> None:
+        """precision auto with several workers that each run their own session: the variant is
+        checked and timed once, here, and every worker loads what this chose (and checks it again),
+        so that all answer alike. One device executor decides for itself."""
+        c = self.child_settings
+        if c.precision != "auto" or self.placement != "worker" or self.workers < 2:
+            return
+        if "CUDAExecutionProvider" in c.providers:
+            return  # auto considers no variant on CUDA (service/inference/runtime.py AUTO_PRECISION)
+        import json
+
+        from service.inference.runtime import PLAN_ENVIRONMENT, ModelRuntime
+
+        plan = {}
+        for spec in self.specs:
+            try:
+                plan[f"{spec.name}/{spec.version}"] = ModelRuntime(spec, c).choice.to_dict()
+            except Exception:  # noqa: BLE001 - each worker loads it again and reports why it cannot
+                continue
+        os.environ[PLAN_ENVIRONMENT] = json.dumps(plan)
+
     def _intra_op_threads(self) -> int:
         """ONNX Runtime threads per session when left to auto: the cores are shared out, not
         claimed by every process. Models in each worker: the worker's share of the cores. A CPU
@@ -222,6 +243,7 @@ class Supervisor:
         c = self.child_settings
         log.info("each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections and "
                  "%d buffered request bytes", c.intra_op_threads, c.max_connections, c.max_buffered_bytes)  # fmt: skip
+        self._plan_precision()
         shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
                                ModelStats.width(s.max_batch_size))  # fmt: skip
         self.table = ipc.ControlTable(shape, create=True)

@@ -50,7 +50,7 @@ def cpu_words(cpu: dict | None) -> str:
     if not cpu:
         return "CPU not recorded"
     flags = [f.upper().replace("_", "-") for f in cpu.get("flags", []) if f not in ("sse4_1", "avx", "asimd")]
-    vnni = "; no VNNI (U8S8 saturates)" if cpu.get("u8s8_can_saturate") else ""
+    vnni = "; no VNNI" if cpu.get("u8s8_can_saturate") else ""
     return f"{cpu.get('model') or cpu.get('arch')}: {', '.join(flags) or 'no listed flags'}{vnni}"
 
 
@@ -71,6 +71,33 @@ def render_recipes(recipes: dict) -> str:
             + " |"
         )
     t = recipes["timing"]
+    by = {r["recipe"]: r for r in recipes["candidates"]}
+
+    def fig(name: str, key: str) -> str:
+        return f"{100 * by[name][key]:.2f} %" if name in by else "?"
+
+    why = (
+        "\n\nWhy `u8s8-rr`: two candidates are within the 0.5-point margin, at least 99 % in agreement with "
+        "FP32 and unable to saturate on any x86-64 CPU whatever the input: `u8s8-rr` (7-bit weights bound every "
+        "`vpmaddubsw` pair sum below 32,767) and `u8u8`; of the two, `u8s8-rr` runs the same U8S8 kernels as "
+        "8-bit weights, so VNNI CPUs keep their `vpdpbusd` speed. The others: `u8s8` (the previous shipped recipe) "
+        f"is exact where the CPU has VNNI ({fig('u8s8', 'exact_arithmetic_top1')}) and "
+        f"{fig('u8s8', 'top1')} here; `s8s8` gives the very same answers, because ONNX Runtime's x86 CPU "
+        "provider converts int8 activations to uint8 and runs the same U8S8 kernels; `u8u8` is as accurate "
+        f"({fig('u8u8', 'top1')}, {fig('u8u8', 'agreement')} agreement) but its kernels widen to 16 bits "
+        "and have no VNNI form, slower at batch 64 here and forgoing VNNI elsewhere; per-tensor 8-bit weights "
+        f"(`u8s8-pt`) still saturate now and then ({fig('u8s8-pt', 'agreement')} agreement here against "
+        f"{fig('u8s8-pt', 'exact_arithmetic_agreement')} exact); per-tensor 7-bit (`u8s8-rr-pt`) and "
+        "quantizing the logits layer (`+fc4`) cost agreement (below 99 %). Where the saturation happens: "
+        "7-bit weights in conv1 alone (its inputs are the normalised image, spread over the whole uint8 "
+        "range) gave 78.88 % and 99.36 % agreement here, the same as exact arithmetic, but conv2 and fc3 "
+        "would keep 8-bit weights that *can* saturate on inputs unlike the validation images; the 0.24 "
+        "points were not worth a recipe that is safe only by measurement. Per CPU feature set: on x86-64 "
+        "with AVX2 and no VNNI (measured, this machine) `u8s8-rr` gives the figures above and `auto` picks "
+        "INT8 where it is faster; with AVX-512 VNNI, AVX-VNNI or AMX, and on ARM64 (`asimddp`, `i8mm`), the "
+        "integer sums are exact, so the exact-arithmetic column is what they compute (emulated, not measured "
+        "on such a CPU; their speed is not measured)."
+    )
     return (
         f"INT8 recipes measured on {cpu_words(recipes['cpu'])} (`{recipes['command']}`; onnxruntime "
         f"{recipes['onnxruntime']}; {recipes['images']} validation images, FP32 {100 * recipes['fp32_top1']:.2f} %; "
@@ -79,7 +106,7 @@ def render_recipes(recipes: dict) -> str:
         "computes; *exact arithmetic* is the same graph run unfused (ONNX Runtime dequantizes and computes in FP32 "
         "instead of running its integer kernels), which is what a CPU whose integer kernels cannot saturate "
         "(AVX-512 VNNI, AVX-VNNI, AMX, ARM64 dot products) computes, up to rounding: emulated here, not measured "
-        "on such a CPU.\n\n" + "\n".join(lines)
+        "on such a CPU.\n\n" + "\n".join(lines) + why
     )
 
 

@@ -177,7 +177,8 @@ def check_agreement(model: Path, variant: Path) -> dict:
     assert images is not None
     x = normalizer_of(onnx.load(str(model)))(images)
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (model, variant)]
-    return {"images": len(x), "agreement": agreement(*sessions, x, 64), "threshold": AGREEMENT_THRESHOLD}
+    found = agreement(sessions[0], sessions[1], x, 64)
+    return {"images": len(x), "agreement": found, "threshold": AGREEMENT_THRESHOLD}
 
 
 def _output_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -484,7 +485,7 @@ def compare_recipes(
                 path = Path(tmp) / f"{key}.onnx"
                 quantize_int8(model, data, path, Calibration(quantize_output_layer=qol), name)
                 preds, exact = top1(session(path)), top1(session(path, fused=False))
-                row = {
+                row: dict = {
                     "recipe": key,
                     "description": INT8_RECIPES[name].description + ("; logits layer quantized too" if qol else ""),
                     "top1": float((preds == val.labels).mean()),

@@ -55,8 +55,10 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto",
         description="Which variant of each model to load: model.onnx (fp32), model.int8.onnx or model.fp16.onnx "
-        "from its version folder. auto: int8 on the CPU provider, fp32 on CUDA, fp32 where the variant is "
-        "absent. An explicit precision whose file is absent stops the server.",
+        "from its version folder. A variant is checked against fp32 at load (top-1 agreement on the "
+        "check_inputs.npz beside the model). auto: int8 on the CPU provider where it passes and is faster "
+        "here at batch 1 and max_batch_size, else fp32; fp32 on CUDA and where the variant is absent. An "
+        "explicit precision whose file is absent, or that fails its check, stops the server.",
     )
     require_gpu: bool = Field(False, description="Refuse to start unless the session really runs on CUDA.")
     cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal.")

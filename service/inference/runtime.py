@@ -266,7 +266,7 @@ class ModelRuntime:
             return fp32, PrecisionChoice(requested, "fp32", "asked")
         if plan is not None and plan.precision == "fp32":
             return fp32, plan  # the supervisor found the variant slower, failing or absent
-        candidate = requested
+        candidate: str = requested
         if requested == "auto":
             candidate = plan.precision if plan is not None else AUTO_PRECISION.get(provider, "")
             if not candidate:

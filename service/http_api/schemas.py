@@ -7,6 +7,8 @@ answers fit them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -81,6 +83,14 @@ class ModelState(BaseModel):
     name: str
     version: str
     provider: str = Field(description="ONNX Runtime execution provider", examples=["CPUExecutionProvider"])
+    precision: str = Field(description="the precision variant that answers: fp32, int8 or fp16", examples=["int8"])
+    file: str = Field(description="its file in the version folder", examples=["model.int8.onnx"])
+    precision_choice: dict[str, Any] | None = Field(
+        None,
+        description="why this variant answers, measured at load on this machine: requested, precision, reason, "
+        "candidate, check_images, check_agreement (top-1 agreement with fp32 on the check inputs), threshold, "
+        "timing (per batch size: fp32_ms, variant_ms, speedup), cpu (model, arch, flags), seconds",
+    )
 
 
 class Readiness(BaseModel):

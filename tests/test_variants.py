@@ -295,7 +295,22 @@ def test_auto_times_the_variant_that_passed_and_takes_it_only_where_it_is_faster
     assert set(c.timing) == {"1", str(Settings().max_batch_size)}  # batch 1 and max_batch_size
     faster = all(t["speedup"] > 1 for t in c.timing.values())
     assert (rt.precision, c.reason) == (("int8", "faster") if faster else ("fp32", "slower"))
-    assert c.seconds < 3  # start-up stays fast (~0.3-0.5 s measured on 2 busy cores)
+    assert c.seconds < 5  # start-up stays fast: 0.7-1.4 s measured on 2 cores shared with other jobs
+
+
+def test_several_worker_processes_serve_the_one_choice_the_supervisor_measured():
+    s = ServerProcess("--workers", "2", "--executor", "worker", "--drain-seconds", "0", precision=None)
+    try:
+        (model,) = httpx.get(f"{s.http}/readyz").json()["models"]
+        choice = model["precision_choice"]
+        # Each process reports its labels; one label set means every worker made the same choice.
+        infos = model_info(httpx.get(f"{s.http}/metrics").text)
+        assert len({tuple(sorted(i.items())) for i in infos}) == 1, infos
+        assert infos[0]["precision"] == choice["precision"] == model["precision"]
+        if choice["precision"] == "int8":  # each worker checked it again, with the supervisor's timing
+            assert s.log.count("cifar10/1: precision auto -> int8") == 3, s.log
+    finally:
+        assert s.stop() == 0, s.log
 
 
 def test_a_variant_without_check_inputs_is_not_chosen_by_auto_and_served_with_a_warning_when_asked(tmp_path, caplog):

@@ -1,13 +1,16 @@
 """Faster precision variants of an exported FP32 model, each checked before it is written.
 
 - **int8** (for the CPU): ONNX Runtime's static quantization (``quant_pre_process``, then
-  ``quantize_static``): QDQ format, int8 weights per output channel, uint8 activations with
+  ``quantize_static``): QDQ format, by default (recipe ``u8s8-rr``, INT8_RECIPES) int8 weights in
+  7 bits (``reduce_range``: they cannot saturate ONNX Runtime's ``vpmaddubsw`` kernels on x86
+  CPUs without VNNI) per output channel, uint8 activations with
   MinMax ranges calibrated on ``calibration_images`` training images drawn with
   ``numpy.random.default_rng(calibration_seed)`` from the training split (never the validation
   split the check uses). The layer that produces the logits (here fc4: 5,130 weights, ~0.1 % of
   the compute) stays FP32 by default: quantizing its 512-wide input to one per-tensor scale is
-  what moves most answers (top-1 agreement with FP32 on the validation split 98.96 % with it,
-  99.46 % without it, for the same speed).
+  what moves most answers (top-1 agreement with FP32 on the validation split, recipe u8s8-rr:
+  98.86 % with it, 99.12 % without it, for the same speed; the 8-bit recipe where exact: 98.96 %
+  and 99.44 %).
 - **fp16** (for CUDA): every initializer and operator in float16 (onnxconverter-common's
   ``convert_float_to_float16``) with ``keep_io_types=True``, so input and output stay FP32 and
   clients see no difference. Its agreement with FP32 is checked as ``cnnserve export`` checks the
@@ -19,7 +22,11 @@
   (scripts/gpu-check.sh).
 
 Both are refused (nothing written) when their top-1 on the held-out validation split falls more
-than ``max_accuracy_drop_pp`` percentage points below the FP32 model's. The variant is written
+than ``max_accuracy_drop_pp`` percentage points below the FP32 model's, or when they fail the
+check the server runs at every load (top-1 agreement with FP32 on ``check_inputs.npz``, which is
+written beside the model: CHECK_IMAGES validation images drawn with CHECK_SEED). Every figure is
+recorded with the CPU it was measured on (``measured_on``: model and /proc/cpuinfo flags).
+``python -m export.quantize`` measures every INT8 recipe on this machine (``compare_recipes``). The variant is written
 beside the model (``model.int8.onnx``, ``model.fp16.onnx``; see service/inference/repository.py) with the
 FP32 metadata (labels, preprocessing) and, added, ``precision``, ``variant_of`` (the FP32 file's
 sha256), ``val_top1`` (the variant's own) and ``quantization`` (the recipe and the calibration

@@ -198,8 +198,8 @@ The same model at other numeric precisions, beside `model.onnx` in the version f
 server's `precision` setting picks the file. Every variant takes and answers FP32 tensors. An
 INT8 model's answers depend on the CPU's integer kernels, so every variant figure below names
 the CPU features it was measured on, and the server checks the variant where it runs: at every
-load it runs the variant and FP32 side by side on the 128 check inputs beside the model
-(`1/check_inputs.npz`: validation images drawn with a fixed seed) and serves FP32 instead
+load it runs the variant and FP32 side by side on the 256 check inputs beside the model
+(`1/check_inputs.npz`: synthetic 1/f-noise and shape images with a fixed seed, export/check_inputs.py) and serves FP32 instead
 (`auto`) or refuses to start (the variant asked for) when their top-1 answers agree on fewer
 than 95 % of them. `auto`, the default, considers int8 on the CPU provider (nothing on CUDA)
 and takes it only where it passes that check *and* is faster than FP32 at batch 1 and

@@ -24,7 +24,7 @@
 Both are refused (nothing written) when their top-1 on the held-out validation split falls more
 than ``max_accuracy_drop_pp`` percentage points below the FP32 model's, or when they fail the
 check the server runs at every load (top-1 agreement with FP32 on ``check_inputs.npz``, which is
-written beside the model: CHECK_IMAGES validation images drawn with CHECK_SEED). Every figure is
+written beside the model: CHECK_IMAGES synthetic images, export/check_inputs.py). Every figure is
 recorded with the CPU it was measured on (``measured_on``: model and /proc/cpuinfo flags).
 ``python -m export.quantize`` measures every INT8 recipe on this machine (``compare_recipes``). The variant is written
 beside the model (``model.int8.onnx``, ``model.fp16.onnx``; see service/inference/repository.py) with the
@@ -50,10 +50,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from export.check_inputs import CHECK_SEED, synthetic_check_images
 from export.data import load_split
 from export.evaluate import predict, summarize
 from service.inference.precision import AGREEMENT_THRESHOLD, CHECK_INPUTS_FILENAME, cpu_features, describe_cpu
-from service.inference.preprocess import Normalizer
+from service.inference.preprocess import Normalizer, Preprocessing
 from service.inference.repository import variant_filename
 
 VARIANTS = ("int8", "fp16")
@@ -61,10 +62,6 @@ DEFAULT_CALIBRATION_IMAGES = 512
 DEFAULT_CALIBRATION_SEED = 0
 DEFAULT_MAX_ACCURACY_DROP_PP = 0.5
 CALIBRATION_BATCH = 128
-#: The check inputs written beside model.onnx (check_inputs.npz): this many validation images,
-#: drawn with numpy.random.default_rng(CHECK_SEED), 3 KB each (uint8): 384 KB.
-CHECK_IMAGES = 128
-CHECK_SEED = 16
 PARITY_IMAGES = 512
 # Measured: 3.7e-3 at most over the 5,000 validation images (logits reach ±12).
 FP16_PARITY_ATOL = 2e-2
@@ -157,20 +154,19 @@ def calibration_index(n_train: int, images: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_train, images, replace=False))
 
 
-def check_index(n_val: int, images: int = CHECK_IMAGES, seed: int = CHECK_SEED) -> np.ndarray:
-    """Which validation-split images are the check inputs, sorted."""
-    return np.sort(np.random.default_rng(seed).choice(n_val, min(images, n_val), replace=False))
+def model_size(model: Path) -> tuple[int, int]:
+    """The (height, width) a model takes, from its preprocessing metadata."""
+    return Preprocessing.parse(json.loads(_metadata(onnx.load(str(model)))["preprocessing"])).size
 
 
-def write_check_inputs(model: Path, data: str | Path) -> Path:
-    """``check_inputs.npz`` beside ``model``: the CHECK_IMAGES validation images (uint8 NHWC, the
-    server normalises them as it does requests), their labels and validation-split indices. The
-    server runs them through a variant and FP32 at load (service/inference/precision.py)."""
-    val = load_split(data, "val")
-    index = check_index(len(val))
+def write_check_inputs(model: Path) -> Path:
+    """``check_inputs.npz`` beside ``model``: CHECK_IMAGES synthetic images (uint8 NHWC at the
+    model's input size; export/check_inputs.py says why synthetic) and their seed. The server runs
+    them through a variant and FP32 at load (service/inference/precision.py)."""
+    images = synthetic_check_images(model_size(model))
     target = Path(model).with_name(CHECK_INPUTS_FILENAME)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".npz", delete=False) as f:
-        np.savez_compressed(f, images=val.images[index], labels=val.labels[index], index=index.astype(np.int64))
+        np.savez_compressed(f, images=images, seed=np.int64(CHECK_SEED))
     Path(f.name).chmod(0o644)
     Path(f.name).replace(target)
     return target
@@ -354,7 +350,7 @@ def make_variant(
                 f"{describe_cpu(measured_on['cpu'])}; {output} not written"
             )
         # The check the server runs at every load (service/inference/precision.py), run here first.
-        write_check_inputs(model, data)
+        write_check_inputs(model)
         check = check_agreement(model, candidate)
         print(
             f"{precision}: top-1 agreement with fp32 on the {check['images']} check inputs "
@@ -470,12 +466,17 @@ def compare_recipes(
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
-    def top1(s: ort.InferenceSession) -> np.ndarray:
+    def top1_of(s: ort.InferenceSession, inputs: np.ndarray) -> np.ndarray:
         name = s.get_inputs()[0].name
-        return np.concatenate([s.run(None, {name: x[i : i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
+        batches = range(0, len(inputs), 500)
+        return np.concatenate([s.run(None, {name: inputs[i : i + 500]})[0].argmax(1) for i in batches])
+
+    def top1(s: ort.InferenceSession) -> np.ndarray:
+        return top1_of(s, x)
 
     base = top1(session(model))
-    check = check_index(len(val))
+    check_x = normalizer_of(onnx.load(str(model)))(synthetic_check_images(model_size(model)))
+    base_check = top1_of(session(model), check_x)
     out: dict = {
         "model": str(model),
         "images": len(x),
@@ -491,7 +492,9 @@ def compare_recipes(
                 key = name + ("+fc4" if qol else "")
                 path = Path(tmp) / f"{key}.onnx"
                 quantize_int8(model, data, path, Calibration(quantize_output_layer=qol), name)
-                preds, exact = top1(session(path)), top1(session(path, fused=False))
+                fused, unfused = session(path), session(path, fused=False)
+                preds, exact = top1(fused), top1(unfused)
+                check, exact_check = top1_of(fused, check_x), top1_of(unfused, check_x)
                 row: dict = {
                     "recipe": key,
                     "description": INT8_RECIPES[name].description + ("; logits layer quantized too" if qol else ""),
@@ -499,14 +502,14 @@ def compare_recipes(
                     "agreement": float((preds == base).mean()),
                     "exact_arithmetic_top1": float((exact == val.labels).mean()),
                     "exact_arithmetic_agreement": float((exact == base).mean()),
-                    "check_inputs_agreement": float((preds[check] == base[check]).mean()),
-                    "exact_arithmetic_check_inputs_agreement": float((exact[check] == base[check]).mean()),
+                    "check_inputs_agreement": float((check == base_check).mean()),
+                    "exact_arithmetic_check_inputs_agreement": float((exact_check == base_check).mean()),
                 }
                 out["candidates"].append(row)
                 print(
                     f"{key:12s} top-1 {100 * row['top1']:.2f} % (fp32 {100 * out['fp32_top1']:.2f} %), agreement "
                     f"{100 * row['agreement']:.2f} %; exact arithmetic {100 * row['exact_arithmetic_top1']:.2f} % / "
-                    f"{100 * row['exact_arithmetic_agreement']:.2f} %; on the {len(check)} check inputs "
+                    f"{100 * row['exact_arithmetic_agreement']:.2f} %; on the {len(check_x)} check inputs "
                     f"{100 * row['check_inputs_agreement']:.1f} % / "
                     f"{100 * row['exact_arithmetic_check_inputs_agreement']:.1f} %",
                     flush=True,

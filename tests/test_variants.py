@@ -26,9 +26,10 @@ import tritonclient.http as thttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import ceiling
+from export.check_inputs import CHECK_IMAGES, CHECK_SEED, synthetic_check_images
 from export.data import load_split
 from export.evaluate import predict
-from export.quantize import CHECK_IMAGES, Calibration, calibration_index, check_index, quantize_int8
+from export.quantize import Calibration, calibration_index, quantize_int8
 from service.cli import main as cli_main
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -83,12 +84,13 @@ def test_quantize_writes_checked_variants_that_record_their_calibration(tmp_path
         assert [i.type for i in session.get_inputs()] == ["tensor(float)"]  # clients send FP32 to every variant
         assert [o.type for o in session.get_outputs()] == ["tensor(float)"]
 
-    # The check inputs the server runs at load: held-out validation images, seeded, small.
+    # The check inputs the server runs at load: synthetic images (no CIFAR-10 image is shipped),
+    # seeded, at the model's input size, small.
     check = model.with_name(CHECK_INPUTS_FILENAME)
-    assert check.stat().st_size < 400_000
+    assert check.stat().st_size < 800_000
     with np.load(check) as npz:
-        n_val = len(load_split(SHARED_CIFAR, "val"))
-        np.testing.assert_array_equal(npz["index"], check_index(n_val))
+        assert int(npz["seed"]) == CHECK_SEED and "index" not in npz
+        np.testing.assert_array_equal(npz["images"], synthetic_check_images((32, 32)))
         assert npz["images"].shape == (CHECK_IMAGES, 32, 32, 3) and npz["images"].dtype == np.uint8
     here = cpu_features()
     for precision in ("int8", "fp16"):

@@ -7,18 +7,19 @@ quantized with 8-bit weights that is exact on a VNNI CPU loses 5 points of top-1
 one (issue 16; models/cifar10/README.md). So before a model version is marked ready:
 
 1. **Check.** The variant and the FP32 model both run the version's check inputs
-   (``check_inputs.npz`` beside ``model.onnx``: held-out validation images, seeded, written by
-   ``cnnserve quantize``) on this machine; their top-1 answers must agree on at least
-   ``AGREEMENT_THRESHOLD`` of them. Failing that, one log line names the variant, the agreement
-   found and the CPU's features, and FP32 is served instead (``auto``), or the server refuses to
-   start (the variant asked for explicitly: it would answer wrongly more often than it promises).
+   (``check_inputs.npz`` beside ``model.onnx``: seeded synthetic images with the statistics of
+   photographs, written by ``cnnserve quantize``; export/check_inputs.py) on this machine;
+   their top-1 answers must agree on at least ``AGREEMENT_THRESHOLD`` of them. Failing that,
+   one log line names the variant, the agreement found and the CPU's features, and FP32 is
+   served instead (``auto``), or the server refuses to start (the variant asked for
+   explicitly: it would answer wrongly more often than it promises).
 2. **Time** (``auto`` only). Where the check passes, both sessions run batch 1 and
    ``max_batch_size`` in a few interleaved rounds; the variant answers only where it is faster
    at both, the batch sizes this server forms when idle and under load.
 
 The outcome (:class:`PrecisionChoice`) is logged and reported by ``/readyz``, the
 ``cnnserve_model_info`` metric and the v2 model configuration. What it adds to start-up (the
-variant's session, 2 x 128 check images, 3 timing rounds) is a few hundred ms of compute: 0.7 s
+variant's session, 2 x 256 check images, 3 timing rounds) is a few hundred ms of compute: 0.7 s
 measured on the 2-core EPYC at load average ~4, 1.0-1.4 s at load average ~12 (``seconds``).
 """
 
@@ -36,14 +37,13 @@ import onnxruntime as ort
 log = logging.getLogger("cnnserve.precision")
 
 CHECK_INPUTS_FILENAME = "check_inputs.npz"
-#: Top-1 agreement with FP32 on the check inputs a variant needs to answer (measured on an
-#: AVX2-only EPYC; bench/results/int8-recipes.json). Variants whose arithmetic is exact agree on
-#: 98.9-99.4 % of the 5,000 validation images and 98.4-100 % of the 128 check images (the shipped
-#: INT8 recipe: 99.1 % and 98.4 %, 2 images; FP16: 99.98 % and 100 %); the old INT8 recipe where
-#: it saturates (AVX2, no VNNI): 87.9 % and 87.5 % (16 images). 95 % lets 6 of 128 images
-#: change, three times what the shipped recipe moves (a kernel that rounds differently can
-#: move an image that sits on a class boundary), and refuses 7 or more, under half of what
-#: saturation moves.
+#: Top-1 agreement with FP32 on the check inputs a variant needs to answer, measured on an
+#: AVX2-only EPYC (cnnserve quantize; export/check_inputs.py). On the 256 check images the shipped
+#: INT8 recipe agrees on 97.7 % (6 images; 99.1 % of the 5,000 validation images), FP16 on 100 %;
+#: the old INT8 recipe where it saturates (AVX2, no VNNI) on 87.1 % (33 images; 87.9 % of the
+#: validation images). 95 % lets 12 of 256 change, twice what the shipped recipe moves (a kernel
+#: that rounds differently can move an image that sits on a class boundary), and refuses 13 or
+#: more, under half of what saturation moves.
 AGREEMENT_THRESHOLD = 0.95
 #: Interleaved timing rounds per batch size (median taken), and runs per round at batch 1.
 TIMING_ROUNDS = 3

@@ -51,9 +51,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service import server
     from service.workers import supervisor
 
-    return supervisor.run(settings_from_args(args))
+    # The supervisor is handed the server's entry points: the multi-process mode does not import
+    # the composition root that imports it (tests/test_layering.py).
+    return supervisor.run(settings_from_args(args), server.run, server.frontend_main)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

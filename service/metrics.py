@@ -14,8 +14,6 @@ from typing import ClassVar
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from service.inference.batcher import BatchObserver
-
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -187,9 +185,9 @@ class ModelStats:
             v[slot + 1] += ns
 
 
-class StatsObserver(BatchObserver):
-    """Feeds one model version's batcher events into the Prometheus metrics (label children
-    resolved once) and into its ModelStats."""
+class StatsObserver:
+    """Feeds one model version's batcher events (``service.inference.batcher.Observer``) into the
+    Prometheus metrics (label children resolved once) and into its ModelStats."""
 
     def __init__(self, metrics: Metrics, model: str, stats: ModelStats) -> None:
         self.metrics = metrics

@@ -11,6 +11,7 @@ activations are exactly those the served model computes.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,10 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from service.inference import repository
 from service.inference.repository import ModelSpec
+
+log = logging.getLogger("cnnserve.layers")
 
 LAYERS_FILENAME = "layers.onnx"
 FILTERS = "conv1_filters"
@@ -91,6 +95,36 @@ class LayerModel:
         """The named activations of a float32 [n,3,32,32] (normalised) batch."""
         outputs = self.session.run(list(names), {self.input_name: x})
         return dict(zip(names, outputs))
+
+
+class LayerModels:
+    """The companion sessions of the model versions whose folder holds a ``layers.onnx``. Loaded
+    in every process that answers requests, also a front end whose models run in a device
+    executor: the layers of a request's few images are computed where the request is served."""
+
+    def __init__(self) -> None:
+        self._by_version: dict[tuple[str, str], LayerModel] = {}
+
+    def load(self, model_repository: str) -> None:
+        """Load every companion of the repository (blocking: run it in a thread). One that cannot
+        be loaded is logged and left out (explanations then carry no layers); it never stops the
+        server."""
+        for spec in repository.scan(model_repository):
+            try:
+                companion = LayerModel.beside(spec)
+            except Exception as e:  # noqa: BLE001 - ORT raises many types
+                log.warning(
+                    "%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
+                    spec.name,
+                    spec.version,
+                    e,
+                )
+                continue
+            if companion is not None:
+                self._by_version[(spec.name, spec.version)] = companion
+
+    def get(self, name: str, version: str) -> LayerModel | None:
+        return self._by_version.get((name, version))
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

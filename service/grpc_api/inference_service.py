@@ -15,10 +15,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from service.dataplane import DataPlane
 from service.errors import InvalidInput
 from service.grpc_api.instrumented import rpc
-from service.inference.core import InferenceCore
 from service.metrics import Metrics
+from service.protocol import metadata
 from service.protocol import open_inference as v2
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -73,59 +74,61 @@ def response_to_proto(response: v2.InferResponse) -> pb.ModelInferResponse:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore, metrics: Metrics) -> None:
-        self.core = core
+    def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
+        self.plane = plane
         self.metrics = metrics
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.core.not_ready_reason() is None)
+        return pb.ServerReadyResponse(ready=self.plane.readiness.is_ready)
 
     @rpc
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=v2.model_ready(self.core, request.name, request.version))
+        return pb.ModelReadyResponse(ready=metadata.model_ready(self.plane, request.name, request.version))
 
     @rpc
     async def ServerMetadata(self, request, context):
-        return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
+        return json_format.ParseDict(metadata.server_metadata(), pb.ServerMetadataResponse())
 
     @rpc
     async def ModelMetadata(self, request, context):
         return json_format.ParseDict(
-            v2.model_metadata(self.core, request.name, request.version), pb.ModelMetadataResponse()
+            metadata.model_metadata(self.plane, request.name, request.version), pb.ModelMetadataResponse()
         )
 
     @rpc
     async def ModelConfig(self, request, context):
-        config = json_format.ParseDict(v2.model_config(self.core, request.name, request.version), mc.ModelConfig())
+        config = json_format.ParseDict(
+            metadata.model_config(self.plane, request.name, request.version), mc.ModelConfig()
+        )
         return pb.ModelConfigResponse(config=config)
 
     @rpc
     async def ModelStatistics(self, request, context):
         return json_format.ParseDict(
-            v2.model_statistics(self.core, request.name, request.version), pb.ModelStatisticsResponse()
+            metadata.model_statistics(self.plane, request.name, request.version), pb.ModelStatisticsResponse()
         )
 
     @rpc
     async def RepositoryIndex(self, request, context):
-        return json_format.ParseDict({"models": v2.repository_index(self.core)}, pb.RepositoryIndexResponse())
+        return json_format.ParseDict({"models": metadata.repository_index(self.plane)}, pb.RepositoryIndexResponse())
 
     @rpc
     async def ModelInfer(self, request, context):
         held = request.ByteSize()
-        self.core.hold_bytes(held)  # the message is in memory until this call ends
+        self.plane.buffers.hold(held)  # the message is in memory until this call ends
         try:
             parsed = request_from_proto(request)
-            result = await v2.infer(self.core, parsed, self.core.deadline(context.time_remaining()))
+            result = await v2.infer(self.plane, parsed, self.plane.core.deadline(context.time_remaining()))
         finally:
-            self.core.release_bytes(held)
+            self.plane.buffers.release(held)
         return response_to_proto(result)
 
 
-def add_to_server(core: InferenceCore, metrics: Metrics, server: grpc.aio.Server) -> InferenceServicer:
-    servicer = InferenceServicer(core, metrics)
+def add_to_server(plane: DataPlane, metrics: Metrics, server: grpc.aio.Server) -> InferenceServicer:
+    servicer = InferenceServicer(plane, metrics)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer
 

@@ -10,17 +10,17 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
+from service.dataplane import DataPlane
 from service.errors import ServiceError
 from service.http_api import explain_routes, inference_routes, page_routes, routes
 from service.http_api.context import HttpContext, error_response, json_response
-from service.inference.core import InferenceCore
 from service.metrics import Metrics
 
 log = logging.getLogger("cnnserve.http")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc files
 
 
-def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
+def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     # FastAPIOffline serves Swagger UI (/docs) and ReDoc (/redoc) from the files its package
     # ships, so the docs work in a cluster without internet access; no validator badge either.
     app = FastAPIOffline(
@@ -34,7 +34,7 @@ def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
         # (6 % of the event loop's time under load); the server's metrics are Prometheus'.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    ctx = HttpContext(core, metrics)
+    ctx = HttpContext(plane, metrics)
     app.include_router(routes.build_router(ctx))
     app.include_router(inference_routes.build_router(ctx))
     app.include_router(explain_routes.build_router(ctx))

@@ -101,7 +101,7 @@ def _field(query_value: str | None, fields: dict, name: str):
 
 def build_router(ctx: HttpContext) -> APIRouter:
     router = APIRouter()
-    core = ctx.core
+    explainer = ctx.plane.explainer
 
     async def _explain(request: Request) -> Response:
         deadline = ctx.deadline(request)
@@ -113,7 +113,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         if method is not None and not isinstance(method, str):
             raise InvalidParameter(f"method must be a string, got {method!r}")
         result = await ctx.unless_disconnected(
-            core.explain(
+            explainer.explain(
                 parsed.images,
                 top_k=parsed.top_k,
                 model=parsed.model,

@@ -18,7 +18,7 @@ STATIC = resources.files("service") / "static"
 
 def build_router(ctx: HttpContext) -> APIRouter:
     router = APIRouter(tags=["Page"])
-    samples = Samples(ctx.core.settings.samples_data)
+    samples = Samples(ctx.plane.settings.samples_data)
     index_html = (STATIC / "index.html").read_bytes()
 
     @router.get("/", summary="The explanation page", include_in_schema=False)

@@ -22,8 +22,8 @@ from service.http_api.schemas import (
     Readiness,
     error_responses,
 )
-from service.inference.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
-from service.inference.core import Classification, ImageInput
+from service.inference.decoding import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
+from service.inference.serving import Classification, ImageInput
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -135,14 +135,14 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
     model, version = query.get("model") or None, query.get("version") or None
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     doc: dict = {}
-    ctx.precheck(model, version)  # queue full or not ready: refused before the body is read
+    ctx.core.precheck(model, version)  # queue full or not ready: refused before the body is read
     if content_type == "multipart/form-data":
         body = await ctx.body(request)  # bounded by max_request_bytes
-        args = (body, request.headers.get("content-type", ""), ctx.core.settings.max_images_per_request)
+        args = (body, request.headers.get("content-type", ""), ctx.plane.settings.max_images_per_request)
         if len(body) <= INLINE_PARSE_BYTES:
             images: list[ImageInput] = list(multipart.file_parts(*args))
         else:  # parsing megabytes: off the event loop
-            images = list(await ctx.core.offload(multipart.file_parts, *args))
+            images = list(await ctx.plane.pool.offload(multipart.file_parts, *args))
         if not images:
             raise InvalidInput('multipart body has no file part named "file"')
     elif content_type == "application/json":
@@ -150,7 +150,7 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
         if len(body) <= INLINE_PARSE_BYTES:
             images, doc = _json_document(body)
         else:  # parsing and base64-decoding megabytes: off the event loop
-            images, doc = await ctx.core.offload(_json_document, body)
+            images, doc = await ctx.plane.pool.offload(_json_document, body)
         top_k = top_k if top_k is not None else doc.get("top_k")
         model = model or doc.get("model")
         version = version or doc.get("model_version")
@@ -220,9 +220,9 @@ def build_router(ctx: HttpContext) -> APIRouter:
                 "precision": m.runtime.precision,
                 "file": m.runtime.path.name,
             }
-            for m in core.all_models()
+            for m in core.models()
         ]
-        reason = core.not_ready_reason()
+        reason = ctx.plane.readiness.reason()
         if reason is None:
             return json_response({"status": "ready", "models": models})
         return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,8 +36,17 @@ Outputs = TypeVar("Outputs", bound=Sequence[Any])
 BatchFn = Callable[[list[np.ndarray]], Outputs]
 
 
+class Observer(Protocol):
+    """Hooks for metrics (``service.metrics.StatsObserver``), called on the event loop."""
+
+    def queue_depth(self, images: int) -> None: ...
+    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None: ...
+    def dropped(self, reason: str, images: int) -> None: ...
+
+
 class BatchObserver:
-    """Hooks for metrics; the defaults do nothing. Called on the event loop."""
+    """An :class:`Observer` whose hooks do nothing: the default, and a base for observers that
+    want only some hooks."""
 
     def queue_depth(self, images: int) -> None: ...
     def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None: ...
@@ -63,7 +72,7 @@ class Batcher(Generic[Outputs]):
         max_batch_size: int = 64,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
-        observer: BatchObserver | None = None,
+        observer: Observer | None = None,
         name: str = "batcher",
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
@@ -72,7 +81,7 @@ class Batcher(Generic[Outputs]):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self.observer = observer or BatchObserver()
+        self.observer: Observer = observer or BatchObserver()
         self.name = name
         self._queue: deque[_Request] = deque()
         self._queued_images = 0

@@ -81,8 +81,11 @@ def plan(settings: Settings) -> tuple[int, str, list[int]]:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int, placement: str, gpus: list[int]) -> None:
+    def __init__(
+        self, settings: Settings, workers: int, placement: str, gpus: list[int], frontend_main: Callable[..., None]
+    ) -> None:
         self.settings, self.workers, self.placement, self.gpus = settings, workers, placement, gpus
+        self.frontend_main = frontend_main  # a front-end process's entry point (service.server.frontend_main)
         self.executors = max(1, len(gpus)) if placement == "device" else 0
         self.context = multiprocessing.get_context("spawn")
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}  # table row -> process
@@ -104,7 +107,6 @@ class Supervisor:
 
     # ---- processes ----------------------------------------------------------------------------
     def _spawn(self, row: int) -> None:
-        from service import server as lifecycle
         from service.workers import executor
 
         shape = self.table.describe()
@@ -119,7 +121,7 @@ class Supervisor:
         else:
             index = row - self.executors
             args = (self.child_settings.model_dump_json(), shape, index, str(self.run_dir), self.executors)
-            target, name = lifecycle.frontend_main, f"cnnserve-frontend-{index}"
+            target, name = self.frontend_main, f"cnnserve-frontend-{index}"
         self.table.state[row] = ipc.STARTING
         process = self.context.Process(target=target, args=args, name=name)
         process.start()
@@ -187,7 +189,7 @@ class Supervisor:
     # ---- the whole life ---------------------------------------------------------------------------
     def run(self) -> int:
         from service.metrics import ModelStats
-        from service.server import StartupError, bind_listener, check_repository
+        from service.startup import StartupError, bind_listener, check_repository
 
         s = self.settings
         try:
@@ -271,13 +273,13 @@ class Supervisor:
         return 0
 
 
-def run(settings: Settings) -> int:
-    """``cnnserve serve``: one process, or a supervisor of several (see the module's docstring)."""
+def run(settings: Settings, serve: Callable[[Settings], int], frontend_main: Callable[..., None]) -> int:
+    """``cnnserve serve``: one process (``serve``), or a supervisor of several whose front ends
+    run ``frontend_main`` (see the module's docstring)."""
     from service import logs
-    from service import server as lifecycle
 
     workers, placement, gpus = plan(settings)
     if workers == 1 and placement == "worker":
-        return lifecycle.run(settings)
+        return serve(settings)
     logs.configure(settings.log_level, settings.log_format)
-    return Supervisor(settings, workers, placement, gpus).run()
+    return Supervisor(settings, workers, placement, gpus, frontend_main).run()

@@ -46,14 +46,24 @@ class NullRuntime:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.name, self.version, self.provider, self.pad_to = spec.name, spec.version, "null", 0
+        self.precision, self.path = "fp32", Path("-")
         self.input_shape = SHAPE
         self.labels = [f"class{i}" for i in range(CLASSES)]
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "labels": self.labels,
-                "preprocessing": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
-                "input_name": "input", "input_shape": self.input_shape, "output_name": "logits",
-                "provider": self.provider, "pad_to": 0, "precision": "fp32", "path": "-"}  # fmt: skip
+        return {
+            "name": self.name,
+            "version": self.version,
+            "labels": self.labels,
+            "preprocessing": {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
+            "input_name": "input",
+            "input_shape": self.input_shape,
+            "output_name": "logits",
+            "provider": self.provider,
+            "pad_to": 0,
+            "precision": "fp32",
+            "path": "-",
+        }
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return np.zeros((len(x), CLASSES), np.float32)
@@ -69,8 +79,9 @@ def executor_process(settings_json: str, shape: dict, cpu: int) -> None:
     executor.serve(ipc.executor_socket(Path(shape["path"]).parent, 0))
 
 
-def driver_process(shape: dict, index: int, cpus: set[int], per_message: int, window: int, seconds: float,
-                   results) -> None:  # fmt: skip
+def driver_process(
+    shape: dict, index: int, cpus: set[int], per_message: int, window: int, seconds: float, results
+) -> None:
     os.sched_setaffinity(0, cpus)
     run_dir = Path(shape["path"]).parent
     table = ipc.ControlTable(ipc.TableShape(**shape))
@@ -112,8 +123,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(per_message: int, drivers: int, window: int, seconds: float, executor_cpu: int,
-            driver_cpus: set[int]) -> dict:  # fmt: skip
+def measure(
+    per_message: int, drivers: int, window: int, seconds: float, executor_cpu: int, driver_cpus: set[int]
+) -> dict:
     run_dir = ipc.make_run_dir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")
     settings = Settings(max_batch_size=64, max_queue_size=1 << 20, providers=["cpu"])
@@ -123,8 +135,10 @@ def measure(per_message: int, drivers: int, window: int, seconds: float, executo
     executor = ctx.Process(target=executor_process, args=(settings.model_dump_json(), shape.__dict__, executor_cpu))
     executor.start()
     results = ctx.Queue()
-    procs = [ctx.Process(target=driver_process, args=(shape.__dict__, i, driver_cpus, per_message, window, seconds,
-                                                      results)) for i in range(drivers)]  # fmt: skip
+    procs = [
+        ctx.Process(target=driver_process, args=(shape.__dict__, i, driver_cpus, per_message, window, seconds, results))
+        for i in range(drivers)
+    ]
     for p in procs:
         p.start()
     time.sleep(0.5)  # connected and warm
@@ -140,8 +154,14 @@ def measure(per_message: int, drivers: int, window: int, seconds: float, executo
     shutil.rmtree(run_dir, ignore_errors=True)
     rate = sum(done for _, done, _ in outcome) / max(elapsed for *_, elapsed in outcome)
     busy = (cpu1 - cpu0) / (t1 - t0)
-    return {"per_message": per_message, "drivers": drivers, "window": window, "requests_per_s": rate,
-            "executor_cpu": busy, "requests_per_core_s": rate / max(busy, 1e-9)}  # fmt: skip
+    return {
+        "per_message": per_message,
+        "drivers": drivers,
+        "window": window,
+        "requests_per_s": rate,
+        "executor_cpu": busy,
+        "requests_per_core_s": rate / max(busy, 1e-9),
+    }
 
 
 def main() -> int:
@@ -164,16 +184,20 @@ def main() -> int:
             row = measure(k, args.drivers, max(args.window, 2 * k), seconds, executor_cpu, driver_cpus)
             row["round"] = r
             rows.append(row)
-            print(f"round {r} per_message={k:4d}: {row['requests_per_s']:9.0f} requests/s, executor CPU "
-                  f"{row['executor_cpu']:.2f} core -> {row['requests_per_core_s']:9.0f} requests per core-second",
-                  flush=True)  # fmt: skip
+            print(
+                f"round {r} per_message={k:4d}: {row['requests_per_s']:9.0f} requests/s, executor CPU "
+                f"{row['executor_cpu']:.2f} core -> {row['requests_per_core_s']:9.0f} requests per core-second",
+                flush=True,
+            )
     print(f"executor on core {executor_cpu}, driver(s) on {sorted(driver_cpus)}")
     for k in sizes:
         per_core = sorted(row["requests_per_core_s"] for row in rows if row["per_message"] == k)
         rates = sorted(row["requests_per_s"] for row in rows if row["per_message"] == k)
-        print(f"per_message={k:4d}: requests/s min {rates[0]:.0f} median {rates[len(rates) // 2]:.0f}; per "
-              f"executor core-second min {per_core[0]:.0f} median {per_core[len(per_core) // 2]:.0f} "
-              f"({'PASS' if per_core[len(per_core) // 2] >= 50_000 else 'MISS'} >= 50,000)")  # fmt: skip
+        print(
+            f"per_message={k:4d}: requests/s min {rates[0]:.0f} median {rates[len(rates) // 2]:.0f}; per "
+            f"executor core-second min {per_core[0]:.0f} median {per_core[len(per_core) // 2]:.0f} "
+            f"({'PASS' if per_core[len(per_core) // 2] >= 50_000 else 'MISS'} >= 50,000)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
     return 0

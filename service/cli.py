@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ValidationError as e:
         given = {name for name in Settings.model_fields if getattr(args, name, None) is not None}
         print(f"cnnserve: invalid settings:\n{explain_error(e, given)}", file=sys.stderr)

@@ -71,8 +71,13 @@ class Metrics:
         self.batch_size = Histogram(
             "cnnserve_batch_size", "Images per executed batch.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("cnnserve_queue_depth", "Images waiting in the model's queue.", ["model"], registry=r,
-                                 multiprocess_mode="livesum")  # fmt: skip
+        self.queue_depth = Gauge(
+            "cnnserve_queue_depth",
+            "Images waiting in the model's queue.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.images = Counter("cnnserve_images", "Images computed.", ["model"], registry=r)
         self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r)
         self.model_info = Gauge(
@@ -85,16 +90,24 @@ class Metrics:
         self.explanations = Counter(
             "cnnserve_explanations", "Explanation requests computed, by attribution method.", ["method"], registry=r
         )
-        self.explanations_active = Gauge("cnnserve_explanations_active", "Explanations being computed now.",
-                                         registry=r, multiprocess_mode="livesum")  # fmt: skip
-        self.explanations_waiting = Gauge("cnnserve_explanations_waiting", "Explanations waiting for a turn.",
-                                          registry=r, multiprocess_mode="livesum")  # fmt: skip
-        self.ready = Gauge("cnnserve_ready", "1 when the server is ready for traffic.", registry=r,
-                           multiprocess_mode="livemin")  # fmt: skip
-        self.workers = Gauge("cnnserve_workers", "Front-end processes serving requests.", registry=r,
-                             multiprocess_mode="livesum")  # fmt: skip
-        self.process_cpu = Counter("cnnserve_process_cpu_seconds", "CPU time used, by server process (server, "
-                                   "frontend-N, executor-N): per-process load.", ["process"], registry=r)  # fmt: skip
+        self.explanations_active = Gauge(
+            "cnnserve_explanations_active", "Explanations being computed now.", registry=r, multiprocess_mode="livesum"
+        )
+        self.explanations_waiting = Gauge(
+            "cnnserve_explanations_waiting", "Explanations waiting for a turn.", registry=r, multiprocess_mode="livesum"
+        )
+        self.ready = Gauge(
+            "cnnserve_ready", "1 when the server is ready for traffic.", registry=r, multiprocess_mode="livemin"
+        )
+        self.workers = Gauge(
+            "cnnserve_workers", "Front-end processes serving requests.", registry=r, multiprocess_mode="livesum"
+        )
+        self.process_cpu = Counter(
+            "cnnserve_process_cpu_seconds",
+            "CPU time used, by server process (server, frontend-N, executor-N): per-process load.",
+            ["process"],
+            registry=r,
+        )
         self._cpu_seen = 0.0
         self.process_name = "server"
 
@@ -124,12 +137,18 @@ class ModelStats:
     (:meth:`total`). Without a table the vector is private to the process."""
 
     FIELDS: tuple[str, ...] = (
-        "success_count", "success_ns", "fail_count", "fail_ns", "queue_count", "queue_ns",
-        "request_compute_count", "request_compute_ns",  # per request, Triton's meaning
+        "success_count",
+        "success_ns",
+        "fail_count",
+        "fail_ns",
+        "queue_count",
+        "queue_ns",
+        "request_compute_count",
+        "request_compute_ns",  # per request, Triton's meaning
         "inference_count",  # images computed
         "execution_count",  # batches run
         "last_inference_ms",
-    )  # fmt: skip
+    )
     _INDEX: ClassVar[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
     _LAST = _INDEX["last_inference_ms"]
     # (count, ns) positions, looked up once: request_done runs for every request.

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,8 +206,9 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         readiness.begin_drain()
         await grpc_server.set_serving(False)
         if settings.drain_seconds > 0:
-            log.info("draining: readiness is false, serving for %.1fs more (Ctrl-C again stops now)",
-                     settings.drain_seconds)  # fmt: skip
+            log.info(
+                "draining: readiness is false, serving for %.1fs more (Ctrl-C again stops now)", settings.drain_seconds
+            )
             await asyncio.sleep(settings.drain_seconds)
     if role is None:
         log.info("closing listeners; finishing admitted requests (at most %.1fs)", settings.shutdown_timeout_seconds)
@@ -265,7 +267,7 @@ async def _follow_shared_state(
         await asyncio.sleep(0.05)
 
 
-def _run_loop(coro) -> int:
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux; fall back elsewhere
@@ -281,7 +283,7 @@ def run(settings: Settings) -> int:
     return _run_loop(serve(settings))
 
 
-def frontend_main(settings_json: str, table_shape: dict, index: int, run_dir: str, executors: int) -> None:
+def frontend_main(settings_json: str, table_shape: dict[str, Any], index: int, run_dir: str, executors: int) -> None:
     """Entry point of a front-end process (spawned by ``service.workers.supervisor``)."""
     from service import logs
 

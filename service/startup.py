@@ -17,8 +17,10 @@ class StartupError(Exception):
 
 def port_in_use(protocol: str, host: str, port: int) -> StartupError:
     flag = f"--{protocol.lower()}-port"
-    return StartupError(f"{protocol} port {port} is already in use on {host}: stop the other server or pick another "
-                        f"port with {flag} (CNNSERVE_{protocol.upper()}_PORT)")  # fmt: skip
+    return StartupError(
+        f"{protocol} port {port} is already in use on {host}: stop the other server or pick another "
+        f"port with {flag} (CNNSERVE_{protocol.upper()}_PORT)"
+    )
 
 
 def bind_listener(host: str, port: int, protocol: str, reuse_port: bool = False) -> socket.socket:

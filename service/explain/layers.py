@@ -14,6 +14,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -152,14 +153,14 @@ def filter_images(filters: np.ndarray) -> list[bytes]:
     return [png_bytes(p) for p in pixels]
 
 
-def describe(activations: dict[str, np.ndarray], index: int, filter_pngs: list[bytes]) -> list[dict]:
+def describe(activations: dict[str, np.ndarray], index: int, filter_pngs: list[bytes]) -> list[dict[str, Any]]:
     """The ``layers`` of one image's explanation: name, shape, description and what a page needs
     to draw it (PNG maps for the convolutional layers, values for the dense ones). PNGs are bytes;
     the HTTP answer carries them in base64."""
     out = []
     for info in LAYERS:
         a = activations[info.name][index]
-        entry: dict = {"name": info.name, "shape": list(a.shape), "description": info.description}
+        entry: dict[str, Any] = {"name": info.name, "shape": list(a.shape), "description": info.description}
         if a.ndim == 3:
             entry["maps"], entry["maxima"] = channel_maps(a)
         else:

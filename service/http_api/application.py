@@ -6,6 +6,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,11 +43,11 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     app.mount("/static", page_routes.static_files(), name="static")
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
+    async def service_error(request: Request, exc: ServiceError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path"))
@@ -57,11 +58,11 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
         return json_response({"error": "; ".join(parts) or "invalid request"}, 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return json_response({"error": str(exc.detail)}, exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
 

@@ -32,7 +32,7 @@ BUFFERED_KEY = "cnnserve.buffered"  # request scope: body bytes this request hol
 T = TypeVar("T")
 
 
-def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
         status_code=status,

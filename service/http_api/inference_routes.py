@@ -33,40 +33,40 @@ def build_router(ctx: HttpContext) -> APIRouter:
 
     # ---- server ---------------------------------------------------------------------------------
     @router.get("", summary="Server metadata: name, version, extensions")
-    async def server_metadata():
+    async def server_metadata() -> Response:
         return await ctx.handle("v2_server_metadata", _json(lambda _plane: metadata.server_metadata()))
 
     @router.api_route("/health/live", methods=["GET", "HEAD"], summary="Liveness (200 while the process answers)")
-    async def server_live():
+    async def server_live() -> Response:
         return json_response({"live": True})
 
     @router.api_route(
         "/health/ready", methods=["GET", "HEAD"], summary="Readiness (200 ready, 503 loading or draining)"
     )
-    async def server_ready():
+    async def server_ready() -> Response:
         reason = readiness.reason()
         if reason is None:
             return json_response({"ready": True})
         return json_response({"ready": False, "error": f"not ready: {reason}"}, 503)
 
     @router.post("/repository/index", summary="Loaded model versions and their state")
-    async def repository_index():
+    async def repository_index() -> Response:
         return await ctx.handle("v2_repository_index", _json(metadata.repository_index))
 
     # ---- statistics (before /models/{name} so that "stats" is not taken for a model name) -------
     @router.get("/models/stats", summary="Statistics of every model (Triton's statistics extension)")
-    async def all_statistics():
+    async def all_statistics() -> Response:
         return await ctx.handle("v2_model_statistics", _json(metadata.model_statistics))
 
     @router.get("/models/{name}/stats", summary="Statistics of every version of a model")
     @router.get("/models/{name}/versions/{version}/stats", summary="Statistics of a model version")
-    async def model_statistics(name: str, version: str | None = None):
+    async def model_statistics(name: str, version: str | None = None) -> Response:
         return await ctx.handle("v2_model_statistics", _json(metadata.model_statistics, name, version))
 
     # ---- models ---------------------------------------------------------------------------------
     @router.get("/models/{name}", summary="Model metadata: versions, platform, inputs, outputs")
     @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-    async def model_metadata(name: str, version: str | None = None):
+    async def model_metadata(name: str, version: str | None = None) -> Response:
         return await ctx.handle("v2_model_metadata", _json(metadata.model_metadata, name, version))
 
     async def _model_ready(name: str, version: str | None) -> Response:
@@ -76,12 +76,12 @@ def build_router(ctx: HttpContext) -> APIRouter:
 
     @router.get("/models/{name}/ready", summary="Model readiness (200 ready, 503 not ready, 404 unknown)")
     @router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness")
-    async def model_ready(name: str, version: str | None = None):
+    async def model_ready(name: str, version: str | None = None) -> Response:
         return await ctx.handle("v2_model_ready", _model_ready(name, version))
 
     @router.get("/models/{name}/config", summary="Model configuration (Triton's model_configuration extension)")
     @router.get("/models/{name}/versions/{version}/config", summary="Model version configuration")
-    async def model_config(name: str, version: str | None = None):
+    async def model_config(name: str, version: str | None = None) -> Response:
         return await ctx.handle("v2_model_config", _json(metadata.model_config, name, version))
 
     # ---- inference ------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
 
     @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)", openapi_extra=body)
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version", openapi_extra=body)
-    async def model_infer(request: Request, name: str, version: str | None = None):
+    async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
         return await ctx.handle("v2_infer", _infer(request, name, version), request)
 
     return router

@@ -7,6 +7,8 @@ answers fit them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -113,7 +115,7 @@ PREDICT_REQUEST_BODY = {
 }
 
 
-def error_responses(*codes: int | str) -> dict:
+def error_responses(*codes: int | str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses entries with the ``{"error": ...}`` schema for these status codes."""
     described = {
         400: "bad image or body",

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -70,16 +71,16 @@ class BatchOutput(NamedTuple):
     order: np.ndarray  # int64 [n, classes], most probable class first
     # The same ranking as Python lists, made once per batch in the executor thread so that each
     # request only slices them: [n][classes] indices, probabilities and labels, best first.
-    ranked_indices: list
-    ranked_probabilities: list
-    ranked_labels: list
+    ranked_indices: list[list[int]]
+    ranked_probabilities: list[list[float]]
+    ranked_labels: list[list[str]]
 
 
-def provider_options(settings: Settings, names: list[str] | None = None) -> list[tuple[str, dict]]:
+def provider_options(settings: Settings, names: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(provider, options) pairs for ``names`` (default: the settings' providers)."""
     out = []
     for name in settings.providers if names is None else names:
-        opts: dict = {}
+        opts: dict[str, Any] = {}
         if name == CUDA:
             opts = {"device_id": settings.cuda_device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
             if settings.gpu_mem_limit_mb:
@@ -107,7 +108,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 _announced: set[str] = set()
 
 
-def session_providers(settings: Settings) -> list[tuple[str, dict]]:
+def session_providers(settings: Settings) -> list[tuple[str, dict[str, Any]]]:
     """The settings' providers less those that cannot run here (CUDA without a driver or a
     library), said once per process in one line of ours; GpuRequired under --require-gpu."""
     names, reason = devices.usable_providers(settings.providers)
@@ -137,7 +138,9 @@ def read_metadata(path: object, meta: dict[str, str]) -> tuple[list[str], Prepro
     return labels, pre
 
 
-def check_input(path: object, input_shape: list[int], pre: Preprocessing, classes: int, output_shape: list) -> None:
+def check_input(
+    path: object, input_shape: list[int], pre: Preprocessing, classes: int, output_shape: list[int | str | None]
+) -> None:
     """The graph's input and output agree with the metadata: [N,3,H,W] at the preprocessing's
     size, and one score per label."""
     if len(input_shape) != 4 or input_shape[1] != 3:
@@ -220,7 +223,7 @@ class ModelRuntime:
         self.pad_to = settings.max_batch_size if pad else 0
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What a front end in another process needs (``service.inference.model_description.ModelDescription``)."""
         return {
             "name": self.name,
@@ -237,7 +240,7 @@ class ModelRuntime:
         }
 
     @staticmethod
-    def _open(path, settings: Settings, providers: list[tuple[str, dict]]) -> ort.InferenceSession:
+    def _open(path: Path, settings: Settings, providers: list[tuple[str, dict[str, Any]]]) -> ort.InferenceSession:
         # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
         return ort.InferenceSession(
             path.read_bytes(),

@@ -66,9 +66,9 @@ class InferRequest:
     model: str
     version: str = ""
     id: str = ""
-    parameters: dict = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict[str, Any])
     inputs: list[InputTensor] = field(default_factory=list)
-    outputs: list[tuple[str, dict]] = field(default_factory=list)  # (name, parameters)
+    outputs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, parameters)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def typed_parameter(params: dict, key: str, kind: type, default: Any, where: str) -> Any:
+def typed_parameter(params: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
     value = params.get(key, default)
     if value is default:
         return value
@@ -212,7 +212,7 @@ def _finite(name: str, tensor: np.ndarray) -> np.ndarray:
 
 def plan_outputs(
     model: LoadedModel,
-    requested: Sequence[tuple[str, dict]],
+    requested: Sequence[tuple[str, dict[str, Any]]],
     binary_default: bool,
     layer_names: Sequence[str] = (),
 ) -> list[OutputSpec]:

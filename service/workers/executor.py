@@ -23,7 +23,10 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -35,6 +38,28 @@ from service.settings import Settings
 from service.workers import shared_memory as ipc
 
 log = logging.getLogger("cnnserve.executor")
+
+
+class DeviceModel(Protocol):
+    """What the executor needs of a model version's session: ``service.inference.runtime.ModelRuntime``,
+    or a stand-in (bench/executor_capacity.py measures the executor with a model that costs nothing)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def pad_to(self) -> int: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def input_shape(self) -> list[int]: ...
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def describe(self) -> dict[str, Any]: ...
 
 
 class _Frontend:
@@ -67,7 +92,7 @@ class _Chunk:
 class ModelQueue:
     """One model version's queue of chunks of records, and the thread that batches and runs them."""
 
-    def __init__(self, executor: Executor, index: int, runtime, stats: ModelStats) -> None:
+    def __init__(self, executor: Executor, index: int, runtime: DeviceModel, stats: ModelStats) -> None:
         s = executor.settings
         self.executor, self.index, self.runtime = executor, index, runtime
         self.max_batch_size = s.max_batch_size
@@ -205,24 +230,29 @@ class Executor:
         self._taken_lock = threading.Lock()
         self._models_message = b""
 
-    def load(self, runtime_factory=None) -> None:
+    def load(self, runtime_factory: Callable[[ModelSpec], DeviceModel] | None = None) -> None:
         """Create and warm up every model version's session (``runtime_factory(spec)`` makes the
         runtime; by default an ONNX Runtime session on this executor's device)."""
         from service.inference.runtime import load_model
 
-        factory = runtime_factory or (lambda spec: load_model(spec, self.settings))
+        factory: Callable[[ModelSpec], DeviceModel] = runtime_factory or (lambda spec: load_model(spec, self.settings))
         descriptions = []
         for i, spec in enumerate(self.specs):
             started = time.monotonic()
             runtime = factory(spec)
-            padded = f", batches padded to {runtime.pad_to}" if getattr(runtime, "pad_to", 0) else ""
-            path = getattr(runtime, "path", spec.path)
-            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, path, runtime.provider,
-                     time.monotonic() - started, padded)  # fmt: skip
+            padded = f", batches padded to {runtime.pad_to}" if runtime.pad_to else ""
+            log.info(
+                "loaded %s/%s from %s on %s in %.2fs%s",
+                spec.name,
+                spec.version,
+                runtime.path,
+                runtime.provider,
+                time.monotonic() - started,
+                padded,
+            )
             stats = ModelStats(self.table.stats[self.row, i])
             self.queues.append(ModelQueue(self, i, runtime, stats))
-            precision = getattr(runtime, "precision", "fp32")
-            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, precision).set(1)
+            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, runtime.precision).set(1)
             descriptions.append(runtime.describe())
         self._models_message = ipc.MSG_MODELS + orjson.dumps(
             {"executor": self.index, "max_queue_size": self.settings.max_queue_size, "models": descriptions}
@@ -307,10 +337,8 @@ class Executor:
         self.queues[model].put(_Chunk(fe, records, now))
 
 
-def main(settings_json: str, table_shape: dict, index: int, specs: list[tuple[str, str, str]]) -> None:
+def main(settings_json: str, table_shape: dict[str, Any], index: int, specs: list[tuple[str, str, str]]) -> None:
     """Entry point of an executor process (spawned by the supervisor)."""
-    from pathlib import Path
-
     from service import logs
 
     settings = Settings.model_validate_json(settings_json)

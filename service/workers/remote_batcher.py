@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +41,20 @@ _RECORDS_PER_MESSAGE_BYTES = ipc.MAX_RECORDS_PER_MESSAGE * ipc.SUBMIT.itemsize
 class _Pending:
     __slots__ = ("future", "model", "remaining", "slabs", "slots", "status")
 
-    def __init__(self, future: asyncio.Future, slots: list[int], model: ModelDescription, slabs: ipc.Slabs) -> None:
+    def __init__(
+        self, future: asyncio.Future[BatchOutput], slots: list[int], model: ModelDescription, slabs: ipc.Slabs
+    ) -> None:
         self.future, self.slots, self.model, self.slabs = future, slots, model, slabs
         self.remaining = len(slots)
         self.status = ipc.STATUS_OK
 
-    def caller_left(self, future: asyncio.Future) -> None:
+    def caller_left(self, future: asyncio.Future[BatchOutput]) -> None:
         if future.cancelled():  # dropped by the executor before compute; the slots stay ours until it says so
             self.slabs.cancelled[self.slots] = 1
 
 
 class ExecutorClient:
-    def __init__(self, table: ipc.ControlTable, frontend: int, executor: int, run_dir: str | Path,
-                 slots: int) -> None:  # fmt: skip
+    def __init__(self, table: ipc.ControlTable, frontend: int, executor: int, run_dir: str | Path, slots: int) -> None:
         self.table, self.frontend, self.executor = table, frontend, executor
         self.path = ipc.executor_socket(run_dir, executor)
         self.run_dir, self.slots = Path(run_dir), slots
@@ -61,14 +63,14 @@ class ExecutorClient:
         self.slabs: ipc.Slabs | None = None
         self.sock: socket.socket | None = None
         self.connected = asyncio.Event()
-        self.on_change: Any = None  # called with no argument when the connection comes or goes
+        self.on_change: Callable[[], None] | None = None  # called when the connection comes or goes
         self._pending: dict[int, _Pending] = {}
         self._free: list[int] = []
         self._outbox: list[bytes] = []
         self._flush_scheduled = False
         self._next_id = 1
         self._incarnation = 0
-        self._lost: asyncio.Future | None = None
+        self._lost: asyncio.Future[None] | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -94,8 +96,9 @@ class ExecutorClient:
                 was_connected = True
             self._drop_connection()
             if was_connected and not self._closed:
-                log.warning("device executor %d went away: its requests failed (503 / UNAVAILABLE); reconnecting",
-                            self.executor)  # fmt: skip
+                log.warning(
+                    "device executor %d went away: its requests failed (503 / UNAVAILABLE); reconnecting", self.executor
+                )
 
     def _readable(self) -> None:
         sock = self.sock
@@ -115,7 +118,7 @@ class ExecutorClient:
             elif kind == ipc.MSG_MODELS:
                 self._hello(orjson.loads(data[1:]))
 
-    def _hello(self, doc: dict) -> None:
+    def _hello(self, doc: dict[str, Any]) -> None:
         self.models = [ModelDescription.from_dict(m) for m in doc["models"]]
         self.max_queue_size = doc["max_queue_size"]
         input_size = max(m.input_size for m in self.models)
@@ -174,7 +177,7 @@ class ExecutorClient:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def submit(self, model_index: int, x: np.ndarray, deadline: float | None) -> asyncio.Future:
+    def submit(self, model_index: int, x: np.ndarray, deadline: float | None) -> asyncio.Future[BatchOutput]:
         """Hand ``x`` (float32, the model's input, first axis = images) to the executor; the future
         resolves to a :class:`BatchOutput` of exactly these images."""
         if self.sock is None or self.slabs is None or not self.connected.is_set():
@@ -280,19 +283,30 @@ class ExecutorClient:
         probabilities = slabs.probabilities[rows, :classes].copy()
         order = slabs.order[rows, :classes].astype(np.int64)
         ranked = slabs.ranked[rows, :classes]
-        return BatchOutput(logits, probabilities, order, order.tolist(), ranked.tolist(),
-                           model.labels_array[order].tolist())  # fmt: skip
+        return BatchOutput(
+            logits, probabilities, order, order.tolist(), ranked.tolist(), model.labels_array[order].tolist()
+        )
 
 
 class RemoteBatcher:
     """``Batcher``'s interface for one model version that runs in the device executors: images
     are normalised here (front-end work) and handed to the least-loaded connected executor."""
 
-    def __init__(self, clients: list[ExecutorClient], model_index: int, model: ModelDescription,
-                 max_batch_size: int, max_queue_delay_s: float, max_queue_size: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        clients: list[ExecutorClient],
+        model_index: int,
+        model: ModelDescription,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+    ) -> None:
         self.clients, self.model_index, self.model = clients, model_index, model
         self.max_batch_size, self.max_queue_delay_s, self.max_queue_size = (
-            max_batch_size, max_queue_delay_s, max_queue_size)  # fmt: skip
+            max_batch_size,
+            max_queue_delay_s,
+            max_queue_size,
+        )
 
     @property
     def queued_images(self) -> int:

@@ -29,6 +29,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from types import FrameType
 
 from service.settings import Settings
 from service.workers import shared_memory as ipc
@@ -94,7 +95,7 @@ class Supervisor:
         self.started = time.monotonic()
 
     # ---- signals ------------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:
@@ -116,7 +117,7 @@ class Supervisor:
             if self.gpus:
                 settings = settings.model_copy(update={"cuda_device_id": self.gpus[row]})
             specs = [(s.name, s.version, str(s.path.resolve())) for s in self.specs]
-            args: tuple = (settings.model_dump_json(), shape, row, specs)
+            args: tuple[object, ...] = (settings.model_dump_json(), shape, row, specs)
             target, name = executor.main, f"cnnserve-executor-{row}"
         else:
             index = row - self.executors
@@ -195,8 +196,10 @@ class Supervisor:
         try:
             self.specs = check_repository(s)
             # Reserve both ports for the server's whole life: front ends bind them again (SO_REUSEPORT).
-            reserved = [bind_listener(s.host, s.http_port, "HTTP", reuse_port=True),
-                        bind_listener(s.host, s.grpc_port, "gRPC", reuse_port=True)]  # fmt: skip
+            reserved = [
+                bind_listener(s.host, s.http_port, "HTTP", reuse_port=True),
+                bind_listener(s.host, s.grpc_port, "gRPC", reuse_port=True),
+            ]
         except StartupError as e:
             log.error("%s", e)
             return 1
@@ -222,10 +225,20 @@ class Supervisor:
             log.warning("%s: running on the CPU", reason)
             self.child_settings.providers = usable or ["CPUExecutionProvider"]
         c = self.child_settings
-        log.info("each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections and "
-                 "%d buffered request bytes", c.intra_op_threads, c.max_connections, c.max_buffered_bytes)  # fmt: skip
-        shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
-                               ModelStats.width(s.max_batch_size))  # fmt: skip
+        log.info(
+            "each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections and "
+            "%d buffered request bytes",
+            c.intra_op_threads,
+            c.max_connections,
+            c.max_buffered_bytes,
+        )
+        shape = ipc.TableShape(
+            str(self.run_dir / "control"),
+            self.executors,
+            self.workers,
+            len(self.specs),
+            ModelStats.width(s.max_batch_size),
+        )
         self.table = ipc.ControlTable(shape, create=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -260,8 +273,9 @@ class Supervisor:
                 elapsed = time.monotonic() - self.started
                 log.info("ready in %.2fs: %d front end(s), %s", elapsed, self.workers, self._placement_text())
         table.flags[0] = 1
-        log.info("draining: readiness is false everywhere, serving for %.1fs more (Ctrl-C again stops now)",
-                 s.drain_seconds)  # fmt: skip
+        log.info(
+            "draining: readiness is false everywhere, serving for %.1fs more (Ctrl-C again stops now)", s.drain_seconds
+        )
         until = time.monotonic() + s.drain_seconds
         while time.monotonic() < until:
             wait([p.sentinel for p in self.processes.values()], timeout=min(0.05, max(0.0, until - time.monotonic())))

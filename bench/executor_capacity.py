@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from service.inference.repository import ModelSpec  # noqa: E402
 from service.metrics import ModelStats  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.workers import shared_memory as ipc  # noqa: E402
+from service.workers import shared_memory  # noqa: E402
 
 CLASSES = 10
 SHAPE = [-1, 3, 32, 32]
@@ -73,10 +73,10 @@ def executor_process(settings_json: str, shape: dict, cpu: int) -> None:
     from service.workers.executor import Executor
 
     os.sched_setaffinity(0, {cpu})
-    table = ipc.ControlTable(ipc.TableShape(**shape))
+    table = shared_memory.ControlTable(shared_memory.TableShape(**shape))
     executor = Executor(Settings.model_validate_json(settings_json), table, 0, [ModelSpec("null", "1", Path("-"))])
     executor.load(NullRuntime)
-    executor.serve(ipc.executor_socket(Path(shape["path"]).parent, 0))
+    executor.serve(shared_memory.executor_socket(Path(shape["path"]).parent, 0))
 
 
 def driver_process(
@@ -84,20 +84,20 @@ def driver_process(
 ) -> None:
     os.sched_setaffinity(0, cpus)
     run_dir = Path(shape["path"]).parent
-    table = ipc.ControlTable(ipc.TableShape(**shape))
+    table = shared_memory.ControlTable(shared_memory.TableShape(**shape))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     while True:
         try:
-            sock.connect(ipc.executor_socket(run_dir, 0))
+            sock.connect(shared_memory.executor_socket(run_dir, 0))
             break
         except OSError:
             time.sleep(0.05)
-    sock.recv(ipc.MAX_MESSAGE_BYTES)  # the models
+    sock.recv(shared_memory.MAX_MESSAGE_BYTES)  # the models
     slots = window + per_message
-    slabs = ipc.Slabs(run_dir / f"driver-{index}.slab", slots, 3 * 32 * 32, CLASSES, create=True)
+    slabs = shared_memory.Slabs(run_dir / f"driver-{index}.slab", slots, 3 * 32 * 32, CLASSES, create=True)
     slabs.inputs[:] = np.random.default_rng(index).random(slabs.inputs.shape, np.float32)
-    sock.send(ipc.MSG_HELLO + orjson.dumps({"frontend": index, **slabs.describe()}))
-    records = np.zeros(per_message, ipc.SUBMIT)
+    sock.send(shared_memory.MSG_HELLO + orjson.dumps({"frontend": index, **slabs.describe()}))
+    records = np.zeros(per_message, shared_memory.SUBMIT)
     next_id, outstanding, done, slot = 1, 0, 0, 0
     started = time.monotonic()
     until = started + seconds
@@ -107,11 +107,11 @@ def driver_process(
             records["slot"] = (np.arange(per_message) + slot) % slots
             next_id += per_message
             slot = (slot + per_message) % slots
-            sock.send(ipc.MSG_SUBMIT + records.tobytes())
+            sock.send(shared_memory.MSG_SUBMIT + records.tobytes())
             table.submitted[index, 0] += per_message
             outstanding += per_message
-        message = sock.recv(ipc.MAX_MESSAGE_BYTES)
-        n = (len(message) - 1) // ipc.DONE.itemsize
+        message = sock.recv(shared_memory.MAX_MESSAGE_BYTES)
+        n = (len(message) - 1) // shared_memory.DONE.itemsize
         outstanding -= n
         done += n
     results.put((index, done, time.monotonic() - started))
@@ -126,11 +126,11 @@ def cpu_seconds(pid: int) -> float:
 def measure(
     per_message: int, drivers: int, window: int, seconds: float, executor_cpu: int, driver_cpus: set[int]
 ) -> dict:
-    run_dir = ipc.make_run_dir()
+    run_dir = shared_memory.make_run_dir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")
     settings = Settings(max_batch_size=64, max_queue_size=1 << 20, providers=["cpu"])
-    shape = ipc.TableShape(str(run_dir / "control"), 1, drivers, 1, ModelStats.width(64))
-    ipc.ControlTable(shape, create=True)
+    shape = shared_memory.TableShape(str(run_dir / "control"), 1, drivers, 1, ModelStats.width(64))
+    shared_memory.ControlTable(shape, create=True)
     ctx = multiprocessing.get_context("spawn")
     executor = ctx.Process(target=executor_process, args=(settings.model_dump_json(), shape.__dict__, executor_cpu))
     executor.start()

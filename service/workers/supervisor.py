@@ -32,7 +32,7 @@ from multiprocessing.connection import wait
 from types import FrameType
 
 from service.settings import Settings
-from service.workers import shared_memory as ipc
+from service.workers import shared_memory
 
 log = logging.getLogger("cnnserve")
 
@@ -123,7 +123,7 @@ class Supervisor:
             index = row - self.executors
             args = (self.child_settings.model_dump_json(), shape, index, str(self.run_dir), self.executors)
             target, name = self.frontend_main, f"cnnserve-frontend-{index}"
-        self.table.state[row] = ipc.STARTING
+        self.table.state[row] = shared_memory.STARTING
         process = self.context.Process(target=target, args=args, name=name)
         process.start()
         self.processes[row] = process
@@ -177,7 +177,7 @@ class Supervisor:
         for row in rows:
             process = self.processes[row]
             if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, ipc.STOP_SIGNAL)
+                os.kill(process.pid, shared_memory.STOP_SIGNAL)
         until = time.monotonic() + timeout
         for row in rows:
             process = self.processes[row]
@@ -204,7 +204,7 @@ class Supervisor:
             log.error("%s", e)
             return 1
         http_port, grpc_port = (sock.getsockname()[1] for sock in reserved)
-        self.run_dir = ipc.make_run_dir()
+        self.run_dir = shared_memory.make_run_dir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.run_dir / "metrics")
         # The supervisor runs the drain: front ends close as soon as they are told to.
         self.child_settings = s.model_copy(
@@ -232,14 +232,14 @@ class Supervisor:
             c.max_connections,
             c.max_buffered_bytes,
         )
-        shape = ipc.TableShape(
+        shape = shared_memory.TableShape(
             str(self.run_dir / "control"),
             self.executors,
             self.workers,
             len(self.specs),
             ModelStats.width(s.max_batch_size),
         )
-        self.table = ipc.ControlTable(shape, create=True)
+        self.table = shared_memory.ControlTable(shape, create=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("starting %d front end(s) and %s", self.workers, self._placement_text())
@@ -260,12 +260,14 @@ class Supervisor:
         ever_ready: set[int] = set()
         while not self.stop_requested:
             wait([p.sentinel for p in self.processes.values()], timeout=0.05)
-            ever_ready.update(int(r) for r in (table.state == ipc.READY).nonzero()[0])
+            ever_ready.update(int(r) for r in (table.state == shared_memory.READY).nonzero()[0])
             failed = self._reap(ever_ready)
             if failed is not None:
                 self._stop(list(self.processes), s.shutdown_timeout_seconds)
                 return failed
-            if not listening and all(table.state[r] in (ipc.LISTENING, ipc.READY) for r in frontends):
+            if not listening and all(
+                table.state[r] in (shared_memory.LISTENING, shared_memory.READY) for r in frontends
+            ):
                 listening = True
                 log.info("listening http=%s:%d grpc=%s:%d", s.host, http_port, s.host, grpc_port)
             if listening and not ready and table.all_ready():

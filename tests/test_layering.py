@@ -1,5 +1,5 @@
 """The server's structure, checked from its source: dependencies between ``service``'s parts point
-one way (docs/architecture.md, "Dependency rule").
+one way (docs/architecture.md, "Parts and the dependency rule").
 
 Every import of every module under ``service/`` counts, also those inside functions (a lazy import
 is still a dependency) and those under ``if TYPE_CHECKING`` (a type-only cycle still ties the

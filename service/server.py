@@ -88,14 +88,14 @@ def build_plane(settings: Settings, metrics: Metrics, role: FrontendRole | None)
     core = InferenceCore(settings, metrics, pool, stats)
     layer_models = LayerModels()
     return DataPlane(
-        settings,
-        metrics,
-        core,
-        Explainer(core, layer_models, settings, metrics),
-        layer_models,
-        Readiness(metrics, role.table if role else None),
-        BufferedBytes(settings.max_buffered_bytes),
-        pool,
+        settings=settings,
+        metrics=metrics,
+        core=core,
+        explainer=Explainer(core, layer_models, settings, metrics),
+        layer_models=layer_models,
+        readiness=Readiness(metrics, role.table if role else None),
+        buffers=BufferedBytes(settings.max_buffered_bytes),
+        pool=pool,
     )
 
 

@@ -60,9 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from service.tools import classify_client as client
+    from service.tools import classify_client
 
-    return client.main(args)
+    return classify_client.main(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -149,16 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     p.set_defaults(func=cmd_classify)
 
-    from service.tools import import_model as model_import
+    from service.tools import import_model
 
     p = sub.add_parser(
         "import-model",
         help="add cnnserve's metadata to any ONNX image classifier and put it in a model repository (needs onnx)",
-        description=model_import.__doc__,
+        description=import_model.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    model_import.add_arguments(p)
-    p.set_defaults(func=model_import.main)
+    import_model.add_arguments(p)
+    p.set_defaults(func=import_model.main)
 
     p = sub.add_parser("train", help="train the CNN on CIFAR-10 (needs the train extra)")
     p.add_argument(

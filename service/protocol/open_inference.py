@@ -304,7 +304,7 @@ async def infer(plane: DataPlane, request: InferRequest, deadline: float | None 
     plan = plan_outputs(model, request.outputs, binary_default, LAYER_NAMES if companion else ())
     count = input_count(model, request.inputs)
     deadline = request_deadline(request, deadline)
-    tensor: np.ndarray | None = None
+    tensor: np.ndarray | None = None  # kept: the layer outputs are computed from the same input
 
     def build() -> np.ndarray:
         nonlocal tensor

@@ -51,15 +51,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service import server
     from service.workers import supervisor
 
-    return supervisor.run(settings_from_args(args))
+    # The supervisor is handed the server's entry points: the multi-process mode does not import
+    # the composition root that imports it (tests/test_layering.py).
+    return supervisor.run(settings_from_args(args), server.run, server.frontend_main)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from service.tools import classify_client as client
+    from service.tools import classify_client
 
-    return client.main(args)
+    return classify_client.main(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -146,16 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     p.set_defaults(func=cmd_classify)
 
-    from service.tools import import_model as model_import
+    from service.tools import import_model
 
     p = sub.add_parser(
         "import-model",
         help="add cnnserve's metadata to any ONNX image classifier and put it in a model repository (needs onnx)",
-        description=model_import.__doc__,
+        description=import_model.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    model_import.add_arguments(p)
-    p.set_defaults(func=model_import.main)
+    import_model.add_arguments(p)
+    p.set_defaults(func=import_model.main)
 
     p = sub.add_parser("train", help="train the CNN on CIFAR-10 (needs the train extra)")
     p.add_argument(
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ValidationError as e:
         given = {name for name in Settings.model_fields if getattr(args, name, None) is not None}
         print(f"cnnserve: invalid settings:\n{explain_error(e, given)}", file=sys.stderr)

@@ -66,13 +66,19 @@ def test_imported_model_is_served_and_classifies_through_predict(source, tmp_pat
     repo = tmp_path / "repo"
     out = run_import(
         str(source / "colours.onnx"),
-        "--labels", str(source / "labels.txt"),
-        "--name", "colours",
-        "--repository", str(repo),
-        "--mean", "0,0,0",
-        "--std", "1,1,1",
-        "--channel-order", "bgr",
-    )  # fmt: skip
+        "--labels",
+        str(source / "labels.txt"),
+        "--name",
+        "colours",
+        "--repository",
+        str(repo),
+        "--mean",
+        "0,0,0",
+        "--std",
+        "1,1,1",
+        "--channel-order",
+        "bgr",
+    )
     assert out.returncode == 0, out.stderr
     assert "imported colours/1" in out.stdout and "[-1, 3, 24, 20]" in out.stdout
     assert (repo / "colours" / "1" / "model.onnx").exists()

@@ -617,9 +617,12 @@ def _serve_fails(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``cnnserve serve`` that must fail at start-up; its stderr must be our lines only."""
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=60,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr
     return out
@@ -654,8 +657,18 @@ def test_a_corrupt_model_is_one_line_naming_the_file(tmp_path, workers):
     version_dir = tmp_path / "cifar10" / "1"
     version_dir.mkdir(parents=True)
     (version_dir / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])  # cut short
-    out = _serve_fails("--workers", workers, "--executor", "device", "--model-repository", str(tmp_path),
-                       "--http-port", "0", "--grpc-port", "0")  # fmt: skip
+    out = _serve_fails(
+        "--workers",
+        workers,
+        "--executor",
+        "device",
+        "--model-repository",
+        str(tmp_path),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+    )
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1, out.stderr
     assert f"cannot load {version_dir / 'model.onnx'}" in errors[0], out.stderr

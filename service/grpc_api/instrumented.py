@@ -9,8 +9,8 @@ import functools
 import inspect
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -18,6 +18,11 @@ from service.errors import Overloaded, ServiceError, grpc_status
 from service.metrics import Metrics
 
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: how long a client's retry policy should wait
+T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+#: A servicer's async RPC method (self, request, context).
+RpcMethod = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
 class Instrumented:
@@ -30,7 +35,7 @@ class Instrumented:
         self.duration = metrics.request_duration.labels("grpc", method)
         self.ok = metrics.requests.labels("grpc", method, "OK")
 
-    async def __call__(self, context: grpc.aio.ServicerContext, work):
+    async def __call__(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
         started = time.perf_counter()
         try:
             response = await work
@@ -40,7 +45,7 @@ class Instrumented:
             if not e.counted_by_batcher:
                 self.metrics.rejected.labels(e.reason).inc()
             self.duration.observe(time.perf_counter() - started)
-            trailers: tuple = ()
+            trailers: tuple[tuple[str, str], ...] = ()
             if isinstance(e, Overloaded):
                 trailers = ((RETRY_PUSHBACK, str(max(1, math.ceil(e.retry_after_s * 1000)))),)
             await context.abort(code, e.message, trailing_metadata=trailers)
@@ -58,14 +63,14 @@ class Instrumented:
         return response
 
 
-def rpc(method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]):
+def rpc(method: RpcMethod[Req, Resp]) -> RpcMethod[Req, Resp]:
     """Decorate a servicer's async RPC method (on an object with a ``metrics`` attribute): its
     metrics are recorded under the method's name and domain errors become the call's status."""
     name = method.__name__
 
     @functools.wraps(method)
-    async def handler(self, request, context: grpc.aio.ServicerContext):
-        instruments = self.__dict__.setdefault("_instruments", {})
+    async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        instruments: dict[str, Instrumented] = self.__dict__.setdefault("_instruments", {})
         instrumented = instruments.get(name)
         if instrumented is None:
             instrumented = instruments[name] = Instrumented(self.metrics, name)
@@ -104,7 +109,7 @@ def _guarded(handler: grpc.RpcMethodHandler, metrics: Metrics, method: str) -> g
         return handler
     name = method.rsplit("/", 1)[-1]
 
-    async def checked(request, context):
+    async def checked(request: object, context: grpc.aio.ServicerContext) -> object:
         if type(request) is _Malformed:
             metrics.requests.labels("grpc", name, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
             metrics.rejected.labels("invalid").inc()
@@ -124,7 +129,7 @@ class _GuardedGenericHandler(grpc.GenericRpcHandler):
         self.metrics = metrics
         self.cache: dict[str, Any] = {}
 
-    def service(self, handler_call_details):
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         if method not in self.cache:
             found = self.inner.service(handler_call_details)
@@ -141,10 +146,10 @@ class GuardedRegistration:
         self.server = server
         self.metrics = metrics
 
-    def add_generic_rpc_handlers(self, handlers) -> None:
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self.server.add_generic_rpc_handlers(tuple(_GuardedGenericHandler(h, self.metrics) for h in handlers))
 
-    def add_registered_method_handlers(self, service: str, method_handlers: dict) -> None:
+    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Any]) -> None:
         self.server.add_registered_method_handlers(
             service, {m: _guarded(h, self.metrics, f"/{service}/{m}") for m, h in method_handlers.items()}
         )

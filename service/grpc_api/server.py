@@ -8,10 +8,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.dataplane import DataPlane
 from service.grpc_api import classifier, inference_service
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
 from service.grpc_api.instrumented import GuardedRegistration
-from service.inference.core import InferenceCore
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -19,7 +19,7 @@ log = logging.getLogger("cnnserve.grpc")
 
 
 class GrpcServer:
-    def __init__(self, core: InferenceCore, metrics: Metrics, settings: Settings, reuse_port: bool = False) -> None:
+    def __init__(self, plane: DataPlane, metrics: Metrics, settings: Settings, reuse_port: bool = False) -> None:
         limit = settings.max_request_bytes
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=settings.max_connections,  # past it: RESOURCE_EXHAUSTED at once
@@ -31,9 +31,9 @@ class GrpcServer:
             ],
         )
         guarded = GuardedRegistration(self.server, metrics)  # malformed protobuf: INVALID_ARGUMENT
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(core, metrics), guarded)
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(plane, metrics), guarded)
         self.service_names = [classifier.SERVICE_NAME]
-        inference_service.add_to_server(core, metrics, guarded)
+        inference_service.add_to_server(plane, metrics, guarded)
         self.service_names.append(inference_service.SERVICE_NAME)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, guarded)

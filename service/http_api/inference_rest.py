@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -23,7 +23,17 @@ from service.protocol.open_inference import (
     typed_parameter,
 )
 
-HEADER_LENGTH = "inference-header-content-length"  # Triton's binary tensor extension (HTTP)
+HEADER_LENGTH = "inference-header-content-length"
+T = TypeVar("T")
+
+
+class Offload(Protocol):
+    """Runs ``fn(*args)`` off the event loop (``asyncio.to_thread``, or the server's decode pool)."""
+
+    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
+# Triton's binary tensor extension (HTTP)
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -57,7 +67,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
             raise InvalidInput(f"body has {len(rest)} bytes after the end of its {encoding} stream")
 
 
-def _json_dict(value: Any, where: str) -> dict:
+def _json_dict(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -136,7 +146,7 @@ async def read_rest_request(
     header_length: str | None,
     content_encoding: str | None,
     limit: int,
-    offload: Callable[..., Awaitable[Any]] = asyncio.to_thread,
+    offload: Offload = asyncio.to_thread,
 ) -> InferRequest:
     """``decompress`` + ``parse_rest_request``; through ``offload`` (a worker thread: the server
     passes its decode pool) when there is much to inflate or a large JSON part to parse, so that one
@@ -156,7 +166,7 @@ def encode_rest_response(response: InferResponse) -> tuple[bytes, int | None]:
     length for the ``Inference-Header-Content-Length`` header (else None: the body is JSON)."""
     outputs, binaries = [], []
     for out in response.outputs:
-        entry: dict = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         if out.binary:
             raw = out.raw()
             entry["parameters"] = {"binary_data_size": len(raw)}
@@ -164,7 +174,7 @@ def encode_rest_response(response: InferResponse) -> tuple[bytes, int | None]:
         else:
             entry["data"] = out.json_data()
         outputs.append(entry)
-    doc: dict = {"model_name": response.model_name, "model_version": response.model_version}
+    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         doc["id"] = response.id
     doc["outputs"] = outputs

@@ -9,6 +9,8 @@ a part counts as a file when its Content-Disposition has a filename.
 
 from __future__ import annotations
 
+from typing import Any
+
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -27,7 +29,7 @@ def file_parts(body: bytes, content_type: str, max_files: int) -> list[bytes]:
         raise InvalidInput("multipart/form-data body without a boundary in its Content-Type")
     files: list[bytes] = []
     counts = {"files": 0, "other": 0}
-    part: dict = {}
+    part: dict[str, Any] = {}
 
     def on_part_begin() -> None:
         part.clear()

@@ -18,15 +18,15 @@ STATIC = resources.files("service") / "static"
 
 def build_router(ctx: HttpContext) -> APIRouter:
     router = APIRouter(tags=["Page"])
-    samples = Samples(ctx.core.settings.samples_data)
+    samples = Samples(ctx.plane.settings.samples_data)
     index_html = (STATIC / "index.html").read_bytes()
 
     @router.get("/", summary="The explanation page", include_in_schema=False)
-    async def page():
+    async def page() -> Response:
         return Response(index_html, media_type="text/html; charset=utf-8")
 
     @router.get("/samples", summary="The page's sample images (one per class; empty without the data)")
-    async def sample_list():
+    async def sample_list() -> Response:
         found = await samples.get()
         return json_response(
             {
@@ -43,7 +43,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         summary="One sample image (PNG, 32x32)",
         responses={200: {"content": {"image/png": {}}}, **error_responses(404)},
     )
-    async def sample_image(request: Request):
+    async def sample_image(request: Request) -> Response:
         # Read by hand: a declared path parameter would bring FastAPI's own 422, not our error format.
         index = request.path_params["index"]
         found = await samples.get()

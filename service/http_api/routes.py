@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -22,8 +23,8 @@ from service.http_api.schemas import (
     Readiness,
     error_responses,
 )
-from service.inference.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
-from service.inference.core import Classification, ImageInput
+from service.inference.decoding import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
+from service.inference.serving import Classification, ImageInput
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -41,7 +42,7 @@ type, 422 invalid parameter, 429 queue full (with Retry-After), 503 not ready, 5
 IMAGE_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 
 
-def classification_json(result: Classification) -> dict:
+def classification_json(result: Classification) -> dict[str, Any]:
     return {
         "model": result.model,
         "model_version": result.version,
@@ -99,7 +100,7 @@ class ImagesRequest:
     top_k: int | None
     model: str | None
     version: str | None
-    fields: dict
+    fields: dict[str, Any]
 
 
 def parse_json_body(body: bytes) -> tuple[list[ImageInput], object, object, object]:
@@ -108,7 +109,7 @@ def parse_json_body(body: bytes) -> tuple[list[ImageInput], object, object, obje
     return images, doc.get("top_k"), doc.get("model"), doc.get("model_version")
 
 
-def _json_document(body: bytes) -> tuple[list[ImageInput], dict]:
+def _json_document(body: bytes) -> tuple[list[ImageInput], dict[str, Any]]:
     """The JSON body's decoded images and the whole document (for /explain's own fields)."""
     try:
         doc = orjson.loads(body)
@@ -134,15 +135,15 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
     top_k = int_parameter("top_k", query.get("top_k"))
     model, version = query.get("model") or None, query.get("version") or None
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    doc: dict = {}
-    ctx.precheck(model, version)  # queue full or not ready: refused before the body is read
+    doc: dict[str, Any] = {}
+    ctx.core.precheck(model, version)  # queue full or not ready: refused before the body is read
     if content_type == "multipart/form-data":
         body = await ctx.body(request)  # bounded by max_request_bytes
-        args = (body, request.headers.get("content-type", ""), ctx.core.settings.max_images_per_request)
+        args = (body, request.headers.get("content-type", ""), ctx.plane.settings.max_images_per_request)
         if len(body) <= INLINE_PARSE_BYTES:
             images: list[ImageInput] = list(multipart.file_parts(*args))
         else:  # parsing megabytes: off the event loop
-            images = list(await ctx.core.offload(multipart.file_parts, *args))
+            images = list(await ctx.plane.pool.offload(multipart.file_parts, *args))
         if not images:
             raise InvalidInput('multipart body has no file part named "file"')
     elif content_type == "application/json":
@@ -150,7 +151,7 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
         if len(body) <= INLINE_PARSE_BYTES:
             images, doc = _json_document(body)
         else:  # parsing and base64-decoding megabytes: off the event loop
-            images, doc = await ctx.core.offload(_json_document, body)
+            images, doc = await ctx.plane.pool.offload(_json_document, body)
         top_k = top_k if top_k is not None else doc.get("top_k")
         model = model or doc.get("model")
         version = version or doc.get("model_version")
@@ -193,7 +194,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         },
         openapi_extra={"parameters": PREDICT_PARAMETERS, "requestBody": PREDICT_REQUEST_BODY},
     )
-    async def predict(request: Request):
+    async def predict(request: Request) -> Response:
         return await ctx.handle("predict", _predict(request), request)
 
     @router.api_route(
@@ -202,7 +203,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         summary="Liveness: the process answers",
         responses={200: {"model": Liveness}},
     )
-    async def healthz():
+    async def healthz() -> Response:
         return json_response({"status": "live"})
 
     @router.api_route(
@@ -211,7 +212,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         summary="Readiness: every model loaded and warm, not draining",
         responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
     )
-    async def readyz():
+    async def readyz() -> Response:
         models = [
             {
                 "name": m.name,
@@ -221,9 +222,9 @@ def build_router(ctx: HttpContext) -> APIRouter:
                 "file": m.runtime.path.name,
                 "precision_choice": getattr(m.runtime, "precision_choice", None),
             }
-            for m in core.all_models()
+            for m in core.models()
         ]
-        reason = core.not_ready_reason()
+        reason = ctx.plane.readiness.reason()
         if reason is None:
             return json_response({"status": "ready", "models": models})
         return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)
@@ -233,7 +234,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         summary="Prometheus metrics",
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "text format"}},
     )
-    async def metrics():
+    async def metrics() -> Response:
         return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return router

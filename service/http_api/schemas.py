@@ -123,7 +123,7 @@ PREDICT_REQUEST_BODY = {
 }
 
 
-def error_responses(*codes: int | str) -> dict:
+def error_responses(*codes: int | str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses entries with the ``{"error": ...}`` schema for these status codes."""
     described = {
         400: "bad image or body",

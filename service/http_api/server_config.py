@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from service.http_api.httptools_limits import HttpLimits, protocol_class
 from service.settings import Settings
 
 
-def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
+def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """uvicorn.Config for ``app`` (loop and lifespan driven by the caller): httptools with
     cnnserve's header limits and read timeouts, ``max_connections`` as uvicorn's concurrency limit
     (503 past it), the keep-alive timeout, and graceful shutdown bounded by the shutdown timeout."""

@@ -47,6 +47,22 @@ class ModelDescription:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ModelDescription:
-        return cls(**{k: doc[k] for k in ("name", "version", "labels", "preprocessing", "input_name", "input_shape",
-                                          "output_name", "provider", "pad_to", "precision")},
-                   path=Path(doc["path"]), precision_choice=doc.get("precision_choice"))  # fmt: skip
+        return cls(
+            **{
+                k: doc[k]
+                for k in (
+                    "name",
+                    "version",
+                    "labels",
+                    "preprocessing",
+                    "input_name",
+                    "input_shape",
+                    "output_name",
+                    "provider",
+                    "pad_to",
+                    "precision",
+                )
+            },
+            path=Path(doc["path"]),
+            precision_choice=doc.get("precision_choice"),
+        )

@@ -30,6 +30,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -74,7 +75,7 @@ CPU_FEATURE_FLAGS = (
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def cpu_features(cpuinfo: str | None = None) -> dict:
+def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
     """The CPU model, its architecture, the CPU_FEATURE_FLAGS it has (``/proc/cpuinfo``) and
     whether ONNX Runtime's U8S8 kernels can saturate on it (x86-64 without VNNI)."""
     if cpuinfo is None:
@@ -101,7 +102,7 @@ def cpu_features(cpuinfo: str | None = None) -> dict:
     }
 
 
-def describe_cpu(cpu: dict) -> str:
+def describe_cpu(cpu: dict[str, Any]) -> str:
     """``AMD EPYC 7B12 (avx2 fma; no VNNI)``: the model and the flags that matter, in a few words."""
     flags = " ".join(cpu["flags"][1:] if cpu["flags"][:1] == ["sse4_1"] else cpu["flags"]) or "no listed flags"
     note = "; no VNNI" if cpu.get("u8s8_can_saturate") else ""
@@ -118,7 +119,7 @@ def load_check_images(model_path: Path) -> np.ndarray | None:
     if not path.is_file():
         return None
     with np.load(path) as npz:
-        images = npz["images"]
+        images: np.ndarray = npz["images"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
         raise ValueError(f"{path}: 'images' must be uint8 [N,H,W,3], got {images.dtype} {list(images.shape)}")
     return images
@@ -151,10 +152,10 @@ class PrecisionChoice:
     threshold: float = AGREEMENT_THRESHOLD
     # batch size -> (fp32 ms, candidate ms) per run, medians, and the candidate's speed-up
     timing: dict[str, dict[str, float]] = field(default_factory=dict)
-    cpu: dict = field(default_factory=cpu_features)
+    cpu: dict[str, Any] = field(default_factory=cpu_features)
     seconds: float = 0.0  # what the check and the timing cost at start-up
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:

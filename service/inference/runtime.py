@@ -9,7 +9,8 @@ import logging
 import os
 import threading
 import time
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -84,16 +85,16 @@ class BatchOutput(NamedTuple):
     order: np.ndarray  # int64 [n, classes], most probable class first
     # The same ranking as Python lists, made once per batch in the executor thread so that each
     # request only slices them: [n][classes] indices, probabilities and labels, best first.
-    ranked_indices: list
-    ranked_probabilities: list
-    ranked_labels: list
+    ranked_indices: list[list[int]]
+    ranked_probabilities: list[list[float]]
+    ranked_labels: list[list[str]]
 
 
-def provider_options(settings: Settings, names: list[str] | None = None) -> list[tuple[str, dict]]:
+def provider_options(settings: Settings, names: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(provider, options) pairs for ``names`` (default: the settings' providers)."""
     out = []
     for name in settings.providers if names is None else names:
-        opts: dict = {}
+        opts: dict[str, Any] = {}
         if name == CUDA:
             opts = {"device_id": settings.cuda_device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
             if settings.gpu_mem_limit_mb:
@@ -121,7 +122,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 _announced: set[str] = set()
 
 
-def session_providers(settings: Settings) -> list[tuple[str, dict]]:
+def session_providers(settings: Settings) -> list[tuple[str, dict[str, Any]]]:
     """The settings' providers less those that cannot run here (CUDA without a driver or a
     library), said once per process in one line of ours; GpuRequired under --require-gpu."""
     names, reason = devices.usable_providers(settings.providers)
@@ -151,7 +152,9 @@ def read_metadata(path: object, meta: dict[str, str]) -> tuple[list[str], Prepro
     return labels, pre
 
 
-def check_input(path: object, input_shape: list[int], pre: Preprocessing, classes: int, output_shape: list) -> None:
+def check_input(
+    path: object, input_shape: list[int], pre: Preprocessing, classes: int, output_shape: list[int | str | None]
+) -> None:
     """The graph's input and output agree with the metadata: [N,3,H,W] at the preprocessing's
     size, and one score per label."""
     if len(input_shape) != 4 or input_shape[1] != 3:
@@ -230,11 +233,11 @@ class ModelRuntime:
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
 
     @property
-    def precision_choice(self) -> dict:
+    def precision_choice(self) -> dict[str, Any]:
         """Why this precision answers, with the figures measured at load (PrecisionChoice)."""
         return self.choice.to_dict()
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What a front end in another process needs (``service.inference.model_description.ModelDescription``)."""
         return {
             "name": self.name,
@@ -252,7 +255,11 @@ class ModelRuntime:
         }
 
     def _choose(
-        self, spec: ModelSpec, settings: Settings, providers: list[tuple[str, dict]], available: tuple[str, ...]
+        self,
+        spec: ModelSpec,
+        settings: Settings,
+        providers: list[tuple[str, dict[str, Any]]],
+        available: tuple[str, ...],
     ) -> tuple[ort.InferenceSession, PrecisionChoice]:
         """The session that answers and why: the FP32 model is opened first (the provider the
         session really got decides the candidate; the check compares against it), then the
@@ -317,7 +324,7 @@ class ModelRuntime:
         return (variant if choice.precision == candidate else fp32), choice
 
     @staticmethod
-    def _open(path, settings: Settings, providers: list[tuple[str, dict]]) -> ort.InferenceSession:
+    def _open(path: Path, settings: Settings, providers: list[tuple[str, dict[str, Any]]]) -> ort.InferenceSession:
         # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
         return ort.InferenceSession(
             path.read_bytes(),

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -16,7 +17,9 @@ from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 
 
-def classify_grpc(target: str, images: list[bytes], top_k: int | None, model: str | None, timeout: float) -> dict:
+def classify_grpc(
+    target: str, images: list[bytes], top_k: int | None, model: str | None, timeout: float
+) -> dict[str, Any]:
     request = pb.ClassifyRequest(images=[pb.Image(encoded=data) for data in images], model=model or "")
     if top_k is not None:
         request.top_k = top_k
@@ -32,7 +35,9 @@ def classify_grpc(target: str, images: list[bytes], top_k: int | None, model: st
     }
 
 
-def classify_http(target: str, files: list[Path], top_k: int | None, model: str | None, timeout: float) -> dict:
+def classify_http(
+    target: str, files: list[Path], top_k: int | None, model: str | None, timeout: float
+) -> dict[str, Any]:
     boundary = uuid.uuid4().hex
     body = b""
     for f in files:
@@ -52,7 +57,8 @@ def classify_http(target: str, files: list[Path], top_k: int | None, model: str 
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            return json.loads(response.read())
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")
         try:

@@ -199,7 +199,7 @@ def silent_streams(port: int, streams: int, hold: float) -> Outcome:
 
 def large_prefix(port: int, declared: int, send: int, seconds: float = 5) -> Outcome:
     """One call whose 5-byte gRPC prefix declares ``declared`` bytes, then up to ``send`` bytes of
-    it within flow control, until the server ends the stream or ``seconds`` pass."""
+    it within flow control, the stream held open until the server ends it or ``seconds`` pass."""
     a = Attacker(port)
     stream_id = a.open_stream()
     assert stream_id is not None
@@ -224,7 +224,9 @@ def large_prefix(port: int, declared: int, send: int, seconds: float = 5) -> Out
         a.outcome.data_sent += n
         a.flush()
         a.pump()
-    a.pump(wait=1.0, until=ended)
+    # Then hold the stream open (a client that will never finish its message) until the server
+    # ends it or ``seconds`` have passed.
+    a.pump(wait=max(0.0, seconds - (time.monotonic() - started)), until=ended)
     a.outcome.seconds = time.monotonic() - started
     a.close()
     return a.outcome

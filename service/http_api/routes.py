@@ -211,7 +211,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         summary="Readiness: every model loaded and warm, not draining",
         responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
     )
-    async def readyz():
+    async def readyz(request: Request):
         models = [
             {
                 "name": m.name,
@@ -224,7 +224,14 @@ def build_router(ctx: HttpContext) -> APIRouter:
         ]
         reason = core.not_ready_reason()
         if reason is None:
-            return json_response({"status": "ready", "models": models})
+            # The gRPC port must answer too (service/grpc_api/self_check.py; set by service/server.py).
+            grpc_check = getattr(request.app.state, "grpc_self_check", None)
+            failure = await grpc_check.failure() if grpc_check is not None else None
+            if failure is None:
+                return json_response({"status": "ready", "models": models})
+            return json_response(
+                {"error": f"not ready: {failure}", "status": "grpc_unavailable", "models": models}, 503
+            )
         return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)
 
     @router.get(

@@ -28,6 +28,7 @@ from service.errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    shown,
 )
 from service.explain.explainer import Explainer, Explanations
 from service.explain.layers import LayerModel
@@ -247,13 +248,13 @@ class InferenceCore:
             name = next(iter(sorted(self.models)))
         versions = self.models.get(name)
         if versions is None:
-            raise ModelNotFound(f"unknown model {name!r} (available: {', '.join(sorted(self.models))})")
+            raise ModelNotFound(f"unknown model {shown(name)} (available: {', '.join(sorted(self.models))})")
         if not version:
             version = max(versions, key=int)
         found = versions.get(str(version))
         if found is None:
             raise ModelNotFound(
-                f"model {name!r} has no version {version!r} (available: {', '.join(sorted(versions, key=int))})"
+                f"model {name!r} has no version {shown(version)} (available: {', '.join(sorted(versions, key=int))})"
             )
         return found
 

@@ -183,9 +183,9 @@ class Settings(BaseSettings):
     grpc_max_early_resets: int = Field(
         200,
         ge=1,
-        description="Most gRPC calls one connection may cancel before their request message arrives, "
-        "per 10 s; past it the connection is shut down (HTTP/2 rapid reset; unary clients send the "
-        "message with the headers).",
+        description="Most gRPC calls one client address may cancel before their request message "
+        "arrives, per 10 s; past it each of its connections that does so again is shut down (HTTP/2 "
+        "rapid reset; unary clients send the message with the headers).",
     )
     explain_concurrency: int = Field(
         2,

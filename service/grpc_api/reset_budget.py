@@ -6,7 +6,8 @@ times a second, on one connection. grpc-core bounds the streams held at once
 but has no budget of resets after which it closes the connection (nghttp2, Envoy and Node.js
 have one), so each reset still costs this process a call: a short Python task. A unary client
 sends its message with its headers and has no reason to cancel before the server has read it;
-a connection that does so more than ``limit`` times within ``window`` seconds is shut down here.
+past ``limit`` such cancels from one address within ``window`` seconds, each connection from it
+that cancels early again is shut down here.
 
 grpcio has no call to close one connection, so the socket is found among this process's own
 descriptors by its two addresses (only when a budget is spent: a scan of /proc/self/fd) and shut
@@ -75,33 +76,44 @@ def shutdown_connection(local_port: int, peer: tuple[str, int]) -> bool:
 
 
 class ResetBudget:
-    """Counts calls cancelled before their message arrived, per connection (peer address), in
-    fixed windows; the ``limit + 1``-th in a window shuts that connection down."""
+    """Counts calls cancelled before their message arrived, per client address, in fixed windows.
+    Past ``limit`` in a window, the connection of each further early reset from that address is
+    shut down, each once: an attacker who reconnects loses every new connection at its first
+    reset instead of after ``limit`` more, while a connection that never resets early, even from
+    the same address (a NAT, a sidecar), is never touched."""
 
     def __init__(self, limit: int, window: float = 10.0) -> None:
         self.limit = limit
         self.window = window
         self.local_port = 0  # set once the server has bound its port
         self.counts: dict[str, int] = {}
+        self.shut: set[str] = set()  # connections (peer strings) shut down in this window
         self.window_started = time.monotonic()
-        self.closed = 0  # connections shut down, for tests and logs
+        self.closed = 0  # connections shut down, for logs
 
     def note(self, peer: str) -> None:
         now = time.monotonic()
         if now - self.window_started > self.window:
-            self.counts.clear()  # also forgets connections long gone
+            self.counts.clear()  # also forgets clients long gone
+            self.shut.clear()
             self.window_started = now
-        count = self.counts.get(peer, 0) + 1
-        self.counts[peer] = count
-        if count != self.limit + 1:
-            return
         address = parse_peer(peer)
-        if address is not None and self.local_port and shutdown_connection(self.local_port, address):
+        if address is None:
+            return
+        count = self.counts.get(address[0], 0) + 1
+        self.counts[address[0]] = count
+        if count <= self.limit or peer in self.shut or not self.local_port:
+            return
+        self.shut.add(peer)
+        if shutdown_connection(self.local_port, address):
             self.closed += 1
-            log.warning(
-                "gRPC connection from %s closed: more than %d calls cancelled before their message "
-                "within %g s (HTTP/2 rapid reset)",
-                peer,
-                self.limit,
-                self.window,
-            )
+            if count == self.limit + 1 or self.closed % 100 == 0:
+                log.warning(
+                    "gRPC connection from %s closed: more than %d calls from %s cancelled before their "
+                    "message within %g s (HTTP/2 rapid reset); %d connections closed",
+                    peer,
+                    self.limit,
+                    address[0],
+                    self.window,
+                    self.closed,
+                )

@@ -30,6 +30,10 @@ bytes of a request body. README "Limits and timeouts" lists what a client gets p
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
+
 from service.settings import Settings
 
 MAX_REQUESTS_PER_READ = 32
@@ -43,3 +47,30 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.per_message_decompression", 0),
         ("grpc.server_handshake_timeout_ms", max(1, round(settings.header_timeout_seconds * 1000))),
     ]
+
+
+_libc: ctypes.CDLL | None = None
+_trim_pending = False
+
+
+def trim_heap_soon(delay: float = 1.0) -> None:
+    """Return freed heap to the OS ``delay`` seconds from now (glibc's ``malloc_trim``), at most
+    once per ``delay``. Called when a call that may have buffered a large message is ended by the
+    message timeout: grpc-core frees the message's slices as the call is destroyed, but glibc
+    keeps those pages (measured: 600 MiB buffered, +130 MB resident 25 s later without a trim)."""
+    global _trim_pending
+    if _trim_pending:
+        return
+    _trim_pending = True
+    asyncio.get_running_loop().call_later(delay, _trim)
+
+
+def _trim() -> None:
+    global _libc, _trim_pending
+    _trim_pending = False
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim with
+        pass

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from service.errors import Overloaded, ServiceError, grpc_status
+from service.grpc_api.http2_limits import trim_heap_soon
 from service.metrics import Metrics
 
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: how long a client's retry policy should wait
@@ -157,6 +158,7 @@ async def _first_message(
         if timer is not None:
             timer.cancel()
     if expired:
+        trim_heap_soon()  # the stalled message may have been large (grpc-core buffers it whole)
         await _refuse(
             context,
             metrics,

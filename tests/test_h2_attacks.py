@@ -11,6 +11,7 @@ hundreds of MB kept), not one good run from another.
 
 from __future__ import annotations
 
+import socket
 import statistics
 import threading
 import time
@@ -22,6 +23,7 @@ import httpx
 import pytest
 
 from bench import h2attack
+from service.grpc_api import reset_budget
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, distinct_images, png_bytes, wait_until
@@ -232,3 +234,27 @@ def test_readiness_fails_while_the_grpc_port_cannot_serve(target):
     assert saw_503
     assert httpx.get(f"{target.http}/healthz").status_code == 200
     assert wait_until(lambda: httpx.get(f"{target.http}/readyz").status_code == 200, timeout=15), r.text
+
+
+def test_the_reset_budget_finds_and_shuts_down_exactly_the_peers_socket():
+    """reset_budget's socket lookup on real sockets of this process: grpc-core listens dual-stack,
+    so an IPv4 client shows as ::ffff:a.b.c.d there; only the named connection is shut down."""
+    assert reset_budget.parse_peer("ipv4:127.0.0.1:5555") == ("127.0.0.1", 5555)
+    assert reset_budget.parse_peer("ipv6:[::1]:443") == ("::1", 443)
+    assert reset_budget.parse_peer("unix:/tmp/x") is None
+    assert reset_budget.parse_peer("ipv4:127.0.0.1:²") is None
+    listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    accepted = [listener.accept()[0] for _ in clients]
+    try:
+        target = clients[0].getsockname()[:2]
+        assert reset_budget.shutdown_connection(port, target)
+        assert clients[0].recv(10) == b""  # the server side is shut down: end of stream
+        clients[1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            clients[1].recv(10)  # the other connection is untouched
+        assert not reset_budget.shutdown_connection(port, ("127.0.0.1", 1))
+    finally:
+        for s in (*clients, *accepted, listener):
+            s.close()

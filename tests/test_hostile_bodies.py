@@ -21,6 +21,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from tritonclient.grpc import service_pb2 as v2pb
+from tritonclient.grpc import service_pb2_grpc as v2pb_grpc
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -169,7 +171,13 @@ def test_echoed_names_are_cut_short(server, reference):
             pb.ClassifyRequest(images=[pb.Image(encoded=image)], model=name), timeout=10
         )
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) < 1024
-    # A v2 input named with 1 MB: refused, the name cut short.
+    # A v2 input named with 1 MB, over gRPC and REST: refused, the name cut short.
+    v2_request = v2pb.ModelInferRequest(
+        model_name="cifar10", inputs=[v2pb.ModelInferRequest.InferInputTensor(name=name, datatype="FP32", shape=[1])]
+    )
+    with grpc.insecure_channel(server.grpc_target, options=options) as channel, pytest.raises(grpc.RpcError) as e:
+        v2pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(v2_request, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.details()) < 1024
     doc = {"inputs": [{"name": name, "datatype": "FP32", "shape": [1], "data": [0.0]}]}
     r = httpx.post(f"{server.http}/v2/models/cifar10/infer", json=doc, timeout=30)
     assert r.status_code == 400 and len(r.content) < 1024, len(r.content)

@@ -153,6 +153,8 @@ async def _first_message(
             if early_reset is not None:  # cancelled by the client before its message: rapid reset?
                 early_reset(context.peer())
             raise
+        if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: the cancel was ours, handled
+            task.uncancel()
         request = None
     finally:
         if timer is not None:

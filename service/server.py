@@ -36,6 +36,7 @@ from service.buffers import BufferedBytes
 from service.dataplane import DataPlane
 from service.explain.explainer import Explainer
 from service.explain.layers import LayerModels
+from service.grpc_api.self_check import GrpcSelfCheck, loopback_target
 from service.grpc_api.server import GrpcServer
 from service.http_api.application import create_app
 from service.http_api.server_config import uvicorn_config
@@ -138,7 +139,10 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         log.error("%s", e)
         return 1
     http_port = sock.getsockname()[1]
-    config = uvicorn_config(create_app(plane, metrics), settings)
+    app = create_app(plane, metrics)
+    # /readyz also asks the gRPC port for its health, over loopback (issue 17).
+    app.state.grpc_self_check = GrpcSelfCheck(loopback_target(settings.host, grpc_server.port))
+    config = uvicorn_config(app, settings)
     http_server = uvicorn.Server(config)
     # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
     # SIGTERM starts our drain instead.

@@ -156,7 +156,8 @@ class Settings(BaseSettings):
         60.0,
         gt=0.0,
         description="Most seconds from the end of a request's headers to the end of its body: 408 and the "
-        "connection closed past it (stalled uploads).",
+        "connection closed past it (stalled uploads); for a gRPC call, from its headers to its request "
+        "message: DEADLINE_EXCEEDED.",
     )
     keep_alive_timeout_seconds: float = Field(
         5.0, gt=0.0, description="Seconds an idle HTTP keep-alive connection stays open between requests."
@@ -173,6 +174,20 @@ class Settings(BaseSettings):
         ge=1,
         description="Most concurrent HTTP connections (and requests in progress), and most gRPC calls in "
         "progress; past it HTTP requests are answered 503 and gRPC calls RESOURCE_EXHAUSTED at once.",
+    )
+    grpc_max_concurrent_streams: int = Field(
+        100,
+        ge=1,
+        description="Most gRPC calls open at once on one HTTP/2 connection, advertised to clients "
+        "(MAX_CONCURRENT_STREAMS); streams past it are refused (REFUSED_STREAM), reset streams count "
+        "until the server has freed them (HTTP/2 rapid reset).",
+    )
+    grpc_max_early_resets: int = Field(
+        200,
+        ge=1,
+        description="Most gRPC calls one client address may cancel before their request message "
+        "arrives, per 10 s; past it each of its connections that does so again is shut down (HTTP/2 "
+        "rapid reset; unary clients send the message with the headers).",
     )
     explain_concurrency: int = Field(
         2,

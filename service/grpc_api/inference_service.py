@@ -19,13 +19,14 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.dataplane import DataPlane
-from service.errors import InvalidInput
+from service.errors import InvalidInput, shown
 from service.grpc_api.instrumented import rpc
 from service.metrics import Metrics
 from service.protocol import metadata
 from service.protocol import open_inference as v2
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+MAX_NAME = 256  # characters of a tensor name or datatype (as the REST binding: inference_rest.py)
 
 
 def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
@@ -46,6 +47,9 @@ def request_from_proto(request: pb.ModelInferRequest) -> v2.InferRequest:
         )
     inputs = []
     for i, t in enumerate(request.inputs):
+        if len(t.name) > MAX_NAME or len(t.datatype) > MAX_NAME:
+            # Names are echoed in errors further on: a megabyte-long one is refused here, cut short.
+            raise InvalidInput(f"inputs[{i}]: name or datatype longer than {MAX_NAME} characters: {shown(t.name)}")
         fields = t.contents.ListFields()
         if raw and fields:
             raise InvalidInput(f"input {t.name!r} has contents although the request uses raw_input_contents")
@@ -58,6 +62,9 @@ def request_from_proto(request: pb.ModelInferRequest) -> v2.InferRequest:
             inputs.append(v2.InputTensor(t.name, t.datatype, t.shape, data=values, contents=descriptor.name))
         else:
             inputs.append(v2.InputTensor(t.name, t.datatype, t.shape))
+    for i, o in enumerate(request.outputs):
+        if len(o.name) > MAX_NAME:
+            raise InvalidInput(f"outputs[{i}]: name longer than {MAX_NAME} characters: {shown(o.name)}")
     outputs = [(o.name, _parameters(o.parameters)) for o in request.outputs]
     return v2.InferRequest(
         request.model_name, request.model_version, request.id, _parameters(request.parameters), inputs, outputs

@@ -9,7 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.dataplane import DataPlane
-from service.grpc_api import classifier, inference_service
+from service.grpc_api import classifier, http2_limits, inference_service, reset_budget
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
 from service.grpc_api.instrumented import GuardedRegistration
 from service.metrics import Metrics
@@ -28,9 +28,14 @@ class GrpcServer:
                 ("grpc.max_send_message_length", limit),
                 # Front ends of a multi-process server share the port; a lone server must own it.
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
+                *http2_limits.server_options(settings),  # streams, resets, compression, handshake
             ],
         )
-        guarded = GuardedRegistration(self.server, metrics)  # malformed protobuf: INVALID_ARGUMENT
+        # Malformed protobuf: INVALID_ARGUMENT; no message body_timeout_seconds after the headers:
+        # DEADLINE_EXCEEDED; compressed: UNIMPLEMENTED (service/grpc_api/instrumented.py).
+        # Rapid reset: a connection cancelling calls before their message is shut down past a budget.
+        self.reset_budget = reset_budget.ResetBudget(settings.grpc_max_early_resets)
+        guarded = GuardedRegistration(self.server, metrics, settings.body_timeout_seconds, self.reset_budget.note)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(plane, metrics), guarded)
         self.service_names = [classifier.SERVICE_NAME]
         inference_service.add_to_server(plane, metrics, guarded)
@@ -44,6 +49,7 @@ class GrpcServer:
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
+        self.reset_budget.local_port = self.port
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

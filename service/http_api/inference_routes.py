@@ -8,11 +8,13 @@ metrics.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from service.errors import ModelNotFound
 from service.http_api import inference_rest as rest
 from service.http_api.context import HttpContext, json_response
 from service.http_api.schemas import V2_INFER_REQUEST_BODY, error_responses
@@ -85,6 +87,17 @@ def build_router(ctx: HttpContext) -> APIRouter:
         return await ctx.handle("v2_model_config", _json(metadata.model_config, name, version))
 
     # ---- inference ------------------------------------------------------------------------------
+    def _max_numbers(name: str, version: str | None) -> int | None:
+        """The most tensor elements a request to this model can carry (None: model unknown,
+        refused later with its own error)."""
+        try:
+            shape = plane.core.model(name, version).runtime.input_shape[1:]
+        except ModelNotFound:
+            return None
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            return None  # a dynamic image size: no bound known before the body is parsed
+        return plane.settings.max_images_per_request * int(math.prod(shape))
+
     async def _infer(request: Request, name: str, version: str | None) -> Response:
         deadline = ctx.deadline(request)
         ctx.core.precheck(name, version)  # queue full or not ready: refused before the body is read
@@ -96,6 +109,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
             request.headers.get("content-encoding"),
             ctx.max_body,
             plane.pool.offload,
+            _max_numbers(name, version),
         )
         result = await ctx.unless_disconnected(v2.infer(plane, parsed, deadline), request)
         content, header_length = rest.encode_rest_response(result)

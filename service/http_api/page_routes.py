@@ -9,6 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
+from service.ascii_numbers import parse_uint
+from service.errors import InvalidInput, shown
 from service.explain.samples import SOURCE, Samples
 from service.http_api.context import HttpContext, json_response
 from service.http_api.schemas import error_responses
@@ -45,11 +47,16 @@ def build_router(ctx: HttpContext) -> APIRouter:
     )
     async def sample_image(request: Request) -> Response:
         # Read by hand: a declared path parameter would bring FastAPI's own 422, not our error format.
+        # ASCII digits only (service/ascii_numbers.py): str.isdigit() passes '²', which int() refuses.
         index = request.path_params["index"]
         found = await samples.get()
-        if not index.isdigit() or not 0 <= int(index) < len(found):
-            return json_response({"error": f"no sample {index!r} (there are {len(found)})"}, 404)
-        return Response(found[int(index)].png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        try:
+            number = parse_uint(index, "sample index")
+        except InvalidInput:
+            number = -1
+        if not 0 <= number < len(found):
+            return json_response({"error": f"no sample {shown(index)} (there are {len(found)})"}, 404)
+        return Response(found[number].png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     return router
 

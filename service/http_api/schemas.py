@@ -94,7 +94,7 @@ class ModelState(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str = Field(description="ready, or why not (loading, draining)", examples=["ready"])
+    status: str = Field(description="ready, or why not (loading, draining, grpc_unavailable)", examples=["ready"])
     models: list[ModelState]
     error: str | None = Field(None, description="only when not ready")
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, Overloaded, PayloadTooLarge
+from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, Overloaded, PayloadTooLarge, shown
 from service.inference import repository
 from service.inference.batcher import Batcher
 from service.inference.decoding import DecodePool
@@ -131,13 +131,13 @@ class InferenceCore:
             name = next(iter(sorted(self._models)))
         versions = self._models.get(name)
         if versions is None:
-            raise ModelNotFound(f"unknown model {name!r} (available: {', '.join(sorted(self._models))})")
+            raise ModelNotFound(f"unknown model {shown(name)} (available: {', '.join(sorted(self._models))})")
         if not version:
             version = max(versions, key=int)
         found = versions.get(str(version))
         if found is None:
             raise ModelNotFound(
-                f"model {name!r} has no version {version!r} (available: {', '.join(sorted(versions, key=int))})"
+                f"model {name!r} has no version {shown(version)} (available: {', '.join(sorted(versions, key=int))})"
             )
         return found
 

@@ -36,6 +36,7 @@ from service.http_api.server_config import uvicorn_config
 from service.inference import repository
 from service.inference.core import InferenceCore
 from service.metrics import Metrics
+from service.security.setup import Security, SecurityError
 from service.settings import Settings
 from service.workers import shared_memory as ipc
 from service.workers.remote_batcher import ExecutorClient
@@ -113,9 +114,13 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             # Probe the gRPC port ourselves: grpc-core's own failure is a raw log line.
             if settings.grpc_port:
                 bind_listener(settings.host, settings.grpc_port, "gRPC").close()
+        try:
+            security = Security(settings)  # TLS files and access keys, read by each process
+        except SecurityError as e:
+            raise StartupError(str(e)) from None
         sock = bind_listener(settings.host, settings.http_port, "HTTP", reuse_port=role is not None)
         try:
-            grpc_server = GrpcServer(core, metrics, settings, reuse_port=role is not None)
+            grpc_server = GrpcServer(core, metrics, settings, reuse_port=role is not None, security=security)
         except (OSError, RuntimeError):
             sock.close()
             raise port_in_use("gRPC", settings.host, settings.grpc_port) from None
@@ -123,7 +128,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         log.error("%s", e)
         return 1
     http_port = sock.getsockname()[1]
-    config = uvicorn_config(create_app(core, metrics), settings)
+    config = uvicorn_config(security.http_app(create_app(core, metrics), metrics), settings, security.http_ssl)
     http_server = uvicorn.Server(config)
     # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
     # SIGTERM starts our drain instead.
@@ -140,6 +145,9 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     await grpc_server.start()
     await http_server.startup(sockets=[sock])
     http_loop = asyncio.create_task(http_server.main_loop())
+    tls_watcher = security.start_watching()
+    if role is None or role.index == 0:
+        log.info("%s", security.describe())
     if role is None:
         log.info("listening http=%s:%d grpc=%s:%d", settings.host, http_port, settings.host, grpc_server.port)
     else:
@@ -201,7 +209,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             "shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
             settings.shutdown_timeout_seconds,
         )
-    for task in (watcher, loader, *tasks):
+    for task in (watcher, tls_watcher, loader, *tasks):
         if task is not None and not task.done():
             task.cancel()
     await core.close()

@@ -61,6 +61,7 @@ class TlsFiles:
         self.material = self._read_checked()
         self.generation = 0  # bumped by each reload; the gRPC fetcher compares it
         self._grpc_generation = 0
+        self._refused: Material | None = None  # the last contents that could not be used
         self.http_context = self._new_context()
         self._load_into(self.http_context)
 
@@ -117,11 +118,12 @@ class TlsFiles:
         """Reload when a file's contents changed and the new set is usable; True if reloaded."""
         try:
             current = self._read()
-            if current == self.material:
+            if current == self.material or current == self._refused:
                 return False
             material = self._read_checked()
             self._load_into(self.http_context)
         except TlsConfigError as e:
+            self._refused = current if "current" in locals() else None  # said once per content, not per check
             log.warning("TLS files changed but cannot be used yet (the old certificate stays): %s", e)
             return False
         self.material = material

@@ -322,3 +322,29 @@ def test_refusals_are_counted_by_protocol_group_and_reason(https, channel):
     for label in (("http", "statistics", "missing_key"), ("http", "statistics", "forbidden"),
                   ("grpc", "statistics", "invalid_key")):  # fmt: skip
         assert after[label] - before.get(label, 0) == 1, label
+
+
+@pytest.mark.parametrize("target", ["grpc", "grpc-v2", "http", "http-v2"])
+def test_loadtest_speaks_tls_and_keys_and_scrapes_metrics_over_https(
+    server, tls, tmp_path, monkeypatch, capsys, target
+):
+    import json
+
+    from service import cli
+
+    key_file = tmp_path / "key"
+    key_file.write_text(ADMIN_KEY + "\n")  # inference for the run, metrics for the scrape
+    monkeypatch.delenv("CNNSERVE_ACCESS_KEY", raising=False)
+    address = server.grpc_target if target.startswith("grpc") else server.http_address
+    report = tmp_path / "run.json"
+    argv = ["loadtest", "--quiet", "--model-file", str(MODEL_PATH), "--target", target, "--address", address,
+            "--metrics-address", server.http_address, "--requests", "8", "--warmup", "0", "--cacert", str(tls.ca),
+            "--access-key-file", str(key_file), "--json", str(report), "--fail-on-error"]  # fmt: skip
+    assert cli.main(argv) == 0
+    doc = json.loads(report.read_text())
+    assert doc["summary"]["ok"] == 8 and doc["summary"]["errors"] == 0
+    assert doc["server_scrape_error"] is None and doc["server"] is not None
+    # Without the key the probe request is refused, and the run says why before measuring anything.
+    capsys.readouterr()
+    assert cli.main([a for a in argv if a not in ("--access-key-file", str(key_file))]) == 2
+    assert "the inference API needs a key" in capsys.readouterr().err

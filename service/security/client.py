@@ -12,8 +12,10 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:  # grpc is imported when a channel is made: `cnnserve --help` builds these flags
+    import grpc
 
 KEY_ENV = "CNNSERVE_ACCESS_KEY"
 
@@ -42,13 +44,18 @@ class ClientSecurity:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClientSecurity:
         """From the flags of add_arguments; a missing file is an OSError naming it."""
-        if bool(args.cert) != bool(args.key):
+        return cls.from_options(args.tls, args.cacert, args.cert, args.key, args.access_key_file)
+
+    @classmethod
+    def from_options(
+        cls, tls: bool, cacert: str | None, cert: str | None, key: str | None, access_key_file: str | None
+    ) -> ClientSecurity:
+        if bool(cert) != bool(key):
             raise ValueError("--cert and --key go together")
         access_key = os.environ.get(KEY_ENV) or None
-        if args.access_key_file:
-            access_key = Path(args.access_key_file).read_text().strip()
-        tls = bool(args.tls or args.cacert or args.cert)
-        return cls(tls, args.cacert, args.cert, args.key, access_key)
+        if access_key_file:
+            access_key = Path(access_key_file).read_text().strip()
+        return cls(bool(tls or cacert or cert), cacert, cert, key, access_key)
 
     @property
     def scheme(self) -> str:
@@ -69,6 +76,8 @@ class ClientSecurity:
         return (("x-api-key", self.access_key),) if self.access_key else ()
 
     def grpc_credentials(self) -> grpc.ChannelCredentials | None:
+        import grpc
+
         if not self.tls:
             return None
 
@@ -78,12 +87,16 @@ class ClientSecurity:
         return grpc.ssl_channel_credentials(read(self.cacert), read(self.key), read(self.cert))
 
     def grpc_channel(self, target: str, options=None) -> grpc.Channel:
+        import grpc
+
         creds = self.grpc_credentials()
         if creds is None:
             return grpc.insecure_channel(target, options=options)
         return grpc.secure_channel(target, creds, options=options)
 
     def grpc_aio_channel(self, target: str, options=None) -> grpc.aio.Channel:
+        import grpc
+
         creds = self.grpc_credentials()
         if creds is None:
             return grpc.aio.insecure_channel(target, options=options)

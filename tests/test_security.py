@@ -348,3 +348,21 @@ def test_loadtest_speaks_tls_and_keys_and_scrapes_metrics_over_https(
     capsys.readouterr()
     assert cli.main([a for a in argv if a not in ("--access-key-file", str(key_file))]) == 2
     assert "the inference API needs a key" in capsys.readouterr().err
+
+
+def test_bad_security_settings_stop_the_server_with_one_clear_line(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("inference:tiny-k3y\n")
+    base = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port", "0",
+            "--grpc-port", "0", "--providers", "cpu"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "CNNSERVE_ACCESS_KEYS"}
+    for args, message in (
+        (["--restricted-apis", "admin"], "--restricted-apis admin (environment variable CNNSERVE_RESTRICTED_APIS): "
+         "unknown access group 'admin'"),
+        (["--restricted-apis", "inference"], "--restricted-apis inference needs at least one key"),
+        (["--restricted-apis", "inference", "--access-keys-file", str(keys)], "line 1: a key is shorter than 16"),
+        (["--access-keys-file", str(tmp_path / "absent")], "cannot read --access-keys-file"),
+    ):  # fmt: skip
+        out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+        assert "tiny-k3y" not in out.stderr

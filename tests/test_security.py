@@ -5,6 +5,7 @@ protocols; plus the group mapping and key parsing as units."""
 from __future__ import annotations
 
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -366,3 +367,13 @@ def test_bad_security_settings_stop_the_server_with_one_clear_line(tmp_path):
         out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
         assert "tiny-k3y" not in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed (not packaged for this OS)")
+def test_grpcurl_lists_services_over_tls_with_a_key_and_is_refused_without(server, tls):
+    base = ["grpcurl", "-cacert", str(tls.ca), "-max-time", "20"]
+    ok = subprocess.run([*base, "-H", f"x-api-key: {ADMIN_KEY}", server.grpc_target, "list"],
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ok.returncode == 0 and "cnnserve.v1.Classifier" in ok.stdout, ok.stderr
+    refused = subprocess.run([*base, server.grpc_target, "list"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused.stderr

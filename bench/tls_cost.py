@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--duration", type=float, default=None)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "tls-cost.json"), help="where to write")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     duration = args.duration or (2.0 if args.quick else 4.0)
@@ -147,12 +148,12 @@ def main() -> int:
               f"{max(s['cpu_ms_per_request']):.3f} ms  vs plain {cpu_change:+5.1f}%")  # fmt: skip
     for point, rate in handshakes.items():
         print(f"  new {point} handshakes/s (one client thread): {rate:.0f}")
-    out = ROOT / "bench" / "results" / "tls-cost.json"
+    out = Path(args.json).resolve()
     out.write_text(json.dumps({"benchmark": "tls_cost", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "command": " ".join(sys.argv), "concurrency": args.concurrency, "rounds": rounds,
                                "duration_s": duration, "points": summary, "handshakes_per_s": handshakes,
                                "machine": machine_info()}, indent=2))  # fmt: skip
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
     return 0
 
 

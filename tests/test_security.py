@@ -377,3 +377,24 @@ def test_grpcurl_lists_services_over_tls_with_a_key_and_is_refused_without(serve
     assert ok.returncode == 0 and "cnnserve.v1.Classifier" in ok.stdout, ok.stderr
     refused = subprocess.run([*base, server.grpc_target, "list"], capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused.stderr
+
+
+def test_a_request_without_a_key_is_refused_before_its_body_is_read(server, tls):
+    """Headers announcing 10 MB and no body: the 401 comes at once, so an unauthenticated client
+    cannot make the server receive (or buffer) anything."""
+    import socket
+
+    ctx = ssl.create_default_context(cafile=str(tls.ca))
+    with (
+        socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+    ):
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10000000\r\n\r\n")
+        answer = b""
+        while b"}" not in answer:  # head and JSON body may come in separate TLS records
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+    assert b"the inference API needs a key" in answer

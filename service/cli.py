@@ -52,11 +52,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service import server
+    from service.security.setup import Security, SecurityError
     from service.workers import supervisor
 
+    settings = settings_from_args(args)
+    try:  # unusable TLS files or keys: one line before any process starts (each reads them again)
+        Security(settings)
+    except SecurityError as e:
+        print(f"cnnserve: {e}", file=sys.stderr)
+        return 2
     # The supervisor is handed the server's entry points: the multi-process mode does not import
     # the composition root that imports it (tests/test_layering.py).
-    return supervisor.run(settings_from_args(args), server.run, server.frontend_main)
+    return supervisor.run(settings, server.run, server.frontend_main)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name (default: the server's default)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    from service.security import client as security_client
+
+    security_client.add_arguments(p.add_argument_group("TLS and access key"))
     p.set_defaults(func=cmd_classify)
 
     from service.tools import import_model

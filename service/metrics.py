@@ -102,6 +102,13 @@ class Metrics:
         )
         self.images = Counter("cnnserve_images", "Images computed.", ["model"], registry=r)
         self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r)
+        self.access_denied = Counter(
+            "cnnserve_access_denied",
+            "Requests refused for a missing, invalid or insufficient access key, by protocol, access group and "
+            "reason (missing_key, invalid_key, forbidden).",
+            ["protocol", "group", "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "cnnserve_model_info",
             "Loaded model versions, the provider they run on, the precision variant that answers and why: "

@@ -45,6 +45,7 @@ from service.inference.decoding import DecodePool
 from service.inference.serving import BatchQueue, QueueFactory, ServedModel, StatsSource
 from service.metrics import Metrics, ModelStats
 from service.readiness import Readiness
+from service.security.setup import Security, SecurityError
 from service.settings import Settings
 from service.startup import StartupError, bind_listener, check_repository, port_in_use
 from service.workers import shared_memory
@@ -129,9 +130,13 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             # Probe the gRPC port ourselves: grpc-core's own failure is a raw log line.
             if settings.grpc_port:
                 bind_listener(settings.host, settings.grpc_port, "gRPC").close()
+        try:
+            security = Security(settings)  # TLS files and access keys, read by each process
+        except SecurityError as e:
+            raise StartupError(str(e)) from None
         sock = bind_listener(settings.host, settings.http_port, "HTTP", reuse_port=role is not None)
         try:
-            grpc_server = GrpcServer(plane, metrics, settings, reuse_port=role is not None)
+            grpc_server = GrpcServer(plane, metrics, settings, reuse_port=role is not None, security=security)
         except (OSError, RuntimeError):
             sock.close()
             raise port_in_use("gRPC", settings.host, settings.grpc_port) from None
@@ -140,9 +145,12 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         return 1
     http_port = sock.getsockname()[1]
     app = create_app(plane, metrics)
-    # /readyz also asks the gRPC port for its health, over loopback (issue 17).
-    app.state.grpc_self_check = GrpcSelfCheck(loopback_target(settings.host, grpc_server.port))
-    config = uvicorn_config(app, settings)
+    # /readyz also asks the gRPC port for its health, over loopback (issue 17): in plaintext with
+    # health open only; under TLS the check would need the server's name and, with mutual TLS, a
+    # client certificate it does not have (README "Secure it": probe gRPC health there).
+    if security.tls is None and "health" not in security.access.restricted:
+        app.state.grpc_self_check = GrpcSelfCheck(loopback_target(settings.host, grpc_server.port))
+    config = uvicorn_config(security.http_app(app, metrics), settings, security.http_ssl)
     http_server = uvicorn.Server(config)
     # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
     # SIGTERM starts our drain instead.
@@ -159,6 +167,9 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     await grpc_server.start()
     await http_server.startup(sockets=[sock])
     http_loop = asyncio.create_task(http_server.main_loop())
+    tls_watcher = security.start_watching()
+    if role is None or role.index == 0:
+        log.info("%s", security.describe())
     if role is None:
         log.info("listening http=%s:%d grpc=%s:%d", settings.host, http_port, settings.host, grpc_server.port)
     else:
@@ -228,7 +239,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             "shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
             settings.shutdown_timeout_seconds,
         )
-    for task in (watcher, loader, *tasks):
+    for task in (watcher, tls_watcher, loader, *tasks):
         if task is not None and not task.done():
             task.cancel()
     await core.close()

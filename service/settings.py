@@ -219,8 +219,50 @@ class Settings(BaseSettings):
         20.0, ge=0.0, description="After the drain: most seconds to finish admitted requests before exit."
     )
 
+    # Security (service/security/; README "Secure it"). Defaults: plaintext and open, for a local start.
+    tls_cert_file: str = Field(
+        "",
+        description="PEM certificate chain for TLS on both ports (with --tls-key-file); empty: plaintext. "
+        "Checked for changes every --tls-reload-seconds; new handshakes get the new certificate.",
+    )
+    tls_key_file: str = Field("", description="PEM private key of --tls-cert-file.")
+    tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA certificates for mutual TLS: clients must present a certificate signed by one "
+        "of them, or the handshake fails (both ports). Empty: no client certificates asked.",
+    )
+    tls_reload_seconds: float = Field(
+        10.0, ge=0.0, description="How often the TLS files are checked for changes (0: never reloaded)."
+    )
+    restricted_apis: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated access groups that need a key (Authorization: Bearer KEY or X-API-Key: "
+        "KEY; the same gRPC metadata): health, metadata, inference, explain, statistics, model-repository, "
+        "metrics, or all (everything but health). Keys come from --access-keys-file and the "
+        "CNNSERVE_ACCESS_KEYS environment variable. Empty: everything open.",
+    )
+    access_keys_file: str = Field(
+        "",
+        description="File of access keys, one per line: KEY (every group) or GROUP[,GROUP...]:KEY; # starts "
+        "a comment. Keys are never logged; keep the file readable by the server only.",
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+
+    @field_validator("restricted_apis", mode="before")
+    @classmethod
+    def _split_groups(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v.strip().lower() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("restricted_apis")
+    @classmethod
+    def _known_groups(cls, value: list[str]) -> list[str]:
+        from service.security.groups import expand_groups
+
+        return expand_groups(value)
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -261,6 +303,10 @@ def allowed_values(field: str) -> str:
         return "true or false"
     if field == "providers":
         return "a comma-separated list of cuda, cpu, tensorrt (or full ONNX Runtime provider names)"
+    if field == "restricted_apis":
+        from service.security.groups import GROUPS
+
+        return "a comma-separated list of " + ", ".join((*GROUPS, "all"))
     kinds: dict[object, str] = {int: "an integer", float: "a number"}
     kind = kinds.get(annotation, "a string")
     bounds = []

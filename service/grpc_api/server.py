@@ -13,15 +13,24 @@ from service.grpc_api import classifier, http2_limits, inference_service, reset_
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
 from service.grpc_api.instrumented import GuardedRegistration
 from service.metrics import Metrics
+from service.security.setup import Security
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve.grpc")
 
 
 class GrpcServer:
-    def __init__(self, plane: DataPlane, metrics: Metrics, settings: Settings, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        metrics: Metrics,
+        settings: Settings,
+        reuse_port: bool = False,
+        security: Security | None = None,
+    ) -> None:
         limit = settings.max_request_bytes
         self.server = grpc.aio.server(
+            interceptors=security.grpc_interceptors(metrics) if security else None,  # access keys
             maximum_concurrent_rpcs=settings.max_connections,  # past it: RESOURCE_EXHAUSTED at once
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -46,7 +55,12 @@ class GrpcServer:
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        address = f"{settings.host}:{settings.grpc_port}"
+        credentials = security.grpc_credentials() if security else None
+        if credentials is not None:
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
         self.reset_budget.local_port = self.port

@@ -1,4 +1,5 @@
-"""``cnnserve classify``: send image files to a running server (gRPC Classify or HTTP /predict)."""
+"""``cnnserve classify``: send image files to a running server (gRPC Classify or HTTP /predict),
+in plaintext or TLS, with an access key when the server asks for one (service.security.client)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,22 @@ import grpc
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from service.security.client import ClientSecurity
 
 
 def classify_grpc(
-    target: str, images: list[bytes], top_k: int | None, model: str | None, timeout: float
+    target: str,
+    images: list[bytes],
+    top_k: int | None,
+    model: str | None,
+    timeout: float,
+    security: ClientSecurity = ClientSecurity(),  # frozen: a shared default is safe
 ) -> dict[str, Any]:
     request = pb.ClassifyRequest(images=[pb.Image(encoded=data) for data in images], model=model or "")
     if top_k is not None:
         request.top_k = top_k
-    with grpc.insecure_channel(target) as channel:
-        response = pb_grpc.ClassifierStub(channel).Classify(request, timeout=timeout)
+    with security.grpc_channel(target) as channel:
+        response = pb_grpc.ClassifierStub(channel).Classify(request, timeout=timeout, metadata=security.grpc_metadata())
     return {
         "model": response.model,
         "model_version": response.model_version,
@@ -36,7 +43,12 @@ def classify_grpc(
 
 
 def classify_http(
-    target: str, files: list[Path], top_k: int | None, model: str | None, timeout: float
+    target: str,
+    files: list[Path],
+    top_k: int | None,
+    model: str | None,
+    timeout: float,
+    security: ClientSecurity = ClientSecurity(),  # frozen: a shared default is safe
 ) -> dict[str, Any]:
     boundary = uuid.uuid4().hex
     body = b""
@@ -51,12 +63,11 @@ def classify_http(
         )
     body += f"--{boundary}--\r\n".encode()
     query = "&".join(f"{k}={v}" for k, v in (("top_k", top_k), ("model", model)) if v is not None)
-    url = f"http://{target}/predict" + (f"?{query}" if query else "")
-    req = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    url = f"{security.scheme}://{target}/predict" + (f"?{query}" if query else "")
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", **security.headers()}
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
+        with urllib.request.urlopen(req, timeout=timeout, context=security.ssl_context()) as response:
             answer: dict[str, Any] = json.loads(response.read())
             return answer
     except urllib.error.HTTPError as e:
@@ -71,10 +82,16 @@ def classify_http(
 def main(args: argparse.Namespace) -> int:
     target = args.target or ("localhost:8000" if args.http else "localhost:8001")
     try:
+        security = ClientSecurity.from_args(args)
+    except (ValueError, OSError) as e:
+        print(f"cnnserve classify: {e}", file=sys.stderr)
+        return 2
+    try:
         if args.http:
-            answer = classify_http(target, args.images, args.top_k, args.model, args.timeout)
+            answer = classify_http(target, args.images, args.top_k, args.model, args.timeout, security)
         else:
-            answer = classify_grpc(target, [p.read_bytes() for p in args.images], args.top_k, args.model, args.timeout)
+            images = [p.read_bytes() for p in args.images]
+            answer = classify_grpc(target, images, args.top_k, args.model, args.timeout, security)
     except OSError as e:
         print(f"cnnserve classify: {e}", file=sys.stderr)
         return 1

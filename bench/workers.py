@@ -74,8 +74,8 @@ def perf_analyzer(server: ServerProcess, concurrency: int, seconds: float) -> di
     """Three measurement windows (perf_analyzer's stability check needs three; its gate is off)."""
     window_ms = max(300, int(seconds * 1000 / 3))
     cmd = [str(PA), "-m", "cifar10", "-u", server.grpc_target, "-i", "grpc", "-b", "1",
-           # zero: perf_analyzer's random FP32 data is random bits, NaN included, which the server refuses
-           "--shape", "input:3,32,32", "--input-data", "zero",
+           # perf_analyzer's default input (random FP32 bits, NaN included), as a Triton user runs it
+           "--shape", "input:3,32,32",
            "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(window_ms),
            "--stability-percentage", "999", "--max-trials", "3"]  # fmt: skip
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -114,6 +114,13 @@ class Settings(BaseSettings):
         description="Deadline for requests that carry none (0: none). HTTP clients set their own "
         "with the X-Request-Timeout-Ms header, gRPC clients with the call's deadline.",
     )
+    refuse_non_finite: bool = Field(
+        False,
+        description="Refuse Open Inference Protocol input tensors that hold NaN or +-Inf (400 / "
+        "INVALID_ARGUMENT). Off by default, as in Triton, KServe and MLServer: benchmark tools such as "
+        "perf_analyzer send random FP32 bits, NaN included; the answers to such inputs may hold NaN, "
+        "written as null in JSON.",
+    )
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest HTTP body or gRPC message.")
     max_images_per_request: int = Field(256, ge=1, description="Most images in one request.")

@@ -359,7 +359,7 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
         array = np.frombuffer(t.raw, dtype=_LE_FP32)
         if array.ctypes.data % array.itemsize:  # unaligned inside the request body
             array = array.copy()
-        return _finite(t.name, array.astype(np.float32, copy=False).reshape(shape))
+        return _finite(core, t.name, array.astype(np.float32, copy=False).reshape(shape))
     if t.contents is not None and t.contents != "fp32_contents":
         raise InvalidInput(
             f"input {t.name!r} is {FP32} but its data is in {t.contents}; use fp32_contents or raw_input_contents"
@@ -374,13 +374,17 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
         raise InvalidInput(f"input {t.name!r}: data must hold numbers only")
     if array.size != count:
         raise InvalidInput(f"input {t.name!r}: data holds {array.size} values but {FP32} {shape} needs {count}")
-    return _finite(t.name, np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+    with np.errstate(over="ignore"):  # a number beyond FP32's range becomes ±Inf, as in Triton
+        tensor = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+    return _finite(core, t.name, tensor)
 
 
-def _finite(name: str, tensor: np.ndarray) -> np.ndarray:
-    """Refuse NaN and ±Inf (also finite JSON numbers beyond FP32's range, which become Inf): the
-    model's answer to them is NaN, which no client can use."""
-    if not np.isfinite(tensor).all():
+def _finite(core: InferenceCore, name: str, tensor: np.ndarray) -> np.ndarray:
+    """With ``--refuse-non-finite``, refuse NaN and ±Inf (also finite JSON numbers beyond FP32's
+    range, which become Inf). By default they pass, as in Triton: perf_analyzer's default input is
+    random FP32 bits, NaN included, and a benchmark must run unmodified. Each image is computed on
+    its own, so such a tensor changes only its own answer (JSON writes its NaN as null)."""
+    if core.settings.refuse_non_finite and not np.isfinite(tensor).all():
         raise InvalidInput(f"input {name!r} holds NaN or infinite values (or numbers beyond FP32's range)")
     return tensor
 

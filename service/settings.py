@@ -127,7 +127,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         4096 * 4096,
         ge=1024,
-        description="Largest decoded image (width x height) before it is refused, against decompression bombs.",
+        description="Largest decoded image (width x height) before it is refused, against decompression bombs. "
+        "Sequential JPEGs count at the reduced scale they are decoded at (their header at most 4x this).",
     )
 
     max_request_pixels: int = Field(

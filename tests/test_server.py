@@ -264,6 +264,34 @@ def test_http_bad_parameters(server, params, status):
     assert "error" in r.json()
 
 
+def _photo(width: int, height: int, **save) -> bytes:
+    """A camera-sized JPEG: a smooth scene (small noise upscaled), so the file stays a few MB."""
+    scene = Image.fromarray(np.random.default_rng(7).integers(0, 256, (30, 45, 3), np.uint8))
+    buf = io.BytesIO()
+    scene.resize((width, height), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_a_24_megapixel_camera_photo_is_classified_like_a_12_megapixel_one(server):
+    """Over max_image_pixels (16.7 M) by its header, but a sequential JPEG is decoded at 1/8 scale
+    (750x500): bounded by what that costs. A progressive one, whose decoder holds every coefficient
+    of the full image, keeps the header bound (and a PNG, which decodes fully)."""
+    url = f"{server.http}/predict"
+    answers = []
+    for size in ((6000, 4000), (4000, 3000)):
+        r = httpx.post(url, content=_photo(*size), headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200, r.text
+        answers.append({p["index"]: p["probability"] for p in r.json()["results"][0]["predictions"]})
+    assert max(answers[0], key=answers[0].get) == max(answers[1], key=answers[1].get)
+    r = httpx.post(url, content=_photo(6000, 4000, progressive=True), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 413 and "6000x4000 = 24000000 pixels" in r.json()["error"], r.text
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        reply = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(images=[pb.Image(encoded=_photo(6000, 4000))]), timeout=30
+        )
+    assert len(reply.results[0].predictions) == 5
+
+
 def test_http_limits_and_unknown_routes(server):
     url = f"{server.http}/predict"
     # Over max_request_bytes (16 MiB by default): refused from the Content-Length alone.

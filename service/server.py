@@ -90,7 +90,8 @@ def check_repository(settings: Settings) -> list[repository.ModelSpec]:
     try:
         return repository.scan(settings.model_repository)
     except FileNotFoundError as e:
-        raise StartupError(str(e)) from None
+        hint = "give the folder of models with --model-repository or CNNSERVE_MODEL_REPOSITORY"
+        raise StartupError(f"{e}; {hint}") from None
 
 
 def _describe_ready(core: InferenceCore) -> str:

@@ -8,10 +8,15 @@ List fields take a comma-separated string in the environment (``CNNSERVE_PROVIDE
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The folder that holds the ``service`` package: a checkout (or editable install), where the
+#: bundled ``models/`` and the default ``../shared`` data sit whatever the current folder is.
+INSTALL_ROOT = Path(__file__).resolve().parent.parent
 
 PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
@@ -212,6 +217,18 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+
+    @field_validator("model_repository", "samples_data")
+    @classmethod
+    def _defaults_from_the_installation(cls, value: str, info: typing.Any) -> str:
+        """A default path (relative) that is not there from the current folder is looked up from
+        the installation's root, so `cd /tmp && cnnserve serve` serves the bundled model. Other
+        paths are taken as given (relative to the current folder)."""
+        if value == cls.model_fields[info.field_name].default and not Path(value).exists():
+            there = INSTALL_ROOT / value
+            if there.exists():
+                return str(there.resolve())
+        return value
 
     @field_validator("providers", mode="before")
     @classmethod

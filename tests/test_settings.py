@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
+from bench import serverproc
 from service.cli import build_parser, settings_from_args
 from service.settings import Settings, allowed_values
-from tests.conftest import ROOT
+from tests.conftest import ROOT, distinct_images, png_bytes
 
 
 def test_environment_flags_and_defaults(monkeypatch):
@@ -134,3 +136,46 @@ def test_json_log_lines(capsys):
         assert doc["ts"].endswith("Z")
     finally:
         logging.getLogger().handlers.clear()
+
+
+def test_serve_from_another_folder_serves_the_bundled_model_and_says_samples_are_missing(tmp_path):
+    """`cd /tmp && cnnserve serve`: the default model repository is found from the installation."""
+    s = serverproc.ServerProcess(
+        "--workers",
+        "1",
+        "--executor",
+        "worker",
+        "--intra-op-threads",
+        "1",
+        "--drain-seconds",
+        "0",
+        "--samples-data",
+        "no-such-data.tar.gz",
+        model_repository=None,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        image = png_bytes(distinct_images(1)[0])
+        r = httpx.post(f"{s.http}/predict", content=image, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200 and r.json()["model"] == "cifar10", r.text
+        for _ in range(2):
+            assert httpx.get(f"{s.http}/samples").json()["samples"] == []
+    finally:
+        assert s.stop() == 0, s.log
+    said = [line for line in s.lines if "no sample images for the page" in line]
+    assert len(said) == 1 and str(tmp_path / "no-such-data.tar.gz") in said[0], s.log
+
+
+def test_a_missing_model_repository_names_the_flag(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--workers", "1", "--executor", "worker"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CNNSERVE_MODEL_REPOSITORY": "mine"},
+    )
+    assert out.returncode == 1, out.stderr
+    assert f"model repository {tmp_path / 'mine'} is not a folder" in out.stderr
+    assert "--model-repository or CNNSERVE_MODEL_REPOSITORY" in out.stderr

@@ -677,13 +677,26 @@ def test_a_missing_model_repository_is_named_by_its_absolute_path(tmp_path, work
     assert f"model repository {tmp_path / 'no-such-models'} is not a folder" in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_corrupt_model_is_one_line_naming_the_file(tmp_path, workers):
+@pytest.mark.parametrize("workers,executor", [("1", "worker"), ("2", "worker"), ("2", "device")])
+def test_a_corrupt_model_is_one_line_naming_the_file(tmp_path, workers, executor):
+    """Checked once before any process starts: not one ONNX Runtime error per front end."""
     version_dir = tmp_path / "cifar10" / "1"
     version_dir.mkdir(parents=True)
     (version_dir / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])  # cut short
-    out = _serve_fails("--workers", workers, "--executor", "device", "--model-repository", str(tmp_path),
+    out = _serve_fails("--workers", workers, "--executor", executor, "--model-repository", str(tmp_path),
                        "--http-port", "0", "--grpc-port", "0")  # fmt: skip
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, out.stderr
+    assert f"model file {version_dir / 'model.onnx'} is not an ONNX model (truncated" in errors[0], out.stderr
+    assert "listening" not in out.stderr and "Shutting down" not in out.stderr, out.stderr
+
+
+def test_a_model_onnx_runtime_cannot_load_is_one_line_naming_the_file(tmp_path):
+    """Protobuf-shaped, so past the start-up check, but no valid graph: ONNX Runtime's error."""
+    version_dir = tmp_path / "cifar10" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(b"\x08\x07" + b"\x3a\x04" + b"\xff" * 4)  # ir_version, graph: junk
+    out = _serve_fails("--workers", "1", "--model-repository", str(tmp_path), "--http-port", "0", "--grpc-port", "0")
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1, out.stderr
     assert f"cannot load {version_dir / 'model.onnx'}" in errors[0], out.stderr

@@ -9,6 +9,7 @@ imported only when called, so the serving install never loads them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import typing
 from pathlib import Path
@@ -48,6 +49,22 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     return Settings(**given)
+
+
+#: Commands that run models: ONNX Runtime is an extra (pyproject.toml says why), so its absence is
+#: one line naming both, not an ImportError traceback.
+NEEDS_ONNXRUNTIME = {"serve", "evaluate", "import-model", "quantize", "export"}
+NO_ONNXRUNTIME = (
+    "ONNX Runtime is not installed: pip install 'cnnserve[cpu]' (any machine), or 'cnnserve[gpu]' "
+    "(Linux or Windows with an NVIDIA GPU and CUDA 13); from a checkout: pip install -e '.[cpu]'"
+)
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):  # an import blocked (sys.modules entry None) or broken
+        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -244,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in NEEDS_ONNXRUNTIME and not _has_onnxruntime():
+        print(f"cnnserve {args.command}: {NO_ONNXRUNTIME}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except ValidationError as e:

@@ -7,6 +7,7 @@ List fields take a comma-separated string in the environment (``CNNSERVE_PROVIDE
 
 from __future__ import annotations
 
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -269,10 +270,22 @@ def allowed_values(field: str) -> str:
         return "true or false"
     if field == "providers":
         return "a comma-separated list of cuda, cpu, tensorrt (or full ONNX Runtime provider names)"
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # workers: 1-256 or auto
+        parts = typing.get_args(annotation)
+        return ", or ".join(_kind_in_words(arg, getattr(arg, "__metadata__", ())) for arg in parts)
+    return _kind_in_words(annotation, info.metadata)
+
+
+def _kind_in_words(annotation: object, metadata: typing.Iterable[object]) -> str:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(str(v) for v in typing.get_args(annotation))
     kinds: dict[object, str] = {int: "an integer", float: "a number"}
     kind = kinds.get(annotation, "a string")
     bounds = []
-    for m in info.metadata:
+    # A Field() inside Annotated keeps its bounds in its own metadata (annotated_types.Ge, ...).
+    for m in [c for each in metadata for c in (getattr(each, "metadata", None) or [each])]:
         for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if getattr(m, attr, None) is not None:
                 bounds.append(f"{word} {getattr(m, attr)}")
@@ -284,12 +297,17 @@ def explain_error(error: ValidationError, from_flags: typing.Collection[str] = (
     the value given and what is allowed (pydantic's own text names internal fields and links
     to its website)."""
     lines = []
-    for err in error.errors(include_url=False):
-        field = str(err["loc"][0]) if err["loc"] else ""
+    errors = error.errors(include_url=False)
+    fields = [str(err["loc"][0]) if err["loc"] else "" for err in errors]
+    for field, err in zip(fields, errors):
         msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
         if field not in Settings.model_fields:
             lines.append(f"{field or 'settings'}: {msg}")
             continue
+        if fields.count(field) > 1:  # one error per member of a union (workers: a number or auto): one line
+            if any(line.startswith((f"{flag_name(field)} ", f"{env_name(field)}=")) for line in lines):
+                continue
+            msg = "not a valid value"
         value = err.get("input")
         shown = ",".join(map(str, value)) if isinstance(value, list) else value
         if field in from_flags:

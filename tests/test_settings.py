@@ -92,6 +92,16 @@ def test_allowed_values_come_from_the_fields_types_and_bounds():
     assert allowed_values("log_format") == "one of text, json"
     assert allowed_values("require_gpu") == "true or false"
     assert allowed_values("max_queue_delay_ms") == "a number >= 0.0 and <= 10000"
+    assert allowed_values("workers") == "an integer >= 1 and <= 256, or auto"
+
+
+def test_a_bad_value_of_a_union_setting_is_one_line():
+    out = _serve("--workers", "two")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[1:] == [
+        "--workers two (environment variable CNNSERVE_WORKERS): not a valid value; "
+        "allowed: an integer >= 1 and <= 256, or auto"
+    ], out.stderr
 
 
 def test_help_lists_every_command_and_every_choice():
@@ -179,3 +189,13 @@ def test_a_missing_model_repository_names_the_flag(tmp_path):
     assert out.returncode == 1, out.stderr
     assert f"model repository {tmp_path / 'mine'} is not a folder" in out.stderr
     assert "--model-repository or CNNSERVE_MODEL_REPOSITORY" in out.stderr
+
+
+def test_without_onnx_runtime_serve_names_both_extras():
+    """ONNX Runtime is an extra (cpu or gpu): an install without it gets one line, not a traceback.
+    Its absence is made by blocking the import the standard way (a None entry in sys.modules)."""
+    code = "import sys; sys.modules['onnxruntime'] = None; from service.cli import main; sys.exit(main())"
+    out = subprocess.run([sys.executable, "-c", code, "serve"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "cnnserve serve: ONNX Runtime is not installed" in out.stderr
+    assert "cnnserve[cpu]" in out.stderr and "cnnserve[gpu]" in out.stderr and "Traceback" not in out.stderr

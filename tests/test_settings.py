@@ -199,3 +199,23 @@ def test_without_onnx_runtime_serve_names_both_extras():
     assert out.returncode == 2, out.stderr
     assert "cnnserve serve: ONNX Runtime is not installed" in out.stderr
     assert "cnnserve[cpu]" in out.stderr and "cnnserve[gpu]" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_command_is_listed_and_every_option_has_help(capsys):
+    import argparse
+
+    from service import __version__
+    from service.cli import __doc__ as cli_doc
+    from service.cli import main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    listed = next(line for line in cli_doc.splitlines() if line.startswith("Commands:"))
+    for name, command in sub.choices.items():
+        assert name in listed, f"the top-level help's command list lacks {name}"
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"cnnserve {name} {action.option_strings[0]} has no help text"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"cnnserve {__version__}"

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.ascii_numbers import parse_uint
 from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
 from service.http_api import multipart
-from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
+from service.http_api.context import TIMEOUT_HEADER, HttpContext, get_and_head, json_response
 from service.http_api.schemas import (
     PREDICT_REQUEST_BODY,
     Liveness,
@@ -196,18 +196,18 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def predict(request: Request):
         return await ctx.handle("predict", _predict(request), request)
 
-    @router.api_route(
+    @get_and_head(
+        router,
         "/healthz",
-        methods=["GET", "HEAD"],
         summary="Liveness: the process answers",
         responses={200: {"model": Liveness}},
     )
     async def healthz():
         return json_response({"status": "live"})
 
-    @router.api_route(
+    @get_and_head(
+        router,
         "/readyz",
-        methods=["GET", "HEAD"],
         summary="Readiness: every model loaded and warm, not draining",
         responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
     )

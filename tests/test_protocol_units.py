@@ -239,6 +239,15 @@ def test_nan_answers_stay_valid_json_and_leave_other_images_alone(model):
     assert doc["outputs"][1]["data"][3].split(":")[1] == str(int(alone.order[0, 0]))
 
 
+def test_top_k_is_capped_at_the_models_classes_whether_given_or_default(core):
+    assert core.check_top_k(None, num_classes=4) == 4  # the default, 5
+    assert core.check_top_k(8, num_classes=4) == 4
+    assert core.check_top_k(3, num_classes=4) == 3
+    for bad in (0, 11, True, "3"):
+        with pytest.raises(InvalidParameter, match="from 1 to 10"):
+            core.check_top_k(bad, num_classes=4)
+
+
 def test_rest_response_binary_section(model):
     result = model.runtime.run_batch([np.zeros((2, 32, 32, 3), np.uint8)])
     plan = plan_outputs(model, [("probabilities", {"binary_data": True}), ("logits", {"classification": 2})], False)

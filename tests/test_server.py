@@ -442,6 +442,19 @@ def test_cli_classify_over_grpc_and_http(server, tmp_path):
         timeout=60,
     )
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
+    # A bad file among several: the error names the file, not the server's "image 1".
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    for extra in (["--target", server.grpc_target], ["--http", "--target", f"127.0.0.1:{server.http_port}"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "service.cli", "classify", str(path), str(notes), *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1 and f"{notes}: not an image" in out.stderr, out.stderr
+        assert "image 1" not in out.stderr
 
 
 def test_readiness_is_false_until_the_model_is_loaded_and_warm(tmp_path):

@@ -113,14 +113,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     from export.layers_onnx import write_companion
 
-    write_companion(args.model, args.output)
+    try:
+        write_companion(args.model, args.output)
+    except (ValueError, OSError) as e:  # another model than the seed's: one line, not a traceback
+        print(f"cnnserve layers: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from export.evaluate import main
 
-    return main(args)
+    try:
+        return main(args)
+    except (ValueError, OSError) as e:  # a model for other data, or no data: one line, not a traceback
+        print(f"cnnserve evaluate: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:

@@ -272,6 +272,19 @@ def _photo(width: int, height: int, **save) -> bytes:
     return buf.getvalue()
 
 
+def test_multipart_answers_and_errors_name_the_files(server):
+    a, b = (png_bytes(p) for p in distinct_images(2, seed=5))
+    files = [("file", ("cat.png", a, "image/png")), ("file", ("dog.png", b, "image/png"))]
+    r = httpx.post(f"{server.http}/predict", files=files, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [res["file"] for res in r.json()["results"]] == ["cat.png", "dog.png"]
+    r = httpx.post(f"{server.http}/predict", files=[files[0], ("file", ("notes.txt", b"hello", "text/plain"))])
+    assert r.status_code == 400 and r.json()["error"].startswith("image 1 (notes.txt): "), r.text
+    # Other body kinds have no file names: no "file" key.
+    r = httpx.post(f"{server.http}/predict", content=a, headers={"Content-Type": "image/png"})
+    assert "file" not in r.json()["results"][0]
+
+
 def test_a_24_megapixel_camera_photo_is_classified_like_a_12_megapixel_one(server):
     """Over max_image_pixels (16.7 M) by its header, but a sequential JPEG is decoded at 1/8 scale
     (750x500): bounded by what that costs. A progressive one, whose decoder holds every coefficient

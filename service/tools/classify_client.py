@@ -70,7 +70,7 @@ def name_files(message: str, files: list[Path]) -> str:
         i = int(m.group(1))
         return f"{files[i]}:" if 0 <= i < len(files) else m.group(0)
 
-    return re.sub(r"\bimage (\d+):", file_name, message)
+    return re.sub(r"\bimage (\d+)(?: \([^)]*\))?:", file_name, message)  # multipart: "image 1 (name):"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -60,9 +60,14 @@ pick_engine() {
             # flavour's stage named outright.
             sed 's/\${FLAVOUR}-base/cpu-base/g' Dockerfile > "$WORK/Dockerfile"
             DOCKERFILE=$WORK/Dockerfile
-            # Podman passes its own (low) limits where Docker's daemon gives its defaults: the
-            # server opens a socket per connection and a thread per core.
-            RUN_FLAGS+=(--ulimit nofile=65536:65536 --ulimit nproc=65536:65536)
+            # Podman asks the runtime for its own default limits (nofile 1048576), which fail past
+            # this host's hard limits ("error setting rlimit type 7"): this shell's own instead,
+            # nproc at most 32768 (runc here refused 65536 even under a hard limit of 96362).
+            local nofile nproc
+            nofile=$(ulimit -Hn) nproc=$(ulimit -Hu)
+            [[ $nproc == unlimited || $nproc -gt 32768 ]] && nproc=32768
+            [[ $nofile == unlimited ]] && nofile=65536
+            RUN_FLAGS+=(--ulimit "nofile=$nofile:$nofile" --ulimit "nproc=$nproc:$nproc")
             ;;
         *) die "unknown CONTAINER_ENGINE=$want" ;;
     esac

@@ -20,10 +20,18 @@ trap 'rm -rf "$root"' EXIT
 # for the builder's venv, ca-certificates for pip.
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$SUITE" "$root" "$MIRROR"
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+# The certificate authorities this host added (a TLS-inspecting proxy's, where there is one), so that
+# pip in the build reaches the package index as the host does (PIP_CERT below: Debian 12's pip
+# trusts only its own certifi bundle otherwise).
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" update-ca-certificates >/dev/null
+fi
 # python:3.11-slim's environment, as far as the Dockerfile relies on it: python3 on PATH, and
 # `python` (the Dockerfile's build steps call it inside the venv, where it always exists).
 tar -C "$root" -c . | "$ENGINE" import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
+    --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
     --change 'CMD ["python3"]' - "$BASE_IMAGE"
 echo "imported $BASE_IMAGE"

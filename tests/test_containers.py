@@ -13,6 +13,7 @@ where podman or runc is missing or the image is not there."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -60,12 +61,15 @@ def pod(tmp_path):
     next(p for p in container["ports"] if p["name"] == "http")["hostPort"] = port
     manifest = tmp_path / "cnnserve.yaml"
     manifest.write_text(yaml.safe_dump_all(docs))
-    # play kube takes no --ulimit: podman's own low limits would starve the server of sockets and
-    # threads, so they come from a containers.conf of the test's (with runc: crun refuses the
-    # hybrid cgroup layout of these machines).
+    # play kube takes no --ulimit, and podman's default limits (nofile 1048576) fail past the host's
+    # hard limits: this process's own come from a containers.conf of the test's (with runc: crun
+    # refuses the hybrid cgroup layout of these machines).
+    nofile, nproc = (resource.getrlimit(r)[1] for r in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC))
+    nofile, nproc = min(nofile, 65536), min(nproc, 32768)  # runc here refused nproc 65536 (hard: 96362)
     conf = tmp_path / "containers.conf"
     conf.write_text(
-        '[containers]\ndefault_ulimits = ["nofile=65536:65536", "nproc=65536:65536"]\n[engine]\nruntime = "runc"\n'
+        f'[containers]\ndefault_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
+        '[engine]\nruntime = "runc"\n'
     )
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
     played = podman("play", "kube", str(manifest), env=env)

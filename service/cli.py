@@ -1,6 +1,6 @@
 """cnnserve: serve image classifiers (ONNX) over gRPC and HTTP, and the tools around them.
 
-Commands: serve, classify, loadtest, import-model, train, export, quantize, evaluate.
+Commands: serve, classify, loadtest, import-model, train, export, layers, quantize, evaluate.
 `cnnserve COMMAND --help` describes each. train/export/quantize need the `train` extra (torch,
 onnxconverter-common), import-model the `onnx` package (also in the `train` extra); each is
 imported only when called, so the serving install never loads them.
@@ -9,6 +9,7 @@ imported only when called, so the serving install never loads them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import typing
 from pathlib import Path
@@ -48,6 +49,22 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     return Settings(**given)
+
+
+#: Commands that run models: ONNX Runtime is an extra (pyproject.toml says why), so its absence is
+#: one line naming both, not an ImportError traceback.
+NEEDS_ONNXRUNTIME = {"serve", "evaluate", "import-model", "quantize", "export"}
+NO_ONNXRUNTIME = (
+    "ONNX Runtime is not installed: pip install 'cnnserve[cpu]' (any machine), or 'cnnserve[gpu]' "
+    "(Linux or Windows with an NVIDIA GPU and CUDA 13); from a checkout: pip install -e '.[cpu]'"
+)
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):  # an import blocked (sys.modules entry None) or broken
+        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -106,14 +123,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     from export.layers_onnx import write_companion
 
-    write_companion(args.model, args.output)
+    try:
+        write_companion(args.model, args.output)
+    except (ValueError, OSError) as e:  # another model than the seed's: one line, not a traceback
+        print(f"cnnserve layers: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from export.evaluate import main
 
-    return main(args)
+    try:
+        return main(args)
+    except (ValueError, OSError) as e:  # a model for other data, or no data: one line, not a traceback
+        print(f"cnnserve evaluate: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -132,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from service import __version__
+
+    parser.add_argument("--version", action="version", version=f"cnnserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -177,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"image-folder tree/.tar.gz or CIFAR-10 python archive (default {DEFAULT_DATA})",
     )
     p.add_argument("--out-dir", default="runs/cifar10", help="checkpoints, metrics.jsonl, curves.png")
-    p.add_argument("--epochs", type=int, default=65)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=65, help="passes over the training split (default 65)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per training step (default 128)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases (default 5e-4)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--val-size", type=int, default=5000, help="held-out stratified validation images")
     p.add_argument("--limit-train", type=int, default=0, help="train on N images only (smoke runs)")
@@ -190,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX with parity check (needs the train extra)")
-    p.add_argument("--checkpoint", default="runs/cifar10/best.pt")
-    p.add_argument("--output", default="models/cifar10/1/model.onnx")
+    p.add_argument("--checkpoint", default="runs/cifar10/best.pt", help="the training checkpoint (default %(default)s)")
+    p.add_argument("--output", default="models/cifar10/1/model.onnx", help="ONNX file to write (default %(default)s)")
     p.add_argument("--data", default=DEFAULT_DATA, help="images for the parity check (validation split)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     p.add_argument("--no-layers", action="store_true", help="do not write the companion layers.onnx (used by /explain)")
     p.set_defaults(func=cmd_export)
 
@@ -201,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         "layers",
         help="write layers.onnx (intermediate activations, for /explain) beside a model.onnx (needs the train extra)",
     )
-    p.add_argument("--model", default="models/cifar10/1/model.onnx")
+    p.add_argument("--model", default="models/cifar10/1/model.onnx", help="the model.onnx (default %(default)s)")
     p.add_argument("--output", default=None, help="default: layers.onnx beside the model")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("evaluate", help="accuracy of an ONNX model through onnxruntime (no torch)")
-    p.add_argument("--model", default="models/cifar10/1/model.onnx")
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--model", default="models/cifar10/1/model.onnx", help="the ONNX model (default %(default)s)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR-10 image-folder tree/.tar.gz or python archive")
     p.add_argument(
         "--split",
         default="val",
@@ -215,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="val: the held-out 5,000 (default); test: a CIFAR-10 python archive's test batch",
     )
     p.add_argument("--out-dir", default=None, help="write confusion_matrix.png and evaluation.json here")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="images per ONNX Runtime call (default 500)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -265,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in NEEDS_ONNXRUNTIME and not _has_onnxruntime():
+        print(f"cnnserve {args.command}: {NO_ONNXRUNTIME}", file=sys.stderr)
+        return 2
     try:
         code: int = args.func(args)
         return code

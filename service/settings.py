@@ -7,11 +7,17 @@ List fields take a comma-separated string in the environment (``CNNSERVE_PROVIDE
 
 from __future__ import annotations
 
+import types
 import typing
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The folder that holds the ``service`` package: a checkout (or editable install), where the
+#: bundled ``models/`` and the default ``../shared`` data sit whatever the current folder is.
+INSTALL_ROOT = Path(__file__).resolve().parent.parent
 
 PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
@@ -116,13 +122,21 @@ class Settings(BaseSettings):
         description="Deadline for requests that carry none (0: none). HTTP clients set their own "
         "with the X-Request-Timeout-Ms header, gRPC clients with the call's deadline.",
     )
+    refuse_non_finite: bool = Field(
+        False,
+        description="Refuse Open Inference Protocol input tensors that hold NaN or +-Inf (400 / "
+        "INVALID_ARGUMENT). Off by default, as in Triton, KServe and MLServer: benchmark tools such as "
+        "perf_analyzer send random FP32 bits, NaN included; the answers to such inputs may hold NaN, "
+        "written as null in JSON.",
+    )
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest HTTP body or gRPC message.")
     max_images_per_request: int = Field(256, ge=1, description="Most images in one request.")
     max_image_pixels: int = Field(
         4096 * 4096,
         ge=1024,
-        description="Largest decoded image (width x height) before it is refused, against decompression bombs.",
+        description="Largest decoded image (width x height) before it is refused, against decompression bombs. "
+        "Sequential JPEGs count at the reduced scale they are decoded at (their header at most 4x this).",
     )
 
     max_request_pixels: int = Field(
@@ -264,6 +278,18 @@ class Settings(BaseSettings):
 
         return expand_groups(value)
 
+    @field_validator("model_repository", "samples_data")
+    @classmethod
+    def _defaults_from_the_installation(cls, value: str, info: typing.Any) -> str:
+        """A default path (relative) that is not there from the current folder is looked up from
+        the installation's root, so `cd /tmp && cnnserve serve` serves the bundled model. Other
+        paths are taken as given (relative to the current folder)."""
+        if value == cls.model_fields[info.field_name].default and not Path(value).exists():
+            there = INSTALL_ROOT / value
+            if there.exists():
+                return str(there.resolve())
+        return value
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:
@@ -307,10 +333,22 @@ def allowed_values(field: str) -> str:
         from service.security.groups import GROUPS
 
         return "a comma-separated list of " + ", ".join((*GROUPS, "all"))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # workers: 1-256 or auto
+        parts = typing.get_args(annotation)
+        return ", or ".join(_kind_in_words(arg, getattr(arg, "__metadata__", ())) for arg in parts)
+    return _kind_in_words(annotation, info.metadata)
+
+
+def _kind_in_words(annotation: object, metadata: typing.Iterable[object]) -> str:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(str(v) for v in typing.get_args(annotation))
     kinds: dict[object, str] = {int: "an integer", float: "a number"}
     kind = kinds.get(annotation, "a string")
     bounds = []
-    for m in info.metadata:
+    # A Field() inside Annotated keeps its bounds in its own metadata (annotated_types.Ge, ...).
+    for m in [c for each in metadata for c in (getattr(each, "metadata", None) or [each])]:
         for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if getattr(m, attr, None) is not None:
                 bounds.append(f"{word} {getattr(m, attr)}")
@@ -322,12 +360,17 @@ def explain_error(error: ValidationError, from_flags: typing.Collection[str] = (
     the value given and what is allowed (pydantic's own text names internal fields and links
     to its website)."""
     lines = []
-    for err in error.errors(include_url=False):
-        field = str(err["loc"][0]) if err["loc"] else ""
+    errors = error.errors(include_url=False)
+    fields = [str(err["loc"][0]) if err["loc"] else "" for err in errors]
+    for field, err in zip(fields, errors):
         msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
         if field not in Settings.model_fields:
             lines.append(f"{field or 'settings'}: {msg}")
             continue
+        if fields.count(field) > 1:  # one error per member of a union (workers: a number or auto): one line
+            if any(line.startswith((f"{flag_name(field)} ", f"{env_name(field)}=")) for line in lines):
+                continue
+            msg = "not a valid value"
         value = err.get("input")
         shown = ",".join(map(str, value)) if isinstance(value, list) else value
         if field in from_flags:

@@ -44,6 +44,12 @@ def bind_listener(host: str, port: int, protocol: str, reuse_port: bool = False)
 def check_repository(settings: Settings) -> list[repository.ModelSpec]:
     """The model repository's versions, or a StartupError naming its absolute path."""
     try:
-        return repository.scan(settings.model_repository)
+        specs = repository.scan(settings.model_repository)
     except FileNotFoundError as e:
+        hint = "give the folder of models with --model-repository or CNNSERVE_MODEL_REPOSITORY"
+        raise StartupError(f"{e}; {hint}") from None
+    try:
+        repository.check_files(specs)  # here, once: not once per worker process
+    except ValueError as e:
         raise StartupError(str(e)) from None
+    return specs

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install -e '.[dev]')")
 
@@ -397,6 +398,28 @@ def test_runtime_requirements_of_this_project():
     names = {re.split(r"[\s\[<>=!~;]", ln, maxsplit=1)[0].lower() for ln in res.stdout.splitlines()}
     assert "onnxruntime" in names and "onnxruntime-gpu" not in names
     assert "torch" not in names, "torch is a training dependency, not a runtime one"
+
+
+def test_the_image_lock_is_within_the_library_ranges_and_picks_the_flavour():
+    """requirements.lock (what the image installs) pins every runtime requirement of pyproject.toml,
+    each inside its range; the Dockerfile installs from it with the flavour's ONNX Runtime."""
+    from packaging.requirements import Requirement
+
+    mod = _load_runtime_requirements()
+    lock_text = (ROOT / "requirements.lock").read_text()
+    pins = {
+        Requirement(line).name.lower().replace("_", "-"): line.split("==")[1]
+        for line in mod.lock_requirements(lock_text, "onnxruntime")
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in [*project["dependencies"], *project["optional-dependencies"]["cpu"]]:
+        req = Requirement(line)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in requirements.lock"
+        assert req.specifier.contains(pins[name]), f"requirements.lock's {name}=={pins[name]} is outside {line!r}"
+    gpu = mod.lock_requirements(lock_text, "onnxruntime-gpu")
+    assert f"onnxruntime-gpu=={pins['onnxruntime']}" in gpu and not any(x.startswith("onnxruntime==") for x in gpu)
+    assert "requirements.lock" in (ROOT / "Dockerfile").read_text()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -241,6 +241,53 @@ def test_plan_outputs(model):
             plan_outputs(model, requested, binary_default=False)
 
 
+def test_non_finite_inputs_pass_by_default_and_are_refused_on_request(model):
+    x = np.zeros(SHAPE, np.float32)
+    x[0, 1, 2, 3], x[1, 0, 0, 0] = np.nan, -np.inf
+    tensor = InputTensor("input", "FP32", SHAPE, raw=x.astype("<f4").tobytes())
+    np.testing.assert_array_equal(decode_input(model, [tensor]), x)  # as Triton: passed to the model
+    with pytest.raises(InvalidInput, match="NaN or infinite"):
+        decode_input(model, [tensor], refuse_non_finite=True)
+    # A finite JSON number beyond FP32's range becomes Inf: refused with the others.
+    big = InputTensor("input", "FP32", [1, 3, 32, 32], data=[1e39] + [0.0] * 3071)
+    with pytest.raises(InvalidInput, match="beyond FP32's range"):
+        decode_input(model, [big], refuse_non_finite=True)
+
+
+def test_nan_answers_stay_valid_json_and_leave_other_images_alone(model):
+    """The FP32 model answers NaN to a NaN input (INT8's quantizer maps it to a number): JSON
+    writes it as null, the binary section and gRPC carry the IEEE value, and the image beside it
+    in the batch gets the answer it gets alone."""
+    spec = next(s for s in scan(MODEL_REPOSITORY) if s.path == MODEL_PATH)
+    fp32 = LoadedModel(
+        ModelRuntime(spec, Settings(providers=["cpu"], intra_op_threads=1, precision="fp32")), None, ModelStats()
+    )
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    alone = fp32.runtime.run_batch([x[1:].copy()])
+    x[0, 2, 5, 5] = np.nan
+    result = fp32.runtime.run_batch([x])
+    plan = plan_outputs(fp32, [("probabilities", {}), ("logits", {"classification": 3})], False)
+    body, header_length = encode_rest_response(InferResponse("cifar10", "1", "r", build_outputs(fp32, plan, result)))
+    assert header_length is None
+    doc = orjson.loads(body)  # orjson, like browsers, refuses the bare NaN token some encoders write
+    probabilities = doc["outputs"][0]["data"]
+    assert probabilities[:10] == [None] * 10
+    np.testing.assert_allclose(probabilities[10:], alone.probabilities[0], rtol=1e-6)
+    assert doc["outputs"][1]["data"][0].startswith("nan:")
+    assert doc["outputs"][1]["data"][3].split(":")[1] == str(int(alone.order[0, 0]))
+
+
+def test_top_k_is_capped_at_the_models_classes_whether_given_or_default():
+    settings, metrics = Settings(providers=["cpu"], intra_op_threads=1), Metrics()
+    core = InferenceCore(settings, metrics, DecodePool(settings, metrics))
+    assert core.top_k(None, num_classes=4) == 4  # the default, 5
+    assert core.top_k(8, num_classes=4) == 4
+    assert core.top_k(3, num_classes=4) == 3
+    for bad in (0, 11, True, "3"):
+        with pytest.raises(InvalidParameter, match="from 1 to 10"):
+            core.top_k(bad, num_classes=4)
+
+
 def test_rest_response_binary_section(model):
     result = model.runtime.run_batch([np.zeros((2, 32, 32, 3), np.uint8)])
     plan = plan_outputs(model, [("probabilities", {"binary_data": True}), ("logits", {"classification": 2})], False)

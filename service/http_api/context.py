@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
@@ -30,6 +30,20 @@ from service.metrics import Metrics
 TIMEOUT_HEADER = "x-request-timeout-ms"
 BUFFERED_KEY = "cnnserve.buffered"  # request scope: body bytes this request holds against max_buffered_bytes
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def get_and_head(router: APIRouter, path: str, **kwargs: Any) -> Callable[[F], F]:
+    """``@router.api_route(path, methods=["GET", "HEAD"])`` as two routes: one route with two
+    methods gives both operations the same OpenAPI operationId (FastAPI warns "Duplicate Operation
+    ID" at the first /openapi.json, and generated clients collide)."""
+
+    def register(endpoint: F) -> F:
+        router.add_api_route(path, endpoint, methods=["GET"], **kwargs)
+        router.add_api_route(path, endpoint, methods=["HEAD"], name=f"{endpoint.__name__}_head", **kwargs)
+        return endpoint
+
+    return register
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

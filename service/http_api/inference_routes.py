@@ -16,7 +16,7 @@ from fastapi.responses import Response
 
 from service.errors import ModelNotFound
 from service.http_api import inference_rest as rest
-from service.http_api.context import HttpContext, json_response
+from service.http_api.context import HttpContext, get_and_head, json_response
 from service.http_api.schemas import V2_INFER_REQUEST_BODY, error_responses
 from service.protocol import metadata
 from service.protocol import open_inference as v2
@@ -38,13 +38,11 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def server_metadata() -> Response:
         return await ctx.handle("v2_server_metadata", _json(lambda _plane: metadata.server_metadata()))
 
-    @router.api_route("/health/live", methods=["GET", "HEAD"], summary="Liveness (200 while the process answers)")
+    @get_and_head(router, "/health/live", summary="Liveness (200 while the process answers)")
     async def server_live() -> Response:
         return json_response({"live": True})
 
-    @router.api_route(
-        "/health/ready", methods=["GET", "HEAD"], summary="Readiness (200 ready, 503 loading or draining)"
-    )
+    @get_and_head(router, "/health/ready", summary="Readiness (200 ready, 503 loading or draining)")
     async def server_ready() -> Response:
         reason = readiness.reason()
         if reason is None:

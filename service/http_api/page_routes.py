@@ -27,6 +27,13 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def page() -> Response:
         return Response(index_html, media_type="text/html; charset=utf-8")
 
+    favicon = (STATIC / "favicon.svg").read_bytes()
+
+    # Browsers ask for /favicon.ico on every page, /docs included: an icon, not a 404 in the log.
+    @router.get("/favicon.ico", include_in_schema=False)
+    async def favicon_ico() -> Response:
+        return Response(favicon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
     @router.get("/samples", summary="The page's sample images (one per class; empty without the data)")
     async def sample_list() -> Response:
         found = await samples.get()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.ascii_numbers import parse_uint
 from service.errors import InvalidInput, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
 from service.http_api import multipart
-from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
+from service.http_api.context import TIMEOUT_HEADER, HttpContext, get_and_head, json_response
 from service.http_api.schemas import (
     PREDICT_REQUEST_BODY,
     Liveness,
@@ -42,15 +43,25 @@ type, 422 invalid parameter, 429 queue full (with Retry-After), 503 not ready, 5
 IMAGE_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 
 
-def classification_json(result: Classification) -> dict[str, Any]:
-    return {
-        "model": result.model,
-        "model_version": result.version,
-        "results": [
-            {"predictions": [{"label": l, "index": i, "probability": p} for l, i, p in zip(ls, ix, ps)]}
-            for ls, ix, ps in zip(result.labels, result.indices, result.probabilities)
-        ],
-    }
+def classification_json(result: Classification, files: list[str] | None = None) -> dict[str, Any]:
+    results: list[dict[str, Any]] = [
+        {"predictions": [{"label": l, "index": i, "probability": p} for l, i, p in zip(ls, ix, ps)]}
+        for ls, ix, ps in zip(result.labels, result.indices, result.probabilities)
+    ]
+    for entry, name in zip(results, files or ()):  # multipart: which result is which file
+        entry["file"] = name
+    return {"model": result.model, "model_version": result.version, "results": results}
+
+
+def name_files(error: InvalidInput | PayloadTooLarge, files: list[str]) -> None:
+    """The core numbers a request's images ("image 1: not an image"); a multipart request's
+    files have names: "image 1 (dog.png): ..."."""
+    error.message = re.sub(
+        r"^image (\d+):",
+        lambda m: f"image {m.group(1)} ({files[int(m.group(1))]}):" if int(m.group(1)) < len(files) else m.group(0),
+        error.message,
+    )
+    error.args = (error.message,)
 
 
 PREDICT_PARAMETERS = [
@@ -101,6 +112,7 @@ class ImagesRequest:
     model: str | None
     version: str | None
     fields: dict[str, Any]
+    files: list[str] | None = None  # multipart: each image's filename, so the answer can name it
 
 
 def parse_json_body(body: bytes, max_images: int = 256) -> tuple[list[ImageInput], object, object, object]:
@@ -151,7 +163,8 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
     ctx.core.precheck(model, version)  # queue full or not ready: refused before the body is read
     if content_type == "multipart/form-data":
         body = await ctx.body(request)  # bounded by max_request_bytes
-        args = (body, request.headers.get("content-type", ""), ctx.plane.settings.max_images_per_request)
+        files: list[str] = []
+        args = (body, request.headers.get("content-type", ""), ctx.plane.settings.max_images_per_request, files)
         if len(body) <= INLINE_PARSE_BYTES:
             images: list[ImageInput] = list(multipart.file_parts(*args))
         else:  # parsing megabytes: off the event loop
@@ -177,7 +190,7 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
         )
     if (model is not None and not isinstance(model, str)) or (version is not None and not isinstance(version, str)):
         raise InvalidInput("model and model_version must be strings")
-    return ImagesRequest(images, top_k, model, version, doc)
+    return ImagesRequest(images, top_k, model, version, doc, files if content_type == "multipart/form-data" else None)
 
 
 def build_router(ctx: HttpContext) -> APIRouter:
@@ -187,13 +200,18 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def _predict(request: Request) -> Response:
         deadline = ctx.deadline(request)
         parsed = await read_images(ctx, request)
-        result = await ctx.unless_disconnected(
-            core.classify(
-                parsed.images, top_k=parsed.top_k, model=parsed.model, version=parsed.version, deadline=deadline
-            ),
-            request,
-        )
-        return json_response(classification_json(result))
+        try:
+            result = await ctx.unless_disconnected(
+                core.classify(
+                    parsed.images, top_k=parsed.top_k, model=parsed.model, version=parsed.version, deadline=deadline
+                ),
+                request,
+            )
+        except (InvalidInput, PayloadTooLarge) as e:
+            if parsed.files:
+                name_files(e, parsed.files)
+            raise
+        return json_response(classification_json(result, parsed.files))
 
     # Query parameters are read by hand (and documented through openapi_extra): FastAPI's
     # dependency solving was ~40 % of this route's Python time.
@@ -210,18 +228,18 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def predict(request: Request) -> Response:
         return await ctx.handle("predict", _predict(request), request)
 
-    @router.api_route(
+    @get_and_head(
+        router,
         "/healthz",
-        methods=["GET", "HEAD"],
         summary="Liveness: the process answers",
         responses={200: {"model": Liveness}},
     )
     async def healthz() -> Response:
         return json_response({"status": "live"})
 
-    @router.api_route(
+    @get_and_head(
+        router,
         "/readyz",
-        methods=["GET", "HEAD"],
         summary="Readiness: every model loaded and warm, not draining",
         responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
     )

@@ -26,6 +26,7 @@ class Prediction(BaseModel):
 
 class ImageResult(BaseModel):
     predictions: list[Prediction] = Field(description="the top_k classes, most probable first")
+    file: str | None = Field(None, description="multipart bodies: the filename of the part this result is for")
 
 
 class PredictResponse(BaseModel):

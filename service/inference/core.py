@@ -150,12 +150,13 @@ class InferenceCore:
 
     def top_k(self, top_k: int | None, num_classes: int = MAX_TOP_K) -> int:
         """The number of classes to answer: ``top_k`` checked, or the default."""
-        limit = min(MAX_TOP_K, num_classes)
-        # The default is capped at the model's classes (a 4-class model answers 4, not an error).
-        k = min(self._settings.default_top_k, limit) if top_k is None else top_k
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
-            raise InvalidParameter(f"top_k must be an integer from 1 to {limit}, got {top_k!r}")
-        return k
+        # The API's range is 1-MAX_TOP_K whatever the model; within it, the default and an explicit
+        # top_k alike are capped at the model's classes (a 4-class model answers its 4 for top_k=8,
+        # as Triton caps a classification's k), so a client need not know the model to ask.
+        k = self._settings.default_top_k if top_k is None else top_k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
+            raise InvalidParameter(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
+        return min(k, num_classes)
 
     def precheck(self, name: str | None, version: str | None) -> None:
         """Refuse at once, before a transport reads the body, a request that could not be queued

@@ -163,14 +163,14 @@ def input_count(model: LoadedModel, inputs: Sequence[InputTensor]) -> int:
     return int(shape[0])
 
 
-def decode_input(model: LoadedModel, inputs: Sequence[InputTensor]) -> np.ndarray:
+def decode_input(model: LoadedModel, inputs: Sequence[InputTensor], refuse_non_finite: bool = False) -> np.ndarray:
     """The request's only input as a float32 [n,3,32,32] tensor. Vectorised: ``np.frombuffer`` for
     raw bytes, one ``np.asarray`` for JSON / typed contents."""
     input_count(model, inputs)
-    return _tensor(inputs[0])
+    return _tensor(inputs[0], refuse_non_finite)
 
 
-def _tensor(t: InputTensor) -> np.ndarray:
+def _tensor(t: InputTensor, refuse_non_finite: bool) -> np.ndarray:
     """The values of an input whose name, datatype and shape ``input_count`` checked."""
     shape = [int(d) for d in t.shape]
     count = math.prod(shape)
@@ -184,7 +184,7 @@ def _tensor(t: InputTensor) -> np.ndarray:
         array = np.frombuffer(t.raw, dtype=_LE_FP32)
         if array.ctypes.data % array.itemsize:  # unaligned inside the request body
             array = array.copy()
-        return _finite(t.name, array.astype(np.float32, copy=False).reshape(shape))
+        return _finite(refuse_non_finite, t.name, array.astype(np.float32, copy=False).reshape(shape))
     if t.contents is not None and t.contents != "fp32_contents":
         raise InvalidInput(
             f"input {t.name!r} is {FP32} but its data is in {t.contents}; use fp32_contents or raw_input_contents"
@@ -199,13 +199,17 @@ def _tensor(t: InputTensor) -> np.ndarray:
         raise InvalidInput(f"input {t.name!r}: data must hold numbers only")
     if array.size != count:
         raise InvalidInput(f"input {t.name!r}: data holds {array.size} values but {FP32} {shape} needs {count}")
-    return _finite(t.name, np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+    with np.errstate(over="ignore"):  # a number beyond FP32's range becomes ±Inf, as in Triton
+        tensor = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+    return _finite(refuse_non_finite, t.name, tensor)
 
 
-def _finite(name: str, tensor: np.ndarray) -> np.ndarray:
-    """Refuse NaN and ±Inf (also finite JSON numbers beyond FP32's range, which become Inf): the
-    model's answer to them is NaN, which no client can use."""
-    if not np.isfinite(tensor).all():
+def _finite(refuse: bool, name: str, tensor: np.ndarray) -> np.ndarray:
+    """With ``--refuse-non-finite``, refuse NaN and ±Inf (also finite JSON numbers beyond FP32's
+    range, which become Inf). By default they pass, as in Triton: perf_analyzer's default input is
+    random FP32 bits, NaN included, and a benchmark must run unmodified. Each image is computed on
+    its own, so such a tensor changes only its own answer (JSON writes its NaN as null)."""
+    if refuse and not np.isfinite(tensor).all():
         raise InvalidInput(f"input {name!r} holds NaN or infinite values (or numbers beyond FP32's range)")
     return tensor
 
@@ -308,7 +312,7 @@ async def infer(plane: DataPlane, request: InferRequest, deadline: float | None 
 
     def build() -> np.ndarray:
         nonlocal tensor
-        tensor = _tensor(request.inputs[0])
+        tensor = _tensor(request.inputs[0], plane.settings.refuse_non_finite)
         return tensor
 
     result = await plane.core.infer(model, count, build, deadline)

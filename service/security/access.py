@@ -20,7 +20,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import orjson
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
     from service.metrics import Metrics
-    from service.settings import Settings
 
 KEYS_ENV = "CNNSERVE_ACCESS_KEYS"
 MIN_KEY_LENGTH = 16  # shorter keys are guessable; refused at start
@@ -96,7 +95,7 @@ class AccessPolicy:
             )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> AccessPolicy:
+    def from_settings(cls, settings: AccessSettings) -> AccessPolicy:
         return cls(settings.restricted_apis, load_keys(settings.access_keys_file))
 
     def groups_of(self, presented: bytes) -> frozenset[str] | None:
@@ -124,6 +123,14 @@ class AccessPolicy:
         if group not in groups:
             return Denial(True, "forbidden", f"the key sent does not give access to the {group} API")
         return None
+
+
+class AccessSettings(Protocol):
+    """The settings this module reads (service.settings.Settings imports this package's groups for
+    its validator, so the class is described here rather than imported)."""
+
+    restricted_apis: list[str]
+    access_keys_file: str
 
 
 class HttpAccess:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
-from service.security.access import AccessConfigError, AccessPolicy, GrpcAccess, HttpAccess
+from service.security.access import AccessConfigError, AccessPolicy, AccessSettings, GrpcAccess, HttpAccess
 from service.security.groups import GROUPS
 from service.security.tls import TlsConfigError, TlsFiles
 
@@ -18,15 +18,23 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
     from service.metrics import Metrics
-    from service.settings import Settings
 
 
 class SecurityError(ValueError):
     """Security settings the server cannot start with; its message is the one line shown."""
 
 
+class SecuritySettings(AccessSettings, Protocol):
+    """The settings Security reads (see AccessSettings for why not service.settings.Settings)."""
+
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    tls_reload_seconds: float
+
+
 class Security:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: SecuritySettings) -> None:
         try:
             self.tls = (
                 TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -79,6 +80,16 @@ def classify_http(
         raise RuntimeError(f"HTTP {e.code}: {detail}") from None
 
 
+def name_files(message: str, files: list[Path]) -> str:
+    """The server numbers a request's images ("image 1: not an image ..."): say which file."""
+
+    def file_name(m: re.Match[str]) -> str:
+        i = int(m.group(1))
+        return f"{files[i]}:" if 0 <= i < len(files) else m.group(0)
+
+    return re.sub(r"\bimage (\d+)(?: \([^)]*\))?:", file_name, message)  # multipart: "image 1 (name):"
+
+
 def main(args: argparse.Namespace) -> int:
     target = args.target or ("localhost:8000" if args.http else "localhost:8001")
     try:
@@ -96,10 +107,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"cnnserve classify: {e}", file=sys.stderr)
         return 1
     except grpc.RpcError as e:
-        print(f"cnnserve classify: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"cnnserve classify: {e.code().name}: {name_files(e.details() or '', args.images)}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        print(f"cnnserve classify: {e}", file=sys.stderr)
+        print(f"cnnserve classify: {name_files(str(e), args.images)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer, indent=2))

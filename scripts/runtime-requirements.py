@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Print the runtime requirements of pyproject.toml ([project].dependencies), one per line.
+"""Print runtime requirements, one per line, with the ONNX Runtime flavour chosen: from the image's
+lock file (the Dockerfile's use) or from pyproject.toml ([project].dependencies and the `cpu`
+extra, the library's ranges).
 
-Used by the Dockerfile to install the dependencies in a layer of their own (rebuilt only when
-pyproject.toml changes, not on every source edit) and to pick the ONNX Runtime flavour:
+Used by the Dockerfile to install the dependencies in a layer of their own (rebuilt only when the
+lock changes, not on every source edit) and to pick the ONNX Runtime flavour:
 
-    runtime-requirements.py pyproject.toml --ort-package onnxruntime      # CPU image
-    runtime-requirements.py pyproject.toml --ort-package onnxruntime-gpu  # GPU image (as declared)
+    runtime-requirements.py requirements.lock --ort-package onnxruntime      # CPU image
+    runtime-requirements.py requirements.lock --ort-package onnxruntime-gpu  # GPU image
 
-The ONNX Runtime requirement (onnxruntime or onnxruntime-gpu, whichever pyproject names) is
+The ONNX Runtime requirement (onnxruntime or onnxruntime-gpu, whichever the file names) is
 rewritten to the chosen package, keeping its version specifier, extras-free, and its marker.
 Only the standard library is used: it runs on the bare base images.
 """
@@ -44,9 +46,15 @@ def runtime_requirements(pyproject: dict, ort_package: str) -> list[str]:
     return out
 
 
+def lock_requirements(text: str, ort_package: str) -> list[str]:
+    """The lines of a requirements lock file (comments and blank lines dropped), ORT swapped."""
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return runtime_requirements({"project": {"dependencies": [line for line in lines if line]}}, ort_package)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pyproject", help="path to pyproject.toml")
+    parser.add_argument("source", help="requirements.lock, or pyproject.toml (its dependencies and `cpu` extra)")
     parser.add_argument(
         "--ort-package",
         default="onnxruntime-gpu",
@@ -54,9 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         help="ONNX Runtime distribution to install (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    with open(args.pyproject, "rb") as f:
-        data = tomllib.load(f)
-    for line in runtime_requirements(data, args.ort_package):
+    if args.source.endswith(".toml"):
+        with open(args.source, "rb") as f:
+            data = tomllib.load(f)
+        project = data.get("project", {})
+        cpu_extra = project.get("optional-dependencies", {}).get("cpu", [])
+        data = {"project": {**project, "dependencies": [*project.get("dependencies", []), *cpu_extra]}}
+        lines = runtime_requirements(data, args.ort_package)
+    else:
+        with open(args.source) as f:
+            lines = lock_requirements(f.read(), args.ort_package)
+    for line in lines:
         print(line)
     return 0
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
@@ -326,9 +327,15 @@ def test_explicit_mode_loads_and_unloads_through_tritonclient(tmp_path, serve):
         assert wait_until(lambda: s.log.count("model cifar10 version 1 closed") == closed_before + 1, timeout=30)
         assert http.infer("cifar10", v2_input(thttp)).get_response()["model_version"] == "1"
         assert index_of(s)[("cifar10", "1")]["state"] == "READY"
-        metrics = httpx.get(f"{s.http}/metrics").text
-        info = 'cnnserve_model_info{model="cifar10",precision="fp32",provider="CPUExecutionProvider",version="1"} 1.0'
-        assert info in metrics  # the retired session's series is not removed from under the new one
+        info = [
+            (sample.labels["provider"], sample.labels["precision"], sample.value)
+            for family in text_string_to_metric_families(httpx.get(f"{s.http}/metrics").text)
+            if family.name == "cnnserve_model_info"
+            for sample in family.samples
+            if (sample.labels["model"], sample.labels["version"]) == ("cifar10", "1")
+        ]
+        # The retired session's series is not removed from under the new one (nor left beside it).
+        assert info == [("CPUExecutionProvider", "fp32", 1.0)]
 
         # Old sessions' memory is released: reloads do not add up. Measured: flat within 10 MiB over
         # 12 reloads of this 16 MB model; without the release it grew by ~25 MiB a reload.

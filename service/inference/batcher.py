@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,8 +36,17 @@ Outputs = TypeVar("Outputs", bound=Sequence[Any])
 BatchFn = Callable[[list[np.ndarray]], Outputs]
 
 
+class Observer(Protocol):
+    """Hooks for metrics (``service.metrics.StatsObserver``), called on the event loop."""
+
+    def queue_depth(self, images: int) -> None: ...
+    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None: ...
+    def dropped(self, reason: str, images: int) -> None: ...
+
+
 class BatchObserver:
-    """Hooks for metrics; the defaults do nothing. Called on the event loop."""
+    """An :class:`Observer` whose hooks do nothing: the default, and a base for observers that
+    want only some hooks."""
 
     def queue_depth(self, images: int) -> None: ...
     def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None: ...
@@ -45,14 +54,14 @@ class BatchObserver:
 
 
 @dataclass(eq=False)
-class _Request:
+class _Request(Generic[Outputs]):
     items: np.ndarray
-    future: asyncio.Future
+    future: asyncio.Future[Outputs]
     deadline: float | None
     enqueued: float
     taken: int = 0  # images already given to a batch
     done: int = 0  # images whose results came back
-    pieces: list = field(default_factory=list)  # (start, outputs) per finished chunk
+    pieces: list[tuple[int, Outputs]] = field(default_factory=list)  # (start, outputs) per finished chunk
 
 
 class Batcher(Generic[Outputs]):
@@ -63,7 +72,7 @@ class Batcher(Generic[Outputs]):
         max_batch_size: int = 64,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
-        observer: BatchObserver | None = None,
+        observer: Observer | None = None,
         name: str = "batcher",
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
@@ -72,16 +81,16 @@ class Batcher(Generic[Outputs]):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self.observer = observer or BatchObserver()
+        self.observer: Observer = observer or BatchObserver()
         self.name = name
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[_Request[Outputs]] = deque()
         self._queued_images = 0
         self._has_items = asyncio.Event()
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-infer")
-        self._worker: asyncio.Task | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._mean_batch_s = 0.01  # running estimate, for Retry-After
 
@@ -111,7 +120,8 @@ class Batcher(Generic[Outputs]):
                 f"queue full ({self._queued_images} images waiting, limit {self.max_queue_size})",
                 retry_after_s=self.retry_after_s(),
             )
-        request = _Request(items, asyncio.get_running_loop().create_future(), deadline, time.monotonic())
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        request = _Request(items, future, deadline, time.monotonic())
         self._queue.append(request)
         self._queued_images += n
         self._idle.clear()
@@ -133,7 +143,7 @@ class Batcher(Generic[Outputs]):
             except asyncio.TimeoutError:
                 pass
 
-    def _take_batch(self) -> list[tuple[_Request, int, int]]:
+    def _take_batch(self) -> list[tuple[_Request[Outputs], int, int]]:
         """Chunks (request, start, end) for the next batch, dropping dead requests."""
         chunks, size, now = [], 0, time.monotonic()
         while self._queue and size < self.max_batch_size:
@@ -192,7 +202,7 @@ class Batcher(Generic[Outputs]):
             self._deliver(chunks, outputs)
 
     @staticmethod
-    def _deliver(chunks: list[tuple[_Request, int, int]], outputs: Sequence[Any]) -> None:
+    def _deliver(chunks: list[tuple[_Request[Any], int, int]], outputs: Sequence[Any]) -> None:
         offset = 0
         for request, start, end in chunks:
             n = end - start
@@ -240,13 +250,13 @@ class Batcher(Generic[Outputs]):
         self._executor.shutdown(wait=True)
 
 
-def _concat(pieces: list) -> Any:
+def _concat(pieces: list[Any]) -> Any:
     """Join one output's slices: arrays along axis 0, lists end to end."""
     if isinstance(pieces[0], np.ndarray):
         return np.concatenate(pieces)
     return [row for piece in pieces for row in piece]
 
 
-def _retype(template: Any, values: tuple) -> Any:
+def _retype(template: Any, values: tuple[Any, ...]) -> Any:
     """Rebuild a NamedTuple batch output from its sliced fields."""
     return type(template)._make(values) if hasattr(template, "_make") else values

@@ -15,12 +15,15 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
-from service.explain.layers import LayerModel
-from service.inference.core import InferenceCore, LoadedModel
+from service.errors import ModelNotFound
+from service.explain.layers import LayerModel, LayerModels
+from service.inference.core import InferenceCore
 from service.inference.repository import ModelSpec
 from service.inference.runtime import load_model
-from service.metrics import Metrics
+from service.inference.serving import LoadedModel, ServedModel
+from service.metrics import Metrics, model_info_labels
 from service.model_control.disk import Fingerprint, fingerprint, model_names, versions_on_disk
 from service.model_control.errors import ModelLoadFailed
 from service.model_control.fleet import FleetBarrier, change_key
@@ -43,9 +46,14 @@ log = logging.getLogger("cnnserve.model_control")
 
 class ModelController:
     def __init__(
-        self, core: InferenceCore, metrics: Metrics, settings: Settings, barrier: FleetBarrier | None = None
+        self,
+        core: InferenceCore,
+        layer_models: LayerModels,
+        metrics: Metrics,
+        settings: Settings,
+        barrier: FleetBarrier | None = None,
     ) -> None:
-        self.core, self.metrics, self.settings = core, metrics, settings
+        self.core, self.layer_models, self.metrics, self.settings = core, layer_models, metrics, settings
         #: Several front ends (fleet.py): a change is swapped in only when every one has it loaded.
         self.barrier = barrier
         #: Several front ends in explicit mode: load and unload go through a shared log (operations.py).
@@ -86,7 +94,7 @@ class ModelController:
                 except ModelLoadFailed:
                     pass  # logged and in the index; the other models still start
                 if self.barrier is not None:
-                    self.barrier.serving(name, change_key(self._seen[name]), list(self.core.models.get(name, {})))
+                    self.barrier.serving(name, change_key(self._seen[name]), list(self.core.versions(name)))
         if self.operations is not None:
             await self.operations.catch_up()  # a restarted front end: what the others did meanwhile
 
@@ -112,8 +120,6 @@ class ModelController:
     async def load(self, name: str) -> None:
         """(Re)load model ``name`` as its folder and version policy say; ModelNotFound without a
         folder, ModelLoadFailed (naming each cause) when some of it could not be served."""
-        from service.errors import ModelNotFound
-
         if not VALID_NAME.match(name) or not self._folder(name).is_dir():
             raise ModelNotFound(f"no model {name!r} in the repository {self.root}")
         if self.operations is not None:  # several front ends: every one applies it, in one order
@@ -122,7 +128,7 @@ class ModelController:
         async with self._lock:
             await self._load(name)
 
-    async def apply(self, op: dict, key: str) -> None:
+    async def apply(self, op: dict[str, Any], key: str) -> None:
         """One operation of the shared log (operations.py), as every front end applies it."""
         async with self._lock:
             if op["op"] == "load":
@@ -148,7 +154,7 @@ class ModelController:
             problems.append(f"version {', '.join(map(str, missing))} of its version policy is not in {folder}")
         if not on_disk:
             problems.append(f"{folder} holds no <version>/model.onnx")
-        current = dict(self.core.models.get(name, {}))
+        current = self.core.versions(name)
         new: dict[str, LoadedModel] = {}
         fresh: list[tuple[LoadedModel, Fingerprint]] = []
         for number in wanted:
@@ -214,7 +220,7 @@ class ModelController:
             companion = None
         loaded = self.core.local_model(runtime)
         if companion is not None:
-            self.core.layer_models[(spec.name, spec.version)] = companion
+            self.layer_models.add(spec.name, spec.version, companion)
         self.metrics.model_loads.labels(spec.name, "loaded").inc()
         log.info("loaded %s/%s from %s (%s) on %s in %.2fs", spec.name, spec.version, runtime.path,
                  runtime.precision, runtime.provider, time.monotonic() - started)  # fmt: skip
@@ -228,13 +234,23 @@ class ModelController:
         for loaded, _ in fresh:
             await loaded.batcher.close()
             rt = loaded.runtime
-            if loaded.version in current:
+            earlier = current.get(loaded.version)
+            if earlier is not None:
                 self._set(name, loaded.version, READY)  # the earlier session keeps serving
             else:
                 self._set(name, loaded.version, UNAVAILABLE, f"not swapped in: {why}")
-                self.core.layer_models.pop((name, loaded.version), None)
-                self.metrics.model_info.labels(name, loaded.version, rt.provider, rt.precision).set(0)
-                self.metrics.model_info.remove(name, loaded.version, rt.provider, rt.precision)
+                self.layer_models.remove(name, loaded.version)
+            self._forget_info(rt, earlier.runtime if earlier is not None else None)
+
+    def _forget_info(self, runtime: ServedModel, successor: ServedModel | None = None) -> None:
+        """A session no longer served leaves cnnserve_model_info, unless ``successor`` (the session
+        that serves its version now) has the same labels: its series is the successor's then.
+        Zero first: with several processes the series lives in a shared file that remove() leaves."""
+        labels = model_info_labels(runtime)
+        if successor is not None and model_info_labels(successor) == labels:
+            return
+        self.metrics.model_info.labels(*labels).set(0)
+        self.metrics.model_info.remove(*labels)
 
     def _model_failed(self, name: str, reason: str) -> None:
         self.model_reason[name] = reason
@@ -246,8 +262,6 @@ class ModelController:
         """Stop serving model ``name`` (or one version of it); requests it holds still finish.
         ModelNotFound when there is no such model (or version) to unload. Unloading a model that
         is in the repository but not loaded succeeds, as in Triton."""
-        from service.errors import ModelNotFound
-
         if not VALID_NAME.match(name):
             raise ModelNotFound(f"no model {name!r} to unload")
         if self.operations is not None:
@@ -259,9 +273,7 @@ class ModelController:
 
     def _unload_target(self, name: str, version: str | None) -> dict[str, LoadedModel]:
         """The versions left after the unload; ModelNotFound when there is nothing to unload."""
-        from service.errors import ModelNotFound
-
-        current = self.core.models.get(name, {})
+        current = self.core.versions(name)
         if version:
             if version not in current:
                 raise ModelNotFound(f"model {name!r} has no loaded version {version!r}")
@@ -283,7 +295,7 @@ class ModelController:
 
     def _retire(self, models: list[LoadedModel], why: str) -> None:
         for m in models:
-            served = m.version in self.core.models.get(m.name, {})  # reloaded in place: the new one serves
+            served = m.version in self.core.versions(m.name)  # reloaded in place: the new one serves
             if not served and self.status.get(m.name, {}).get(m.version, VersionStatus(READY)).state != UNAVAILABLE:
                 self._set(m.name, m.version, UNAVAILABLE, why)
             self.metrics.model_unloads.labels(m.name).inc()
@@ -303,11 +315,10 @@ class ModelController:
                 await asyncio.sleep(RETIRE_GRACE_S)
         await m.batcher.close()
         rt = m.runtime
-        if self.core.models.get(m.name, {}).get(m.version) is None:  # not reloaded in place meanwhile
-            self.core.layer_models.pop((m.name, m.version), None)
-            # Zero first: with several processes the series lives in a shared file that remove() leaves.
-            self.metrics.model_info.labels(m.name, m.version, rt.provider, rt.precision).set(0)
-            self.metrics.model_info.remove(m.name, m.version, rt.provider, rt.precision)
+        successor = self.core.versions(m.name).get(m.version)
+        if successor is None:  # not reloaded in place meanwhile
+            self.layer_models.remove(m.name, m.version)
+        self._forget_info(rt, successor.runtime if successor is not None else None)
         name, version = m.name, m.version
         # Drop the last references (this task's and the shutdown list's) before freeing.
         task = asyncio.current_task()
@@ -322,13 +333,13 @@ class ModelController:
         self.status.setdefault(name, {})[version] = VersionStatus(state, reason)
 
     def _publish(self, name: str) -> None:
-        versions = self.core.models.get(name, {})
+        versions = self.core.versions(name)
         self.metrics.model_version.labels(name).set(max(map(int, versions)) if versions else 0)
 
     def policy(self, name: str) -> VersionPolicy:
         return self.policies.get(name, VersionPolicy())
 
-    def index(self, ready_only: bool = False) -> list[dict]:
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: every version with its state and reason, and every model
         folder never loaded (name only, as Triton lists them)."""
         out = []
@@ -364,7 +375,7 @@ class ModelController:
         """Act on every model whose folder changed since the last poll, once it has read the same
         twice (disk.py: half-written files are never loaded)."""
         async with self._lock:
-            names = set(model_names(self.root)) | set(self.core.models) | set(self._seen)
+            names = set(model_names(self.root)) | {m.name for m in self.core.models()} | set(self._seen)
             first = {n: self._disk_state(n) for n in names}
             changed = sorted(n for n in names if first[n] != self._seen.get(n))
             if not changed:

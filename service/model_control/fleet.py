@@ -19,6 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 POLL_S = 0.05  # how often a waiting front end reads the others' files
 
@@ -32,7 +33,7 @@ class FleetBarrier:
         self.folder = Path(run_dir) / "model-control"
         self.folder.mkdir(exist_ok=True)
         self.index, self.frontends, self.timeout_s = index, frontends, timeout_s
-        self.mine: dict[str, dict[str, list]] = {"prepared": {}, "serving": {}}
+        self.mine: dict[str, dict[str, list[Any]]] = {"prepared": {}, "serving": {}}
         self._write()
 
     def _path(self, index: int) -> Path:
@@ -43,7 +44,7 @@ class FleetBarrier:
         staging.write_text(json.dumps(self.mine))
         os.replace(staging, self._path(self.index))
 
-    def _read(self, index: int) -> dict:
+    def _read(self, index: int) -> dict[str, Any]:
         try:
             doc = json.loads(self._path(index).read_text())
         except (OSError, ValueError):

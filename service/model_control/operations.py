@@ -17,7 +17,7 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.errors import ServiceError
 
@@ -36,13 +36,13 @@ class OperationLog:
         self.applied = 0  # operations of the log this front end has applied
         self.waiting: dict[str, asyncio.Future[None]] = {}  # operation id -> its request
 
-    def _append(self, op: dict) -> None:
+    def _append(self, op: dict[str, Any]) -> None:
         with self.lock_path.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time: whole lines, one order
             with self.path.open("a") as f:
                 f.write(json.dumps(op) + "\n")
 
-    def _read(self) -> list[dict]:
+    def _read(self) -> list[dict[str, Any]]:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -50,7 +50,7 @@ class OperationLog:
         lines = text.split("\n")[:-1]  # a line still being written has no newline yet
         return [json.loads(line) for line in lines]
 
-    async def submit(self, op: dict) -> None:
+    async def submit(self, op: dict[str, Any]) -> None:
         """Append ``op`` and wait until this front end has applied it; its error, if any, raised."""
         op = {**op, "id": uuid.uuid4().hex}
         done = asyncio.get_running_loop().create_future()

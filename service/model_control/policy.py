@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CONFIG_FILENAME = "config.json"
 
@@ -41,7 +42,7 @@ class VersionPolicy:
         """Specific versions the policy names that are not in the folder."""
         return [v for v in self.versions if v not in available] if self.kind == "specific" else []
 
-    def as_config(self) -> dict:
+    def as_config(self) -> dict[str, Any]:
         """Triton's ModelConfig ``version_policy`` (for the model configuration endpoint)."""
         if self.kind == "latest":
             return {"latest": {"num_versions": self.num_versions}}

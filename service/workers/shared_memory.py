@@ -22,6 +22,7 @@ import signal
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -160,7 +161,7 @@ class ControlTable:
     def all_ready(self) -> bool:
         return bool((self.state == READY).all())
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return asdict(self.shape)
 
 
@@ -189,5 +190,5 @@ class Slabs:
         self.cancelled: np.ndarray
         layout.bind(self, self._buffer)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"path": self.path, "slots": self.slots, "input_size": self.input_size, "classes": self.classes}

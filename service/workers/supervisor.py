@@ -29,9 +29,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from types import FrameType
 
 from service.settings import Settings
-from service.workers import shared_memory as ipc
+from service.workers import shared_memory
 
 log = logging.getLogger("cnnserve")
 
@@ -81,8 +82,11 @@ def plan(settings: Settings) -> tuple[int, str, list[int]]:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int, placement: str, gpus: list[int]) -> None:
+    def __init__(
+        self, settings: Settings, workers: int, placement: str, gpus: list[int], frontend_main: Callable[..., None]
+    ) -> None:
         self.settings, self.workers, self.placement, self.gpus = settings, workers, placement, gpus
+        self.frontend_main = frontend_main  # a front-end process's entry point (service.server.frontend_main)
         self.executors = max(1, len(gpus)) if placement == "device" else 0
         self.context = multiprocessing.get_context("spawn")
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}  # table row -> process
@@ -91,7 +95,7 @@ class Supervisor:
         self.started = time.monotonic()
 
     # ---- signals ------------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:
@@ -104,7 +108,6 @@ class Supervisor:
 
     # ---- processes ----------------------------------------------------------------------------
     def _spawn(self, row: int) -> None:
-        from service import server as lifecycle
         from service.workers import executor
 
         shape = self.table.describe()
@@ -114,17 +117,38 @@ class Supervisor:
             if self.gpus:
                 settings = settings.model_copy(update={"cuda_device_id": self.gpus[row]})
             specs = [(s.name, s.version, str(s.path.resolve())) for s in self.specs]
-            args: tuple = (settings.model_dump_json(), shape, row, specs)
+            args: tuple[object, ...] = (settings.model_dump_json(), shape, row, specs)
             target, name = executor.main, f"cnnserve-executor-{row}"
         else:
             index = row - self.executors
             args = (self.child_settings.model_dump_json(), shape, index, str(self.run_dir), self.executors)
-            target, name = lifecycle.frontend_main, f"cnnserve-frontend-{index}"
-        self.table.state[row] = ipc.STARTING
+            target, name = self.frontend_main, f"cnnserve-frontend-{index}"
+        self.table.state[row] = shared_memory.STARTING
         process = self.context.Process(target=target, args=args, name=name)
         process.start()
         self.processes[row] = process
         log.info("started %s (pid %d)", self._describe(row), process.pid)
+
+    def _plan_precision(self) -> None:
+        """precision auto with several workers that each run their own session: the variant is
+        checked and timed once, here, and every worker loads what this chose (and checks it again),
+        so that all answer alike. One device executor decides for itself."""
+        c = self.child_settings
+        if c.precision != "auto" or self.placement != "worker" or self.workers < 2:
+            return
+        if "CUDAExecutionProvider" in c.providers:
+            return  # auto considers no variant on CUDA (service/inference/runtime.py AUTO_PRECISION)
+        import json
+
+        from service.inference.runtime import PLAN_ENVIRONMENT, ModelRuntime
+
+        plan = {}
+        for spec in self.specs:
+            try:
+                plan[f"{spec.name}/{spec.version}"] = ModelRuntime(spec, c).choice.to_dict()
+            except Exception:  # noqa: BLE001 - each worker loads it again and reports why it cannot
+                continue
+        os.environ[PLAN_ENVIRONMENT] = json.dumps(plan)
 
     def _intra_op_threads(self) -> int:
         """ONNX Runtime threads per session when left to auto: the cores are shared out, not
@@ -174,7 +198,7 @@ class Supervisor:
         for row in rows:
             process = self.processes[row]
             if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, ipc.STOP_SIGNAL)
+                os.kill(process.pid, shared_memory.STOP_SIGNAL)
         until = time.monotonic() + timeout
         for row in rows:
             process = self.processes[row]
@@ -187,19 +211,21 @@ class Supervisor:
     # ---- the whole life ---------------------------------------------------------------------------
     def run(self) -> int:
         from service.metrics import ModelStats
-        from service.server import StartupError, bind_listener, check_repository
+        from service.startup import StartupError, bind_listener, check_repository
 
         s = self.settings
         try:
             self.specs = check_repository(s)
             # Reserve both ports for the server's whole life: front ends bind them again (SO_REUSEPORT).
-            reserved = [bind_listener(s.host, s.http_port, "HTTP", reuse_port=True),
-                        bind_listener(s.host, s.grpc_port, "gRPC", reuse_port=True)]  # fmt: skip
+            reserved = [
+                bind_listener(s.host, s.http_port, "HTTP", reuse_port=True),
+                bind_listener(s.host, s.grpc_port, "gRPC", reuse_port=True),
+            ]
         except StartupError as e:
             log.error("%s", e)
             return 1
         http_port, grpc_port = (sock.getsockname()[1] for sock in reserved)
-        self.run_dir = ipc.make_run_dir()
+        self.run_dir = shared_memory.make_run_dir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.run_dir / "metrics")
         # The supervisor runs the drain: front ends close as soon as they are told to.
         self.child_settings = s.model_copy(
@@ -220,11 +246,22 @@ class Supervisor:
             log.warning("%s: running on the CPU", reason)
             self.child_settings.providers = usable or ["CPUExecutionProvider"]
         c = self.child_settings
-        log.info("each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections and "
-                 "%d buffered request bytes", c.intra_op_threads, c.max_connections, c.max_buffered_bytes)  # fmt: skip
-        shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
-                               ModelStats.width(s.max_batch_size))  # fmt: skip
-        self.table = ipc.ControlTable(shape, create=True)
+        log.info(
+            "each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections and "
+            "%d buffered request bytes",
+            c.intra_op_threads,
+            c.max_connections,
+            c.max_buffered_bytes,
+        )
+        self._plan_precision()
+        shape = shared_memory.TableShape(
+            str(self.run_dir / "control"),
+            self.executors,
+            self.workers,
+            len(self.specs),
+            ModelStats.width(s.max_batch_size),
+        )
+        self.table = shared_memory.ControlTable(shape, create=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("starting %d front end(s) and %s", self.workers, self._placement_text())
@@ -245,12 +282,14 @@ class Supervisor:
         ever_ready: set[int] = set()
         while not self.stop_requested:
             wait([p.sentinel for p in self.processes.values()], timeout=0.05)
-            ever_ready.update(int(r) for r in (table.state == ipc.READY).nonzero()[0])
+            ever_ready.update(int(r) for r in (table.state == shared_memory.READY).nonzero()[0])
             failed = self._reap(ever_ready)
             if failed is not None:
                 self._stop(list(self.processes), s.shutdown_timeout_seconds)
                 return failed
-            if not listening and all(table.state[r] in (ipc.LISTENING, ipc.READY) for r in frontends):
+            if not listening and all(
+                table.state[r] in (shared_memory.LISTENING, shared_memory.READY) for r in frontends
+            ):
                 listening = True
                 log.info("listening http=%s:%d grpc=%s:%d", s.host, http_port, s.host, grpc_port)
             if listening and not ready and table.all_ready():
@@ -258,8 +297,9 @@ class Supervisor:
                 elapsed = time.monotonic() - self.started
                 log.info("ready in %.2fs: %d front end(s), %s", elapsed, self.workers, self._placement_text())
         table.flags[0] = 1
-        log.info("draining: readiness is false everywhere, serving for %.1fs more (Ctrl-C again stops now)",
-                 s.drain_seconds)  # fmt: skip
+        log.info(
+            "draining: readiness is false everywhere, serving for %.1fs more (Ctrl-C again stops now)", s.drain_seconds
+        )
         until = time.monotonic() + s.drain_seconds
         while time.monotonic() < until:
             wait([p.sentinel for p in self.processes.values()], timeout=min(0.05, max(0.0, until - time.monotonic())))
@@ -271,14 +311,14 @@ class Supervisor:
         return 0
 
 
-def run(settings: Settings) -> int:
-    """``cnnserve serve``: one process, or a supervisor of several (see the module's docstring)."""
+def run(settings: Settings, serve: Callable[[Settings], int], frontend_main: Callable[..., None]) -> int:
+    """``cnnserve serve``: one process (``serve``), or a supervisor of several whose front ends
+    run ``frontend_main`` (see the module's docstring)."""
     from service import logs
-    from service import server as lifecycle
 
     workers, placement, gpus = plan(settings)
     if workers == 1 and placement == "worker":
-        return lifecycle.run(settings)
+        return serve(settings)
     if settings.model_control_mode != "none" and placement != "worker":
         # Front ends that run the models swap together (service.model_control.fleet); the device
         # executor's sessions do not take new versions yet (README: Model control).
@@ -291,4 +331,4 @@ def run(settings: Settings) -> int:
         )
         return 1
     logs.configure(settings.log_level, settings.log_format)
-    return Supervisor(settings, workers, placement, gpus).run()
+    return Supervisor(settings, workers, placement, gpus, frontend_main).run()

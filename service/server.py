@@ -30,6 +30,7 @@ from typing import Any
 
 import uvicorn
 
+from service import tracing
 from service.grpc_api.server import GrpcServer
 from service.http_api.application import create_app
 from service.http_api.server_config import uvicorn_config
@@ -106,6 +107,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     metrics = Metrics()
     if role is not None:
         metrics.process_name = f"frontend-{role.index}"
+    tracing.start(settings, metrics.process_name, metrics.registry)
     core = InferenceCore(settings, metrics, role.table if role else None, role.row if role else 0)
     try:
         if role is None:

@@ -14,10 +14,12 @@ from typing import Any
 
 import grpc
 
+from service import tracing
 from service.errors import Overloaded, ServiceError, grpc_status
 from service.metrics import Metrics
 
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: how long a client's retry policy should wait
+UNTRACED = frozenset({"ModelReady"})  # readiness probes, like HTTP's, make no traces
 
 
 class Instrumented:
@@ -69,7 +71,10 @@ def rpc(method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]):
         instrumented = instruments.get(name)
         if instrumented is None:
             instrumented = instruments[name] = Instrumented(self.metrics, name)
-        return await instrumented(context, method(self, request, context))
+        work = method(self, request, context)
+        if tracing.ENABLED and name not in UNTRACED:
+            work = tracing.traced_grpc(name, context, work)
+        return await instrumented(context, work)
 
     return handler
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from service import tracing
 from service.errors import (
     BufferFull,
     DeadlineExceeded,
@@ -308,6 +309,8 @@ class InferenceCore:
                 f"queue full ({depth} images waiting, limit {batcher.max_queue_size})",
                 retry_after_s=batcher.retry_after_s(),
             )
+        if tracing.ENABLED:
+            tracing.event("admitted", images=n_images, queued=depth)
 
     def _decode_all(
         self,
@@ -352,17 +355,24 @@ class InferenceCore:
         task (caller gone) stops the decoding thread at the next image, and a job not yet started
         never starts."""
         self.check_image_count(len(images))
+        began = time.monotonic() if tracing.ENABLED else 0.0
         if self._small(images):
-            return self._decode_all(images, size, deadline)
-        gone = threading.Event()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, self._decode_all, images, size, deadline, gone
-            )
-        except asyncio.CancelledError:
-            gone.set()
-            self.metrics.rejected.labels("cancelled").inc()
-            raise
+            pixels = self._decode_all(images, size, deadline)
+        else:
+            gone = threading.Event()
+            # Traced: in the request's context, so the pool's log lines carry its trace id.
+            decode_all = tracing.in_context(self._decode_all) if tracing.ENABLED else self._decode_all
+            try:
+                pixels = await asyncio.get_running_loop().run_in_executor(
+                    self._decode_pool, decode_all, images, size, deadline, gone
+                )
+            except asyncio.CancelledError:
+                gone.set()
+                self.metrics.rejected.labels("cancelled").inc()
+                raise
+        if tracing.ENABLED:
+            tracing.stage("decode", began, images=len(images))
+        return pixels
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the decode pool (bounded; not asyncio's shared default pool): for
@@ -392,6 +402,11 @@ class InferenceCore:
         try:
             result = await model.batcher.submit(batch, deadline)
             ok = True
+            if tracing.ENABLED:
+                r = model.runtime
+                tracing.annotate(model=r.name, version=r.version, precision=r.precision, provider=r.provider,
+                                 images=len(batch))  # fmt: skip
+                tracing.event("computed")
             return result
         finally:
             model.stats.request_done(ok, time.monotonic() - started)

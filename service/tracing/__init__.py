@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 #: Set once by start(); every hook tests it first. False: no OpenTelemetry object ever exists.
 ENABLED = False
+#: The span of the request this task (or thread, via in_context) works for, while it is sampled:
+#: the hooks below test it before anything else, so an untraced request never reaches OpenTelemetry.
+CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("cnnserve_request_span", default=None)
 #: Kind byte of the side message that carries sampled requests' contexts to a device executor.
 MSG_TRACE = b"T"
 
@@ -69,23 +72,21 @@ def traced_grpc(method: str, context: grpc.aio.ServicerContext, work: Awaitable[
 
 def event(name: str, **attributes: Any) -> None:
     """A stage event on the current request's span (nothing if it is not sampled)."""
-    from service.tracing import spans
-
-    spans.event(name, attributes)
+    span = CURRENT.get()
+    if span is not None:
+        span.add_event(name, {f"cnnserve.{k}": v for k, v in attributes.items()})
 
 
 def annotate(**attributes: Any) -> None:
     """Attributes on the current request's span (nothing if it is not sampled)."""
-    from service.tracing import spans
-
-    spans.annotate(attributes)
+    span = CURRENT.get()
+    if span is not None:
+        span.set_attributes({f"cnnserve.{k}": v for k, v in attributes.items() if v is not None})
 
 
 def current() -> Any:
     """The current request's span if it is sampled, else None: what a batcher keeps per request."""
-    from service.tracing import spans
-
-    return spans.current()
+    return CURRENT.get()
 
 
 def batch_done(name: str, requests: list[tuple[Any, float, int]], started: float, elapsed: float, size: int) -> None:
@@ -99,6 +100,8 @@ def batch_done(name: str, requests: list[tuple[Any, float, int]], started: float
 def hop_record(request: int) -> bytes | None:
     """The side-table record that carries the current request's context to the executor, or
     None when the request is not sampled."""
+    if CURRENT.get() is None:
+        return None
     from service.tracing import hop
 
     return hop.record(request)
@@ -120,6 +123,8 @@ def executor_batch(name: str, version: str, live: list, started: float, elapsed:
 
 def stage(name: str, since: float, **attributes: Any) -> None:
     """A finished stage span of the current request, from ``since`` (``time.monotonic()``) to now."""
+    if CURRENT.get() is None:
+        return
     from service.tracing import spans
 
     spans.stage(name, since, attributes)

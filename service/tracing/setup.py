@@ -30,7 +30,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter
 
@@ -122,14 +122,16 @@ def _exporter() -> SpanExporter | None:
     raise ValueError(f"OTLP protocol {protocol!r}: cnnserve supports grpc or http/protobuf")
 
 
-def _sampler() -> Any:
+def _root_ratio() -> float | None:
+    """The ratio of requests without a parent to trace, decided by service.tracing.spans before
+    any span exists; None when OTEL_TRACES_SAMPLER names a sampler, which the SDK then runs."""
     if os.environ.get("OTEL_TRACES_SAMPLER"):
-        return None  # the SDK reads it (and its argument) itself
+        return None
     raw = os.environ.get("OTEL_TRACES_SAMPLER_ARG")
     ratio = DEFAULT_RATIO if raw is None else float(raw)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={raw!r}: a ratio from 0 to 1")
-    return ParentBased(TraceIdRatioBased(ratio))
+    return ratio
 
 
 def _propagator() -> Any:
@@ -156,9 +158,11 @@ def configure(settings: Settings, process: str, registry: CollectorRegistry | No
         if registry is not None
         else _NoCounter()
     )
-    sampler = _sampler()
-    provider = TracerProvider(resource=_resource(process), shutdown_on_exit=False,
-                              **({"sampler": sampler} if sampler is not None else {}))  # fmt: skip
+    ratio = _root_ratio()
+    # With our ratio the roots are decided before a span exists; what reaches the SDK is traced
+    # (parent-based: a stage or batch span follows its request's decision).
+    sampler = None if ratio is None else ParentBased(ALWAYS_ON)  # None: the SDK's, from OTEL_TRACES_SAMPLER
+    provider = TracerProvider(resource=_resource(process), shutdown_on_exit=False, sampler=sampler)
     exporter = _exporter()
     processor = None
     if exporter is not None:
@@ -167,12 +171,13 @@ def configure(settings: Settings, process: str, registry: CollectorRegistry | No
     trace.set_tracer_provider(provider)
     propagator = _propagator()
     propagate.set_global_textmap(propagator)
-    spans.install(provider.get_tracer("cnnserve"), propagator)
+    spans.install(provider.get_tracer("cnnserve"), propagator, ratio)
     _trace_ids_in_logs()
     if processor is not None:
         atexit.register(processor.close, SHUTDOWN_TIMEOUT_MS)
+    root = f"parent-based, {ratio:g} of requests without a parent" if ratio is not None else "from OTEL_TRACES_SAMPLER"
     log.info("tracing on: %s, sampler %s", type(exporter).__module__ if exporter else "no exporter",
-             provider.sampler.get_description())  # fmt: skip
+             root if ratio is not None else provider.sampler.get_description())  # fmt: skip
 
 
 class _TraceIds(logging.Filter):

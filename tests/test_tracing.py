@@ -8,6 +8,7 @@ import io
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -190,3 +191,37 @@ def test_one_process_otlp_grpc_b3_and_trace_ids_in_logs(receiver: Receiver) -> N
         assert pooled and pooled[0].rstrip().endswith(f" trace_id={trace_id}"), pooled
     finally:
         assert s.stop() == 0, s.log
+
+
+def _dropped(metrics: str, reason: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f'cnnserve_trace_spans_dropped_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_collector_that_never_answers_fails_no_request_and_drops_are_counted() -> None:
+    """The collector accepts connections and never answers (the worst kind of broken): every
+    request is still answered, and the spans that do not fit the bounded queue are counted."""
+    blackhole = socket.create_server(("127.0.0.1", 0), backlog=64)  # listens, never accepts
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{blackhole.getsockname()[1]}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "2",
+        "OTEL_TRACES_SAMPLER_ARG": "1",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "8",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0", "--tracing", env=env)
+    try:
+        image = png_bytes(distinct_images(1)[0])
+        with httpx.Client() as client:
+            for _ in range(30):
+                r = client.post(f"{s.http}/predict", content=image, headers={"Content-Type": "image/png"})
+                assert r.status_code == 200
+            metrics = client.get(f"{s.http}/metrics").text
+        assert _dropped(metrics, "queue_full") > 0, metrics
+    finally:
+        assert s.stop() == 0, s.log
+        blackhole.close()

@@ -6,6 +6,7 @@ pyproject.toml changes, not on every source edit) and to pick the ONNX Runtime f
 
     runtime-requirements.py pyproject.toml --ort-package onnxruntime      # CPU image
     runtime-requirements.py pyproject.toml --ort-package onnxruntime-gpu  # GPU image (as declared)
+    runtime-requirements.py pyproject.toml --extras "tracing"             # plus optional extras
 
 The ONNX Runtime requirement (onnxruntime or onnxruntime-gpu, whichever pyproject names) is
 rewritten to the chosen package, keeping its version specifier, extras-free, and its marker.
@@ -28,12 +29,16 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def runtime_requirements(pyproject: dict, ort_package: str) -> list[str]:
+def runtime_requirements(pyproject: dict, ort_package: str, extras: list[str] | None = None) -> list[str]:
     project = pyproject.get("project", {})
     if "dependencies" in project.get("dynamic", []):
         raise SystemExit("pyproject.toml declares dependencies as dynamic; list them in [project].dependencies")
+    optional = project.get("optional-dependencies", {})
+    unknown = [e for e in extras or [] if e not in optional]
+    if unknown:
+        raise SystemExit(f"pyproject.toml has no extra {unknown[0]!r} (it has {', '.join(sorted(optional))})")
     out = []
-    for req in project.get("dependencies", []):
+    for req in [*project.get("dependencies", []), *(r for e in extras or [] for r in optional[e])]:
         m = _REQ.match(req)
         if not m:
             raise SystemExit(f"cannot parse requirement {req!r}")
@@ -53,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(ORT_NAMES),
         help="ONNX Runtime distribution to install (default: %(default)s)",
     )
+    parser.add_argument("--extras", default="", help="optional extras whose requirements to add (space-separated)")
     args = parser.parse_args(argv)
     with open(args.pyproject, "rb") as f:
         data = tomllib.load(f)
-    for line in runtime_requirements(data, args.ort_package):
+    for line in runtime_requirements(data, args.ort_package, args.extras.split()):
         print(line)
     return 0
 

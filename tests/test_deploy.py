@@ -116,7 +116,7 @@ def render(variant: str, tmp_root: Path | None = None) -> list[dict]:
     return list(_kustomize(str(where)))
 
 
-COMPONENTS = ("monitoring", "queue-autoscaling")
+COMPONENTS = ("monitoring", "queue-autoscaling", "tracing")
 VARIANTS = ["base", "cpu", "gpu", *(f"{o}+{c}" for c in COMPONENTS for o in OVERLAYS), "kserve"]
 
 
@@ -948,3 +948,16 @@ def test_prometheus_adapter_rule_serves_the_components_metric():
     readme = (DEPLOY / "README.md").read_text()
     shown = re.search(r"```yaml\n(rules:\n.*?)```", readme, re.S)
     assert shown and yaml.safe_load(shown.group(1)) == values, "README's rule differs from the shipped file"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tracing_component_turns_tracing_on_with_a_collector(overlay, tmp_root, monkeypatch):
+    """The component merges tracing on and a collector endpoint into the overlay's ConfigMap; the
+    settings it yields validate, and the OTEL_* variables reach the container with them."""
+    docs = render(f"{overlay}+tracing", tmp_root)
+    assert effective_settings(docs, monkeypatch).tracing is True
+    data = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
+    env = next(d for name, d in data.items() if name.startswith("cnnserve-config"))["data"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert 0 < float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1
+    assert cnnserve_env(render(overlay)).get("CNNSERVE_TRACING") in (None, "false")  # off without it

@@ -48,8 +48,10 @@ def start(settings: Settings, process: str, registry: CollectorRegistry | None =
     global ENABLED
     if not settings.tracing or ENABLED:
         return
-    from service.tracing import setup
-
+    try:
+        from service.tracing import setup
+    except ImportError as e:  # one line naming the fix, not a traceback
+        raise SystemExit(f"--tracing needs the tracing extra (pip install 'cnnserve[tracing]'): {e}") from None
     setup.configure(settings, process, registry)
     ENABLED = True
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import numpy as np
 from opentelemetry import trace
 
 from service.tracing import spans
@@ -45,22 +44,22 @@ def executor_batch(name: str, version: str, live: list[Any], started: float, ela
     """``live``: the batch's (chunk, mask of live records, statuses), as the executor keeps them;
     a chunk has ``frontend.traces`` (this table), ``records`` (SUBMIT) and ``arrived``."""
     found: list[tuple[trace.SpanContext, float, int]] = []
-    requests = 0
     for chunk, mask, _ in live:
-        records = chunk.records[mask]
-        requests += int((records["index"] == 0).sum())
         table = chunk.frontend.traces
         if not table:
             continue
-        ids, counts = np.unique(records["request"], return_counts=True)
-        for request, n in zip(ids.tolist(), counts.tolist()):
-            context = table.get(request)
+        counts: dict[int, int] = {}
+        for request in chunk.records["request"][mask].tolist():  # a dict lookup per image: cheap
+            if request in table:
+                counts[request] = counts.get(request, 0) + 1
+        for request, n in counts.items():
+            context = table.get(request)  # get: the I/O thread may have evicted it since
             if context is not None:
                 found.append((context, chunk.arrived, n))
     if not found:
         return
-    spans.compute_span(
-        f"{name}-{version}", [c for c, _, _ in found], started, elapsed, size, requests, process="executor"
-    )
+    requests = sum(int((chunk.records["index"][mask] == 0).sum()) for chunk, mask, _ in live)
+    spans.compute_span(f"{name}-{version}", [c for c, _, _ in found], started, elapsed, size, requests,
+                       process="executor")  # fmt: skip
     for context, arrived, n in found:
         spans.queue_span(context, arrived, started, n, size)

@@ -381,6 +381,22 @@ def test_runtime_requirements_swaps_onnxruntime_flavour():
         mod.runtime_requirements({"project": {"dynamic": ["dependencies"]}}, "onnxruntime")
 
 
+def test_runtime_requirements_adds_the_extras_the_image_bakes_in():
+    """The Dockerfile's EXTRAS (default: tracing) come from pyproject's optional dependencies."""
+    import tomllib
+
+    mod = _load_runtime_requirements()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    plain = mod.runtime_requirements(pyproject, "onnxruntime")
+    traced = mod.runtime_requirements(pyproject, "onnxruntime", ["tracing"])
+    assert traced[: len(plain)] == plain
+    assert traced[len(plain) :] == pyproject["project"]["optional-dependencies"]["tracing"]
+    assert any(r.startswith("opentelemetry-sdk==") for r in traced)
+    with pytest.raises(SystemExit, match="no extra"):
+        mod.runtime_requirements(pyproject, "onnxruntime", ["no-such-extra"])
+    assert 'ARG EXTRAS="tracing"' in DOCKERFILE.read_text()
+
+
 def test_runtime_requirements_of_this_project():
     if not (ROOT / "pyproject.toml").is_file():
         pytest.skip("no pyproject.toml yet")

@@ -189,6 +189,25 @@ def test_one_process_otlp_grpc_b3_and_trace_ids_in_logs(receiver: Receiver) -> N
         assert {sp["transport"] for sp in spans} == {"grpc"}
         pooled = [line for line in s.lines if "decoding 1 images in the pool" in line]
         assert pooled and pooled[0].rstrip().endswith(f" trace_id={trace_id}"), pooled
+
+        # An Open Inference Protocol request (its own id on the span) and an explanation.
+        v2_trace, v2_parent = _parent()
+        body = {"id": "v2-req-7", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                              "data": [0.0] * 3072}]}  # fmt: skip
+        r = httpx.post(f"{s.http}/v2/models/cifar10/infer", json=body,
+                       headers={"traceparent": f"00-{v2_trace}-{v2_parent}-01"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        spans = receiver.wait_for(v2_trace, {"POST /v2/models/{model_name}/infer", "queue", "compute", "answer"})
+        server = _server_span(spans, v2_parent)
+        assert server["attributes"]["cnnserve.request_id"] == "v2-req-7"
+        assert {"queue", "compute", "answer"} <= {sp["name"] for sp in spans}
+        explain_trace, explain_parent = _parent()
+        headers = {"Content-Type": "image/png", "traceparent": f"00-{explain_trace}-{explain_parent}-01"}
+        r = httpx.post(f"{s.http}/explain", content=png_bytes(distinct_images(1)[0]), headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        spans = receiver.wait_for(explain_trace, {"POST /explain", "decode", "queue", "compute"})
+        assert _server_span(spans, explain_parent)["name"] == "POST /explain"
+        assert {"decode", "queue", "compute"} <= {sp["name"] for sp in spans}
     finally:
         assert s.stop() == 0, s.log
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service import __version__
+from service import __version__, tracing
 from service.errors import InvalidInput
 from service.explain.layers import DROPOUT_NOTE, LAYER_NAMES
 from service.inference.core import INLINE_DECODE_BYTES, InferenceCore, LoadedModel
@@ -473,6 +473,8 @@ async def infer(core: InferenceCore, request: InferRequest, deadline: float | No
     model = find_model(core, request.model, request.version)
     if not isinstance(request.id, str):
         raise InvalidInput("request id must be a string")
+    if tracing.ENABLED and request.id:
+        tracing.annotate(request_id=request.id)  # the v2 request's own id, as Triton reports it
     binary_default = typed_parameter(request.parameters, "binary_data_output", bool, False, "request")
     companion = core.layer_model(model)
     plan = plan_outputs(model, request.outputs, binary_default, LAYER_NAMES if companion else ())

@@ -1,8 +1,9 @@
 """The spans of one process: a server span per traced request (HTTP or gRPC), its stage spans and
 events, and the in-process batcher's queue and compute spans. Only reached when tracing is on.
 
-A request that is not sampled gets no span object beyond the sampler's decision: its work runs
-as it would without tracing, and every later hook finds no recording span and returns.
+A request that is not traced gets no span object at all (with cnnserve's default sampler; see
+``_decide``): its work runs as it would without tracing, and every later hook finds
+``tracing.CURRENT`` empty and returns.
 
 Stages of a traced request (children of its server span): ``read body`` (HTTP), ``decode``,
 ``queue`` (enqueued → its batch starts), ``compute`` (the batch: one span per batch, a child of
@@ -48,7 +49,7 @@ def install(tracer: trace.Tracer, propagator: Any, root_ratio: float | None) -> 
 def _decide(carrier: dict[str, str]) -> Context | None:
     """The parent context of a request to trace, or None when it is not traced. With cnnserve's
     default sampler an untraced request costs a scan of its headers and one random number: no
-    extraction, no span object (the SDK's would cost ~100 µs of a ~400 µs request)."""
+    extraction and no non-recording span from the SDK (together ~100 µs a request, measured)."""
     if _root_ratio is None:
         return _propagator.extract(carrier)
     if not carrier:

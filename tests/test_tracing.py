@@ -134,8 +134,9 @@ def test_http_and_grpc_across_front_ends_and_the_executor(receiver: Receiver) ->
         headers = {"Content-Type": "image/png", "traceparent": f"00-{unsampled}-{unsampled_parent}-00"}
         assert httpx.post(f"{s.http}/predict", content=image, headers=headers).status_code == 200
         assert httpx.post(f"{s.http}/predict", content=image, headers={"Content-Type": "image/png"}).status_code == 200
-        for path in ("/healthz", "/readyz", "/metrics"):
-            httpx.get(f"{s.http}{path}")
+        probes, probes_parent = _parent()  # a sampled parent: only the route keeps these untraced
+        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/ready", "/v2/models/cifar10"):
+            httpx.get(f"{s.http}{path}", headers={"traceparent": f"00-{probes}-{probes_parent}-01"})
 
         front_ends = set()
         for n, (trace_id, parent) in enumerate(http_traces):
@@ -152,7 +153,7 @@ def test_http_and_grpc_across_front_ends_and_the_executor(receiver: Receiver) ->
 
         time.sleep(0.5)  # a span of a request that should not be traced would have come by now
         seen = receiver.spans()
-        assert not [sp for sp in seen if sp["trace_id"] == unsampled]
+        assert not [sp for sp in seen if sp["trace_id"] in (unsampled, probes)]
         traced = {t for t, _ in http_traces} | {grpc_trace}
         assert not [sp for sp in seen if sp["trace_id"] not in traced]  # ratio 0, no health/metrics spans
         metrics = httpx.get(f"{s.http}/metrics").text

@@ -25,7 +25,7 @@ from PIL import Image
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, distinct_images, png_bytes
+from tests.conftest import ServerProcess, distinct_images, png_bytes, wait_until
 
 pytest.importorskip("opentelemetry.sdk", reason="tracing needs the tracing extra (pip install .[tracing])")
 pytest.importorskip("opentelemetry.proto", reason="the test receiver needs opentelemetry-proto")
@@ -245,3 +245,24 @@ def test_a_collector_that_never_answers_fails_no_request_and_drops_are_counted()
     finally:
         assert s.stop() == 0, s.log
         blackhole.close()
+
+
+def test_json_log_lines_of_a_traced_request_carry_its_ids() -> None:
+    """--log-format json: a traced request's lines have trace_id and span_id fields, others none.
+    No collector is needed for that (OTEL_TRACES_EXPORTER=none)."""
+    env = {"OTEL_TRACES_EXPORTER": "none", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0", "--tracing",
+                      "--log-level", "DEBUG", "--log-format", "json", env=env, wait_ready=False)  # fmt: skip
+    try:
+        # The harness spots readiness in text logs only: ask /readyz instead.
+        assert wait_until(lambda: httpx.get(f"{s.http}/readyz").status_code == 200, timeout=60), s.log
+        trace_id, parent = _parent()
+        headers = {"Content-Type": "image/png", "traceparent": f"00-{trace_id}-{parent}-01"}
+        assert httpx.post(f"{s.http}/predict", content=_large_png(), headers=headers).status_code == 200
+        assert wait_until(lambda: any("decoding 1 images in the pool" in line for line in s.lines)), s.log
+        docs = [json.loads(line) for line in s.lines if line.startswith("{")]
+        pooled = next(d for d in docs if d["message"].startswith("decoding 1 images in the pool"))
+        assert pooled["trace_id"] == trace_id and len(pooled["span_id"]) == 16
+        assert not [d for d in docs if "listening" in d["message"] and "trace_id" in d]
+    finally:
+        assert s.stop() == 0, s.log

@@ -209,6 +209,24 @@ def test_one_process_otlp_grpc_b3_and_trace_ids_in_logs(receiver: Receiver) -> N
         spans = receiver.wait_for(explain_trace, {"POST /explain", "decode", "queue", "compute"})
         assert _server_span(spans, explain_parent)["name"] == "POST /explain"
         assert {"decode", "queue", "compute"} <= {sp["name"] for sp in spans}
+
+        # Refused requests: the status on the span. HTTP with W3C, gRPC with B3 in its metadata.
+        bad_http, bad_http_parent = _parent()
+        headers = {"Content-Type": "image/png", "traceparent": f"00-{bad_http}-{bad_http_parent}-01"}
+        assert httpx.post(f"{s.http}/predict", content=b"not an image", headers=headers).status_code == 400
+        bad_grpc, bad_grpc_parent = _parent()
+        with grpc.insecure_channel(s.grpc_target) as channel, pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.ClassifierStub(channel).Classify(
+                pb.ClassifyRequest(images=[pb.Image(encoded=b"not an image")]),
+                metadata=(("b3", f"{bad_grpc}-{bad_grpc_parent}-1"),),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        http_span = _server_span(receiver.wait_for(bad_http, {"POST /predict"}), bad_http_parent)
+        assert http_span["attributes"]["http.response.status_code"] == 400
+        assert http_span["attributes"]["error.type"] == "invalid"
+        grpc_span = _server_span(receiver.wait_for(bad_grpc, {"Classify"}), bad_grpc_parent)
+        assert grpc_span["attributes"]["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     finally:
         assert s.stop() == 0, s.log
 

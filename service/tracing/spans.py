@@ -42,7 +42,8 @@ def install(tracer: trace.Tracer, propagator: Any, root_ratio: float | None) -> 
     a sampler set by OTEL_TRACES_SAMPLER decides every request through the SDK)."""
     global _tracer, _propagator, _fields, _fields_bytes, _root_ratio
     _tracer, _propagator, _root_ratio = tracer, propagator, root_ratio
-    _fields = frozenset(f.lower() for f in propagator.fields)
+    # B3MultiFormat reads the single `b3` header and x-b3-flags too, but does not list them.
+    _fields = frozenset(f.lower() for f in propagator.fields) | {"b3", "x-b3-flags"}
     _fields_bytes = frozenset(f.encode("latin-1") for f in _fields)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import uvicorn
 
+from service import tracing
 from service.buffers import BufferedBytes
 from service.dataplane import DataPlane
 from service.explain.explainer import Explainer
@@ -135,6 +136,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     metrics = Metrics()
     if role is not None:
         metrics.process_name = f"frontend-{role.index}"
+    tracing.start(settings, metrics.process_name, metrics.registry)
     plane = build_plane(settings, metrics, role)
     core, readiness = plane.core, plane.readiness
     try:

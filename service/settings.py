@@ -280,6 +280,11 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry traces of inference, explanation and v2 requests, configured by the "
+        'standard OTEL_* variables (README "Tracing"); needs the tracing extra. Off: no cost.',
+    )
 
     @field_validator("restricted_apis", mode="before")
     @classmethod

@@ -117,7 +117,7 @@ def render(variant: str, tmp_root: Path | None = None) -> list[dict]:
     return list(_kustomize(str(where)))
 
 
-COMPONENTS = ("monitoring", "queue-autoscaling", "tls", "network-policy", "model-control")
+COMPONENTS = ("monitoring", "queue-autoscaling", "tls", "network-policy", "tracing", "model-control")
 VARIANTS = ["base", "cpu", "gpu", *(f"{o}+{c}" for c in COMPONENTS for o in OVERLAYS), "kserve"]
 
 
@@ -380,6 +380,22 @@ def test_runtime_requirements_swaps_onnxruntime_flavour():
     assert mod.runtime_requirements(pyproject, "onnxruntime-gpu")[0] == "onnxruntime-gpu>=1.31.1,<1.32"
     with pytest.raises(SystemExit):
         mod.runtime_requirements({"project": {"dynamic": ["dependencies"]}}, "onnxruntime")
+
+
+def test_runtime_requirements_adds_the_extras_the_image_bakes_in():
+    """The Dockerfile's EXTRAS (default: tracing) come from pyproject's optional dependencies."""
+    import tomllib
+
+    mod = _load_runtime_requirements()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    plain = mod.runtime_requirements(pyproject, "onnxruntime")
+    traced = mod.runtime_requirements(pyproject, "onnxruntime", ["tracing"])
+    assert traced[: len(plain)] == plain
+    assert traced[len(plain) :] == pyproject["project"]["optional-dependencies"]["tracing"]
+    assert any(r.startswith("opentelemetry-sdk==") for r in traced)
+    with pytest.raises(SystemExit, match="no extra"):
+        mod.runtime_requirements(pyproject, "onnxruntime", ["no-such-extra"])
+    assert 'ARG EXTRAS="tracing"' in DOCKERFILE.read_text()
 
 
 def test_runtime_requirements_of_this_project():
@@ -1027,3 +1043,16 @@ def test_network_policy_lets_in_only_the_server_ports_and_no_egress(overlay, tmp
     assert allowed == container_ports == {defaults["http_port"].default, defaults["grpc_port"].default}
     for rule in policy["spec"]["ingress"]:
         assert rule["from"], "an ingress rule without 'from' would let in everyone"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tracing_component_turns_tracing_on_with_a_collector(overlay, tmp_root, monkeypatch):
+    """The component merges tracing on and a collector endpoint into the overlay's ConfigMap; the
+    settings it yields validate, and the OTEL_* variables reach the container with them."""
+    docs = render(f"{overlay}+tracing", tmp_root)
+    assert effective_settings(docs, monkeypatch).tracing is True
+    data = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
+    env = next(d for name, d in data.items() if name.startswith("cnnserve-config"))["data"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert 0 < float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1
+    assert cnnserve_env(render(overlay)).get("CNNSERVE_TRACING") in (None, "false")  # off without it

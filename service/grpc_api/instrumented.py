@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from service import tracing
 from service.errors import Overloaded, ServiceError, grpc_status
 from service.grpc_api.http2_limits import trim_heap_soon
 from service.metrics import Metrics
@@ -24,6 +25,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 #: A servicer's async RPC method (self, request, context).
 RpcMethod = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+UNTRACED = frozenset({"ModelReady"})  # readiness probes, like HTTP's, make no traces
 
 
 class Instrumented:
@@ -75,7 +77,10 @@ def rpc(method: RpcMethod[Req, Resp]) -> RpcMethod[Req, Resp]:
         instrumented = instruments.get(name)
         if instrumented is None:
             instrumented = instruments[name] = Instrumented(self.metrics, name)
-        return await instrumented(context, method(self, request, context))
+        work = method(self, request, context)
+        if tracing.ENABLED and name not in UNTRACED:
+            work = tracing.traced_grpc(name, context, work)
+        return await instrumented(context, work)
 
     return handler
 

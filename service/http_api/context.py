@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
+from service import tracing
 from service.ascii_numbers import parse_decimal, parse_uint
 from service.dataplane import DataPlane
 from service.errors import (
@@ -90,6 +91,8 @@ class HttpContext:
         """Run a route's work: map domain errors to responses and record metrics; then give back
         the body bytes ``request`` held against max_buffered_bytes."""
         started = time.perf_counter()
+        if tracing.ENABLED and request is not None:  # routes without a request (metadata, health) are not traced
+            work = tracing.traced_http(method, request, work)
         try:
             response = await work
         except ServiceError as e:
@@ -138,6 +141,7 @@ class HttpContext:
         when the bytes buffered across all requests would exceed max_buffered_bytes; a client that
         hangs up mid-upload is Cancelled. Call it from a route run by ``handle(..., request)``,
         which gives the bytes back."""
+        began = time.monotonic() if tracing.ENABLED else 0.0
         declared = request.headers.get("content-length")
         if declared is not None:
             size = parse_uint(declared, "Content-Length")
@@ -161,6 +165,8 @@ class HttpContext:
             self.metrics.rejected.labels("cancelled").inc()
             raise Cancelled("client disconnected during the upload") from None
         body = b"".join(chunks)
+        if tracing.ENABLED:
+            tracing.stage("read body", began, bytes=len(body))
         request._body = body  # Starlette's own cache: request.form()/json() read it instead of the spent stream
         return body
 

@@ -26,6 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from service import tracing
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 
 log = logging.getLogger("cnnserve.batcher")
@@ -62,6 +63,7 @@ class _Request(Generic[Outputs]):
     taken: int = 0  # images already given to a batch
     done: int = 0  # images whose results came back
     pieces: list[tuple[int, Outputs]] = field(default_factory=list)  # (start, outputs) per finished chunk
+    span: Any = None  # the caller's span when tracing is on and it is sampled (service.tracing)
 
 
 class Batcher(Generic[Outputs]):
@@ -122,6 +124,8 @@ class Batcher(Generic[Outputs]):
             )
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         request = _Request(items, future, deadline, time.monotonic())
+        if tracing.ENABLED:
+            request.span = tracing.current()
         self._queue.append(request)
         self._queued_images += n
         self._idle.clear()
@@ -199,6 +203,10 @@ class Batcher(Generic[Outputs]):
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * elapsed
             size = sum(e - s for _, s, e in chunks)
             self.observer.batch_done(size, len(chunks), [started - r.enqueued for r, s, _ in chunks if s == 0], elapsed)
+            if tracing.ENABLED:
+                tracing.batch_done(
+                    self.name, [(r.span, r.enqueued, e - s) for r, s, e in chunks], started, elapsed, size
+                )
             self._deliver(chunks, outputs)
 
     @staticmethod

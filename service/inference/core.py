@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from service import tracing
 from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotReady, Overloaded, PayloadTooLarge, shown
 from service.inference import repository
 from service.inference.batcher import Batcher
@@ -288,6 +289,8 @@ class InferenceCore:
                 f"queue full ({depth} images waiting, limit {batcher.max_queue_size})",
                 retry_after_s=batcher.retry_after_s(),
             )
+        if tracing.ENABLED:
+            tracing.event("admitted", images=n_images, queued=depth)
 
     async def _submit(self, model: LoadedModel, batch: np.ndarray, deadline: float | None) -> BatchOutput:
         started = time.monotonic()
@@ -295,6 +298,12 @@ class InferenceCore:
         try:
             result = await model.batcher.submit(batch, deadline)
             ok = True
+            if tracing.ENABLED:
+                r = model.runtime
+                tracing.annotate(
+                    model=r.name, version=r.version, precision=r.precision, provider=r.provider, images=len(batch)
+                )
+                tracing.event("computed")
             return result
         finally:
             model.stats.request_done(ok, time.monotonic() - started)

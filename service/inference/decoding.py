@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from service import tracing
 from service.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge
 from service.inference import codec
 from service.inference.serving import ImageInput, RawImage
@@ -76,17 +77,24 @@ class DecodePool:
         """uint8 [n,H,W,3] pixels of every image at ``size`` (the model's input size). Cancelling
         the awaiting task (caller gone) stops the decoding thread at the next image, and a job not
         yet started never starts."""
+        began = time.monotonic() if tracing.ENABLED else 0.0
         if small(images):
-            return self._decode_all(images, size, deadline)
-        gone = threading.Event()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._decode_all, images, size, deadline, gone
-            )
-        except asyncio.CancelledError:
-            gone.set()
-            self._metrics.rejected.labels("cancelled").inc()
-            raise
+            pixels = self._decode_all(images, size, deadline)
+        else:
+            gone = threading.Event()
+            # Traced: in the request's context, so the pool's log lines carry its trace id.
+            decode_all = tracing.in_context(self._decode_all) if tracing.ENABLED else self._decode_all
+            try:
+                pixels = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, decode_all, images, size, deadline, gone
+                )
+            except asyncio.CancelledError:
+                gone.set()
+                self._metrics.rejected.labels("cancelled").inc()
+                raise
+        if tracing.ENABLED:
+            tracing.stage("decode", began, images=len(images))
+        return pixels
 
     async def offload(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the pool: for parsing large request bodies off the event loop. A job

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from service import tracing
 from service.dataplane import DataPlane
 from service.errors import InvalidInput
 from service.explain.layers import LAYER_NAMES
@@ -303,6 +304,8 @@ async def infer(plane: DataPlane, request: InferRequest, deadline: float | None 
     model = find_model(plane, request.model, request.version)
     if not isinstance(request.id, str):
         raise InvalidInput("request id must be a string")
+    if tracing.ENABLED and request.id:
+        tracing.annotate(request_id=request.id)  # the v2 request's own id, as Triton reports it
     binary_default = typed_parameter(request.parameters, "binary_data_output", bool, False, "request")
     companion = plane.layer_models.get(model.name, model.version)
     plan = plan_outputs(model, request.outputs, binary_default, LAYER_NAMES if companion else ())

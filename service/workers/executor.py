@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
+from service import tracing
 from service.inference.postprocess import ranking, softmax
 from service.inference.repository import ModelSpec
 from service.metrics import Metrics, ModelStats, StatsObserver, model_info_labels
@@ -71,6 +72,7 @@ class _Frontend:
         self.slabs: shared_memory.Slabs | None = None
         self.alive = True
         self.send_lock = threading.Lock()
+        self.traces: dict[int, Any] = {}  # request id → its context, for sampled requests only (service.tracing.hop)
 
     def send(self, payload: bytes) -> None:
         if not self.alive:
@@ -198,6 +200,8 @@ class ModelQueue:
                 status[mask] = shared_memory.STATUS_FAILED
             return
         elapsed = time.monotonic() - started
+        if tracing.ENABLED:
+            tracing.executor_batch(self.runtime.name, self.runtime.version, live, started, elapsed, n)
         classes = logits.shape[1]
         for slabs, slots, start in placed:
             end = start + len(slots)
@@ -336,6 +340,8 @@ class Executor:
             with self._taken_lock:
                 self.table.taken[hello["frontend"], self.index] = 0
             fe.index = hello["frontend"]
+        elif kind == tracing.MSG_TRACE and tracing.ENABLED:
+            tracing.hop_receive(fe.traces, data[1:])
 
     def _enqueue(self, fe: _Frontend, model: int, records: np.ndarray, now: float) -> None:
         if model >= len(self.queues):  # a front end of another incarnation; cannot happen in one server
@@ -354,6 +360,7 @@ def main(settings_json: str, table_shape: dict[str, Any], index: int, specs: lis
     table = shared_memory.ControlTable(shared_memory.TableShape(**table_shape))
     executor = Executor(settings, table, index, [ModelSpec(n, v, Path(p)) for n, v, p in specs])
     signal.signal(shared_memory.STOP_SIGNAL, lambda *_: executor.stopping.set())
+    tracing.start(settings, f"executor-{index}", executor.metrics.registry)
     try:
         executor.load()
     except Exception as e:  # noqa: BLE001 - one line naming the cause, then exit 1

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service import tracing
 from service.errors import Cancelled, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from service.inference.model_description import ModelDescription
 from service.inference.runtime import BatchOutput
@@ -69,6 +70,7 @@ class ExecutorClient:
         self._pending: dict[int, _Pending] = {}
         self._free: list[int] = []
         self._outbox: list[bytes] = []
+        self._traces: list[bytes] = []  # contexts of this iteration's sampled requests (service.tracing.hop)
         self._flush_scheduled = False
         self._next_id = 1
         self._incarnation = 0
@@ -161,6 +163,7 @@ class ExecutorClient:
                 pending.future.set_exception(error)
         self._pending.clear()
         self._outbox.clear()
+        self._traces.clear()
         self._free = list(range(self.slots))
         self.table.submitted[self.frontend, self.executor] = 0
         if self.on_change:
@@ -194,6 +197,8 @@ class ExecutorClient:
         del free[-n:]
         request = self._next_id
         self._next_id = request + 1 if request < 0xFFFFFFFF else 1
+        if tracing.ENABLED and (context := tracing.hop_record(request)) is not None:
+            self._traces.append(context)
         flat = x.reshape(n, -1)
         size = flat.shape[1]
         if n == 1:
@@ -233,6 +238,10 @@ class ExecutorClient:
         self._outbox.clear()
         sent = 0
         try:
+            if self._traces:  # before the records they describe: the executor reads them first
+                traces, self._traces = self._traces, []  # lost if the socket is full: spans unlinked, requests fine
+                for i in range(0, len(traces), shared_memory.MAX_RECORDS_PER_MESSAGE):
+                    sock.send(tracing.MSG_TRACE + b"".join(traces[i : i + shared_memory.MAX_RECORDS_PER_MESSAGE]))
             while sent < len(payload):
                 part = payload[sent : sent + _RECORDS_PER_MESSAGE_BYTES]
                 sock.send(shared_memory.MSG_SUBMIT + part)

@@ -145,6 +145,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     else:
         role.table.pid[role.row] = os.getpid()
         role.table.state[role.row] = ipc.LISTENING
+        heart = asyncio.create_task(_heartbeat(role))
 
     clients: list[ExecutorClient] = []
     loader: asyncio.Task[Any]  # waits for the executors, or loads the models here
@@ -201,7 +202,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             "shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
             settings.shutdown_timeout_seconds,
         )
-    for task in (watcher, loader, *tasks):
+    for task in (watcher, loader, heart if role is not None else None, *tasks):
         if task is not None and not task.done():
             task.cancel()
     await core.close()
@@ -223,6 +224,19 @@ def _on_interrupt(stop: asyncio.Event) -> None:
         logging.shutdown()
         os._exit(130)
     stop.set()
+
+
+#: How often a front end's event loop beats in the shared table: a small fraction of any sensible
+#: --hang-timeout-seconds, and cheap (one float written).
+HEARTBEAT_S = 0.25
+
+
+async def _heartbeat(role: FrontendRole) -> None:
+    """The event loop's heartbeat: if it stops (a callback that never returns, SIGSTOP), the
+    supervisor replaces this process (``service.workers.policy.hung``)."""
+    while True:
+        role.table.heartbeat(role.row)
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def _follow_shared_state(core: InferenceCore, grpc_server: GrpcServer, stop: asyncio.Event) -> None:

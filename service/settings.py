@@ -202,6 +202,23 @@ class Settings(BaseSettings):
         20.0, ge=0.0, description="After the drain: most seconds to finish admitted requests before exit."
     )
 
+    hang_timeout_seconds: float = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="With several processes: a process whose event loop, I/O thread or batch has not moved "
+        "for this long is hung: the supervisor aborts it (SIGABRT, stacks in the log; SIGKILL 1 s later) and "
+        "starts another. The slowest legitimate batch is far shorter: 1024 images on one CPU thread took "
+        "0.8 s here, a first cuDNN EXHAUSTIVE plan a few seconds.",
+    )
+    boot_failure_limit: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="With several processes: a process that fails this many times in a row before it is "
+        "ready stops the whole server (exit 1, the cause logged), so an orchestrator restarts it.",
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
 

@@ -213,16 +213,18 @@ class InferenceCore:
         return self.not_ready_reason() is None
 
     def not_ready_reason(self) -> str | None:
-        """None when ready for traffic, else why not ("loading models" / "draining" / "a worker
-        is starting"): the one answer every readiness endpoint gives. In a multi-process server
-        every process must be ready, and a drain turns every front end's readiness false at once."""
+        """None when ready for traffic, else why not ("loading models" / "draining" / "no device
+        executor is ready"): the one answer every readiness endpoint gives. In a multi-process
+        server a front end is ready when it is and a device executor is (another front end
+        restarting does not count: README "Supervision"); a drain turns every front end's
+        readiness false at once."""
         table = self.table
         if self.draining or (table is not None and table.draining):
             return "draining"
         if not self.ready:
             return "loading models"
-        if table is not None and not table.all_ready():
-            return "a worker is starting"
+        if table is not None and not table.executors_ready():
+            return "no device executor is ready (starting or restarting)"
         return None
 
     async def drain(self, timeout: float) -> bool:

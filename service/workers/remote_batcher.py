@@ -7,8 +7,10 @@ future when its slots come back. :class:`RemoteBatcher` gives ``service.inferenc
 
 Cost on the event loop per request: a normalisation into the slab (numpy over the request's
 images), one 20-byte record appended to a message that carries every request of this loop
-iteration, and on completion a few row reads. If the executor dies, every request waiting on it
-fails at once with ``NotReady`` (503 / UNAVAILABLE: retry) and the client reconnects.
+iteration, and on completion a few row reads. If the executor dies (or drops this front end
+for not reading its answers), every request waiting on it fails at once with ``NotReady`` (503 /
+UNAVAILABLE: retry) and the client reconnects; a request whose deadline passes first is answered
+504 / DEADLINE_EXCEEDED by a timer, whatever the executor is doing.
 """
 
 from __future__ import annotations
@@ -38,12 +40,21 @@ _RECORDS_PER_MESSAGE_BYTES = ipc.MAX_RECORDS_PER_MESSAGE * ipc.SUBMIT.itemsize
 
 
 class _Pending:
-    __slots__ = ("future", "model", "remaining", "slabs", "slots", "status")
+    __slots__ = ("future", "model", "remaining", "slabs", "slots", "status", "timer")
 
     def __init__(self, future: asyncio.Future, slots: list[int], model: ModelDescription, slabs: ipc.Slabs) -> None:
         self.future, self.slots, self.model, self.slabs = future, slots, model, slabs
         self.remaining = len(slots)
         self.status = ipc.STATUS_OK
+        self.timer: asyncio.TimerHandle | None = None
+
+    def expire(self) -> None:
+        """The deadline passed with the images still in the executor: answer the caller now (504 /
+        DEADLINE_EXCEEDED), whatever the executor is doing, and have it drop them if it has not
+        taken them yet. The slots stay taken until the executor answers for them, or goes away."""
+        if not self.future.done():
+            self.future.set_exception(DeadlineExceeded("deadline passed while waiting for the device executor"))
+            self.slabs.cancelled[self.slots] = 1
 
     def caller_left(self, future: asyncio.Future) -> None:
         if future.cancelled():  # dropped by the executor before compute; the slots stay ours until it says so
@@ -94,8 +105,8 @@ class ExecutorClient:
                 was_connected = True
             self._drop_connection()
             if was_connected and not self._closed:
-                log.warning("device executor %d went away: its requests failed (503 / UNAVAILABLE); reconnecting",
-                            self.executor)  # fmt: skip
+                log.warning("connection to device executor %d lost: its requests failed (503 / UNAVAILABLE); "
+                            "reconnecting", self.executor)  # fmt: skip
 
     def _readable(self) -> None:
         sock = self.sock
@@ -123,7 +134,14 @@ class ExecutorClient:
         self._incarnation += 1
         old = self.slabs
         path = self.run_dir / f"fe{self.frontend}-ex{self.executor}-{os.getpid()}-{self._incarnation}.slab"
-        self.slabs = ipc.Slabs(path, self.slots, input_size, classes, create=True)
+        try:
+            self.slabs = ipc.Slabs(path, self.slots, input_size, classes, create=True)
+        except ipc.NoSharedMemory as e:
+            # Retrying in a loop cannot make room: exit, and let the supervisor back off (and halt
+            # the server if it keeps failing), saying why.
+            log.error("front end %d: %s", self.frontend, e)
+            logging.shutdown()
+            os._exit(ipc.EXIT_NO_SHARED_MEMORY)
         if old is not None:
             Path(old.path).unlink(missing_ok=True)
         self._free = list(range(self.slots))
@@ -152,6 +170,8 @@ class ExecutorClient:
         self.connected.clear()
         error = NotReady(f"device executor {self.executor} stopped; retry")
         for pending in self._pending.values():
+            if pending.timer is not None:
+                pending.timer.cancel()
             if not pending.future.done():
                 pending.future.set_exception(error)
         self._pending.clear()
@@ -211,6 +231,9 @@ class ExecutorClient:
         future = self._loop.create_future()
         pending = _Pending(future, slots, model, slabs)
         future.add_done_callback(pending.caller_left)
+        if deadline:
+            # A timer, not a check when the answer comes: a stalled executor must not hold the caller.
+            pending.timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), pending.expire)
         self._pending[request] = pending
         self.table.submitted[self.frontend, self.executor] += n
         if not self._flush_scheduled:
@@ -259,6 +282,8 @@ class ExecutorClient:
 
     def _finish(self, entry: _Pending) -> None:
         future = entry.future
+        if entry.timer is not None:
+            entry.timer.cancel()
         if not future.done():
             if entry.status == ipc.STATUS_OK:
                 future.set_result(self._result(entry))

@@ -31,9 +31,13 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 
 from service.settings import Settings
+from service.workers import housekeeping, policy
 from service.workers import shared_memory as ipc
 
 log = logging.getLogger("cnnserve")
+
+#: Seconds between SIGABRT (stacks to the log) and SIGKILL for a hung process.
+ABORT_GRACE_S = 1.0
 
 #: --executor auto on a machine without a GPU. Measured on 2 cores (docs/benchmarks.md): see README.
 CPU_AUTO_EXECUTOR = "worker"
@@ -86,6 +90,13 @@ class Supervisor:
         self.executors = max(1, len(gpus)) if placement == "device" else 0
         self.context = multiprocessing.get_context("spawn")
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}  # table row -> process
+        self.spawned_at: dict[int, float] = {}  # row -> when its current process started
+        self.reaped: set[int] = set()  # rows whose dead process was dealt with (restart pending or none)
+        self.restart_at: dict[int, float] = {}  # row -> when to start it again (backoff)
+        self.aborted_at: dict[int, float] = {}  # row -> when it was sent SIGABRT for a hang
+        self.ever_ready: set[int] = set()  # rows of which some incarnation was ready
+        self.ready_now: set[int] = set()  # rows whose current incarnation reached READY
+        self.policy = policy.RestartPolicy(settings.boot_failure_limit)
         self.stop_requested = False
         self.interrupts = 0
         self.started = time.monotonic()
@@ -121,9 +132,16 @@ class Supervisor:
             args = (self.child_settings.model_dump_json(), shape, index, str(self.run_dir), self.executors)
             target, name = lifecycle.frontend_main, f"cnnserve-frontend-{index}"
         self.table.state[row] = ipc.STARTING
+        self.table.beat[row] = 0.0
+        self.table.busy[row] = 0
         process = self.context.Process(target=target, args=args, name=name)
         process.start()
         self.processes[row] = process
+        self.spawned_at[row] = time.monotonic()
+        self.ready_now.discard(row)
+        self.reaped.discard(row)
+        self.restart_at.pop(row, None)
+        self.aborted_at.pop(row, None)
         log.info("started %s (pid %d)", self._describe(row), process.pid)
 
     def _intra_op_threads(self) -> int:
@@ -143,27 +161,91 @@ class Supervisor:
     def _describe(self, row: int) -> str:
         return f"device executor {row}" if row < self.executors else f"front end {row - self.executors}"
 
-    def _reap(self, ever_ready: set[int]) -> int | None:
-        """Restart processes that died; an exit status when one failed before it was ever ready."""
-        from prometheus_client import multiprocess
+    def _slot_names(self, row: int) -> list[str]:
+        if row >= self.executors:
+            return ["event loop"]
+        return ["I/O thread"] + [f"compute thread for {spec.name}/{spec.version}" for spec in self.specs]
 
+    def _reap(self, halt_on_failure: bool = True) -> int | None:
+        """Deal with processes that died: restart each (at once or after a backoff, as
+        ``policy.RestartPolicy`` says), or return an exit status to stop the server with."""
+        now = time.monotonic()
         for row, process in list(self.processes.items()):
-            if process.is_alive():
+            if row in self.reaped or process.is_alive():
                 continue
+            self.reaped.add(row)
             code = process.exitcode
             if process.pid is not None:
-                multiprocess.mark_process_dead(process.pid, str(self.run_dir / "metrics"))
+                try:
+                    housekeeping.archive_metrics(self.run_dir / "metrics", process.pid)
+                except Exception:  # noqa: BLE001 - its metrics are not worth the supervisor's life
+                    log.exception("could not archive the metrics of pid %d", process.pid)
                 # A dead front end's slabs: memory in /dev/shm until unlinked (an executor that
                 # still maps one keeps it alive until it lets go).
                 for slab in self.run_dir.glob(f"fe*-ex*-{process.pid}-*.slab"):
                     slab.unlink(missing_ok=True)
-            if row not in ever_ready and code not in (None, -signal.SIGKILL, -signal.SIGTERM):
-                return code or 1  # it said why (a model that cannot load, a taken port): not a crash loop
             if self.stop_requested and code == 0:
                 continue  # stopped on its own while draining: nothing to restart
-            log.warning("%s (pid %s) died with exit status %s: restarting it", self._describe(row), process.pid, code)
-            self._spawn(row)
+            how = policy.describe_exit(code, housekeeping.free_bytes(self.run_dir))
+            if code is not None and -code == signal.SIGBUS:
+                how += f" (this server needs about {housekeeping.mib(self.shm_needed)} there)"
+            was_ready = row in self.ready_now
+            decision = self.policy.died(row, self._describe(row), code, now - self.spawned_at[row], was_ready,
+                                        first_incarnation=row not in self.ever_ready)  # fmt: skip
+            if decision.halt is not None and halt_on_failure:
+                log.error("%s (pid %s) died: %s; stopping the server: %s", self._describe(row), process.pid, how,
+                          decision.halt)  # fmt: skip
+                return code if code is not None and code > 0 else 1
+            if decision.delay > 0:
+                log.warning("%s (pid %s) died: %s; restarting it in %.1fs", self._describe(row), process.pid, how,
+                            decision.delay)  # fmt: skip
+                self.restart_at[row] = now + decision.delay
+            else:
+                log.warning("%s (pid %s) died: %s; restarting it", self._describe(row), process.pid, how)
+                self._spawn(row)
+        for row, when in list(self.restart_at.items()):
+            if when <= now and not self.stop_requested:
+                self._spawn(row)
         return None
+
+    def _watch_hangs(self) -> None:
+        """Abort a process whose loops stopped beating (``policy.hung``): SIGABRT first, so its
+        stacks reach the log, then SIGKILL if it is still there after ABORT_GRACE_S (a process
+        stuck in the kernel cannot run its handler); its death then goes through ``_reap`` like
+        any other."""
+        now = time.monotonic()
+        table, timeout = self.table, self.settings.hang_timeout_seconds
+        for row, process in self.processes.items():
+            if row in self.reaped or process.pid is None:
+                continue
+            if row in self.aborted_at:
+                if now - self.aborted_at[row] >= ABORT_GRACE_S and process.is_alive():
+                    process.kill()
+                continue
+            why = policy.hung(now, int(table.state[row]), table.beat[row], table.busy[row], timeout,
+                              self._slot_names(row))  # fmt: skip
+            if why is None:
+                continue
+            # Readiness turns false at once where this process was what made it true.
+            table.state[row] = ipc.HUNG
+            log.error("%s (pid %d) is hung: %s; aborting it (SIGABRT, then SIGKILL after %gs) and starting another",
+                      self._describe(row), process.pid, why, ABORT_GRACE_S)  # fmt: skip
+            self.aborted_at[row] = now
+            try:
+                os.kill(process.pid, signal.SIGABRT)
+                # A stopped process (SIGSTOP, a debugger detached badly) runs its SIGABRT handler
+                # only once continued: then it says where it was and dies without waiting for SIGKILL.
+                os.kill(process.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def _wait(self, timeout: float) -> None:
+        """Until a live process dies, or ``timeout``."""
+        sentinels = [p.sentinel for row, p in self.processes.items() if row not in self.reaped]
+        if sentinels:
+            wait(sentinels, timeout=timeout)
+        else:
+            time.sleep(timeout)
 
     def _kill_all(self) -> None:
         for process in self.processes.values():
@@ -187,7 +269,7 @@ class Supervisor:
     # ---- the whole life ---------------------------------------------------------------------------
     def run(self) -> int:
         from service.metrics import ModelStats
-        from service.server import StartupError, bind_listener, check_repository
+        from service.server import StartupError, bind_listener, check_repository, port_in_use
 
         s = self.settings
         try:
@@ -199,6 +281,20 @@ class Supervisor:
             log.error("%s", e)
             return 1
         http_port, grpc_port = (sock.getsockname()[1] for sock in reserved)
+        locks = []
+        for protocol, port in (("HTTP", http_port), ("gRPC", grpc_port)):
+            try:
+                locks.append(housekeeping.lock_port(port))
+            except OSError:  # another cnnserve serves it (with SO_REUSEPORT our bind could not tell)
+                for sock in reserved + locks:
+                    sock.close()
+                log.error("%s", port_in_use(protocol, s.host, port))
+                return 1
+        reserved += locks
+        swept, freed = housekeeping.sweep_run_dirs()
+        if swept:
+            log.info("removed %d run folder(s) of servers that died without cleaning up (%s of /dev/shm)",
+                     swept, housekeeping.mib(freed))  # fmt: skip
         self.run_dir = ipc.make_run_dir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.run_dir / "metrics")
         # The supervisor runs the drain: front ends close as soon as they are told to.
@@ -224,7 +320,13 @@ class Supervisor:
                  "%d buffered request bytes", c.intra_op_threads, c.max_connections, c.max_buffered_bytes)  # fmt: skip
         shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
                                ModelStats.width(s.max_batch_size))  # fmt: skip
-        self.table = ipc.ControlTable(shape, create=True)
+        if not self._room_in_shared_memory():
+            return 1
+        try:
+            self.table = ipc.ControlTable(shape, create=True)
+        except ipc.NoSharedMemory as e:
+            log.error("%s", e)
+            return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("starting %d front end(s) and %s", self.workers, self._placement_text())
@@ -238,15 +340,38 @@ class Supervisor:
                 sock.close()
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    def _room_in_shared_memory(self) -> bool:
+        """Refuse to start when /dev/shm cannot hold the slabs: past its size a process dies of
+        SIGBUS on its first write, which says nothing of the cause."""
+        self.shm_needed = 0
+        if not self.executors:
+            return True
+        sizes = housekeeping.model_sizes([spec.path for spec in self.specs])
+        if sizes is None:
+            return True  # a model without fixed shapes: its slabs are sized when it loads
+        slots = self.settings.max_queue_size + 4 * self.settings.max_batch_size
+        self.shm_needed = housekeeping.shm_needed(self.workers, self.executors, slots, *sizes)
+        free = housekeeping.free_bytes(self.run_dir)
+        if free is not None and free < self.shm_needed:
+            log.error("not enough shared memory in %s: %s free, this server needs about %s (%d front end(s) x %d "
+                      "executor(s), --max-queue-size %d); give the container a larger /dev/shm or lower "
+                      "--workers / --max-queue-size", self.run_dir.parent, housekeeping.mib(free),
+                      housekeeping.mib(self.shm_needed), self.workers, self.executors,
+                      self.settings.max_queue_size)  # fmt: skip
+            return False
+        return True
+
     def _supervise(self, http_port: int, grpc_port: int) -> int:
         s, table = self.settings, self.table
         frontends = list(range(self.executors, self.executors + self.workers))
         listening = ready = False
-        ever_ready: set[int] = set()
         while not self.stop_requested:
-            wait([p.sentinel for p in self.processes.values()], timeout=0.05)
-            ever_ready.update(int(r) for r in (table.state == ipc.READY).nonzero()[0])
-            failed = self._reap(ever_ready)
+            self._wait(0.05)
+            now_ready = {int(r) for r in (table.state == ipc.READY).nonzero()[0]}
+            self.ever_ready |= now_ready
+            self.ready_now |= now_ready
+            self._watch_hangs()
+            failed = self._reap()
             if failed is not None:
                 self._stop(list(self.processes), s.shutdown_timeout_seconds)
                 return failed
@@ -262,8 +387,8 @@ class Supervisor:
                  s.drain_seconds)  # fmt: skip
         until = time.monotonic() + s.drain_seconds
         while time.monotonic() < until:
-            wait([p.sentinel for p in self.processes.values()], timeout=min(0.05, max(0.0, until - time.monotonic())))
-            self._reap(set(self.processes))
+            self._wait(min(0.05, max(0.0, until - time.monotonic())))
+            self._reap(halt_on_failure=False)
         log.info("closing listeners; finishing admitted requests (at most %.1fs)", s.shutdown_timeout_seconds)
         self._stop(frontends, s.shutdown_timeout_seconds + 5.0)
         self._stop(list(range(self.executors)), 10.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import serverproc
 from service.metrics import ModelStats
 from service.workers import shared_memory as ipc
-from tests.conftest import ServerProcess, distinct_images, png_bytes, wait_until
+from tests.conftest import MODEL_REPOSITORY, ServerProcess, distinct_images, png_bytes, wait_until
 
 IMAGE = png_bytes(distinct_images(1, seed=5)[0])
 HANG_TIMEOUT_S = 2.0
@@ -41,6 +43,13 @@ def _run_dir(s: ServerProcess) -> Path:
 def _table(s: ServerProcess) -> ipc.ControlTable:
     shape = ipc.TableShape(str(_run_dir(s) / "control"), 1, 2, 1, ModelStats.width(64))
     return ipc.ControlTable(shape)
+
+
+def _ready(s: ServerProcess) -> bool:
+    try:
+        return httpx.get(f"{s.http}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:  # every front end restarting at once: nothing listens
+        return False
 
 
 def _light_load(s: ServerProcess, stop: threading.Event, out: list) -> list[threading.Thread]:
@@ -98,7 +107,7 @@ def test_sigstop_hung_process_is_replaced_and_nothing_waits_or_leaks(victim):
         assert wait_until(lambda: s.children[(victim, 0)] != pid, timeout=HANG_TIMEOUT_S + 10), s.log
         replaced = time.monotonic() - stopped
         assert re.search(rf"{victim} 0 \(pid {pid}\) is hung: its (event loop|I/O thread|compute thread)", s.log)
-        assert wait_until(lambda: httpx.get(f"{s.http}/readyz").status_code == 200, timeout=20), s.log
+        assert wait_until(lambda: _ready(s), timeout=20), s.log
         resumed = time.monotonic()
         assert wait_until(lambda: any(t0 > resumed and o == "200" for t0, _, o in calls), timeout=20), s.log
     finally:
@@ -164,7 +173,7 @@ def test_metrics_files_stay_flat_and_totals_survive_restarts():
             pid = s.children[("front end", 1)]
             os.kill(pid, signal.SIGKILL)
             assert wait_until(lambda dead=pid: s.children[("front end", 1)] != dead, timeout=20), s.log
-            assert wait_until(lambda: httpx.get(f"{s.http}/readyz").status_code == 200, timeout=20)
+            assert wait_until(lambda: _ready(s), timeout=20)
             assert not list(metrics_dir.glob(f"*_{pid}.db"))
         assert wait_until(lambda: len(list(metrics_dir.iterdir())) <= before + 3, timeout=20)
         # The three archive files are the only addition, however many processes died.
@@ -178,3 +187,67 @@ def _requests_total(s: ServerProcess) -> float:
     text = httpx.get(f"{s.http}/metrics").text
     pattern = r'^cnnserve_requests_total\{[^}]*code="200"[^}]*\} ([0-9.e+]+)'
     return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def test_a_process_failing_at_boot_again_and_again_stops_the_server(tmp_path):
+    """A row once ready whose successors cannot boot (here: the model file broke meanwhile, as a
+    vanished GPU would) stops the server with exit 1 and the cause, so an orchestrator restarts it."""
+    shutil.copytree(MODEL_REPOSITORY, tmp_path / "models")
+    s = ServerProcess(*FAST, "--boot-failure-limit", "2", "--model-repository", str(tmp_path / "models"))
+    try:
+        (tmp_path / "models" / "cifar10" / "1" / "model.onnx").write_bytes(b"not a model")
+        os.kill(s.children[("device executor", 0)], signal.SIGKILL)
+        assert s.proc.wait(60) == 1, s.log
+    finally:
+        s.stop()
+    assert "device executor 0 failed at boot 2 times in a row (last exit status 1)" in s.log, s.log
+    assert re.search(r"died: exit status 1; restarting it in [0-9.]+s", s.log), s.log  # backed off first
+
+
+def _unshare_works() -> bool:
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+SMALL_SHM = pytest.mark.skipif(not _unshare_works(), reason="needs a private mount namespace (unshare -m: root "
+                               "or user namespaces) to give the server a small /dev/shm of its own")  # fmt: skip
+
+
+def _in_small_shm(size: str) -> tuple[str, ...]:
+    return ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"', "sh")
+
+
+@SMALL_SHM
+def test_too_small_dev_shm_is_refused_at_start_in_words():
+    s = serverproc.ServerProcess("--workers", "2", "--executor", "device", "--intra-op-threads", "1",
+                                 prefix=_in_small_shm("4m"), wait="")  # fmt: skip
+    assert s.proc.wait(60) == 1, s.log
+    assert re.search(r"not enough shared memory in /dev/shm: [34] MiB free, this server needs about \d+ MiB", s.log)
+    assert "Bus error" not in s.log and "Traceback" not in s.log, s.log
+
+
+@SMALL_SHM
+def test_dev_shm_full_at_run_time_is_said_in_words_and_the_server_recovers():
+    small = ("--max-queue-size", "64", "--max-batch-size", "8")
+    s = serverproc.ServerProcess(*FAST, "--intra-op-threads", "1", *small, prefix=_in_small_shm("8m"))
+    try:
+        shm = Path(f"/proc/{s.proc.pid}/root/dev/shm")  # the server's private /dev/shm, seen from here
+        free = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize
+        (shm / "filler").write_bytes(b"\1" * (free - 64 * 1024))
+        # The executor restarts; each front end makes new slabs for it, finds no room and says so.
+        os.kill(s.children[("device executor", 0)], signal.SIGKILL)
+        assert wait_until(lambda: "died: exit status 75: no room in shared memory" in s.log, timeout=30), s.log
+        said = (
+            r"front end \d: no room in /dev/shm/cnnserve-\w+ for fe\d-ex0-\d+-2\.slab: "
+            r"it needs [0-9.]+ MiB, 0\.\d MiB are free; give the container a larger /dev/shm"
+        )
+        assert re.search(said, s.log), s.log
+        # Their old slabs went with them: the restarted front ends fit, and the server serves again.
+        assert wait_until(lambda: _ready(s), timeout=30), s.log
+        r = httpx.post(f"{s.http}/predict", content=IMAGE, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+    finally:
+        assert s.stop() == 0, s.log

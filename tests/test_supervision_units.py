@@ -196,3 +196,26 @@ def test_a_front_end_that_stops_reading_is_closed_and_told(caplog):
         received += 1
     assert received == sent
     assert not fe.send(payload)  # nothing more is sent on a dropped connection
+
+
+def test_executor_queue_puts_requests_before_background_work(executor):
+    """Perturbed images of explanations (KIND_BACKGROUND) arrive first; a request's image that
+    arrives later is still in the next batch, and the background fills the rest."""
+    queue = ex.ModelQueue(executor, 0, executor.queues[0].runtime, ModelStats(np.zeros(ModelStats.width(8), np.int64)))
+    _, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fe = ex._Frontend(theirs)
+
+    def records(first: int, n: int, kind: int) -> np.ndarray:
+        r = np.zeros(n, ipc.SUBMIT)
+        r["request"], r["kind"] = np.arange(first, first + n), kind
+        return r
+
+    queue.put(ex._Chunk(fe, records(100, 10, ipc.KIND_BACKGROUND), time.monotonic()))
+    queue.put(ex._Chunk(fe, records(1, 3, ipc.KIND_REQUEST), time.monotonic()))
+    mixed = records(200, 4, ipc.KIND_REQUEST)
+    mixed["kind"][2:] = ipc.KIND_BACKGROUND  # one message may carry both kinds
+    queue.put(ex._Chunk(fe, mixed, time.monotonic()))
+    taken = queue._take()
+    assert taken is not None
+    assert np.concatenate([c.records["request"] for c in taken]).tolist() == [1, 2, 3, 200, 201, 100, 101, 102]
+    assert queue.queued == 17 - 8

@@ -31,7 +31,7 @@ from service.errors import (
 )
 from service.explain.explainer import Explainer, Explanations
 from service.explain.layers import LayerModel
-from service.inference import codec, repository
+from service.inference import codec, priority, repository
 from service.inference.batcher import Batcher
 from service.inference.model_description import ModelDescription
 from service.inference.runtime import BatchOutput, ModelRuntime, load_model
@@ -451,7 +451,12 @@ class InferenceCore:
     ) -> Explanations:
         """Each image's top-k, attribution of ``target`` (default: the top-1) and layers
         (``service.explain.explainer``): validated like classify, then admitted by the explanations' own limits."""
-        return await self.explainer.explain(images, top_k, model, version, target, method, seed, deadline)
+        # Its perturbed images wait behind requests' images in the batch queues (service.inference.priority).
+        token = priority.background.set(True)
+        try:
+            return await self.explainer.explain(images, top_k, model, version, target, method, seed, deadline)
+        finally:
+            priority.background.reset(token)
 
     async def infer_tensor(self, target: LoadedModel, tensor: np.ndarray, deadline: float | None = None) -> BatchOutput:
         """Run a preprocessed float32 [n,3,32,32] tensor (Open Inference Protocol input)."""

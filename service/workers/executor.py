@@ -95,7 +95,9 @@ class ModelQueue:
         self.executor, self.index, self.runtime = executor, index, runtime
         self.max_batch_size = s.max_batch_size
         self.delay_s = s.max_queue_delay_ms / 1000.0
-        self.chunks: deque[_Chunk] = deque()
+        # Two lanes: requests first, explanations' perturbed images (ipc.KIND_BACKGROUND) in what
+        # room a batch has left, so /predict's latency holds whatever /explain sends.
+        self.lanes: tuple[deque[_Chunk], deque[_Chunk]] = (deque(), deque())
         self.queued = 0
         self.cond = threading.Condition()
         self.observer = StatsObserver(executor.metrics, runtime.name, stats)
@@ -104,38 +106,47 @@ class ModelQueue:
         self.thread = threading.Thread(target=self._run, name=f"{runtime.name}-{runtime.version}-batches", daemon=True)
 
     def put(self, chunk: _Chunk) -> None:
+        kinds = chunk.records["kind"]
         with self.cond:
-            self.chunks.append(chunk)
+            if kinds[0] == kinds[-1] and (kinds == kinds[0]).all():
+                self.lanes[min(1, int(kinds[0]))].append(chunk)
+            else:  # a message can mix both kinds: each goes to its lane
+                background = kinds != ipc.KIND_REQUEST
+                self.lanes[0].append(_Chunk(chunk.frontend, chunk.records[~background], chunk.arrived))
+                self.lanes[1].append(_Chunk(chunk.frontend, chunk.records[background], chunk.arrived))
             self.queued += len(chunk.records)
             self.cond.notify()
 
     def _take(self) -> list[_Chunk] | None:
-        """Up to max_batch_size records, FIFO; None once the executor stops and nothing is left."""
+        """Up to max_batch_size records, FIFO within each lane, requests first; None once the
+        executor stops and nothing is left."""
         beat = self.executor.table.heartbeat
         row, slot = self.executor.row, 1 + self.index
         with self.cond:
-            while not self.chunks:
+            while not self.queued:
                 beat(row, slot)
                 if self.executor.stopping.is_set():
                     return None
                 self.cond.wait(0.1)
             if self.delay_s > 0 and self.queued < self.max_batch_size:
                 # Remaining time of the oldest chunk's delay, not a fresh full delay.
-                until = self.chunks[0].arrived + self.delay_s
+                until = min(lane[0].arrived for lane in self.lanes if lane) + self.delay_s
                 while self.queued < self.max_batch_size and (left := until - time.monotonic()) > 0:
                     beat(row, slot)
                     self.cond.wait(min(left, 0.5))
-            taken, size = [], 0
-            while self.chunks and size < self.max_batch_size:
-                chunk = self.chunks[0]
-                room = self.max_batch_size - size
-                if len(chunk.records) <= room:
-                    taken.append(self.chunks.popleft())
-                    size += len(chunk.records)
-                else:
-                    taken.append(_Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
-                    chunk.records = chunk.records[room:]
-                    size += room
+            taken: list[_Chunk] = []
+            size = 0
+            for lane in self.lanes:
+                while lane and size < self.max_batch_size:
+                    chunk = lane[0]
+                    room = self.max_batch_size - size
+                    if len(chunk.records) <= room:
+                        taken.append(lane.popleft())
+                        size += len(chunk.records)
+                    else:
+                        taken.append(_Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
+                        chunk.records = chunk.records[room:]
+                        size += room
             self.queued -= size
         self.executor.metrics.queue_depth.labels(self.runtime.name).set(self.queued)
         return taken

@@ -28,13 +28,14 @@ import numpy as np
 import orjson
 
 from service.errors import Cancelled, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from service.inference import priority
 from service.inference.model_description import ModelDescription
 from service.inference.runtime import BatchOutput
 from service.workers import shared_memory as ipc
 
 log = logging.getLogger("cnnserve.frontend")
 
-_ONE_RECORD = struct.Struct("<IIdHH")  # ipc.SUBMIT, packed, for the common one-image request
+_ONE_RECORD = struct.Struct("<IIdHHB")  # ipc.SUBMIT, packed, for the common one-image request
 assert _ONE_RECORD.size == ipc.SUBMIT.itemsize
 _RECORDS_PER_MESSAGE_BYTES = ipc.MAX_RECORDS_PER_MESSAGE * ipc.SUBMIT.itemsize
 
@@ -204,6 +205,7 @@ class ExecutorClient:
         if depth + n > self.max_queue_size or n > len(self._free):
             raise Overloaded(f"queue full ({depth} images waiting, limit {self.max_queue_size})")
         model = self.models[model_index]
+        kind = ipc.KIND_BACKGROUND if priority.background.get() else ipc.KIND_REQUEST
         slabs, free = self.slabs, self._free
         slots = free[-n:]
         del free[-n:]
@@ -215,7 +217,7 @@ class ExecutorClient:
             slot = slots[0]
             slabs.inputs[slot, :size] = flat[0]
             slabs.cancelled[slot] = 0
-            self._outbox.append(_ONE_RECORD.pack(request, slot, deadline or 0.0, model_index, 0))
+            self._outbox.append(_ONE_RECORD.pack(request, slot, deadline or 0.0, model_index, 0, kind))
         else:
             index = np.array(slots)
             slabs.inputs[index, :size] = flat
@@ -226,6 +228,7 @@ class ExecutorClient:
             records["deadline"] = deadline or 0.0
             records["model"] = model_index
             records["index"] = np.arange(n)
+            records["kind"] = kind
             self._outbox.append(records.tobytes())
         assert self._loop is not None
         future = self._loop.create_future()

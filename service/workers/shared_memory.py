@@ -29,9 +29,13 @@ import numpy as np
 
 # ---- records on the executor's socket -------------------------------------------------------------
 #: Front end → executor, one per image: which model, which slot holds it, the request's deadline
-#: (``time.monotonic()``, the same clock in every process on Linux; 0: none) and the image's place
-#: in its request (0 marks a request's first image, for per-request statistics).
-SUBMIT = np.dtype([("request", "<u4"), ("slot", "<u4"), ("deadline", "<f8"), ("model", "<u2"), ("index", "<u2")])
+#: (``time.monotonic()``, the same clock in every process on Linux; 0: none), the image's place
+#: in its request (0 marks a request's first image, for per-request statistics) and its kind: a
+#: request's image, or background work (an explanation's perturbed images) that the executor
+#: batches only in the room requests leave.
+SUBMIT = np.dtype([("request", "<u4"), ("slot", "<u4"), ("deadline", "<f8"), ("model", "<u2"), ("index", "<u2"),
+                   ("kind", "u1")])  # fmt: skip
+KIND_REQUEST, KIND_BACKGROUND = 0, 1
 #: Executor → front end, one per image: the slot is done (results written when status is OK).
 DONE = np.dtype([("request", "<u4"), ("slot", "<u4"), ("status", "u1")])
 STATUS_OK, STATUS_DEADLINE, STATUS_CANCELLED, STATUS_FAILED = 0, 1, 2, 3

@@ -109,10 +109,11 @@ class Settings(BaseSettings):
     )
     default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request gives none.")
     default_timeout_ms: float = Field(
-        0.0,
+        60_000.0,
         ge=0.0,
-        description="Deadline for requests that carry none (0: none). HTTP clients set their own "
-        "with the X-Request-Timeout-Ms header, gRPC clients with the call's deadline.",
+        description="Deadline for requests that carry none (0: none), so every request ends even if the "
+        "client never gives up. HTTP clients set their own with the X-Request-Timeout-Ms header, gRPC clients "
+        "with the call's deadline.",
     )
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest HTTP body or gRPC message.")

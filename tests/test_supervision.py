@@ -45,9 +45,9 @@ def _table(s: ServerProcess) -> ipc.ControlTable:
     return ipc.ControlTable(shape)
 
 
-def _ready(s: ServerProcess) -> bool:
+def _ready(s: ServerProcess, timeout: float = 2) -> bool:
     try:
-        return httpx.get(f"{s.http}/readyz", timeout=2).status_code == 200
+        return httpx.get(f"{s.http}/readyz", timeout=timeout).status_code == 200
     except httpx.TransportError:  # every front end restarting at once: nothing listens
         return False
 
@@ -103,6 +103,8 @@ def test_sigstop_hung_process_is_replaced_and_nothing_waits_or_leaks(victim):
         pid = s.children[(victim, 0)]
         stopped = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
+        if victim == "front end":  # probes on new connections, as a kubelet's: some reach the other one
+            served = wait_until(lambda: _ready(s, timeout=0.3), timeout=HANG_TIMEOUT_S, interval=0)
         # Aborted past the timeout (+1 s between SIGABRT and SIGKILL), then replaced.
         assert wait_until(lambda: s.children[(victim, 0)] != pid, timeout=HANG_TIMEOUT_S + 10), s.log
         replaced = time.monotonic() - stopped
@@ -129,7 +131,7 @@ def test_sigstop_hung_process_is_replaced_and_nothing_waits_or_leaks(victim):
             assert "504" in outcomes  # the deadline's timer answered while the executor was stopped
             assert 503 in during  # readiness turned false once it was judged hung, until replaced
         else:
-            assert 200 in during  # the other front end served on, and readiness said so
+            assert served or 200 in during  # the other front end served on, and readiness said so
         print(f"\n{victim}: replaced after {replaced:.1f}s; longest call {longest:.2f}s; outcomes {sorted(outcomes)}")
     finally:
         assert s.stop() == 0, s.log

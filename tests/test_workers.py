@@ -198,6 +198,7 @@ def test_what_the_supervisor_shares_out_and_says_once():
         cores = len(os.sched_getaffinity(0))
         expected = f"each process: {max(1, cores // 2)} ONNX Runtime intra-op thread(s); each front end: up to 51 "
         assert expected in s.log and f"{4 << 20} buffered request bytes" in s.log, s.log
+        assert "1 explanation(s) at once and 4 waiting" in s.log, s.log  # 2 and 8 for the server
         assert _classify(s.grpc_target, png_bytes(IMAGES[0])).results[0].predictions
     finally:
         assert s.stop() == 0, s.log

@@ -308,6 +308,10 @@ class Supervisor:
         # within what the settings promise, memory above all.
         self.child_settings.max_connections = max(1, -(-s.max_connections // self.workers))
         self.child_settings.max_buffered_bytes = max(1024, s.max_buffered_bytes // self.workers)
+        # Explanations too: each costs ~226 forward passes an image, and their limits are what
+        # keeps the device and the cores for predictions.
+        self.child_settings.explain_concurrency = max(1, s.explain_concurrency // self.workers)
+        self.child_settings.explain_queue_size = s.explain_queue_size // self.workers
         # CUDA that cannot run here is said once, by the supervisor, not once per child.
         from service.inference.devices import usable_providers
 
@@ -316,8 +320,9 @@ class Supervisor:
             log.warning("%s: running on the CPU", reason)
             self.child_settings.providers = usable or ["CPUExecutionProvider"]
         c = self.child_settings
-        log.info("each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections and "
-                 "%d buffered request bytes", c.intra_op_threads, c.max_connections, c.max_buffered_bytes)  # fmt: skip
+        log.info("each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections, "
+                 "%d buffered request bytes, %d explanation(s) at once and %d waiting", c.intra_op_threads,
+                 c.max_connections, c.max_buffered_bytes, c.explain_concurrency, c.explain_queue_size)  # fmt: skip
         shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
                                ModelStats.width(s.max_batch_size))  # fmt: skip
         if not self._room_in_shared_memory():

@@ -253,3 +253,42 @@ def test_dev_shm_full_at_run_time_is_said_in_words_and_the_server_recovers():
         assert r.status_code == 200, r.text
     finally:
         assert s.stop() == 0, s.log
+
+
+def test_v2_layer_activations_go_through_the_explanations_admission():
+    """Layer outputs cost CPU like an explanation: with the one explanation slot taken and no
+    queue, a v2 request asking for fc3 is refused at once (429) rather than piling onto the CPU."""
+    s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0",
+                      "--explain-concurrency", "1", "--explain-queue-size", "0")  # fmt: skip
+    x = (distinct_images(1, seed=2).transpose(0, 3, 1, 2) / 255.0).astype("float32")
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": x.ravel().tolist()}],
+            "outputs": [{"name": "fc3"}]}  # fmt: skip
+    stop = threading.Event()
+
+    def explain_loop():
+        files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(4))]
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                client.post(f"{s.http}/explain?method=rise", files=files)
+
+    threads = [threading.Thread(target=explain_loop) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        codes: list[int] = []
+        until = time.monotonic() + 20
+        with httpx.Client(timeout=30) as client:
+            while time.monotonic() < until and 429 not in codes:
+                r = client.post(f"{s.http}/v2/models/cifar10/infer", json=body)
+                codes.append(r.status_code)
+                if r.status_code == 429:
+                    assert "explanations busy" in r.json()["error"]
+        assert 429 in codes and set(codes) <= {200, 429}, codes
+        stop.set()
+        for t in threads:
+            t.join(60)
+        r = httpx.post(f"{s.http}/v2/models/cifar10/infer", json=body)  # the slot is free again
+        assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [1, 512], r.text
+    finally:
+        stop.set()
+        assert s.stop() == 0, s.log

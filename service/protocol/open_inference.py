@@ -22,7 +22,6 @@ session in this process.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import struct
 import time
@@ -483,6 +482,13 @@ async def infer(core: InferenceCore, request: InferRequest, deadline: float | No
             core.admit(model, n)  # refused before the tensor is built
     tensor = decode_input(core, model, request.inputs)
     wanted = [spec.name for spec in plan if spec.name in LAYER_NAMES]
-    result = await core.infer_tensor(model, tensor, request_deadline(core, request, deadline))
-    layers = await asyncio.to_thread(companion.run, tensor, wanted) if wanted and companion else None
+    deadline = request_deadline(core, request, deadline)
+    result = await core.infer_tensor(model, tensor, deadline)
+    layers = None
+    if wanted and companion:
+        # Activations cost this process's CPU as an explanation does: they go through the
+        # explanations' admission (server-wide limits, the request's deadline) and the core's
+        # bounded pool, not asyncio's shared one.
+        async with core.explainer.admission.slot(deadline):
+            layers = await core.offload(companion.run, tensor, wanted)
     return InferResponse(model.name, model.version, request.id, build_outputs(model, plan, result, layers))

@@ -6,7 +6,7 @@ future when its slots come back. :class:`RemoteBatcher` gives ``service.inferenc
 ``service.inference.batcher.Batcher`` for one model version served by the executors.
 
 Cost on the event loop per request: a normalisation into the slab (numpy over the request's
-images), one 20-byte record appended to a message that carries every request of this loop
+images), one 21-byte record appended to a message that carries every request of this loop
 iteration, and on completion a few row reads. If the executor dies (or drops this front end
 for not reading its answers), every request waiting on it fails at once with ``NotReady`` (503 /
 UNAVAILABLE: retry) and the client reconnects; a request whose deadline passes first is answered

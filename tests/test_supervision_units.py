@@ -219,3 +219,25 @@ def test_executor_queue_puts_requests_before_background_work(executor):
     assert taken is not None
     assert np.concatenate([c.records["request"] for c in taken]).tolist() == [1, 2, 3, 200, 201, 100, 101, 102]
     assert queue.queued == 17 - 8
+
+
+def test_dataset_cache_is_filled_by_several_processes_without_a_shared_temporary_file(tmp_path, monkeypatch):
+    """Front ends fill the sample-image cache at once: one writer's temporary file (here held as a
+    folder, which nobody can overwrite) must not break another's, nor leave it without samples."""
+    from PIL import Image
+
+    from export import data
+
+    for c in ("cat", "dog"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (i * 40, 9, 9)).save(tmp_path / "images" / c / f"{i}.png")
+    monkeypatch.setenv("CNNSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    first = data.load_dataset(tmp_path / "images", use_cache=True)
+    cached = next((tmp_path / "cache").glob("dataset-*.npz"))
+    cached.unlink()
+    cached.with_name(cached.stem + ".tmp.npz").mkdir()  # the name one shared temporary file had
+    again = data.load_dataset(tmp_path / "images", use_cache=True)
+    assert cached.exists() and (again.labels == first.labels).all() and again.classes == ("cat", "dog")
+    leftovers = [p.name for p in (tmp_path / "cache").glob("*.tmp.npz")]
+    assert leftovers == [cached.stem + ".tmp.npz"]  # only the stand-in: this writer's file was renamed

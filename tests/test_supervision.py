@@ -33,7 +33,7 @@ FAST = ["--workers", "2", "--executor", "device", "--drain-seconds", "0",
 def _run_dir(s: ServerProcess) -> Path:
     for path in Path("/dev/shm").glob("cnnserve-*"):
         try:
-            if int((path / "owner").read_text()) == s.proc.pid:
+            if int((path / "owner").read_text().split()[0]) == s.proc.pid:
                 return path
         except (OSError, ValueError):
             continue
@@ -143,7 +143,7 @@ def test_second_server_on_taken_ports_refuses_and_dead_run_folders_are_swept(tmp
     dead.wait()
     leftover = Path("/dev/shm") / f"cnnserve-test-{os.getpid()}"
     leftover.mkdir()
-    (leftover / "owner").write_text(str(dead.pid))
+    (leftover / "owner").write_text(f"{dead.pid} 12345")
     (leftover / "fe0-ex0-1-1.slab").write_bytes(b"\0" * 4096)
     s = ServerProcess("--workers", "2", "--executor", "worker", "--drain-seconds", "0")
     try:

@@ -9,6 +9,7 @@ import logging
 import signal
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +242,30 @@ def test_dataset_cache_is_filled_by_several_processes_without_a_shared_temporary
     assert cached.exists() and (again.labels == first.labels).all() and again.classes == ("cat", "dog")
     leftovers = [p.name for p in (tmp_path / "cache").glob("*.tmp.npz")]
     assert leftovers == [cached.stem + ".tmp.npz"]  # only the stand-in: this writer's file was renamed
+
+
+def test_run_folders_left_behind_are_told_from_live_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from service.workers import housekeeping
+
+    def folder(name: str, owner: str | None) -> Path:
+        path = tmp_path / f"cnnserve-{name}"
+        path.mkdir()
+        if owner is not None:
+            (path / "owner").write_text(owner)
+        return path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = folder("live", f"1 {ipc.process_start_time(1)}")
+    reused = folder("reused", f"1 {ipc.process_start_time(1) + 1}")  # pid 1 of an earlier container
+    gone = folder("gone", f"{dead.pid} 1")
+    table = ipc.ControlTable(ipc.TableShape(str(folder("old", None) / "control"), 1, 1, 1, 8), create=True)
+    assert not housekeeping.left_behind(live) and not housekeeping.left_behind(tmp_path / "cnnserve-old")
+    assert housekeeping.left_behind(reused) and housekeeping.left_behind(gone)
+    assert housekeeping.sweep_run_dirs(tmp_path)[0] == 2  # reused and gone; old is still mapped here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnnserve-live", "cnnserve-old"]
+    del table
+    assert housekeeping.sweep_run_dirs(tmp_path)[0] == 1  # nothing maps it any more

@@ -42,12 +42,15 @@ def _mapped_anywhere(path: Path) -> bool:
 
 
 def left_behind(path: Path) -> bool:
-    """A run folder whose server is gone: its ``owner`` pid is dead, or (no owner file) nothing maps it."""
+    """A run folder whose server is gone: its ``owner`` (pid and start time) is no longer running,
+    or (no owner file) nothing maps it."""
     try:
-        owner = int((path / "owner").read_text())
+        pid, started = (int(v) for v in (path / "owner").read_text().split())
     except (OSError, ValueError):
         return not _mapped_anywhere(path)
-    return not _alive(owner)
+    if pid == os.getpid():
+        return True  # this process makes its folder after the sweep: the pid's previous life left it
+    return not _alive(pid) or ipc.process_start_time(pid) != started
 
 
 def sweep_run_dirs(base: str | Path = "/dev/shm") -> tuple[int, int]:

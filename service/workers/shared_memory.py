@@ -84,13 +84,23 @@ def become_child() -> None:
 
 def make_run_dir() -> Path:
     """A private folder for one server's shared files; in memory where /dev/shm exists. Its
-    ``owner`` file holds the supervisor's pid, so a later server can tell it was left behind
+    ``owner`` file names the supervisor (pid and start time), so a later server can tell it was left behind
     (``service.workers.housekeeping.sweep_run_dirs``)."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     path = Path(tempfile.mkdtemp(prefix="cnnserve-", dir=base))
     (path / "metrics").mkdir()
-    (path / "owner").write_text(str(os.getpid()))
+    (path / "owner").write_text(f"{os.getpid()} {process_start_time(os.getpid())}")
     return path
+
+
+def process_start_time(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot; 0 if unknown): with the pid, it names one
+    process even after the pid is reused (a container's supervisor is pid 1 in every life)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def executor_socket(run_dir: str | Path, index: int) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import signal
 import socket
 import time
@@ -20,7 +21,7 @@ from service.settings import Settings
 from service.workers import executor as ex
 from service.workers import policy
 from service.workers import shared_memory as ipc
-from tests.conftest import MODEL_PATH
+from tests.conftest import MODEL_PATH, ROOT
 
 # ---- the hang rule ----------------------------------------------------------------------------------
 
@@ -269,3 +270,30 @@ def test_run_folders_left_behind_are_told_from_live_ones(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnnserve-live", "cnnserve-old"]
     del table
     assert housekeeping.sweep_run_dirs(tmp_path)[0] == 1  # nothing maps it any more
+
+
+def test_sample_images_are_decoded_once_per_machine(tmp_path):
+    """Front ends ask for the page's samples at once: one decodes the data, the others wait on the
+    cache's lock and read its ten PNGs (here: three processes, then a changed image that the
+    cache, keyed on the data's path, size and time, keeps answering from)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for c, colour in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / c / f"{i}.png")
+    code = ("import sys, hashlib; from service.explain.samples import load_samples_once as f; print(hashlib"
+            ".sha256(b''.join(s.label.encode() + s.png for s in f(sys.argv[1]))).hexdigest())")  # fmt: skip
+    env = {**os.environ, "CNNSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "images")], env=env, text=True,
+                              stdout=subprocess.PIPE) for _ in range(3)]  # fmt: skip
+    digests = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert len(digests) == 1 and all(p.returncode == 0 for p in procs)
+    assert len(list((tmp_path / "cache").glob("samples-*.npz"))) == 1
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(tmp_path / "images" / "cat" / "0.png")  # the folder's time stays
+    again = subprocess.run([sys.executable, "-c", code, str(tmp_path / "images")], env=env, text=True,
+                           capture_output=True, timeout=120)  # fmt: skip
+    assert again.stdout.strip() in digests, again.stderr  # from the cache, not decoded again

@@ -129,6 +129,23 @@ def shm_needed(frontends: int, executors: int, slots: int, input_size: int, clas
     return (frontends * executors + executors) * ipc.Slabs.size(slots, input_size, classes)
 
 
+def room_for_slabs(run_dir: Path, specs: list, frontends: int, executors: int, slots: int) -> tuple[int, str | None]:
+    """(bytes the slabs need, why the server must not start or None): past the room in /dev/shm a
+    process dies of SIGBUS on its first write, which says nothing of the cause."""
+    if not executors:
+        return 0, None
+    sizes = model_sizes([spec.path for spec in specs])
+    if sizes is None:
+        return 0, None  # a model without fixed shapes: its slabs are sized when it loads
+    needed = shm_needed(frontends, executors, slots, *sizes)
+    free = free_bytes(run_dir)
+    if free is None or free >= needed:
+        return needed, None
+    return needed, (f"not enough shared memory in {run_dir.parent}: {mib(free)} free, this server needs about "
+                    f"{mib(needed)} ({frontends} front end(s) x {executors} executor(s), {slots} slots each); give "
+                    "the container a larger /dev/shm or lower --workers / --max-queue-size")  # fmt: skip
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 

@@ -268,7 +268,6 @@ class Supervisor:
 
     # ---- the whole life ---------------------------------------------------------------------------
     def run(self) -> int:
-        from service.metrics import ModelStats
         from service.server import StartupError, bind_listener, check_repository, port_in_use
 
         s = self.settings
@@ -295,7 +294,23 @@ class Supervisor:
         if swept:
             log.info("removed %d run folder(s) of servers that died without cleaning up (%s of /dev/shm)",
                      swept, housekeeping.mib(freed))  # fmt: skip
-        self.run_dir = ipc.make_run_dir()
+        try:
+            self.run_dir = ipc.make_run_dir()
+        except OSError as e:
+            log.error("cannot make the server's folder in /dev/shm: %s", e.strerror)
+            return 1
+        try:
+            return self._run(http_port, grpc_port)
+        finally:
+            self._kill_all()
+            for sock in reserved:
+                sock.close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _run(self, http_port: int, grpc_port: int) -> int:
+        from service.metrics import ModelStats
+
+        s = self.settings
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.run_dir / "metrics")
         # The supervisor runs the drain: front ends close as soon as they are told to.
         self.child_settings = s.model_copy(
@@ -325,7 +340,11 @@ class Supervisor:
                  c.max_connections, c.max_buffered_bytes, c.explain_concurrency, c.explain_queue_size)  # fmt: skip
         shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
                                ModelStats.width(s.max_batch_size))  # fmt: skip
-        if not self._room_in_shared_memory():
+        slots = s.max_queue_size + 4 * s.max_batch_size
+        self.shm_needed, refusal = housekeeping.room_for_slabs(self.run_dir, self.specs, self.workers, self.executors,
+                                                               slots)  # fmt: skip
+        if refusal is not None:
+            log.error("%s", refusal)
             return 1
         try:
             self.table = ipc.ControlTable(shape, create=True)
@@ -335,36 +354,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("starting %d front end(s) and %s", self.workers, self._placement_text())
-        try:
-            for row in range(shape.processes):
-                self._spawn(row)
-            return self._supervise(http_port, grpc_port)
-        finally:
-            self._kill_all()
-            for sock in reserved:
-                sock.close()
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def _room_in_shared_memory(self) -> bool:
-        """Refuse to start when /dev/shm cannot hold the slabs: past its size a process dies of
-        SIGBUS on its first write, which says nothing of the cause."""
-        self.shm_needed = 0
-        if not self.executors:
-            return True
-        sizes = housekeeping.model_sizes([spec.path for spec in self.specs])
-        if sizes is None:
-            return True  # a model without fixed shapes: its slabs are sized when it loads
-        slots = self.settings.max_queue_size + 4 * self.settings.max_batch_size
-        self.shm_needed = housekeeping.shm_needed(self.workers, self.executors, slots, *sizes)
-        free = housekeeping.free_bytes(self.run_dir)
-        if free is not None and free < self.shm_needed:
-            log.error("not enough shared memory in %s: %s free, this server needs about %s (%d front end(s) x %d "
-                      "executor(s), --max-queue-size %d); give the container a larger /dev/shm or lower "
-                      "--workers / --max-queue-size", self.run_dir.parent, housekeeping.mib(free),
-                      housekeeping.mib(self.shm_needed), self.workers, self.executors,
-                      self.settings.max_queue_size)  # fmt: skip
-            return False
-        return True
+        for row in range(shape.processes):
+            self._spawn(row)
+        return self._supervise(http_port, grpc_port)
 
     def _supervise(self, http_port: int, grpc_port: int) -> int:
         s, table = self.settings, self.table

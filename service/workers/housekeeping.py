@@ -106,7 +106,7 @@ def free_bytes(path: str | Path) -> int | None:
 
 def model_sizes(paths: list[Path]) -> tuple[int, int] | None:
     """(largest input, most classes) over the models, in floats, read from their graphs without
-    optimising them (milliseconds); None if a shape is not fixed."""
+    optimising them (milliseconds); None if a shape is not fixed or a model cannot be read."""
     import numpy as np
     import onnxruntime as ort
 
@@ -114,7 +114,10 @@ def model_sizes(paths: list[Path]) -> tuple[int, int] | None:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     input_size = classes = 0
     for path in paths:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - a model that cannot load is the executor's to report, in one line
+            return None
         dims_in, dims_out = session.get_inputs()[0].shape[1:], session.get_outputs()[0].shape[1:]
         if not all(isinstance(d, int) for d in (*dims_in, *dims_out)):
             return None

@@ -193,8 +193,11 @@ class Supervisor:
             decision = self.policy.died(row, self._describe(row), code, now - self.spawned_at[row], was_ready,
                                         first_incarnation=row not in self.ever_ready)  # fmt: skip
             if decision.halt is not None and halt_on_failure:
-                log.error("%s (pid %s) died: %s; stopping the server: %s", self._describe(row), process.pid, how,
-                          decision.halt)  # fmt: skip
+                # At start-up the child's own line said why (one line for a corrupt model); later,
+                # the cause of a stop is ours to say.
+                say = log.error if row in self.ever_ready else log.info
+                say("%s (pid %s) died: %s; stopping the server: %s", self._describe(row), process.pid, how,
+                    decision.halt)  # fmt: skip
                 return code if code is not None and code > 0 else 1
             if decision.delay > 0:
                 log.warning("%s (pid %s) died: %s; restarting it in %.1fs", self._describe(row), process.pid, how,

@@ -104,6 +104,11 @@ def free_bytes(path: str | Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+#: Models larger than this are not read by the supervisor (memory it would hold for a moment for
+#: a check): their slabs are sized when the executor loads them.
+MAX_MODEL_BYTES_READ = 256 * 2**20
+
+
 def model_sizes(paths: list[Path]) -> tuple[int, int] | None:
     """(largest input, most classes) over the models, in floats, read from their graphs without
     optimising them (milliseconds); None if a shape is not fixed or a model cannot be read."""
@@ -114,6 +119,8 @@ def model_sizes(paths: list[Path]) -> tuple[int, int] | None:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     input_size = classes = 0
     for path in paths:
+        if not Path(path).is_file() or Path(path).stat().st_size > MAX_MODEL_BYTES_READ:
+            return None  # a pipe (it would block, and be read by the wrong process) or a large model
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception:  # noqa: BLE001 - a model that cannot load is the executor's to report, in one line

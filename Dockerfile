@@ -57,11 +57,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 FROM ${FLAVOUR}-base AS builder
 ARG FLAVOUR
 ARG DEBIAN_FRONTEND=noninteractive
-# onnxruntime flavour: the CPU image installs the plain `onnxruntime` package (same version
-# specifier as the onnxruntime-gpu requirement in pyproject.toml): it has the CPU provider only and
+# onnxruntime flavour: the CPU image installs the plain `onnxruntime` package (the version
+# requirements.lock pins, as onnxruntime-gpu for the GPU image): it has the CPU provider only and
 # is ~20x smaller than onnxruntime-gpu, which would only fall back to CPU there anyway. Empty: by
 # FLAVOUR (cpu: onnxruntime, gpu: onnxruntime-gpu); --build-arg ORT_PACKAGE=... overrides it.
 ARG ORT_PACKAGE=
+# Optional extras baked in (space-separated): tracing (OpenTelemetry, README "Tracing") is only
+# imported when --tracing is on. Empty: the runtime dependencies alone.
+ARG EXTRAS="tracing"
 # Ubuntu's python3 lacks the venv module (python:3.11-slim has it).
 # hadolint ignore=DL3008
 RUN if ! python3 -c "import ensurepip" 2>/dev/null; then \
@@ -70,11 +73,14 @@ RUN if ! python3 -c "import ensurepip" 2>/dev/null; then \
       && rm -rf /var/lib/apt/lists/*; \
     fi
 WORKDIR /src
-COPY pyproject.toml scripts/runtime-requirements.py ./
-# Dependencies first, in their own layer: rebuilt only when pyproject.toml changes.
+COPY requirements.lock pyproject.toml scripts/runtime-requirements.py ./
+# Dependencies first, in their own layer: rebuilt only when the lock (or pyproject.toml) changes. requirements.lock
+# pins every runtime package (transitive ones too) at the versions tested; pyproject.toml only
+# gives the library's ranges.
 RUN default_ort=onnxruntime; if [ "${FLAVOUR}" = gpu ]; then default_ort=onnxruntime-gpu; fi \
  && python3 -m venv /opt/venv \
- && python runtime-requirements.py pyproject.toml --ort-package "${ORT_PACKAGE:-$default_ort}" > requirements.txt \
+ && python runtime-requirements.py requirements.lock --ort-package "${ORT_PACKAGE:-$default_ort}" --extras "${EXTRAS}" \
+      > requirements.txt \
  && pip install --no-cache-dir -r requirements.txt
 COPY . .
 # --no-deps: dependencies are in place (with the chosen onnxruntime flavour).

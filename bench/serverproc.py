@@ -60,7 +60,7 @@ class ServerProcess:
     def __init__(
         self,
         *args: str,
-        model_repository: Path | str = MODEL_REPOSITORY,
+        model_repository: Path | str | None = MODEL_REPOSITORY,
         env: dict | None = None,
         cwd: Path | str = ROOT,
         cpus: str | None = None,
@@ -81,8 +81,7 @@ class ServerProcess:
             "0",
             "--providers",
             "cpu",
-            "--model-repository",
-            str(model_repository),
+            *(["--model-repository", str(model_repository)] if model_repository is not None else []),  # None: default
             *args,
         ]
         self.command, preexec = pinned_command([*prefix, *cmd], cpus)

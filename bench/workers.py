@@ -44,11 +44,20 @@ SERVERS = {
     "auto": ["--workers", "auto", "--executor", "auto"],
 }
 # (tool, target, concurrency, images per request)
-LOADS = [("loadtest", "grpc", 1, 1), ("loadtest", "grpc", 64, 1), ("loadtest", "http", 64, 1),
-         ("perf_analyzer", "grpc-v2", 1, 1), ("perf_analyzer", "grpc-v2", 64, 1)]  # fmt: skip
+LOADS = [
+    ("loadtest", "grpc", 1, 1),
+    ("loadtest", "grpc", 64, 1),
+    ("loadtest", "http", 64, 1),
+    ("perf_analyzer", "grpc-v2", 1, 1),
+    ("perf_analyzer", "grpc-v2", 64, 1),
+]
 #: --gpu: the issue's GPU points (single-image Classify and v2 at c=256, 64-image requests, c=1).
-GPU_LOADS = [("loadtest", "grpc", 1, 1), ("loadtest", "grpc", 256, 1), ("perf_analyzer", "grpc-v2", 256, 1),
-             ("loadtest", "grpc", 32, 64)]  # fmt: skip
+GPU_LOADS = [
+    ("loadtest", "grpc", 1, 1),
+    ("loadtest", "grpc", 256, 1),
+    ("perf_analyzer", "grpc-v2", 256, 1),
+    ("loadtest", "grpc", 32, 64),
+]
 PA = Path(os.environ.get("PA_ROOT", "/tmp/perf_analyzer")) / "bin" / "perf_analyzer"
 
 
@@ -73,13 +82,31 @@ def roles(server: ServerProcess) -> dict[str, list[int]]:
 def perf_analyzer(server: ServerProcess, concurrency: int, seconds: float) -> dict:
     """Three measurement windows (perf_analyzer's stability check needs three; its gate is off)."""
     window_ms = max(300, int(seconds * 1000 / 3))
-    cmd = [str(PA), "-m", "cifar10", "-u", server.grpc_target, "-i", "grpc", "-b", "1",
-           # zero: perf_analyzer's random FP32 data is random bits, NaN included, which the server refuses
-           "--shape", "input:3,32,32", "--input-data", "zero",
-           "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(window_ms),
-           "--stability-percentage", "999", "--max-trials", "3"]  # fmt: skip
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=seconds * 4 + 120).stdout  # fmt: skip
+    cmd = [
+        str(PA),
+        "-m",
+        "cifar10",
+        "-u",
+        server.grpc_target,
+        "-i",
+        "grpc",
+        "-b",
+        "1",
+        # perf_analyzer's default input (random FP32 bits, NaN included), as a Triton user runs it
+        "--shape",
+        "input:3,32,32",
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "--measurement-interval",
+        str(window_ms),
+        "--stability-percentage",
+        "999",
+        "--max-trials",
+        "3",
+    ]
+    out = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=seconds * 4 + 120
+    ).stdout
     rate = re.search(r"Throughput: ([0-9.]+) infer/sec", out)
     p50 = re.search(r"p50 latency: ([0-9]+) usec", out)
     if not rate or not p50:
@@ -94,11 +121,22 @@ def point(server: ServerProcess, tool: str, protocol: str, concurrency: int, ima
     if tool == "perf_analyzer":
         result = perf_analyzer(server, concurrency, seconds)
     else:
-        report = run_loadtest(server, protocol, concurrency, seconds, 0.5, processes=4 if concurrency > 64 else 2,
-                              extra=["--images-per-request", str(images)])  # fmt: skip
+        report = run_loadtest(
+            server,
+            protocol,
+            concurrency,
+            seconds,
+            0.5,
+            processes=4 if concurrency > 64 else 2,
+            extra=["--images-per-request", str(images)],
+        )
         s = report["summary"]
-        result = {"img_per_s": s["img_per_s"], "p50_ms": s["latency_ms"]["p50"], "requests": s["ok"],
-                  "errors": s["errors"]}  # fmt: skip
+        result = {
+            "img_per_s": s["img_per_s"],
+            "p50_ms": s["latency_ms"]["p50"],
+            "requests": s["ok"],
+            "errors": s["errors"],
+        }
     after = {role: sum(cpu_seconds(p) for p in ps) for role, ps in pids.items()}
     # perf_analyzer's count is for its measurement window only; loadtest's ok excludes its warm-up,
     # while CPU counts the warm-up too: a slight over-estimate of CPU per request for loadtest points.
@@ -133,13 +171,16 @@ def main() -> int:
             for tool, protocol, concurrency, images in order:
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     row = point(servers[name], tool, protocol, concurrency, images, seconds)
-                    row.update(round=r, server=name, tool=tool, protocol=protocol, concurrency=concurrency,
-                               images=images)  # fmt: skip
+                    row.update(
+                        round=r, server=name, tool=tool, protocol=protocol, concurrency=concurrency, images=images
+                    )
                     rows.append(row)
                     cpu = ", ".join(f"{k} {v:.3f}" for k, v in row["cpu_ms_per_request"].items())
                     where = f"r{r} {tool:13s} {protocol:7s} c={concurrency:<3d} k={images:<2d} {name:8s}"
-                    print(f"{where} {row['img_per_s']:8.0f} img/s p50 {row['p50_ms']:6.2f} ms  CPU ms/request: {cpu}",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"{where} {row['img_per_s']:8.0f} img/s p50 {row['p50_ms']:6.2f} ms  CPU ms/request: {cpu}",
+                        flush=True,
+                    )
     finally:
         for s in servers.values():
             s.stop()
@@ -148,8 +189,11 @@ def main() -> int:
     for tool, protocol, concurrency, images in loads:
         for name in names:
             key = (tool, protocol, concurrency, images)
-            mine = [x for x in rows if (x["tool"], x["protocol"], x["concurrency"], x["images"]) == key
-                    and x["server"] == name]  # fmt: skip
+            mine = [
+                x
+                for x in rows
+                if (x["tool"], x["protocol"], x["concurrency"], x["images"]) == key and x["server"] == name
+            ]
             ratios = sorted(
                 x["img_per_s"] / base["img_per_s"]
                 for x in mine
@@ -159,19 +203,34 @@ def main() -> int:
             )
             rates = sorted(x["img_per_s"] for x in mine)
             p50s = sorted(x["p50_ms"] for x in mine)
-            entry = {"tool": tool, "protocol": protocol, "concurrency": concurrency, "images": images, "server": name,
-                     "img_per_s_median": rates[len(rates) // 2], "img_per_s_min": rates[0],
-                     "p50_ms_median": p50s[len(p50s) // 2],
-                     "ratio_median": ratios[len(ratios) // 2] if ratios else None,
-                     "ratio_min": ratios[0] if ratios else None}  # fmt: skip
+            entry = {
+                "tool": tool,
+                "protocol": protocol,
+                "concurrency": concurrency,
+                "images": images,
+                "server": name,
+                "img_per_s_median": rates[len(rates) // 2],
+                "img_per_s_min": rates[0],
+                "p50_ms_median": p50s[len(p50s) // 2],
+                "ratio_median": ratios[len(ratios) // 2] if ratios else None,
+                "ratio_min": ratios[0] if ratios else None,
+            }
             summary.append(entry)
             ratio = "" if not ratios else f"  x{entry['ratio_median']:.2f} (min x{entry['ratio_min']:.2f})"
             where = f"{tool:13s} {protocol:7s} c={concurrency:<3d} k={images:<2d} {name:8s}"
-            print(f"{where} {entry['img_per_s_median']:8.0f} img/s (min {entry['img_per_s_min']:.0f})  "
-                  f"p50 {entry['p50_ms_median']:.2f} ms{ratio}")  # fmt: skip
+            print(
+                f"{where} {entry['img_per_s_median']:8.0f} img/s (min {entry['img_per_s_min']:.0f})  "
+                f"p50 {entry['p50_ms_median']:.2f} ms{ratio}"
+            )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine_info(), "rounds": rounds, "seconds": seconds, "servers": SERVERS,
-              "summary": summary, "rows": rows}  # fmt: skip
+    result = {
+        "machine": machine_info(),
+        "rounds": rounds,
+        "seconds": seconds,
+        "servers": SERVERS,
+        "summary": summary,
+        "rows": rows,
+    }
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
     return 0

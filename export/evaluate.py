@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,26 @@ from export.data import load_split
 from service.inference.preprocess import Normalizer
 
 
-def predict(model_path: str | Path, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, list[str]]:
+def predict(
+    model_path: str | Path, images: np.ndarray, batch_size: int = 500, classes: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Predicted class indices and the model's labels. ValueError, saying why, for a model that
+    cannot be evaluated on these images (no cnnserve metadata, other classes, another input size)."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
+    if "labels" not in meta or "preprocessing" not in meta:
+        raise ValueError(
+            f"{model_path} has no cnnserve metadata (labels, preprocessing): cnnserve import-model adds it"
+        )
     labels = json.loads(meta["labels"])
     pre = json.loads(meta["preprocessing"])
+    if classes is not None and list(labels) != list(classes):
+        raise ValueError(f"{model_path} classifies {len(labels)} classes {labels[:4]}...; the data has {list(classes)}")
+    size = [d for d in session.get_inputs()[0].shape[2:] if isinstance(d, int)]
+    if size and tuple(size) != images.shape[1:3]:
+        raise ValueError(
+            f"{model_path} takes {size[0]}x{size[-1]} images; the data's are {images.shape[1]}x{images.shape[2]}"
+        )
     normalizer = Normalizer(pre)  # the server's own preprocessing
     preds = []
     for i in range(0, len(images), batch_size):
@@ -66,7 +82,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
 
 def evaluate(model_path: str | Path, data: str | Path, split: str = "val", batch_size: int = 500) -> dict:
     ds = load_split(data, split)
-    preds, labels = predict(model_path, ds.images, batch_size)
+    preds, labels = predict(model_path, ds.images, batch_size, classes=ds.classes)
     return summarize(model_path, data, split, ds.labels, preds, labels)
 
 

@@ -45,10 +45,77 @@ def _metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def render_variants(model: Path, card_dir: Path, speeds: dict | None = None) -> str:
+def cpu_words(cpu: dict | None) -> str:
+    """``AMD EPYC 7B12: AVX2, FMA; no VNNI`` from a ``cpu_features()`` record."""
+    if not cpu:
+        return "CPU not recorded"
+    flags = [f.upper().replace("_", "-") for f in cpu.get("flags", []) if f not in ("sse4_1", "avx", "asimd")]
+    vnni = "; no VNNI" if cpu.get("u8s8_can_saturate") else ""
+    return f"{cpu.get('model') or cpu.get('arch')}: {', '.join(flags) or 'no listed flags'}{vnni}"
+
+
+def render_recipes(recipes: dict) -> str:
+    """The INT8 recipes measured by ``python -m export.quantize`` (export.quantize.compare_recipes)."""
+    sizes = list(recipes["timing"]["median_ms"]["fp32"])
+    lines = [
+        "| recipe | top-1 here | agreement here | check inputs here | top-1, exact arithmetic | "
+        "agreement, exact arithmetic | " + " | ".join(f"speed-up batch {n}" for n in sizes) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(sizes),
+    ]
+    for r in recipes["candidates"]:
+        lines.append(
+            f"| `{r['recipe']}`: {r['description']} | {100 * r['top1']:.2f} % | {100 * r['agreement']:.2f} % | "
+            f"{100 * r['check_inputs_agreement']:.1f} % | {100 * r['exact_arithmetic_top1']:.2f} % | "
+            f"{100 * r['exact_arithmetic_agreement']:.2f} % | "
+            + " | ".join(f"{r['speedup'][str(n)]:.2f}x" for n in sizes)
+            + " |"
+        )
+    t = recipes["timing"]
+    by = {r["recipe"]: r for r in recipes["candidates"]}
+
+    def fig(name: str, key: str) -> str:
+        return f"{100 * by[name][key]:.2f} %" if name in by else "?"
+
+    why = (
+        "\n\nWhy `u8s8-rr`: two candidates are within the 0.5-point margin, at least 99 % in agreement with "
+        "FP32 and unable to saturate on any x86-64 CPU whatever the input: `u8s8-rr` (7-bit weights bound every "
+        "`vpmaddubsw` pair sum below 32,767) and `u8u8`; of the two, `u8s8-rr` runs the same U8S8 kernels as "
+        "8-bit weights, so VNNI CPUs keep their `vpdpbusd` speed. The others: `u8s8` (the previous shipped recipe) "
+        f"is exact where the CPU has VNNI ({fig('u8s8', 'exact_arithmetic_top1')}) and "
+        f"{fig('u8s8', 'top1')} here; `s8s8` gives the very same answers, because ONNX Runtime's x86 CPU "
+        "provider converts int8 activations to uint8 and runs the same U8S8 kernels; `u8u8` is as accurate "
+        f"({fig('u8u8', 'top1')}, {fig('u8u8', 'agreement')} agreement) but its kernels widen to 16 bits "
+        "and have no VNNI form, slower at batch 64 here and forgoing VNNI elsewhere; per-tensor 8-bit weights "
+        f"(`u8s8-pt`) still saturate now and then ({fig('u8s8-pt', 'agreement')} agreement here against "
+        f"{fig('u8s8-pt', 'exact_arithmetic_agreement')} exact); per-tensor 7-bit (`u8s8-rr-pt`) and "
+        "quantizing the logits layer (`+fc4`) cost agreement (below 99 %). Where the saturation happens: "
+        "7-bit weights in conv1 alone (its inputs are the normalised image, spread over the whole uint8 "
+        "range) gave 78.88 % and 99.36 % agreement here, the same as exact arithmetic, but conv2 and fc3 "
+        "would keep 8-bit weights that *can* saturate on inputs unlike the validation images; the 0.24 "
+        "points were not worth a recipe that is safe only by measurement. Per CPU feature set: on x86-64 "
+        "with AVX2 and no VNNI (measured, this machine) `u8s8-rr` gives the figures above and `auto` picks "
+        "INT8 where it is faster; with AVX-512 VNNI, AVX-VNNI or AMX, and on ARM64 (`asimddp`, `i8mm`), the "
+        "integer sums are exact, so the exact-arithmetic column is what they compute (emulated, not measured "
+        "on such a CPU; their speed is not measured)."
+    )
+    return (
+        f"INT8 recipes measured on {cpu_words(recipes['cpu'])} (`{recipes['command']}`; onnxruntime "
+        f"{recipes['onnxruntime']}; {recipes['images']} validation images, FP32 {100 * recipes['fp32_top1']:.2f} %; "
+        f"`+fc4`: the logits layer quantized too; speed-ups over FP32 at {t['intra_op_threads']} intra-op thread, "
+        f"medians of {t['rounds']} interleaved rounds on the shared 2-core machine). *Here* is what this AVX2 CPU "
+        "computes; *exact arithmetic* is the same graph run unfused (ONNX Runtime dequantizes and computes in FP32 "
+        "instead of running its integer kernels), which is what a CPU whose integer kernels cannot saturate "
+        "(AVX-512 VNNI, AVX-VNNI, AMX, ARM64 dot products) computes, up to rounding: emulated here, not measured "
+        "on such a CPU.\n\n" + "\n".join(lines) + why
+    )
+
+
+def render_variants(model: Path, card_dir: Path, speeds: dict | None = None, recipes: dict | None = None) -> str:
     """The "Precision variants" section: every variant file beside ``model`` with its size,
-    sha256, validation top-1 (overall and per class, from card_dir/evaluation[.<p>].json), how it
-    was made, and the in-process speeds of a ``bench/ceiling.py --precision`` result."""
+    sha256, validation top-1 (overall and per class, from card_dir/evaluation[.<p>].json) and the
+    CPU it was measured on, how it was made, the INT8 recipes compared (``recipes``: an
+    ``export.quantize`` comparison), and the in-process speeds of a ``bench/ceiling.py
+    --precision`` result."""
     present = [p for p in PRECISIONS if model.with_name(variant_filename(p)).is_file()]
     evaluations = {
         p: json.loads((card_dir / ("evaluation.json" if p == "fp32" else f"evaluation.{p}.json")).read_text())
@@ -61,9 +128,10 @@ def render_variants(model: Path, card_dir: Path, speeds: dict | None = None) -> 
         e = evaluations[p]
         delta = "—" if p == "fp32" else f"{100 * (e['top1'] - base):+.2f} pp"
         agree = "—" if p == "fp32" else f"{100 * e['top1_agreement_with_fp32']:.2f} %"
+        on = "—" if p == "fp32" else cpu_words((e.get("measured_on") or {}).get("cpu"))
         rows.append(
             f"| {p} | `{os.path.relpath(path, card_dir)}` | {path.stat().st_size / 1e6:.1f} MB | "
-            f"**{100 * e['top1']:.2f} %** | {delta} | {agree} | `{sha256_of(path)}` |"
+            f"**{100 * e['top1']:.2f} %** | {delta} | {agree} | {on} | `{sha256_of(path)}` |"
         )
     classes = evaluations["fp32"]["classes"]
     per_class = "\n".join(
@@ -74,14 +142,24 @@ def render_variants(model: Path, card_dir: Path, speeds: dict | None = None) -> 
     if "int8" in present:
         q = json.loads(_metadata(model.with_name(variant_filename("int8")))["quantization"])
         cal = q["calibration"]
+        check = evaluations["int8"].get("check") or {}
         how.append(
-            f"- **int8** (for the CPU): {q['tool']}; {q['format']} format, weights {q['weights']}, activations "
-            f"{q['activations']}, calibrated on {cal['images']} training images drawn with seed {cal['seed']} "
-            f"(`{cal['selection']}`; sha256 of the index list `{cal['index_sha256'][:16]}…`) from the training "
-            f"split, never the validation split. Kept FP32: {', '.join(q['kept_fp32']) or 'nothing'} (the layer "
-            "that produces the logits: quantizing its input moved most of the answers that changed, and keeping "
-            "it costs no measurable speed). Written only because its validation top-1 is within "
-            f"{evaluations['int8'].get('max_accuracy_drop_pp', 0.5):g} points of FP32's (`--max-accuracy-drop`)."
+            f"- **int8** (for the CPU; recipe `{q.get('recipe', 'u8s8')}`): {q['tool']}; {q['format']} format, "
+            f"weights {q['weights']}, activations {q['activations']}, calibrated on {cal['images']} training images "
+            f"drawn with seed {cal['seed']} (`{cal['selection']}`; sha256 of the index list "
+            f"`{cal['index_sha256'][:16]}…`) from the training split, never the validation split. Kept FP32: "
+            f"{', '.join(q['kept_fp32']) or 'nothing'} (the layer that produces the logits: quantizing its input "
+            "moved most of the answers that changed, and keeping it costs no measurable speed). Why 7-bit weights: "
+            "ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI (AVX2; AVX-512 before Cascade Lake) multiply "
+            "with `vpmaddubsw`, which adds two uint8 × int8 products into a saturating int16: 2 × 255 × 127 = "
+            "64,770 overflows 32,767, 2 × 255 × 64 = 32,640 cannot, whatever the input. VNNI (`vpdpbusd`), AMX "
+            "and ARM64 (`sdot`/`udot`, `smmla`) sum in 32 bits and are exact either way, so there the recipe only "
+            "costs weight resolution, and it runs the same kernels at the same speed as 8-bit weights. Written "
+            "only because its validation top-1 is within "
+            f"{evaluations['int8'].get('max_accuracy_drop_pp', 0.5):g} points of FP32's (`--max-accuracy-drop`) "
+            f"and it agrees with FP32 on {100 * check.get('agreement', float('nan')):.1f} % of the "
+            f"{check.get('images', '?')} check inputs (`1/check_inputs.npz`, the server's check at load needs "
+            f"{100 * check.get('threshold', float('nan')):g} %)."
         )
     if "fp16" in present:
         q = json.loads(_metadata(model.with_name(variant_filename("fp16")))["quantization"])
@@ -113,14 +191,22 @@ def render_variants(model: Path, card_dir: Path, speeds: dict | None = None) -> 
             f"{speeds['config']['rounds']} interleaved rounds, medians):\n\n" + "\n".join(lines)
         )
     header = " | ".join(present)
+    compared = render_recipes(recipes) if recipes else ""
     return f"""{VARIANTS_HEADING}
 
 The same model at other numeric precisions, beside `model.onnx` in the version folder. The
-server's `precision` setting picks the file (`auto`, the default: int8 on the CPU provider, fp32
-on CUDA; see the project README). Every variant takes and answers FP32 tensors.
+server's `precision` setting picks the file. Every variant takes and answers FP32 tensors. An
+INT8 model's answers depend on the CPU's integer kernels, so every variant figure below names
+the CPU features it was measured on, and the server checks the variant where it runs: at every
+load it runs the variant and FP32 side by side on the 256 check inputs beside the model
+(`1/check_inputs.npz`: synthetic 1/f-noise and shape images with a fixed seed, export/check_inputs.py) and serves FP32 instead
+(`auto`) or refuses to start (the variant asked for) when their top-1 answers agree on fewer
+than 95 % of them. `auto`, the default, considers int8 on the CPU provider (nothing on CUDA)
+and takes it only where it passes that check *and* is faster than FP32 at batch 1 and
+`max_batch_size` in a short timing at load (see the project README's "Precision").
 
-| precision | file | size | validation top-1 | vs fp32 | top-1 agreement with fp32 | sha256 |
-|---|---|---|---|---|---|---|
+| precision | file | size | validation top-1 | vs fp32 | top-1 agreement with fp32 | measured on | sha256 |
+|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 | class | {header} |
@@ -129,12 +215,15 @@ on CUDA; see the project README). Every variant takes and answers FP32 tensors.
 
 {chr(10).join(how)}
 
+{compared}
+
 {speed}
 
 ```console
 $ cnnserve quantize --model models/cifar10/1/model.onnx --out-dir models/cifar10
+$ python -m export.quantize --with-output-layer --batch-sizes 1,8,64 --json bench/results/int8-recipes.json
 $ python -m export.model_card --variants-only --model models/cifar10/1/model.onnx \\
-      --speeds bench/results/ceiling-precision.json
+      --speeds bench/results/ceiling-precision.json --recipes bench/results/int8-recipes.json
 ```
 """
 
@@ -245,21 +334,27 @@ def main() -> None:
     parser.add_argument("--notes", type=Path, default=None, help="markdown appended to the card (run-specific notes)")
     parser.add_argument("--speeds", type=Path, default=None, help="a bench/ceiling.py --precision result (JSON)")
     parser.add_argument(
+        "--recipes", type=Path, default=None, help="a `python -m export.quantize --json` recipe comparison (JSON)"
+    )
+    parser.add_argument(
         "--variants-only", action="store_true", help="rewrite only the card's precision-variants section"
     )
     args = parser.parse_args()
     card_dir = args.model.parent.parent
     speeds = json.loads(args.speeds.read_text()) if args.speeds else None
+    recipes = json.loads(args.recipes.read_text()) if args.recipes else None
     has_variants = any(args.model.with_name(variant_filename(p)).is_file() for p in PRECISIONS if p != "fp32")
     if args.variants_only:
         card = card_dir / "README.md"
-        card.write_text(replace_variants_section(card.read_text(), render_variants(args.model, card_dir, speeds)))
+        card.write_text(
+            replace_variants_section(card.read_text(), render_variants(args.model, card_dir, speeds, recipes))
+        )
         print(f"wrote the precision-variants section of {card}")
         return
     shutil.copyfile(args.run / "curves.png", card_dir / "curves.png")
     text = render(args.run, args.model, json.loads(args.evaluation.read_text()), card_dir, args.machine or machine())
     if has_variants:
-        text = replace_variants_section(text, render_variants(args.model, card_dir, speeds))
+        text = replace_variants_section(text, render_variants(args.model, card_dir, speeds, recipes))
     if args.notes:
         text += "\n" + args.notes.read_text()
     (card_dir / "README.md").write_text(text)

@@ -134,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gRPC channels (TCP connections) per process, used round-robin (default 1)",
     )
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="use asyncio's own event loop")
+    from service.security.client import add_arguments as add_security_arguments
+
+    add_security_arguments(parser.add_argument_group("TLS and access key (also for the /metrics scrape)"))
     p = parser.add_argument_group("output")
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None, help="write the full report as JSON")
     p.add_argument(

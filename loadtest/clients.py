@@ -27,8 +27,10 @@ class GrpcSender:
             ("grpc.max_send_message_length", -1),
             ("grpc.use_local_subchannel_pool", 1),
         ]  # one TCP connection per channel
+        security = self.cfg.security()
+        self.metadata = security.grpc_metadata() or None
         for _ in range(self.cfg.grpc_channels):
-            channel = grpc.aio.insecure_channel(self.cfg.resolved_address(), options=options)
+            channel = security.grpc_aio_channel(self.cfg.resolved_address(), options=options)
             await asyncio.wait_for(channel.channel_ready(), 10)
             self.channels.append(channel)
             self.calls.append(channel.unary_unary(self.method))
@@ -42,7 +44,7 @@ class GrpcSender:
             self._rr += 1
             slot = self._rr
         try:
-            await calls[slot % len(calls)](body, timeout=self.cfg.timeout)
+            await calls[slot % len(calls)](body, timeout=self.cfg.timeout, metadata=self.metadata)
             return None
         except self._rpc_error as e:
             return e.code().name
@@ -121,13 +123,18 @@ class RawHttpSender:
 
     async def setup(self) -> None:
         self.loop = asyncio.get_running_loop()
+        security = self.cfg.security()
+        self.ssl = security.ssl_context()
+        self.headers = security.headers()
         (await self._connect()).transport.close()  # fail early if nobody listens
 
     def prepare(self, payloads: list[Payload]) -> list[bytes]:
-        return [raw_http_request(p, self.cfg.resolved_address()) for p in payloads]
+        return [raw_http_request(p, self.cfg.resolved_address(), self.headers) for p in payloads]
 
     async def _connect(self) -> _HttpConnection:
-        _, conn = await self.loop.create_connection(lambda: _HttpConnection(self.loop), self.host, self.port)
+        _, conn = await self.loop.create_connection(
+            lambda: _HttpConnection(self.loop), self.host, self.port, ssl=self.ssl
+        )
         self.all.append(conn)
         return conn
 
@@ -174,7 +181,7 @@ class AiohttpSender:
 
     def __init__(self, cfg: LoadConfig) -> None:
         self.cfg = cfg
-        self.base = f"http://{cfg.resolved_address()}"
+        self.base = f"{cfg.scheme}://{cfg.resolved_address()}"
 
     async def setup(self) -> None:
         try:
@@ -183,8 +190,10 @@ class AiohttpSender:
             raise LoadTestError("--http-client aiohttp needs aiohttp: pip install 'cnnserve[loadtest]'") from None
 
         self._errors = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+        security = self.cfg.security()
+        self.headers = security.headers()
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False, ssl=security.ssl_context() or False),
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
             skip_auto_headers=("User-Agent",),
         )
@@ -192,7 +201,7 @@ class AiohttpSender:
     def prepare(self, payloads: list[Payload]) -> list[tuple]:
         out = []
         for p in payloads:
-            headers = dict(p.extra_headers)
+            headers = {**p.extra_headers, **self.headers}
             if p.content_type:
                 headers["Content-Type"] = p.content_type
             out.append((self.base + p.path, p.body, headers))

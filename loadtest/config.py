@@ -51,9 +51,26 @@ class LoadConfig:
     grpc_channels: int = 1  # per process (each its own TCP connection)
     http_client: str = "raw"  # raw (httptools) or aiohttp
     metrics_address: str | None = None  # HOST:PORT or URL of /metrics; None: derived; "none": skip
+    # TLS and access key (service.security.client's flags); the key itself is read from a file or
+    # the environment by each process, never carried here.
+    tls: bool = False
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    access_key_file: str | None = None
     seed: int = 0
     progress: bool = True
     uvloop: bool = True
+
+    def security(self):
+        """The client side of TLS and the access key (service.security.client.ClientSecurity)."""
+        from service.security.client import ClientSecurity
+
+        return ClientSecurity.from_options(self.tls, self.cacert, self.cert, self.key, self.access_key_file)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls or self.cacert or self.cert else "http"
 
     def resolved_address(self) -> str:
         return self.address or DEFAULT_ADDRESS[self.target]
@@ -74,14 +91,14 @@ class LoadConfig:
             if given.lower() in NO_METRICS:
                 return None
             if "://" not in given:
-                return f"http://{given}/metrics"
+                return f"{self.scheme}://{given}/metrics"
             scheme, _, rest = given.partition("://")
             return given if "/" in rest else f"{scheme}://{rest}/metrics"
         address = self.resolved_address()
         if self.protocol == "http":
-            return f"http://{address}/metrics"
+            return f"{self.scheme}://{address}/metrics"
         host, _, port = address.rpartition(":")
-        return f"http://{host}:{DEFAULT_HTTP_PORT}/metrics" if port == DEFAULT_GRPC_PORT else None
+        return f"{self.scheme}://{host}:{DEFAULT_HTTP_PORT}/metrics" if port == DEFAULT_GRPC_PORT else None
 
     def metrics_skip_reason(self) -> str:
         """Why ``resolved_metrics_url`` is None, in words a user can act on."""
@@ -116,5 +133,7 @@ class LoadConfig:
             raise ValueError("--images-per-request must be >= 1")
         if self.http_client not in ("raw", "aiohttp"):
             raise ValueError("--http-client is raw or aiohttp")
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("--cert and --key go together")
         if self.grpc_channels < 1 or self.max_outstanding < 1 or self.timeout <= 0:
             raise ValueError("--grpc-channels, --max-outstanding and --timeout must be positive")

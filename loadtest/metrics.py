@@ -48,10 +48,13 @@ def parse_metrics(text: str, model: str | None = None) -> Sample:
     return Sample(values, models)
 
 
-def scrape_metrics(url: str, model: str | None = None, timeout: float = 5.0) -> Sample:
+def scrape_metrics(url: str, model: str | None = None, timeout: float = 5.0, security=None) -> Sample:
+    """``security``: a service.security.client.ClientSecurity (TLS context, access key) or None."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+    request = urllib.request.Request(url, headers=security.headers() if security else {})
+    context = security.ssl_context() if security and url.startswith("https:") else None
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
         return parse_metrics(r.read().decode(), model)
 
 
@@ -92,7 +95,7 @@ class Monitor(threading.Thread):
         if self.url is None:
             return None
         try:
-            return scrape_metrics(self.url, self.model)
+            return scrape_metrics(self.url, self.model, security=self.cfg.security())
         except Exception as e:
             self.scrape_error = f"{self.url}: {type(e).__name__}: {e}"
             return None

@@ -126,9 +126,9 @@ def build_payloads(cfg: LoadConfig, images: list[bytes], tensor: np.ndarray | No
     return out
 
 
-def raw_http_request(payload: Payload, host: str) -> bytes:
+def raw_http_request(payload: Payload, host: str, headers: dict | None = None) -> bytes:
     head = [f"POST {payload.path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(payload.body)}"]
     if payload.content_type:
         head.append(f"Content-Type: {payload.content_type}")
-    head += [f"{k}: {v}" for k, v in payload.extra_headers.items()]
+    head += [f"{k}: {v}" for k, v in {**payload.extra_headers, **(headers or {})}.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + payload.body

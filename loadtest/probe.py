@@ -25,15 +25,21 @@ def check_target(cfg: LoadConfig, payload: Payload) -> Probe:
     import urllib.request
 
     address, k, target = cfg.resolved_address(), cfg.images_per_request, cfg.target
+    try:
+        security = cfg.security()
+    except OSError as e:
+        raise LoadTestError(f"cannot read --access-key-file: {e}") from None
     if target.startswith("grpc"):
         import grpc
 
         method = CLASSIFY_METHOD if target == "grpc" else MODEL_INFER_METHOD
-        with grpc.insecure_channel(
+        with security.grpc_channel(
             address, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         ) as channel:
             try:
-                raw = channel.unary_unary(method)(payload.body, timeout=max(cfg.timeout, 10.0))
+                raw = channel.unary_unary(method)(
+                    payload.body, timeout=max(cfg.timeout, 10.0), metadata=security.grpc_metadata()
+                )
             except grpc.RpcError as e:
                 hint = (
                     " (does this server have the Open Inference Protocol service?)"
@@ -57,13 +63,13 @@ def check_target(cfg: LoadConfig, payload: Payload) -> Probe:
             raise LoadTestError(f"{target}: unexpected outputs {shapes} for {k} images")
         summary = f"model {resp.model_name}/{resp.model_version}, outputs {shapes}"
         return Probe(resp.model_name, resp.model_version, summary)
-    url = f"http://{address}{payload.path}"
-    headers = dict(payload.extra_headers)
+    url = f"{security.scheme}://{address}{payload.path}"
+    headers = {**payload.extra_headers, **security.headers()}
     if payload.content_type:
         headers["Content-Type"] = payload.content_type
     req = urllib.request.Request(url, data=payload.body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=max(cfg.timeout, 10.0)) as r:
+        with urllib.request.urlopen(req, timeout=max(cfg.timeout, 10.0), context=security.ssl_context()) as r:
             body, header_len = r.read(), r.headers.get("Inference-Header-Content-Length")
     except urllib.error.HTTPError as e:
         detail = e.read()[:300].decode(errors="replace")

@@ -34,6 +34,8 @@ die() { log "FAIL: $*"; exit 1; }
 # --- engine ------------------------------------------------------------------------------------
 ENGINE=()
 BUILD_FLAGS=()
+RUN_FLAGS=()
+DOCKERFILE=Dockerfile
 STARTED=0
 pick_engine() {
     local want=${CONTAINER_ENGINE:-}
@@ -53,6 +55,19 @@ pick_engine() {
             # runc: crun is not always usable in nested/VM setups; docker format keeps HEALTHCHECK.
             if command -v runc >/dev/null 2>&1; then ENGINE+=(--runtime runc); fi
             BUILD_FLAGS+=(--format docker)
+            # Buildah before 1.29 takes `FROM ${FLAVOUR}-base` for an image name ("short-name did
+            # not resolve") instead of the stage of that name: build from a copy with the CPU
+            # flavour's stage named outright.
+            sed 's/\${FLAVOUR}-base/cpu-base/g' Dockerfile > "$WORK/Dockerfile"
+            DOCKERFILE=$WORK/Dockerfile
+            # Podman asks the runtime for its own default limits (nofile 1048576), which fail past
+            # this host's hard limits ("error setting rlimit type 7"): this shell's own instead,
+            # nproc at most 32768 (runc here refused 65536 even under a hard limit of 96362).
+            local nofile nproc
+            nofile=$(ulimit -Hn) nproc=$(ulimit -Hu)
+            [[ $nproc == unlimited || $nproc -gt 32768 ]] && nproc=32768
+            [[ $nofile == unlimited ]] && nofile=65536
+            RUN_FLAGS+=(--ulimit "nofile=$nofile:$nofile" --ulimit "nproc=$nproc:$nproc")
             ;;
         *) die "unknown CONTAINER_ENGINE=$want" ;;
     esac
@@ -79,13 +94,13 @@ pick_engine
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     log "building $IMAGE (CPU flavour)"
     # shellcheck disable=SC2086  # BUILD_ARGS is a list of words on purpose
-    "${ENGINE[@]}" build "${BUILD_FLAGS[@]}" -t "$IMAGE" ${BUILD_ARGS:-} -f Dockerfile . \
+    "${ENGINE[@]}" build "${BUILD_FLAGS[@]}" -t "$IMAGE" ${BUILD_ARGS:-} -f "$DOCKERFILE" . \
         || die "image build failed"
 fi
 
 # --- run, as Kubernetes would ------------------------------------------------------------------
 log "starting $NAME on 127.0.0.1:$HOST_PORT"
-"${ENGINE[@]}" run -d --name "$NAME" \
+"${ENGINE[@]}" run -d --name "$NAME" "${RUN_FLAGS[@]}" \
     -p "127.0.0.1:${HOST_PORT}:8000" \
     --read-only --tmpfs /tmp:rw,size=64m \
     --cap-drop ALL --security-opt no-new-privileges \

@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Print the runtime requirements of pyproject.toml ([project].dependencies), one per line.
+"""Print runtime requirements, one per line, with the ONNX Runtime flavour chosen: from the image's
+lock file (the Dockerfile's use) or from pyproject.toml ([project].dependencies and the `cpu`
+extra, the library's ranges), plus the optional extras asked for (from pyproject.toml).
 
-Used by the Dockerfile to install the dependencies in a layer of their own (rebuilt only when
-pyproject.toml changes, not on every source edit) and to pick the ONNX Runtime flavour:
+Used by the Dockerfile to install the dependencies in a layer of their own (rebuilt only when the
+lock changes, not on every source edit) and to pick the ONNX Runtime flavour:
 
-    runtime-requirements.py pyproject.toml --ort-package onnxruntime      # CPU image
-    runtime-requirements.py pyproject.toml --ort-package onnxruntime-gpu  # GPU image (as declared)
+    runtime-requirements.py requirements.lock --ort-package onnxruntime      # CPU image
+    runtime-requirements.py requirements.lock --ort-package onnxruntime-gpu  # GPU image
+    runtime-requirements.py requirements.lock --extras "tracing"             # plus optional extras
 
-The ONNX Runtime requirement (onnxruntime or onnxruntime-gpu, whichever pyproject names) is
+The ONNX Runtime requirement (onnxruntime or onnxruntime-gpu, whichever the file names) is
 rewritten to the chosen package, keeping its version specifier, extras-free, and its marker.
-Only the standard library is used: it runs on the bare base images.
+Extras are pinned in pyproject.toml (the lock holds the runtime's own packages). Only the standard
+library is used: it runs on the bare base images.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 import tomllib
 
@@ -28,12 +33,16 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def runtime_requirements(pyproject: dict, ort_package: str) -> list[str]:
+def runtime_requirements(pyproject: dict, ort_package: str, extras: list[str] | None = None) -> list[str]:
     project = pyproject.get("project", {})
     if "dependencies" in project.get("dynamic", []):
         raise SystemExit("pyproject.toml declares dependencies as dynamic; list them in [project].dependencies")
+    optional = project.get("optional-dependencies", {})
+    unknown = [e for e in extras or [] if e not in optional]
+    if unknown:
+        raise SystemExit(f"pyproject.toml has no extra {unknown[0]!r} (it has {', '.join(sorted(optional))})")
     out = []
-    for req in project.get("dependencies", []):
+    for req in [*project.get("dependencies", []), *(r for e in extras or [] for r in optional[e])]:
         m = _REQ.match(req)
         if not m:
             raise SystemExit(f"cannot parse requirement {req!r}")
@@ -44,19 +53,43 @@ def runtime_requirements(pyproject: dict, ort_package: str) -> list[str]:
     return out
 
 
+def lock_requirements(text: str, ort_package: str) -> list[str]:
+    """The lines of a requirements lock file (comments and blank lines dropped), ORT swapped."""
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return runtime_requirements({"project": {"dependencies": [line for line in lines if line]}}, ort_package)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pyproject", help="path to pyproject.toml")
+    parser.add_argument("source", help="requirements.lock, or pyproject.toml (its dependencies and `cpu` extra)")
     parser.add_argument(
         "--ort-package",
         default="onnxruntime-gpu",
         choices=sorted(ORT_NAMES),
         help="ONNX Runtime distribution to install (default: %(default)s)",
     )
+    parser.add_argument("--extras", default="", help="optional extras whose requirements to add (space-separated)")
+    parser.add_argument("--pyproject", help="where the extras are declared (default: pyproject.toml beside the source)")
     args = parser.parse_args(argv)
-    with open(args.pyproject, "rb") as f:
-        data = tomllib.load(f)
-    for line in runtime_requirements(data, args.ort_package):
+    pyproject_path = Path(args.pyproject or Path(args.source).with_name("pyproject.toml"))
+    extras = args.extras.split()
+    if args.source.endswith(".toml"):
+        with open(args.source, "rb") as f:
+            data = tomllib.load(f)
+        project = data.get("project", {})
+        cpu_extra = project.get("optional-dependencies", {}).get("cpu", [])
+        data = {"project": {**project, "dependencies": [*project.get("dependencies", []), *cpu_extra]}}
+        lines = runtime_requirements(data, args.ort_package, extras)
+    else:
+        with open(args.source) as f:
+            lines = lock_requirements(f.read(), args.ort_package)
+        if extras:
+            with open(pyproject_path, "rb") as f:
+                data = tomllib.load(f)
+            lines += runtime_requirements(
+                {"project": {**data.get("project", {}), "dependencies": []}}, args.ort_package, extras
+            )
+    for line in lines:
         print(line)
     return 0
 

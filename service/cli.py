@@ -1,6 +1,6 @@
 """cnnserve: serve image classifiers (ONNX) over gRPC and HTTP, and the tools around them.
 
-Commands: serve, classify, loadtest, import-model, train, export, quantize, evaluate.
+Commands: serve, classify, loadtest, import-model, train, export, layers, quantize, evaluate.
 `cnnserve COMMAND --help` describes each. train/export/quantize need the `train` extra (torch,
 onnxconverter-common), import-model the `onnx` package (also in the `train` extra); each is
 imported only when called, so the serving install never loads them.
@@ -9,6 +9,7 @@ imported only when called, so the serving install never loads them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import typing
 from pathlib import Path
@@ -50,16 +51,42 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+#: Commands that run models: ONNX Runtime is an extra (pyproject.toml says why), so its absence is
+#: one line naming both, not an ImportError traceback.
+NEEDS_ONNXRUNTIME = {"serve", "evaluate", "import-model", "quantize", "export"}
+NO_ONNXRUNTIME = (
+    "ONNX Runtime is not installed: pip install 'cnnserve[cpu]' (any machine), or 'cnnserve[gpu]' "
+    "(Linux or Windows with an NVIDIA GPU and CUDA 13); from a checkout: pip install -e '.[cpu]'"
+)
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):  # an import blocked (sys.modules entry None) or broken
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service import server
+    from service.security.setup import Security, SecurityError
     from service.workers import supervisor
 
-    return supervisor.run(settings_from_args(args))
+    settings = settings_from_args(args)
+    try:  # unusable TLS files or keys: one line before any process starts (each reads them again)
+        Security(settings)
+    except SecurityError as e:
+        print(f"cnnserve: {e}", file=sys.stderr)
+        return 2
+    # The supervisor is handed the server's entry points: the multi-process mode does not import
+    # the composition root that imports it (tests/test_layering.py).
+    return supervisor.run(settings, server.run, server.frontend_main)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from service.tools import classify_client as client
+    from service.tools import classify_client
 
-    return client.main(args)
+    return classify_client.main(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -96,14 +123,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     from export.layers_onnx import write_companion
 
-    write_companion(args.model, args.output)
+    try:
+        write_companion(args.model, args.output)
+    except (ValueError, OSError) as e:  # another model than the seed's: one line, not a traceback
+        print(f"cnnserve layers: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from export.evaluate import main
 
-    return main(args)
+    try:
+        return main(args)
+    except (ValueError, OSError) as e:  # a model for other data, or no data: one line, not a traceback
+        print(f"cnnserve evaluate: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -122,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from service import __version__
+
+    parser.add_argument("--version", action="version", version=f"cnnserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -144,18 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name (default: the server's default)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    from service.security import client as security_client
+
+    security_client.add_arguments(p.add_argument_group("TLS and access key"))
     p.set_defaults(func=cmd_classify)
 
-    from service.tools import import_model as model_import
+    from service.tools import import_model
 
     p = sub.add_parser(
         "import-model",
         help="add cnnserve's metadata to any ONNX image classifier and put it in a model repository (needs onnx)",
-        description=model_import.__doc__,
+        description=import_model.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    model_import.add_arguments(p)
-    p.set_defaults(func=model_import.main)
+    import_model.add_arguments(p)
+    p.set_defaults(func=import_model.main)
 
     p = sub.add_parser("train", help="train the CNN on CIFAR-10 (needs the train extra)")
     p.add_argument(
@@ -164,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"image-folder tree/.tar.gz or CIFAR-10 python archive (default {DEFAULT_DATA})",
     )
     p.add_argument("--out-dir", default="runs/cifar10", help="checkpoints, metrics.jsonl, curves.png")
-    p.add_argument("--epochs", type=int, default=65)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=65, help="passes over the training split (default 65)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per training step (default 128)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases (default 5e-4)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--val-size", type=int, default=5000, help="held-out stratified validation images")
     p.add_argument("--limit-train", type=int, default=0, help="train on N images only (smoke runs)")
@@ -177,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX with parity check (needs the train extra)")
-    p.add_argument("--checkpoint", default="runs/cifar10/best.pt")
-    p.add_argument("--output", default="models/cifar10/1/model.onnx")
+    p.add_argument("--checkpoint", default="runs/cifar10/best.pt", help="the training checkpoint (default %(default)s)")
+    p.add_argument("--output", default="models/cifar10/1/model.onnx", help="ONNX file to write (default %(default)s)")
     p.add_argument("--data", default=DEFAULT_DATA, help="images for the parity check (validation split)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     p.add_argument("--no-layers", action="store_true", help="do not write the companion layers.onnx (used by /explain)")
     p.set_defaults(func=cmd_export)
 
@@ -188,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         "layers",
         help="write layers.onnx (intermediate activations, for /explain) beside a model.onnx (needs the train extra)",
     )
-    p.add_argument("--model", default="models/cifar10/1/model.onnx")
+    p.add_argument("--model", default="models/cifar10/1/model.onnx", help="the model.onnx (default %(default)s)")
     p.add_argument("--output", default=None, help="default: layers.onnx beside the model")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("evaluate", help="accuracy of an ONNX model through onnxruntime (no torch)")
-    p.add_argument("--model", default="models/cifar10/1/model.onnx")
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--model", default="models/cifar10/1/model.onnx", help="the ONNX model (default %(default)s)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="CIFAR-10 image-folder tree/.tar.gz or python archive")
     p.add_argument(
         "--split",
         default="val",
@@ -202,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="val: the held-out 5,000 (default); test: a CIFAR-10 python archive's test batch",
     )
     p.add_argument("--out-dir", default=None, help="write confusion_matrix.png and evaluation.json here")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="images per ONNX Runtime call (default 500)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -228,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also quantize the layer that produces the logits (default: kept FP32, which keeps top-1 "
         "agreement with FP32 above 99 %% at no measurable cost)",
     )
+    p.add_argument(
+        "--recipe",
+        default="u8s8-rr",
+        choices=["u8s8-rr", "u8s8", "u8u8", "s8s8", "u8s8-pt", "u8s8-rr-pt"],
+        help="INT8 recipe (export/quantize.py INT8_RECIPES). u8s8-rr (default): uint8 activations, int8 weights "
+        "in 7 bits per output channel, which cannot saturate ONNX Runtime's x86 kernels on CPUs without VNNI; "
+        "u8s8: the same in 8 bits, which saturates there",
+    )
     p.add_argument("--out-dir", default=None, help="write evaluation.<precision>.json here (the model card's figures)")
     p.set_defaults(func=cmd_quantize)
 
@@ -244,8 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in NEEDS_ONNXRUNTIME and not _has_onnxruntime():
+        print(f"cnnserve {args.command}: {NO_ONNXRUNTIME}", file=sys.stderr)
+        return 2
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ValidationError as e:
         given = {name for name in Settings.model_fields if getattr(args, name, None) is not None}
         print(f"cnnserve: invalid settings:\n{explain_error(e, given)}", file=sys.stderr)

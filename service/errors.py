@@ -9,6 +9,14 @@ from __future__ import annotations
 import grpc
 
 
+def shown(text: object, limit: int = 64) -> str:
+    """``repr(text)`` for an error message, cut to about ``limit`` characters: names and numbers a
+    client sent are echoed so the error says what was wrong, but a 1 MB model name is not."""
+    if isinstance(text, str) and len(text) > limit:
+        return f"{text[:limit]!r}… ({len(text)} characters)"
+    return repr(text)
+
+
 class ServiceError(Exception):
     """Base of every error a client can cause or observe. Each class carries its HTTP status and
     gRPC code (MLServer's way), so a subclass inherits its parent's unless it says otherwise.

@@ -17,6 +17,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", None)  # set by service.tracing during a sampled request
+        if trace_id:
+            doc["trace_id"], doc["span_id"] = trace_id, getattr(record, "span_id", "")
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(doc).decode()

@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import os
 import time
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from service.inference.batcher import BatchObserver
+#: cnnserve_model_info's labels after model, version, provider and precision (model_info_labels).
+PRECISION_LABELS = ("requested", "reason", "check_agreement", "speedup", "cpu_flags")
+
+
+def model_info_labels(runtime: Any) -> list[str]:  # a ModelRuntime or a ModelDescription
+    """cnnserve_model_info's label values for a loaded runtime (or a front end's description of
+    one): what answers and the precision choice made at load (service/inference/precision.py)."""
+    choice = getattr(runtime, "precision_choice", None) or {}
+    agreement = choice.get("check_agreement")
+    return [
+        runtime.name,
+        runtime.version,
+        runtime.provider,
+        getattr(runtime, "precision", "fp32"),  # a test's stand-in runtime may have none
+        choice.get("requested", ""),
+        choice.get("reason", ""),
+        "" if agreement is None else f"{agreement:.4f}",
+        ",".join(f"{n}:{t['speedup']:.2f}" for n, t in (choice.get("timing") or {}).items()),
+        " ".join((choice.get("cpu") or {}).get("flags", [])),
+    ]
+
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -73,30 +93,52 @@ class Metrics:
         self.batch_size = Histogram(
             "cnnserve_batch_size", "Images per executed batch.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("cnnserve_queue_depth", "Images waiting in the model's queue.", ["model"], registry=r,
-                                 multiprocess_mode="livesum")  # fmt: skip
+        self.queue_depth = Gauge(
+            "cnnserve_queue_depth",
+            "Images waiting in the model's queue.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.images = Counter("cnnserve_images", "Images computed.", ["model"], registry=r)
         self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r)
+        self.access_denied = Counter(
+            "cnnserve_access_denied",
+            "Requests refused for a missing, invalid or insufficient access key, by protocol, access group and "
+            "reason (missing_key, invalid_key, forbidden).",
+            ["protocol", "group", "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "cnnserve_model_info",
-            "Loaded model versions, the provider they run on and the precision variant that answers.",
-            ["model", "version", "provider", "precision"],
+            "Loaded model versions, the provider they run on, the precision variant that answers and why: "
+            "the precision asked for, the reason, its top-1 agreement with fp32 on the check inputs and its "
+            "speed-up over fp32 per batch size (batch:ratio), measured at load on this CPU (its flags).",
+            ["model", "version", "provider", "precision", *PRECISION_LABELS],
             registry=r,
             multiprocess_mode="livemax",
         )
         self.explanations = Counter(
             "cnnserve_explanations", "Explanation requests computed, by attribution method.", ["method"], registry=r
         )
-        self.explanations_active = Gauge("cnnserve_explanations_active", "Explanations being computed now.",
-                                         registry=r, multiprocess_mode="livesum")  # fmt: skip
-        self.explanations_waiting = Gauge("cnnserve_explanations_waiting", "Explanations waiting for a turn.",
-                                          registry=r, multiprocess_mode="livesum")  # fmt: skip
-        self.ready = Gauge("cnnserve_ready", "1 when the server is ready for traffic.", registry=r,
-                           multiprocess_mode="livemin")  # fmt: skip
-        self.workers = Gauge("cnnserve_workers", "Front-end processes serving requests.", registry=r,
-                             multiprocess_mode="livesum")  # fmt: skip
-        self.process_cpu = Counter("cnnserve_process_cpu_seconds", "CPU time used, by server process (server, "
-                                   "frontend-N, executor-N): per-process load.", ["process"], registry=r)  # fmt: skip
+        self.explanations_active = Gauge(
+            "cnnserve_explanations_active", "Explanations being computed now.", registry=r, multiprocess_mode="livesum"
+        )
+        self.explanations_waiting = Gauge(
+            "cnnserve_explanations_waiting", "Explanations waiting for a turn.", registry=r, multiprocess_mode="livesum"
+        )
+        self.ready = Gauge(
+            "cnnserve_ready", "1 when the server is ready for traffic.", registry=r, multiprocess_mode="livemin"
+        )
+        self.workers = Gauge(
+            "cnnserve_workers", "Front-end processes serving requests.", registry=r, multiprocess_mode="livesum"
+        )
+        self.process_cpu = Counter(
+            "cnnserve_process_cpu_seconds",
+            "CPU time used, by server process (server, frontend-N, executor-N): per-process load.",
+            ["process"],
+            registry=r,
+        )
         self._cpu_seen = 0.0
         self.process_name = "server"
 
@@ -126,12 +168,18 @@ class ModelStats:
     (:meth:`total`). Without a table the vector is private to the process."""
 
     FIELDS: tuple[str, ...] = (
-        "success_count", "success_ns", "fail_count", "fail_ns", "queue_count", "queue_ns",
-        "request_compute_count", "request_compute_ns",  # per request, Triton's meaning
+        "success_count",
+        "success_ns",
+        "fail_count",
+        "fail_ns",
+        "queue_count",
+        "queue_ns",
+        "request_compute_count",
+        "request_compute_ns",  # per request, Triton's meaning
         "inference_count",  # images computed
         "execution_count",  # batches run
         "last_inference_ms",
-    )  # fmt: skip
+    )
     _INDEX: ClassVar[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
     _LAST = _INDEX["last_inference_ms"]
     # (count, ns) positions, looked up once: request_done runs for every request.
@@ -187,9 +235,9 @@ class ModelStats:
             v[slot + 1] += ns
 
 
-class StatsObserver(BatchObserver):
-    """Feeds one model version's batcher events into the Prometheus metrics (label children
-    resolved once) and into its ModelStats."""
+class StatsObserver:
+    """Feeds one model version's batcher events (``service.inference.batcher.Observer``) into the
+    Prometheus metrics (label children resolved once) and into its ModelStats."""
 
     def __init__(self, metrics: Metrics, model: str, stats: ModelStats) -> None:
         self.metrics = metrics

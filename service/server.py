@@ -1,4 +1,6 @@
-"""One server process's life: the gRPC and HTTP listeners, the core, readiness, graceful drain.
+"""One server process's composition root and life: it builds the parts (models -> core ->
+explainer -> the data plane the HTTP and gRPC listeners are handed), then runs readiness and the
+graceful drain.
 
 It is the whole server with ``--workers 1``, and each front end of a multi-process server
 (``service.workers.supervisor``), which differs in a :class:`FrontendRole`: its listeners share the ports
@@ -17,28 +19,38 @@ stops at once with exit status 130.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
-import socket
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import uvicorn
 
+from service import tracing
+from service.buffers import BufferedBytes
+from service.dataplane import DataPlane
+from service.explain.explainer import Explainer
+from service.explain.layers import LayerModels
+from service.grpc_api.self_check import GrpcSelfCheck, loopback_target
 from service.grpc_api.server import GrpcServer
 from service.http_api.application import create_app
 from service.http_api.server_config import uvicorn_config
-from service.inference import repository
 from service.inference.core import InferenceCore
-from service.metrics import Metrics
+from service.inference.decoding import DecodePool
+from service.inference.serving import BatchQueue, QueueFactory, ServedModel, StatsSource
+from service.metrics import Metrics, ModelStats
+from service.readiness import Readiness
+from service.security.setup import Security, SecurityError
 from service.settings import Settings
-from service.workers import shared_memory as ipc
-from service.workers.remote_batcher import ExecutorClient
+from service.startup import StartupError, bind_listener, check_repository, port_in_use
+from service.workers import shared_memory
+from service.workers.remote_batcher import ExecutorClient, RemoteBatcher
 
 log = logging.getLogger("cnnserve")
 
@@ -48,7 +60,7 @@ class FrontendRole:
     """What a front end of a multi-process server is told by the supervisor."""
 
     index: int
-    table: ipc.ControlTable
+    table: shared_memory.ControlTable
     run_dir: str
     executors: int  # device executors to connect to; 0: this process runs the models itself
 
@@ -57,48 +69,53 @@ class FrontendRole:
         return self.table.shape.frontend_row(self.index)
 
 
-class StartupError(Exception):
-    """Something the user must fix before the server can start; its message is the one line shown."""
-
-
-def port_in_use(protocol: str, host: str, port: int) -> StartupError:
-    flag = f"--{protocol.lower()}-port"
-    return StartupError(f"{protocol} port {port} is already in use on {host}: stop the other server or pick another "
-                        f"port with {flag} (CNNSERVE_{protocol.upper()}_PORT)")  # fmt: skip
-
-
-def bind_listener(host: str, port: int, protocol: str, reuse_port: bool = False) -> socket.socket:
-    """A bound TCP socket for ``protocol`` (not listening yet); a taken port is a StartupError."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise port_in_use(protocol, host, port) from None
-        raise StartupError(f"cannot listen on {host}:{port} for {protocol}: {e.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def check_repository(settings: Settings) -> list[repository.ModelSpec]:
-    """The model repository's versions, or a StartupError naming its absolute path."""
-    try:
-        return repository.scan(settings.model_repository)
-    except FileNotFoundError as e:
-        raise StartupError(str(e)) from None
-
-
 def _describe_ready(core: InferenceCore) -> str:
     return ", ".join(
         f"{m.name}/{m.version} ({m.runtime.precision}) on {m.runtime.provider}"
         + (f", batches padded to {m.runtime.pad_to}" if m.runtime.pad_to else "")
-        for m in core.all_models()
+        for m in core.models()
     )
+
+
+def build_plane(settings: Settings, metrics: Metrics, role: FrontendRole | None) -> DataPlane:
+    """The parts one process serves with. A front end of a multi-process server keeps its
+    statistics in its row of the shared table and answers readiness for the whole server."""
+    stats: StatsSource | None = None
+    if role is not None:
+        table, row = role.table, role.row
+
+        def stats(index: int) -> tuple[ModelStats, np.ndarray | None]:
+            return ModelStats(table.stats[row, index]), table.stats[:, index]
+
+    pool = DecodePool(settings, metrics)
+    core = InferenceCore(settings, metrics, pool, stats)
+    layer_models = LayerModels()
+    return DataPlane(
+        settings=settings,
+        metrics=metrics,
+        core=core,
+        explainer=Explainer(core, layer_models, settings, metrics),
+        layer_models=layer_models,
+        readiness=Readiness(metrics, role.table if role else None),
+        buffers=BufferedBytes(settings.max_buffered_bytes),
+        pool=pool,
+    )
+
+
+def remote_queues(clients: list[ExecutorClient], settings: Settings) -> QueueFactory:
+    """The queues of the model versions the device executors serve, for ``InferenceCore.start``."""
+
+    def make(index: int, model: ServedModel, stats: ModelStats) -> BatchQueue:
+        return RemoteBatcher(
+            clients,
+            index,
+            clients[0].models[index],
+            settings.max_batch_size,
+            settings.max_queue_delay_ms / 1000.0,
+            clients[0].max_queue_size,
+        )
+
+    return make
 
 
 async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
@@ -106,16 +123,22 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     metrics = Metrics()
     if role is not None:
         metrics.process_name = f"frontend-{role.index}"
-    core = InferenceCore(settings, metrics, role.table if role else None, role.row if role else 0)
+    tracing.start(settings, metrics.process_name, metrics.registry)
+    plane = build_plane(settings, metrics, role)
+    core, readiness = plane.core, plane.readiness
     try:
         if role is None:
             check_repository(settings)
             # Probe the gRPC port ourselves: grpc-core's own failure is a raw log line.
             if settings.grpc_port:
                 bind_listener(settings.host, settings.grpc_port, "gRPC").close()
+        try:
+            security = Security(settings)  # TLS files and access keys, read by each process
+        except SecurityError as e:
+            raise StartupError(str(e)) from None
         sock = bind_listener(settings.host, settings.http_port, "HTTP", reuse_port=role is not None)
         try:
-            grpc_server = GrpcServer(core, metrics, settings, reuse_port=role is not None)
+            grpc_server = GrpcServer(plane, metrics, settings, reuse_port=role is not None, security=security)
         except (OSError, RuntimeError):
             sock.close()
             raise port_in_use("gRPC", settings.host, settings.grpc_port) from None
@@ -123,7 +146,13 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         log.error("%s", e)
         return 1
     http_port = sock.getsockname()[1]
-    config = uvicorn_config(create_app(core, metrics), settings)
+    app = create_app(plane, metrics)
+    # /readyz also asks the gRPC port for its health, over loopback (issue 17): in plaintext with
+    # health open only; under TLS the check would need the server's name and, with mutual TLS, a
+    # client certificate it does not have (README "Secure it": probe gRPC health there).
+    if security.tls is None and "health" not in security.access.restricted:
+        app.state.grpc_self_check = GrpcSelfCheck(loopback_target(settings.host, grpc_server.port))
+    config = uvicorn_config(security.http_app(app, metrics), settings, security.http_ssl)
     http_server = uvicorn.Server(config)
     # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
     # SIGTERM starts our drain instead.
@@ -135,16 +164,20 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, _on_interrupt, stop)
     else:  # a front end stops when its supervisor says so
-        loop.add_signal_handler(ipc.STOP_SIGNAL, stop.set)
+        loop.add_signal_handler(shared_memory.STOP_SIGNAL, stop.set)
 
     await grpc_server.start()
     await http_server.startup(sockets=[sock])
     http_loop = asyncio.create_task(http_server.main_loop())
+    tls_watcher = security.start_watching()
+    if role is None or role.index == 0:
+        log.info("%s", security.describe())
+    heart: asyncio.Task[None] | None = None  # a front end's event loop beats in the shared table
     if role is None:
         log.info("listening http=%s:%d grpc=%s:%d", settings.host, http_port, settings.host, grpc_server.port)
     else:
         role.table.pid[role.row] = os.getpid()
-        role.table.state[role.row] = ipc.LISTENING
+        role.table.state[role.row] = shared_memory.LISTENING
         heart = asyncio.create_task(_heartbeat(role))
 
     clients: list[ExecutorClient] = []
@@ -155,11 +188,16 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         tasks = [asyncio.create_task(c.run()) for c in clients]
         waits: list[asyncio.Task[Any]] = [asyncio.create_task(c.connected.wait()) for c in clients]
         # The models run in the executors; /explain's layers are computed here (service.explain.layers).
-        waits.append(asyncio.create_task(asyncio.to_thread(core.load_layers)))
+        waits.append(asyncio.create_task(asyncio.to_thread(plane.layer_models.load, settings.model_repository)))
         loader = asyncio.create_task(asyncio.wait(waits))
     else:
         tasks = []
-        loader = asyncio.create_task(asyncio.to_thread(core.load))
+
+        def load() -> None:
+            core.load()
+            plane.layer_models.load(settings.model_repository)
+
+        loader = asyncio.create_task(asyncio.to_thread(load))
     await asyncio.wait({loader, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     watcher = None
@@ -167,26 +205,29 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         try:
             loader.result()
             if clients:
-                core.start_remote(clients)
+                core.start(clients[0].models, remote_queues(clients, settings))
+                readiness.models_loaded(report=False)  # the whole server's state sets the gauge
             else:
                 core.start()
+                readiness.models_loaded()
             if role is None:
                 await grpc_server.set_serving(True)
                 log.info("ready in %.2fs: %s", time.monotonic() - started, _describe_ready(core))
             else:
-                role.table.state[role.row] = ipc.READY
-                watcher = asyncio.create_task(_follow_shared_state(core, grpc_server, stop))
+                role.table.state[role.row] = shared_memory.READY
+                watcher = asyncio.create_task(_follow_shared_state(readiness, metrics, grpc_server, stop))
         except Exception as e:  # noqa: BLE001 - any model that fails to load: one line, exit 1
             log.error("cannot load models: %s", e)
             exit_code = 1
             stop.set()
         await stop.wait()
     if exit_code == 0:
-        core.begin_drain()
+        readiness.begin_drain()
         await grpc_server.set_serving(False)
         if settings.drain_seconds > 0:
-            log.info("draining: readiness is false, serving for %.1fs more (Ctrl-C again stops now)",
-                     settings.drain_seconds)  # fmt: skip
+            log.info(
+                "draining: readiness is false, serving for %.1fs more (Ctrl-C again stops now)", settings.drain_seconds
+            )
             await asyncio.sleep(settings.drain_seconds)
     if role is None:
         log.info("closing listeners; finishing admitted requests (at most %.1fs)", settings.shutdown_timeout_seconds)
@@ -202,12 +243,12 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             "shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
             settings.shutdown_timeout_seconds,
         )
-    for task in (watcher, loader, heart if role is not None else None, *tasks):
+    for task in (watcher, tls_watcher, loader, heart, *tasks):
         if task is not None and not task.done():
             task.cancel()
     await core.close()
     if role is not None:
-        role.table.state[role.row] = ipc.STOPPED
+        role.table.state[role.row] = shared_memory.STOPPED
     else:
         log.info("stopped")
     return exit_code
@@ -239,7 +280,9 @@ async def _heartbeat(role: FrontendRole) -> None:
         await asyncio.sleep(HEARTBEAT_S)
 
 
-async def _follow_shared_state(core: InferenceCore, grpc_server: GrpcServer, stop: asyncio.Event) -> None:
+async def _follow_shared_state(
+    readiness: Readiness, metrics: Metrics, grpc_server: GrpcServer, stop: asyncio.Event
+) -> None:
     """A front end's gRPC health follows the whole server's readiness (a drain, a restarting
     process) within 50 ms; HTTP readiness reads the shared table on every call anyway."""
     serving = None
@@ -247,16 +290,16 @@ async def _follow_shared_state(core: InferenceCore, grpc_server: GrpcServer, sto
     while not stop.is_set():
         ticks += 1
         if ticks % 20 == 0:  # every second: this process's CPU, for per-process load in /metrics
-            core.metrics.record_process_cpu()
-        ready = core.is_ready
+            metrics.record_process_cpu()
+        ready = readiness.is_ready
         if ready != serving:
             serving = ready
-            core.metrics.ready.set(1 if ready else 0)
+            metrics.ready.set(1 if ready else 0)
             await grpc_server.set_serving(ready)
         await asyncio.sleep(0.05)
 
 
-def _run_loop(coro) -> int:
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux; fall back elsewhere
@@ -272,14 +315,14 @@ def run(settings: Settings) -> int:
     return _run_loop(serve(settings))
 
 
-def frontend_main(settings_json: str, table_shape: dict, index: int, run_dir: str, executors: int) -> None:
+def frontend_main(settings_json: str, table_shape: dict[str, Any], index: int, run_dir: str, executors: int) -> None:
     """Entry point of a front-end process (spawned by ``service.workers.supervisor``)."""
     from service import logs
 
     settings = Settings.model_validate_json(settings_json)
     logs.configure(settings.log_level, settings.log_format)
-    ipc.become_child()
-    table = ipc.ControlTable(ipc.TableShape(**table_shape))
+    shared_memory.become_child()
+    table = shared_memory.ControlTable(shared_memory.TableShape(**table_shape))
     role = FrontendRole(index, table, str(Path(run_dir)), executors)
     sys.exit(_run_loop(serve(settings, role)))
 

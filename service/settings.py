@@ -7,11 +7,17 @@ List fields take a comma-separated string in the environment (``CNNSERVE_PROVIDE
 
 from __future__ import annotations
 
+import types
 import typing
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The folder that holds the ``service`` package: a checkout (or editable install), where the
+#: bundled ``models/`` and the default ``../shared`` data sit whatever the current folder is.
+INSTALL_ROOT = Path(__file__).resolve().parent.parent
 
 PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
@@ -55,8 +61,10 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto",
         description="Which variant of each model to load: model.onnx (fp32), model.int8.onnx or model.fp16.onnx "
-        "from its version folder. auto: int8 on the CPU provider, fp32 on CUDA, fp32 where the variant is "
-        "absent. An explicit precision whose file is absent stops the server.",
+        "from its version folder. A variant is checked against fp32 at load (top-1 agreement on the "
+        "check_inputs.npz beside the model). auto: int8 on the CPU provider where it passes and is faster "
+        "here at batch 1 and max_batch_size, else fp32; fp32 on CUDA and where the variant is absent. An "
+        "explicit precision whose file is absent, or that fails its check, stops the server.",
     )
     require_gpu: bool = Field(False, description="Refuse to start unless the session really runs on CUDA.")
     cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal.")
@@ -115,13 +123,21 @@ class Settings(BaseSettings):
         "client never gives up. HTTP clients set their own with the X-Request-Timeout-Ms header, gRPC clients "
         "with the call's deadline.",
     )
+    refuse_non_finite: bool = Field(
+        False,
+        description="Refuse Open Inference Protocol input tensors that hold NaN or +-Inf (400 / "
+        "INVALID_ARGUMENT). Off by default, as in Triton, KServe and MLServer: benchmark tools such as "
+        "perf_analyzer send random FP32 bits, NaN included; the answers to such inputs may hold NaN, "
+        "written as null in JSON.",
+    )
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest HTTP body or gRPC message.")
     max_images_per_request: int = Field(256, ge=1, description="Most images in one request.")
     max_image_pixels: int = Field(
         4096 * 4096,
         ge=1024,
-        description="Largest decoded image (width x height) before it is refused, against decompression bombs.",
+        description="Largest decoded image (width x height) before it is refused, against decompression bombs. "
+        "Sequential JPEGs count at the reduced scale they are decoded at (their header at most 4x this).",
     )
 
     max_request_pixels: int = Field(
@@ -155,7 +171,8 @@ class Settings(BaseSettings):
         60.0,
         gt=0.0,
         description="Most seconds from the end of a request's headers to the end of its body: 408 and the "
-        "connection closed past it (stalled uploads).",
+        "connection closed past it (stalled uploads); for a gRPC call, from its headers to its request "
+        "message: DEADLINE_EXCEEDED.",
     )
     keep_alive_timeout_seconds: float = Field(
         5.0, gt=0.0, description="Seconds an idle HTTP keep-alive connection stays open between requests."
@@ -172,6 +189,20 @@ class Settings(BaseSettings):
         ge=1,
         description="Most concurrent HTTP connections (and requests in progress), and most gRPC calls in "
         "progress; past it HTTP requests are answered 503 and gRPC calls RESOURCE_EXHAUSTED at once.",
+    )
+    grpc_max_concurrent_streams: int = Field(
+        100,
+        ge=1,
+        description="Most gRPC calls open at once on one HTTP/2 connection, advertised to clients "
+        "(MAX_CONCURRENT_STREAMS); streams past it are refused (REFUSED_STREAM), reset streams count "
+        "until the server has freed them (HTTP/2 rapid reset).",
+    )
+    grpc_max_early_resets: int = Field(
+        200,
+        ge=1,
+        description="Most gRPC calls one client address may cancel before their request message "
+        "arrives, per 10 s; past it each of its connections that does so again is shut down (HTTP/2 "
+        "rapid reset; unary clients send the message with the headers).",
     )
     explain_concurrency: int = Field(
         2,
@@ -220,8 +251,67 @@ class Settings(BaseSettings):
         "ready stops the whole server (exit 1, the cause logged), so an orchestrator restarts it.",
     )
 
+    # Security (service/security/; README "Secure it"). Defaults: plaintext and open, for a local start.
+    tls_cert_file: str = Field(
+        "",
+        description="PEM certificate chain for TLS on both ports (with --tls-key-file); empty: plaintext. "
+        "Checked for changes every --tls-reload-seconds; new handshakes get the new certificate.",
+    )
+    tls_key_file: str = Field("", description="PEM private key of --tls-cert-file.")
+    tls_client_ca_file: str = Field(
+        "",
+        description="PEM CA certificates for mutual TLS: clients must present a certificate signed by one "
+        "of them, or the handshake fails (both ports). Empty: no client certificates asked.",
+    )
+    tls_reload_seconds: float = Field(
+        10.0, ge=0.0, description="How often the TLS files are checked for changes (0: never reloaded)."
+    )
+    restricted_apis: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated access groups that need a key (Authorization: Bearer KEY or X-API-Key: "
+        "KEY; the same gRPC metadata): health, metadata, inference, explain, statistics, model-repository, "
+        "metrics, or all (everything but health). Keys come from --access-keys-file and the "
+        "CNNSERVE_ACCESS_KEYS environment variable. Empty: everything open.",
+    )
+    access_keys_file: str = Field(
+        "",
+        description="File of access keys, one per line: KEY (every group) or GROUP[,GROUP...]:KEY; # starts "
+        "a comment. Keys are never logged; keep the file readable by the server only.",
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry traces of inference, explanation and v2 requests, configured by the "
+        'standard OTEL_* variables (README "Tracing"); needs the tracing extra. Off: no cost.',
+    )
+
+    @field_validator("restricted_apis", mode="before")
+    @classmethod
+    def _split_groups(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v.strip().lower() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("restricted_apis")
+    @classmethod
+    def _known_groups(cls, value: list[str]) -> list[str]:
+        from service.security.groups import expand_groups
+
+        return expand_groups(value)
+
+    @field_validator("model_repository", "samples_data")
+    @classmethod
+    def _defaults_from_the_installation(cls, value: str, info: typing.Any) -> str:
+        """A default path (relative) that is not there from the current folder is looked up from
+        the installation's root, so `cd /tmp && cnnserve serve` serves the bundled model. Other
+        paths are taken as given (relative to the current folder)."""
+        if value == cls.model_fields[info.field_name].default and not Path(value).exists():
+            there = INSTALL_ROOT / value
+            if there.exists():
+                return str(there.resolve())
+        return value
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -262,10 +352,26 @@ def allowed_values(field: str) -> str:
         return "true or false"
     if field == "providers":
         return "a comma-separated list of cuda, cpu, tensorrt (or full ONNX Runtime provider names)"
+    if field == "restricted_apis":
+        from service.security.groups import GROUPS
+
+        return "a comma-separated list of " + ", ".join((*GROUPS, "all"))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # workers: 1-256 or auto
+        parts = typing.get_args(annotation)
+        return ", or ".join(_kind_in_words(arg, getattr(arg, "__metadata__", ())) for arg in parts)
+    return _kind_in_words(annotation, info.metadata)
+
+
+def _kind_in_words(annotation: object, metadata: typing.Iterable[object]) -> str:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(str(v) for v in typing.get_args(annotation))
     kinds: dict[object, str] = {int: "an integer", float: "a number"}
     kind = kinds.get(annotation, "a string")
     bounds = []
-    for m in info.metadata:
+    # A Field() inside Annotated keeps its bounds in its own metadata (annotated_types.Ge, ...).
+    for m in [c for each in metadata for c in (getattr(each, "metadata", None) or [each])]:
         for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if getattr(m, attr, None) is not None:
                 bounds.append(f"{word} {getattr(m, attr)}")
@@ -277,12 +383,17 @@ def explain_error(error: ValidationError, from_flags: typing.Collection[str] = (
     the value given and what is allowed (pydantic's own text names internal fields and links
     to its website)."""
     lines = []
-    for err in error.errors(include_url=False):
-        field = str(err["loc"][0]) if err["loc"] else ""
+    errors = error.errors(include_url=False)
+    fields = [str(err["loc"][0]) if err["loc"] else "" for err in errors]
+    for field, err in zip(fields, errors):
         msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
         if field not in Settings.model_fields:
             lines.append(f"{field or 'settings'}: {msg}")
             continue
+        if fields.count(field) > 1:  # one error per member of a union (workers: a number or auto): one line
+            if any(line.startswith((f"{flag_name(field)} ", f"{env_name(field)}=")) for line in lines):
+                continue
+            msg = "not a valid value"
         value = err.get("input")
         shown = ",".join(map(str, value)) if isinstance(value, list) else value
         if field in from_flags:

@@ -176,13 +176,12 @@ def test_queue_delay_waits_for_company_but_not_longer_than_the_delay():
 
 
 def test_background_work_is_batched_only_in_the_room_requests_leave():
-    """Explanations' images (service.inference.priority.background) queued first still go after
-    requests queued later; they fill what room a batch has left."""
-    from service.inference import priority
+    """Explanations' images (Priority.BACKGROUND, as the explainer submits them) queued first still
+    go after requests queued later; they fill what room a batch has left."""
+    from service.inference.priority import Priority
 
     async def background_submit(b, x):
-        priority.background.set(True)  # this task's context only, as InferenceCore.explain does
-        return await b.submit(x)
+        return await b.submit(x, None, Priority.BACKGROUND)
 
     async def main():
         gate = threading.Event()

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install -e '.[dev]')")
 
@@ -116,7 +117,7 @@ def render(variant: str, tmp_root: Path | None = None) -> list[dict]:
     return list(_kustomize(str(where)))
 
 
-COMPONENTS = ("monitoring", "queue-autoscaling")
+COMPONENTS = ("monitoring", "queue-autoscaling", "tls", "network-policy", "tracing")
 VARIANTS = ["base", "cpu", "gpu", *(f"{o}+{c}" for c in COMPONENTS for o in OVERLAYS), "kserve"]
 
 
@@ -381,6 +382,22 @@ def test_runtime_requirements_swaps_onnxruntime_flavour():
         mod.runtime_requirements({"project": {"dynamic": ["dependencies"]}}, "onnxruntime")
 
 
+def test_runtime_requirements_adds_the_extras_the_image_bakes_in():
+    """The Dockerfile's EXTRAS (default: tracing) come from pyproject's optional dependencies."""
+    import tomllib
+
+    mod = _load_runtime_requirements()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    plain = mod.runtime_requirements(pyproject, "onnxruntime")
+    traced = mod.runtime_requirements(pyproject, "onnxruntime", ["tracing"])
+    assert traced[: len(plain)] == plain
+    assert traced[len(plain) :] == pyproject["project"]["optional-dependencies"]["tracing"]
+    assert any(r.startswith("opentelemetry-sdk==") for r in traced)
+    with pytest.raises(SystemExit, match="no extra"):
+        mod.runtime_requirements(pyproject, "onnxruntime", ["no-such-extra"])
+    assert 'ARG EXTRAS="tracing"' in DOCKERFILE.read_text()
+
+
 def test_runtime_requirements_of_this_project():
     if not (ROOT / "pyproject.toml").is_file():
         pytest.skip("no pyproject.toml yet")
@@ -397,6 +414,28 @@ def test_runtime_requirements_of_this_project():
     names = {re.split(r"[\s\[<>=!~;]", ln, maxsplit=1)[0].lower() for ln in res.stdout.splitlines()}
     assert "onnxruntime" in names and "onnxruntime-gpu" not in names
     assert "torch" not in names, "torch is a training dependency, not a runtime one"
+
+
+def test_the_image_lock_is_within_the_library_ranges_and_picks_the_flavour():
+    """requirements.lock (what the image installs) pins every runtime requirement of pyproject.toml,
+    each inside its range; the Dockerfile installs from it with the flavour's ONNX Runtime."""
+    from packaging.requirements import Requirement
+
+    mod = _load_runtime_requirements()
+    lock_text = (ROOT / "requirements.lock").read_text()
+    pins = {
+        Requirement(line).name.lower().replace("_", "-"): line.split("==")[1]
+        for line in mod.lock_requirements(lock_text, "onnxruntime")
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in [*project["dependencies"], *project["optional-dependencies"]["cpu"]]:
+        req = Requirement(line)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in requirements.lock"
+        assert req.specifier.contains(pins[name]), f"requirements.lock's {name}=={pins[name]} is outside {line!r}"
+    gpu = mod.lock_requirements(lock_text, "onnxruntime-gpu")
+    assert f"onnxruntime-gpu=={pins['onnxruntime']}" in gpu and not any(x.startswith("onnxruntime==") for x in gpu)
+    assert "requirements.lock" in (ROOT / "Dockerfile").read_text()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -948,3 +987,72 @@ def test_prometheus_adapter_rule_serves_the_components_metric():
     readme = (DEPLOY / "README.md").read_text()
     shown = re.search(r"```yaml\n(rules:\n.*?)```", readme, re.S)
     assert shown and yaml.safe_load(shown.group(1)) == values, "README's rule differs from the shipped file"
+
+
+# ----------------------------------------------------------------------------------------------
+# TLS and NetworkPolicy components (README: Secure it)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tls_component_mounts_the_secret_the_settings_name_and_probes_over_https(overlay, tmp_root, monkeypatch):
+    docs = render(f"{overlay}+tls", tmp_root)
+    s = effective_settings(docs, monkeypatch)
+    dep = workload(docs)
+    cont, spec = server_container(dep), pod_spec(dep)
+    mounts = {m["name"]: m for m in cont["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert {"tmp", "shm", "tls"} <= set(mounts), "the patch must add to the base's mounts, not replace them"
+    tls = mounts["tls"]
+    assert tls["readOnly"] is True
+    secret = volumes["tls"]["secret"]
+    assert secret["secretName"] == "cnnserve-tls" and secret["defaultMode"] & 0o007 == 0
+    for path in (s.tls_cert_file, s.tls_key_file):
+        assert path.startswith(tls["mountPath"] + "/"), path
+    assert {Path(s.tls_cert_file).name, Path(s.tls_key_file).name} == {"tls.crt", "tls.key"}  # kubernetes.io/tls
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = cont[kind]["httpGet"]
+        assert get["scheme"] == "HTTPS" and get["path"] in PROBE_PATHS, kind
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    # Probes stay open: health is never restricted by the deployment.
+    assert "health" not in s.restricted_apis
+
+
+def test_cert_manager_certificate_example_issues_the_mounted_secret(tmp_root):
+    cert = yaml.safe_load((DEPLOY / "tls" / "certificate.yaml").read_text())
+    assert cert["apiVersion"] == "cert-manager.io/v1" and cert["kind"] == "Certificate"
+    dep = workload(render("cpu+tls", tmp_root))
+    volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    assert cert["spec"]["secretName"] == volumes["tls"]["secret"]["secretName"]
+    svc = one(render("cpu"), "Service")
+    assert svc["metadata"]["name"] in cert["spec"]["dnsNames"]
+    assert "server auth" in cert["spec"]["usages"]
+    assert cert["spec"]["privateKey"]["rotationPolicy"] == "Always"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_lets_in_only_the_server_ports_and_no_egress(overlay, tmp_root):
+    docs = render(f"{overlay}+network-policy", tmp_root)
+    policy = one(docs, "NetworkPolicy")
+    dep = workload(docs)
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["spec"]["egress"] == []
+    defaults = settings_fields()
+    container_ports = {p["containerPort"] for p in server_container(dep)["ports"]}
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert allowed == container_ports == {defaults["http_port"].default, defaults["grpc_port"].default}
+    for rule in policy["spec"]["ingress"]:
+        assert rule["from"], "an ingress rule without 'from' would let in everyone"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tracing_component_turns_tracing_on_with_a_collector(overlay, tmp_root, monkeypatch):
+    """The component merges tracing on and a collector endpoint into the overlay's ConfigMap; the
+    settings it yields validate, and the OTEL_* variables reach the container with them."""
+    docs = render(f"{overlay}+tracing", tmp_root)
+    assert effective_settings(docs, monkeypatch).tracing is True
+    data = {d["metadata"]["name"]: d for d in by_kind(docs, "ConfigMap")}
+    env = next(d for name, d in data.items() if name.startswith("cnnserve-config"))["data"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert 0 < float(env["OTEL_TRACES_SAMPLER_ARG"]) <= 1
+    assert cnnserve_env(render(overlay)).get("CNNSERVE_TRACING") in (None, "false")  # off without it

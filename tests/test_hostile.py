@@ -69,8 +69,9 @@ def hostile():
 def hostile_one_process():
     """The same, as one process whatever CNNSERVE_TEST_WORKERS says: the per-process caps
     (connections, buffered bytes) are counted exactly only when one process takes every
-    connection (with several front ends each gets its share of the cap: README)."""
-    s = _hostile_server("--workers", "1", "--executor", "worker")
+    connection (with several front ends each gets its share of the cap: README). It also refuses
+    non-finite tensors (the opt-in), which needs no server of its own."""
+    s = _hostile_server("--workers", "1", "--executor", "worker", "--refuse-non-finite")
     yield s
     assert s.stop() == 0, s.log
 
@@ -478,34 +479,62 @@ def test_garbage_protobuf_is_invalid_argument_without_a_traceback(hostile, refer
     serves_normally(hostile, reference)
 
 
-def test_nan_and_inf_inputs_are_refused_over_both_v2_bindings(hostile, reference):
+def _v2_binary(server: ServerProcess, tensor: np.ndarray) -> httpx.Response:
+    raw = tensor.astype("<f4").tobytes()
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(tensor.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    )
+    return httpx.post(
+        f"{server.http}/v2/models/cifar10/infer",
+        content=head + raw,
+        headers={"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+
+
+def test_random_fp32_bits_are_answered_as_triton_does(hostile, reference):
+    """perf_analyzer's default input is random bytes read as FP32: NaN, ±Inf and huge numbers.
+    They are answered (valid JSON), and the finite image beside them gets its own answer."""
+    bits = np.random.default_rng(1).integers(0, 256, (1, 3, 32, 32, 4), np.uint8).view("<f4")[..., 0]
+    assert not np.isfinite(bits).all()
+    pixels = distinct_images(1, seed=3)
+    normalised = ((pixels / 255.0 - reference.mean) / reference.std).transpose(0, 3, 1, 2).astype(np.float32)
+    r = _v2_binary(hostile, np.concatenate([bits, normalised]))
+    assert r.status_code == 200, r.text
+    doc = orjson.loads(r.content)  # strict JSON: no bare NaN token
+    probabilities = next(o["data"] for o in doc["outputs"] if o["name"] == "probabilities")
+    assert all(p is None or np.isfinite(p) for p in probabilities)
+    np.testing.assert_allclose(probabilities[10:], reference.probabilities(pixels)[0], atol=0.05)  # INT8 vs FP32
+    with grpc.insecure_channel(hostile.grpc_target) as channel:
+        request = v2pb.ModelInferRequest(model_name="cifar10")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
+        request.raw_input_contents.append(bits.astype("<f4").tobytes())
+        reply = v2pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        assert len(reply.raw_output_contents) == 2
+    serves_normally(hostile, reference)
+
+
+def test_non_finite_inputs_are_refused_when_asked_over_both_v2_bindings(hostile_one_process, reference):
+    hostile = hostile_one_process  # started with --refuse-non-finite
     x = np.zeros((1, 3, 32, 32), np.float32)
     for bad in (np.nan, np.inf, -np.inf):
         y = x.copy()
         y[0, 1, 2, 3] = bad
-        raw = y.tobytes()
-        head = orjson.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "input",
-                        "datatype": "FP32",
-                        "shape": [1, 3, 32, 32],
-                        "parameters": {"binary_data_size": len(raw)},
-                    }
-                ]
-            }
-        )
-        r = httpx.post(
-            f"{hostile.http}/v2/models/cifar10/infer",
-            content=head + raw,
-            headers={"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
-        )
+        r = _v2_binary(hostile, y)
         assert r.status_code == 400 and "NaN" in r.json()["error"], r.text
         with grpc.insecure_channel(hostile.grpc_target) as channel:
             request = v2pb.ModelInferRequest(model_name="cifar10")
             request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
-            request.raw_input_contents.append(raw)
+            request.raw_input_contents.append(y.tobytes())
             with pytest.raises(grpc.RpcError) as info:
                 v2pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

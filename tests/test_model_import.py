@@ -66,13 +66,19 @@ def test_imported_model_is_served_and_classifies_through_predict(source, tmp_pat
     repo = tmp_path / "repo"
     out = run_import(
         str(source / "colours.onnx"),
-        "--labels", str(source / "labels.txt"),
-        "--name", "colours",
-        "--repository", str(repo),
-        "--mean", "0,0,0",
-        "--std", "1,1,1",
-        "--channel-order", "bgr",
-    )  # fmt: skip
+        "--labels",
+        str(source / "labels.txt"),
+        "--name",
+        "colours",
+        "--repository",
+        str(repo),
+        "--mean",
+        "0,0,0",
+        "--std",
+        "1,1,1",
+        "--channel-order",
+        "bgr",
+    )
     assert out.returncode == 0, out.stderr
     assert "imported colours/1" in out.stdout and "[-1, 3, 24, 20]" in out.stdout
     assert (repo / "colours" / "1" / "model.onnx").exists()
@@ -114,3 +120,24 @@ def test_import_refuses_what_it_cannot_serve(source, tmp_path):
 def test_a_model_without_metadata_is_refused_with_the_fix(source):
     with pytest.raises(ValueError, match=r"lacks labels and preprocessing; add them with `cnnserve import-model`"):
         ModelRuntime(ModelSpec("c", "1", source / "colours.onnx"), Settings(providers=["cpu"]))
+
+
+def test_layers_and_evaluate_on_another_model_say_why_in_one_line(source, tmp_path):
+    """The seed model's tools on another classifier: an error line, not a traceback."""
+    norm = ["--input-size", "24x20", "--mean", "0,0,0", "--std", "1,1,1"]
+    out = run_import(str(source / "colours.onnx"), "--labels", str(source / "labels.txt"), "--name", "colours",
+                     *norm, "--repository", str(tmp_path / "repo"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    model = tmp_path / "repo" / "colours" / "1" / "model.onnx"
+    data_dir = tmp_path / "data"
+    for c in ("cat", "dog"):
+        (data_dir / c).mkdir(parents=True)
+        (data_dir / c / "0000.png").write_bytes(solid((10, 20, 30), 32, 32))
+    for args, expected in (
+        (["layers", "--model", str(model)], "cnnserve layers: not the seed model's graph"),
+        (["evaluate", "--model", str(model), "--data", str(data_dir), "--split", "all"], "classifies 4 classes"),
+        (["evaluate", "--model", str(model), "--data", str(tmp_path / "none")], "cnnserve evaluate: "),
+    ):
+        run = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert run.returncode == 1 and expected in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)

@@ -75,3 +75,17 @@ def test_docs_pages_load_everything_from_the_server_itself(server, page):
     if page == "/docs":
         assert '"validatorUrl": null' in html
         assert any(u.endswith("swagger-ui-bundle.js") for u in urls)
+
+
+def test_operation_ids_are_unique_and_head_routes_documented(server, spec):
+    ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+        assert {"get", "head"} <= set(spec["paths"][path]), path
+        assert httpx.head(f"{server.http}{path}").status_code == 200
+    assert "Duplicate Operation ID" not in server.log
+
+
+def test_favicon_is_served(server):
+    r = httpx.get(f"{server.http}/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml" and r.content.startswith(b"<svg")

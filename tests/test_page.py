@@ -108,12 +108,15 @@ def test_phone_width_has_no_sideways_scrolling(server, browser, image_file):
     page.close()
 
 
-def test_a_bad_file_is_reported_on_the_page(server, browser, tmp_path):
+def test_a_bad_file_is_reported_on_the_page(server, browser, image_file, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     page = browser.new_page()
     page.goto(f"{server.http}/")
+    page.set_input_files("#file", str(image_file))
+    page.wait_for_selector("#result:not([hidden])")
     page.set_input_files("#file", str(bad))
     page.wait_for_function("document.getElementById('status').textContent.includes('Could not explain')")
     assert "415" in page.inner_text("#status") or "unsupported" in page.inner_text("#status").lower()
+    assert page.is_hidden("#result")  # the previous image's answer is not left under the error
     page.close()

@@ -3,6 +3,7 @@ parser needs one."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 
@@ -14,9 +15,12 @@ from service.errors import InvalidInput, InvalidParameter, PayloadTooLarge, Unsu
 from service.http_api.context import timeout_from_header
 from service.http_api.inference_rest import decompress, encode_rest_response, parse_rest_request
 from service.http_api.routes import int_parameter, parse_json_body
-from service.inference.core import InferenceCore, LoadedModel
+from service.inference.batcher import Batcher
+from service.inference.core import InferenceCore
+from service.inference.decoding import DecodePool
 from service.inference.repository import scan
 from service.inference.runtime import ModelRuntime
+from service.inference.serving import LoadedModel
 from service.metrics import Metrics, ModelStats
 from service.protocol.open_inference import InferResponse, InputTensor, build_outputs, decode_input, plan_outputs
 from service.settings import Settings
@@ -26,14 +30,14 @@ SHAPE = [2, 3, 32, 32]
 
 
 @pytest.fixture(scope="module")
-def core():
-    return InferenceCore(Settings(providers=["cpu"], intra_op_threads=1, max_images_per_request=8), Metrics())
+def runtime():
+    spec = next(s for s in scan(MODEL_REPOSITORY) if s.path == MODEL_PATH)
+    return ModelRuntime(spec, Settings(providers=["cpu"], intra_op_threads=1))
 
 
 @pytest.fixture(scope="module")
-def model():
-    spec = next(s for s in scan(MODEL_REPOSITORY) if s.path == MODEL_PATH)
-    return LoadedModel(ModelRuntime(spec, Settings(providers=["cpu"], intra_op_threads=1)), None, ModelStats())
+def model(runtime):
+    return LoadedModel(runtime, None, ModelStats())
 
 
 def rest_body(doc: dict, binary: bytes = b"") -> tuple[bytes, str | None]:
@@ -148,7 +152,7 @@ def test_decompression_is_bounded():
 
 
 # ---- the protocol's input and outputs -------------------------------------------------------------
-def test_decode_input_accepts_raw_json_and_typed_contents(core, model):
+def test_decode_input_accepts_raw_json_and_typed_contents(model):
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     for tensor in (
         InputTensor("input", "FP32", SHAPE, raw=x.astype("<f4").tobytes()),
@@ -156,11 +160,11 @@ def test_decode_input_accepts_raw_json_and_typed_contents(core, model):
         InputTensor("input", "FP32", SHAPE, data=x.ravel().tolist()),
         InputTensor("input", "FP32", SHAPE, data=list(x.ravel()), contents="fp32_contents"),
     ):
-        out = decode_input(core, model, [tensor])
+        out = decode_input(model, [tensor])
         assert out.dtype == np.float32 and out.shape == tuple(SHAPE)
         np.testing.assert_array_equal(out, x)
     unaligned = memoryview(b"\0" + x.tobytes())[1:]
-    np.testing.assert_array_equal(decode_input(core, model, [InputTensor("input", "FP32", SHAPE, raw=unaligned)]), x)
+    np.testing.assert_array_equal(decode_input(model, [InputTensor("input", "FP32", SHAPE, raw=unaligned)]), x)
 
 
 @pytest.mark.parametrize(
@@ -171,8 +175,6 @@ def test_decode_input_accepts_raw_json_and_typed_contents(core, model):
         ([InputTensor("input", "INT8", SHAPE, data=[0])], InvalidInput, "datatype 'INT8'"),
         ([InputTensor("input", "FP32", [1, 3, 28, 28], data=[0])], InvalidInput, r"FP32 \[-1,3,32,32\]"),
         ([InputTensor("input", "FP32", [1.5, 3, 32, 32], data=[0])], InvalidInput, "shape"),
-        ([InputTensor("input", "FP32", [0, 3, 32, 32], data=[])], InvalidInput, "holds no image"),
-        ([InputTensor("input", "FP32", [9, 3, 32, 32], data=[0])], PayloadTooLarge, "limit is 8"),
         ([InputTensor("input", "FP32", [1, 3, 32, 32], raw=b"\0" * 12)], InvalidInput, "12 bytes but"),
         ([InputTensor("input", "FP32", [1, 3, 32, 32], data=[0.0] * 5)], InvalidInput, "holds 5 values"),
         ([InputTensor("input", "FP32", [1, 3, 32, 32], data=["a"] * 3072)], InvalidInput, "numbers only"),
@@ -181,9 +183,46 @@ def test_decode_input_accepts_raw_json_and_typed_contents(core, model):
         ([InputTensor("input", "FP32", [1, 3, 32, 32])], InvalidInput, "has no data"),
     ],
 )
-def test_decode_input_errors(core, model, inputs, error, message):
+def test_decode_input_errors(model, inputs, error, message):
     with pytest.raises(error, match=message):
-        decode_input(core, model, inputs)
+        decode_input(model, inputs)
+
+
+@pytest.mark.parametrize(
+    "count,error,message",
+    [(0, InvalidInput, "holds no image"), (9, PayloadTooLarge, "limit is 8"), (33, PayloadTooLarge, "limit is 8")],
+)
+def test_infer_checks_the_count_before_the_tensor_is_built(runtime, count, error, message):
+    """The core refuses a v2 request by its image count alone: its tensor is never built."""
+    settings = Settings(providers=["cpu"], intra_op_threads=1, max_images_per_request=8, max_queue_size=32)
+    metrics = Metrics()
+    core = InferenceCore(settings, metrics, DecodePool(settings, metrics))
+    built: list[int] = []
+
+    def tensor(n: int):
+        def build() -> np.ndarray:
+            built.append(n)
+            return np.zeros((n, 3, 32, 32), np.float32)
+
+        return build
+
+    def queue(index: int, model: object, stats: object) -> Batcher:
+        batcher = Batcher(runtime.run_batch, max_queue_size=32)
+        batcher.start()
+        return batcher
+
+    async def run() -> None:
+        core.start([runtime], queue)
+        try:
+            with pytest.raises(error, match=message):
+                await core.infer(core.model(), count, tensor(count))
+            out = await core.infer(core.model(), 2, tensor(2))  # a valid one is built once, and runs
+            assert out.probabilities.shape == (2, 10)
+        finally:
+            await core.close()
+
+    asyncio.run(run())
+    assert built == [2]
 
 
 def test_plan_outputs(model):
@@ -200,6 +239,53 @@ def test_plan_outputs(model):
     ):
         with pytest.raises(InvalidInput, match=message):
             plan_outputs(model, requested, binary_default=False)
+
+
+def test_non_finite_inputs_pass_by_default_and_are_refused_on_request(model):
+    x = np.zeros(SHAPE, np.float32)
+    x[0, 1, 2, 3], x[1, 0, 0, 0] = np.nan, -np.inf
+    tensor = InputTensor("input", "FP32", SHAPE, raw=x.astype("<f4").tobytes())
+    np.testing.assert_array_equal(decode_input(model, [tensor]), x)  # as Triton: passed to the model
+    with pytest.raises(InvalidInput, match="NaN or infinite"):
+        decode_input(model, [tensor], refuse_non_finite=True)
+    # A finite JSON number beyond FP32's range becomes Inf: refused with the others.
+    big = InputTensor("input", "FP32", [1, 3, 32, 32], data=[1e39] + [0.0] * 3071)
+    with pytest.raises(InvalidInput, match="beyond FP32's range"):
+        decode_input(model, [big], refuse_non_finite=True)
+
+
+def test_nan_answers_stay_valid_json_and_leave_other_images_alone(model):
+    """The FP32 model answers NaN to a NaN input (INT8's quantizer maps it to a number): JSON
+    writes it as null, the binary section and gRPC carry the IEEE value, and the image beside it
+    in the batch gets the answer it gets alone."""
+    spec = next(s for s in scan(MODEL_REPOSITORY) if s.path == MODEL_PATH)
+    fp32 = LoadedModel(
+        ModelRuntime(spec, Settings(providers=["cpu"], intra_op_threads=1, precision="fp32")), None, ModelStats()
+    )
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    alone = fp32.runtime.run_batch([x[1:].copy()])
+    x[0, 2, 5, 5] = np.nan
+    result = fp32.runtime.run_batch([x])
+    plan = plan_outputs(fp32, [("probabilities", {}), ("logits", {"classification": 3})], False)
+    body, header_length = encode_rest_response(InferResponse("cifar10", "1", "r", build_outputs(fp32, plan, result)))
+    assert header_length is None
+    doc = orjson.loads(body)  # orjson, like browsers, refuses the bare NaN token some encoders write
+    probabilities = doc["outputs"][0]["data"]
+    assert probabilities[:10] == [None] * 10
+    np.testing.assert_allclose(probabilities[10:], alone.probabilities[0], rtol=1e-6)
+    assert doc["outputs"][1]["data"][0].startswith("nan:")
+    assert doc["outputs"][1]["data"][3].split(":")[1] == str(int(alone.order[0, 0]))
+
+
+def test_top_k_is_capped_at_the_models_classes_whether_given_or_default():
+    settings, metrics = Settings(providers=["cpu"], intra_op_threads=1), Metrics()
+    core = InferenceCore(settings, metrics, DecodePool(settings, metrics))
+    assert core.top_k(None, num_classes=4) == 4  # the default, 5
+    assert core.top_k(8, num_classes=4) == 4
+    assert core.top_k(3, num_classes=4) == 3
+    for bad in (0, 11, True, "3"):
+        with pytest.raises(InvalidParameter, match="from 1 to 10"):
+            core.top_k(bad, num_classes=4)
 
 
 def test_rest_response_binary_section(model):

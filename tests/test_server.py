@@ -264,6 +264,47 @@ def test_http_bad_parameters(server, params, status):
     assert "error" in r.json()
 
 
+def _photo(width: int, height: int, **save) -> bytes:
+    """A camera-sized JPEG: a smooth scene (small noise upscaled), so the file stays a few MB."""
+    scene = Image.fromarray(np.random.default_rng(7).integers(0, 256, (30, 45, 3), np.uint8))
+    buf = io.BytesIO()
+    scene.resize((width, height), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_multipart_answers_and_errors_name_the_files(server):
+    a, b = (png_bytes(p) for p in distinct_images(2, seed=5))
+    files = [("file", ("cat.png", a, "image/png")), ("file", ("dog.png", b, "image/png"))]
+    r = httpx.post(f"{server.http}/predict", files=files, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [res["file"] for res in r.json()["results"]] == ["cat.png", "dog.png"]
+    r = httpx.post(f"{server.http}/predict", files=[files[0], ("file", ("notes.txt", b"hello", "text/plain"))])
+    assert r.status_code == 400 and r.json()["error"].startswith("image 1 (notes.txt): "), r.text
+    # Other body kinds have no file names: no "file" key.
+    r = httpx.post(f"{server.http}/predict", content=a, headers={"Content-Type": "image/png"})
+    assert "file" not in r.json()["results"][0]
+
+
+def test_a_24_megapixel_camera_photo_is_classified_like_a_12_megapixel_one(server):
+    """Over max_image_pixels (16.7 M) by its header, but a sequential JPEG is decoded at 1/8 scale
+    (750x500): bounded by what that costs. A progressive one, whose decoder holds every coefficient
+    of the full image, keeps the header bound (and a PNG, which decodes fully)."""
+    url = f"{server.http}/predict"
+    answers = []
+    for size in ((6000, 4000), (4000, 3000)):
+        r = httpx.post(url, content=_photo(*size), headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200, r.text
+        answers.append({p["index"]: p["probability"] for p in r.json()["results"][0]["predictions"]})
+    assert max(answers[0], key=answers[0].get) == max(answers[1], key=answers[1].get)
+    r = httpx.post(url, content=_photo(6000, 4000, progressive=True), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 413 and "6000x4000 = 24000000 pixels" in r.json()["error"], r.text
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        reply = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(images=[pb.Image(encoded=_photo(6000, 4000))]), timeout=30
+        )
+    assert len(reply.results[0].predictions) == 5
+
+
 def test_http_limits_and_unknown_routes(server):
     url = f"{server.http}/predict"
     # Over max_request_bytes (16 MiB by default): refused from the Content-Length alone.
@@ -414,6 +455,19 @@ def test_cli_classify_over_grpc_and_http(server, tmp_path):
         timeout=60,
     )
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
+    # A bad file among several: the error names the file, not the server's "image 1".
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    for extra in (["--target", server.grpc_target], ["--http", "--target", f"127.0.0.1:{server.http_port}"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "service.cli", "classify", str(path), str(notes), *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1 and f"{notes}: not an image" in out.stderr, out.stderr
+        assert "image 1" not in out.stderr
 
 
 def test_readiness_is_false_until_the_model_is_loaded_and_warm(tmp_path):
@@ -617,9 +671,12 @@ def _serve_fails(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``cnnserve serve`` that must fail at start-up; its stderr must be our lines only."""
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=60,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr
     return out
@@ -649,13 +706,36 @@ def test_a_missing_model_repository_is_named_by_its_absolute_path(tmp_path, work
     assert f"model repository {tmp_path / 'no-such-models'} is not a folder" in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_corrupt_model_is_one_line_naming_the_file(tmp_path, workers):
+@pytest.mark.parametrize("workers,executor", [("1", "worker"), ("2", "worker"), ("2", "device")])
+def test_a_corrupt_model_is_one_line_naming_the_file(tmp_path, workers, executor):
+    """Checked once before any process starts: not one ONNX Runtime error per front end."""
     version_dir = tmp_path / "cifar10" / "1"
     version_dir.mkdir(parents=True)
     (version_dir / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])  # cut short
-    out = _serve_fails("--workers", workers, "--executor", "device", "--model-repository", str(tmp_path),
-                       "--http-port", "0", "--grpc-port", "0")  # fmt: skip
+    out = _serve_fails(
+        "--workers",
+        workers,
+        "--executor",
+        executor,
+        "--model-repository",
+        str(tmp_path),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+    )
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, out.stderr
+    assert f"model file {version_dir / 'model.onnx'} is not an ONNX model (truncated" in errors[0], out.stderr
+    assert "listening" not in out.stderr and "Shutting down" not in out.stderr, out.stderr
+
+
+def test_a_model_onnx_runtime_cannot_load_is_one_line_naming_the_file(tmp_path):
+    """Protobuf-shaped, so past the start-up check, but no valid graph: ONNX Runtime's error."""
+    version_dir = tmp_path / "cifar10" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.onnx").write_bytes(b"\x08\x07" + b"\x3a\x04" + b"\xff" * 4)  # ir_version, graph: junk
+    out = _serve_fails("--workers", "1", "--model-repository", str(tmp_path), "--http-port", "0", "--grpc-port", "0")
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1, out.stderr
     assert f"cannot load {version_dir / 'model.onnx'}" in errors[0], out.stderr

@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
+from bench import serverproc
 from service.cli import build_parser, settings_from_args
 from service.settings import Settings, allowed_values
-from tests.conftest import ROOT
+from tests.conftest import ROOT, distinct_images, png_bytes
 
 
 def test_environment_flags_and_defaults(monkeypatch):
@@ -90,6 +92,16 @@ def test_allowed_values_come_from_the_fields_types_and_bounds():
     assert allowed_values("log_format") == "one of text, json"
     assert allowed_values("require_gpu") == "true or false"
     assert allowed_values("max_queue_delay_ms") == "a number >= 0.0 and <= 10000"
+    assert allowed_values("workers") == "an integer >= 1 and <= 256, or auto"
+
+
+def test_a_bad_value_of_a_union_setting_is_one_line():
+    out = _serve("--workers", "two")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[1:] == [
+        "--workers two (environment variable CNNSERVE_WORKERS): not a valid value; "
+        "allowed: an integer >= 1 and <= 256, or auto"
+    ], out.stderr
 
 
 def test_help_lists_every_command_and_every_choice():
@@ -134,3 +146,76 @@ def test_json_log_lines(capsys):
         assert doc["ts"].endswith("Z")
     finally:
         logging.getLogger().handlers.clear()
+
+
+def test_serve_from_another_folder_serves_the_bundled_model_and_says_samples_are_missing(tmp_path):
+    """`cd /tmp && cnnserve serve`: the default model repository is found from the installation."""
+    s = serverproc.ServerProcess(
+        "--workers",
+        "1",
+        "--executor",
+        "worker",
+        "--intra-op-threads",
+        "1",
+        "--drain-seconds",
+        "0",
+        "--samples-data",
+        "no-such-data.tar.gz",
+        model_repository=None,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        image = png_bytes(distinct_images(1)[0])
+        r = httpx.post(f"{s.http}/predict", content=image, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200 and r.json()["model"] == "cifar10", r.text
+        for _ in range(2):
+            assert httpx.get(f"{s.http}/samples").json()["samples"] == []
+    finally:
+        assert s.stop() == 0, s.log
+    said = [line for line in s.lines if "no sample images for the page" in line]
+    assert len(said) == 1 and str(tmp_path / "no-such-data.tar.gz") in said[0], s.log
+
+
+def test_a_missing_model_repository_names_the_flag(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--workers", "1", "--executor", "worker"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CNNSERVE_MODEL_REPOSITORY": "mine"},
+    )
+    assert out.returncode == 1, out.stderr
+    assert f"model repository {tmp_path / 'mine'} is not a folder" in out.stderr
+    assert "--model-repository or CNNSERVE_MODEL_REPOSITORY" in out.stderr
+
+
+def test_without_onnx_runtime_serve_names_both_extras():
+    """ONNX Runtime is an extra (cpu or gpu): an install without it gets one line, not a traceback.
+    Its absence is made by blocking the import the standard way (a None entry in sys.modules)."""
+    code = "import sys; sys.modules['onnxruntime'] = None; from service.cli import main; sys.exit(main())"
+    out = subprocess.run([sys.executable, "-c", code, "serve"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "cnnserve serve: ONNX Runtime is not installed" in out.stderr
+    assert "cnnserve[cpu]" in out.stderr and "cnnserve[gpu]" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_command_is_listed_and_every_option_has_help(capsys):
+    import argparse
+
+    from service import __version__
+    from service.cli import __doc__ as cli_doc
+    from service.cli import main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    listed = next(line for line in cli_doc.splitlines() if line.startswith("Commands:"))
+    for name, command in sub.choices.items():
+        assert name in listed, f"the top-level help's command list lacks {name}"
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"cnnserve {name} {action.option_strings[0]} has no help text"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"cnnserve {__version__}"

@@ -20,7 +20,7 @@ import pytest
 
 from bench import serverproc
 from service.metrics import ModelStats
-from service.workers import shared_memory as ipc
+from service.workers import shared_memory
 from tests.conftest import MODEL_REPOSITORY, ServerProcess, distinct_images, png_bytes, wait_until
 
 IMAGE = png_bytes(distinct_images(1, seed=5)[0])
@@ -40,9 +40,9 @@ def _run_dir(s: ServerProcess) -> Path:
     raise AssertionError("the server's run folder was not found")
 
 
-def _table(s: ServerProcess) -> ipc.ControlTable:
-    shape = ipc.TableShape(str(_run_dir(s) / "control"), 1, 2, 1, ModelStats.width(64))
-    return ipc.ControlTable(shape)
+def _table(s: ServerProcess) -> shared_memory.ControlTable:
+    shape = shared_memory.TableShape(str(_run_dir(s) / "control"), 1, 2, 1, ModelStats.width(64))
+    return shared_memory.ControlTable(shape)
 
 
 def _ready(s: ServerProcess, timeout: float = 2) -> bool:

@@ -19,8 +19,7 @@ from service.inference.repository import ModelSpec
 from service.metrics import ModelStats
 from service.settings import Settings
 from service.workers import executor as ex
-from service.workers import policy
-from service.workers import shared_memory as ipc
+from service.workers import policy, shared_memory
 from tests.conftest import MODEL_PATH, ROOT
 
 # ---- the hang rule ----------------------------------------------------------------------------------
@@ -30,22 +29,24 @@ def test_hung_judges_only_started_processes_and_loops_that_beat():
     names = ["I/O thread", "compute thread for cifar10/1"]
     now = 1000.0
     beats, busy = np.array([now - 100.0, 0.0]), np.zeros(2, np.int64)
-    assert policy.hung(now, ipc.STARTING, beats, busy, 30.0, names) is None  # loading may take minutes
-    assert policy.hung(now, ipc.HUNG, beats, busy, 30.0, names) is None  # already being aborted
-    why = policy.hung(now, ipc.READY, beats, busy, 30.0, names)
+    assert policy.hung(now, shared_memory.STARTING, beats, busy, 30.0, names) is None  # loading may take minutes
+    assert policy.hung(now, shared_memory.HUNG, beats, busy, 30.0, names) is None  # already being aborted
+    why = policy.hung(now, shared_memory.READY, beats, busy, 30.0, names)
     assert why is not None and why.startswith("its I/O thread has not beaten for 100.0s")
     fresh = np.array([now - 1.0, 0.0])  # a compute thread that never beat is not judged
-    assert policy.hung(now, ipc.READY, fresh, busy, 30.0, names) is None
-    assert policy.hung(now, ipc.LISTENING, np.array([now - 31.0]), busy[:1], 30.0, ["event loop"])
+    assert policy.hung(now, shared_memory.READY, fresh, busy, 30.0, names) is None
+    assert policy.hung(now, shared_memory.LISTENING, np.array([now - 31.0]), busy[:1], 30.0, ["event loop"])
 
 
 def test_hung_names_the_batch_a_compute_thread_is_stuck_in():
     now = 50.0
-    why = policy.hung(now, ipc.READY, np.array([now, now - 40.0]), np.array([0, 64]), 30.0,
+    why = policy.hung(now, shared_memory.READY, np.array([now, now - 40.0]), np.array([0, 64]), 30.0,
                       ["I/O thread", "compute thread for cifar10/1"])  # fmt: skip
     assert why == ("its compute thread for cifar10/1 has not beaten for 40.0s running a batch of 64 image(s) "
                    "(--hang-timeout-seconds 30)")  # fmt: skip
-    assert policy.hung(now, ipc.READY, np.array([now, now - 29.0]), np.array([0, 64]), 30.0, ["a", "b"]) is None
+    assert (
+        policy.hung(now, shared_memory.READY, np.array([now, now - 29.0]), np.array([0, 64]), 30.0, ["a", "b"]) is None
+    )
 
 
 # ---- restart, backoff, halt ---------------------------------------------------------------------------
@@ -87,15 +88,15 @@ def test_exit_statuses_in_words():
     assert policy.describe_exit(-9) == "SIGKILL (exit status -9)"
     bus = policy.describe_exit(-signal.SIGBUS, shm_free=3 << 20)
     assert bus.startswith("SIGBUS (exit status -7): shared memory ran out (/dev/shm: 3 MiB free)")
-    assert "no room in shared memory" in policy.describe_exit(ipc.EXIT_NO_SHARED_MEMORY)
+    assert "no room in shared memory" in policy.describe_exit(shared_memory.EXIT_NO_SHARED_MEMORY)
 
 
 # ---- shared-memory layout ------------------------------------------------------------------------------
 
 
 def test_slab_layout_is_aligned_disjoint_and_sized_as_announced(tmp_path):
-    slabs = ipc.Slabs(tmp_path / "s.slab", 5, 3072, 10, create=True)
-    assert (tmp_path / "s.slab").stat().st_size == ipc.Slabs.size(5, 3072, 10)
+    slabs = shared_memory.Slabs(tmp_path / "s.slab", 5, 3072, 10, create=True)
+    assert (tmp_path / "s.slab").stat().st_size == shared_memory.Slabs.size(5, 3072, 10)
     arrays = [slabs.inputs, slabs.logits, slabs.probabilities, slabs.ranked, slabs.order, slabs.cancelled]
     spans = sorted((a.__array_interface__["data"][0], a.nbytes) for a in arrays)
     assert all(start % 64 == 0 for start, _ in spans)
@@ -107,17 +108,17 @@ def test_slab_layout_is_aligned_disjoint_and_sized_as_announced(tmp_path):
 
 
 def test_control_table_counts_depth_and_readiness(tmp_path):
-    shape = ipc.TableShape(str(tmp_path / "control"), 1, 2, 1, ModelStats.width(8))
-    table = ipc.ControlTable(shape, create=True)
-    other = ipc.ControlTable(shape)  # another process's view of the same file
+    shape = shared_memory.TableShape(str(tmp_path / "control"), 1, 2, 1, ModelStats.width(8))
+    table = shared_memory.ControlTable(shape, create=True)
+    other = shared_memory.ControlTable(shape)  # another process's view of the same file
     table.submitted[:, 0] = [5, 3]
     table.taken[:, 0] = [4, 3]
     assert other.queue_depth(0) == 1
     assert not other.executors_ready()
-    table.state[0] = ipc.READY  # the executor; the front ends are still starting
+    table.state[0] = shared_memory.READY  # the executor; the front ends are still starting
     assert other.executors_ready() and not other.all_ready()
     table.heartbeat(2)
-    assert 0 < time.monotonic() - other.beat[2, ipc.LOOP] < 1 and other.beat.shape == (3, 2)
+    assert 0 < time.monotonic() - other.beat[2, shared_memory.LOOP] < 1 and other.beat.shape == (3, 2)
 
 
 # ---- the executor's queue ----------------------------------------------------------------------------
@@ -127,7 +128,9 @@ def test_control_table_counts_depth_and_readiness(tmp_path):
 def executor(tmp_path_factory):
     folder = tmp_path_factory.mktemp("executor")
     settings = Settings(providers=["cpu"], intra_op_threads=1, precision="fp32", max_batch_size=8)
-    table = ipc.ControlTable(ipc.TableShape(str(folder / "control"), 1, 1, 1, ModelStats.width(8)), create=True)
+    table = shared_memory.ControlTable(
+        shared_memory.TableShape(str(folder / "control"), 1, 1, 1, ModelStats.width(8)), create=True
+    )
     e = ex.Executor(settings, table, 0, [ModelSpec("cifar10", "1", MODEL_PATH)])
     e.load()
     e.queues[0].thread.start()
@@ -137,28 +140,28 @@ def executor(tmp_path_factory):
     e.queues[0].thread.join(5)
 
 
-def _submit(e: ex.Executor, classes: int, n: int = 3) -> tuple[np.ndarray, ipc.Slabs, socket.socket]:
+def _submit(e: ex.Executor, classes: int, n: int = 3) -> tuple[np.ndarray, shared_memory.Slabs, socket.socket]:
     """Hand ``n`` images to the real queue from a front end whose slabs hold ``classes`` results;
     returns the DONE records it answers, its slabs and the front end's socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fe = ex._Frontend(theirs)
     fe.index = 0
-    fe.slabs = ipc.Slabs(e.folder / f"fe-{classes}.slab", 8, 3072, classes, create=True)  # type: ignore[attr-defined]
+    fe.slabs = shared_memory.Slabs(e.folder / f"fe-{classes}.slab", 8, 3072, classes, create=True)  # type: ignore[attr-defined]
     fe.slabs.inputs[:n] = np.random.default_rng(0).normal(size=(n, 3072)).astype(np.float32)
-    records = np.zeros(n, ipc.SUBMIT)
+    records = np.zeros(n, shared_memory.SUBMIT)
     records["request"], records["slot"], records["index"] = np.arange(1, n + 1), np.arange(n), 0
     before = int(e.table.taken[0, 0])
     e.queues[0].put(ex._Chunk(fe, records, time.monotonic()))
     ours.settimeout(10)
-    message = ours.recv(ipc.MAX_MESSAGE_BYTES)
-    assert message[:1] == ipc.MSG_DONE
+    message = ours.recv(shared_memory.MAX_MESSAGE_BYTES)
+    assert message[:1] == shared_memory.MSG_DONE
     assert e.table.taken[0, 0] - before == n  # the shared queue counter moved by exactly n
-    return np.frombuffer(message, ipc.DONE, offset=1), fe.slabs, ours
+    return np.frombuffer(message, shared_memory.DONE, offset=1), fe.slabs, ours
 
 
 def test_queue_runs_a_batch_and_writes_results_back(executor):
     done, slabs, _ = _submit(executor, classes=10)
-    assert sorted(done["request"].tolist()) == [1, 2, 3] and set(done["status"].tolist()) == {ipc.STATUS_OK}
+    assert sorted(done["request"].tolist()) == [1, 2, 3] and set(done["status"].tolist()) == {shared_memory.STATUS_OK}
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(MODEL_PATH), providers=["CPUExecutionProvider"])
@@ -172,10 +175,10 @@ def test_an_exception_after_the_batch_is_taken_still_answers_every_request(execu
     # Slabs with room for 3 classes where the model gives 10: the write-back after compute raises.
     with caplog.at_level(logging.ERROR, logger="cnnserve.executor"):
         done, _, _ = _submit(executor, classes=3)
-    assert set(done["status"].tolist()) == {ipc.STATUS_FAILED} and len(done) == 3
+    assert set(done["status"].tolist()) == {shared_memory.STATUS_FAILED} and len(done) == 3
     assert "a batch failed after it was taken; its requests are answered as failed" in caplog.text
     done, _, _ = _submit(executor, classes=10)  # and the queue goes on serving
-    assert set(done["status"].tolist()) == {ipc.STATUS_OK}
+    assert set(done["status"].tolist()) == {shared_memory.STATUS_OK}
 
 
 def test_a_front_end_that_stops_reading_is_closed_and_told(caplog):
@@ -183,7 +186,7 @@ def test_a_front_end_that_stops_reading_is_closed_and_told(caplog):
     theirs.settimeout(0.2)
     fe = ex._Frontend(theirs)
     fe.index = 1
-    payload = ipc.MSG_DONE + bytes(60_000)
+    payload = shared_memory.MSG_DONE + bytes(60_000)
     with caplog.at_level(logging.WARNING, logger="cnnserve.executor"):
         sent = 0
         while fe.send(payload):  # nobody reads `ours`: the buffer fills, then the send times out
@@ -194,7 +197,7 @@ def test_a_front_end_that_stops_reading_is_closed_and_told(caplog):
     # waiting requests and reconnects) rather than silence.
     ours.settimeout(5)
     received = 0
-    while ours.recv(ipc.MAX_MESSAGE_BYTES):
+    while ours.recv(shared_memory.MAX_MESSAGE_BYTES):
         received += 1
     assert received == sent
     assert not fe.send(payload)  # nothing more is sent on a dropped connection
@@ -208,19 +211,68 @@ def test_executor_queue_puts_requests_before_background_work(executor):
     fe = ex._Frontend(theirs)
 
     def records(first: int, n: int, kind: int) -> np.ndarray:
-        r = np.zeros(n, ipc.SUBMIT)
+        r = np.zeros(n, shared_memory.SUBMIT)
         r["request"], r["kind"] = np.arange(first, first + n), kind
         return r
 
-    queue.put(ex._Chunk(fe, records(100, 10, ipc.KIND_BACKGROUND), time.monotonic()))
-    queue.put(ex._Chunk(fe, records(1, 3, ipc.KIND_REQUEST), time.monotonic()))
-    mixed = records(200, 4, ipc.KIND_REQUEST)
-    mixed["kind"][2:] = ipc.KIND_BACKGROUND  # one message may carry both kinds
+    queue.put(ex._Chunk(fe, records(100, 10, shared_memory.KIND_BACKGROUND), time.monotonic()))
+    queue.put(ex._Chunk(fe, records(1, 3, shared_memory.KIND_REQUEST), time.monotonic()))
+    mixed = records(200, 4, shared_memory.KIND_REQUEST)
+    mixed["kind"][2:] = shared_memory.KIND_BACKGROUND  # one message may carry both kinds
     queue.put(ex._Chunk(fe, mixed, time.monotonic()))
     taken = queue._take()
     assert taken is not None
     assert np.concatenate([c.records["request"] for c in taken]).tolist() == [1, 2, 3, 200, 201, 100, 101, 102]
     assert queue.queued == 17 - 8
+
+
+def test_explanations_hand_their_images_to_the_queue_as_background_work(executor):
+    """The explainer submits its perturbed images through ``InferenceCore.run`` with
+    Priority.BACKGROUND, which reaches the model's queue (any BatchQueue: local or remote);
+    a request's own images go as Priority.REQUEST."""
+    import asyncio
+
+    from service.errors import Overloaded
+    from service.explain.explainer import Explainer
+    from service.explain.layers import LayerModels
+    from service.inference.core import InferenceCore
+    from service.inference.decoding import DecodePool
+    from service.inference.priority import Priority
+    from service.inference.serving import LoadedModel
+    from service.metrics import Metrics
+
+    seen: list[Priority] = []
+
+    class Queue:  # a BatchQueue that records each submit's priority, then refuses it
+        max_batch_size, max_queue_delay_s, max_queue_size, queued_images = 8, 0.0, 64, 0
+
+        def retry_after_s(self) -> float:
+            return 1.0
+
+        async def submit(self, items, deadline=None, priority=Priority.REQUEST):
+            seen.append(priority)
+            raise Overloaded("recorded")
+
+        async def drain(self, timeout: float) -> bool:
+            return True
+
+        async def close(self) -> None:
+            pass
+
+    settings, metrics = Settings(providers=["cpu"], max_batch_size=8), Metrics()
+    core = InferenceCore(settings, metrics, DecodePool(settings, metrics))
+    model = LoadedModel(executor.queues[0].runtime, Queue(), ModelStats(max_batch_size=8))
+    explainer = Explainer(core, LayerModels(), settings, metrics)
+    image = np.zeros((32, 32, 3), np.uint8)
+
+    async def main() -> None:
+        with pytest.raises(Overloaded):
+            await explainer._attribute(model, image, 5, None, "occlusion", 0, None)
+        with pytest.raises(Overloaded):
+            await core.run(model, image[None])
+
+    asyncio.run(main())
+    assert seen == [Priority.BACKGROUND, Priority.REQUEST]
 
 
 def test_dataset_cache_is_filled_by_several_processes_without_a_shared_temporary_file(tmp_path, monkeypatch):
@@ -260,10 +312,12 @@ def test_run_folders_left_behind_are_told_from_live_ones(tmp_path):
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    live = folder("live", f"1 {ipc.process_start_time(1)}")
-    reused = folder("reused", f"1 {ipc.process_start_time(1) + 1}")  # pid 1 of an earlier container
+    live = folder("live", f"1 {shared_memory.process_start_time(1)}")
+    reused = folder("reused", f"1 {shared_memory.process_start_time(1) + 1}")  # pid 1 of an earlier container
     gone = folder("gone", f"{dead.pid} 1")
-    table = ipc.ControlTable(ipc.TableShape(str(folder("old", None) / "control"), 1, 1, 1, 8), create=True)
+    table = shared_memory.ControlTable(
+        shared_memory.TableShape(str(folder("old", None) / "control"), 1, 1, 1, 8), create=True
+    )
     assert not housekeeping.left_behind(live) and not housekeeping.left_behind(tmp_path / "cnnserve-old")
     assert housekeeping.left_behind(reused) and housekeeping.left_behind(gone)
     assert housekeeping.sweep_run_dirs(tmp_path)[0] == 2  # reused and gone; old is still mapped here

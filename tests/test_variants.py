@@ -1,12 +1,15 @@
-"""Issue #13: precision variants. `cnnserve quantize` (calibration recorded, accuracy margin
-enforced, FP16 parity), the shipped INT8/FP16 files against their model card, top-1 agreement
-between variants on real images, the precision setting, and every variant served end to end
-(gRPC Classify, HTTP /predict, v2 infer, config and statistics, /readyz, /metrics)."""
+"""Issues #13 and #16: precision variants. `cnnserve quantize` (recipe, calibration, check inputs
+and CPU features recorded, accuracy margin enforced, FP16 parity), the shipped INT8/FP16 files
+against FP32 computed on this machine (never against figures measured on another CPU), the
+self-check at load (a saturating INT8 variant refused on a CPU without VNNI), the precision
+setting (auto: checked and timed here), and every variant served end to end (gRPC Classify, HTTP
+/predict, v2 infer, config and statistics, /readyz, /metrics)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -23,14 +26,19 @@ import tritonclient.http as thttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import ceiling
+from export.check_inputs import CHECK_IMAGES, CHECK_SEED, synthetic_check_images
 from export.data import load_split
 from export.evaluate import predict
-from export.quantize import calibration_index
+from export.quantize import Calibration, calibration_index, quantize_int8
 from service.cli import main as cli_main
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from service.inference import repository
+from service.inference.precision import AGREEMENT_THRESHOLD, CHECK_INPUTS_FILENAME, cpu_features
 from service.inference.preprocess import Normalizer
-from service.inference.repository import variant_filename
+from service.inference.repository import ModelSpec, variant_filename
+from service.inference.runtime import PrecisionCheckFailed, load_model
+from service.settings import Settings
 from tests.conftest import MODEL_PATH, ROOT, SHARED_CIFAR, ServerProcess, distinct_images, png_bytes
 
 CARD = ROOT / "models" / "cifar10" / "README.md"
@@ -76,7 +84,24 @@ def test_quantize_writes_checked_variants_that_record_their_calibration(tmp_path
         assert [i.type for i in session.get_inputs()] == ["tensor(float)"]  # clients send FP32 to every variant
         assert [o.type for o in session.get_outputs()] == ["tensor(float)"]
 
+    # The check inputs the server runs at load: synthetic images (no CIFAR-10 image is shipped),
+    # seeded, at the model's input size, small.
+    check = model.with_name(CHECK_INPUTS_FILENAME)
+    assert check.stat().st_size < 800_000
+    with np.load(check) as npz:
+        assert int(npz["seed"]) == CHECK_SEED and "index" not in npz
+        np.testing.assert_array_equal(npz["images"], synthetic_check_images((32, 32)))
+        assert npz["images"].shape == (CHECK_IMAGES, 32, 32, 3) and npz["images"].dtype == np.uint8
+    here = cpu_features()
+    for precision in ("int8", "fp16"):
+        meta = metadata(model.with_name(f"model.{precision}.onnx"))
+        assert json.loads(meta["check"])["agreement"] >= AGREEMENT_THRESHOLD
+        assert json.loads(meta["measured_on"])["cpu"]["flags"] == here["flags"]  # where the figures were measured
+        evaluation = json.loads((tmp_path / f"evaluation.{precision}.json").read_text())
+        assert evaluation["measured_on"]["cpu"] == here and evaluation["check"]["images"] == CHECK_IMAGES
+
     recipe = json.loads(metadata(int8)["quantization"])
+    assert recipe["recipe"] == "u8s8-rr" and "7 bits" in recipe["weights"]
     calibration = recipe["calibration"]
     assert (calibration["images"], calibration["seed"]) == (96, 3)
     n_train = len(load_split(SHARED_CIFAR, "train"))
@@ -139,12 +164,14 @@ def test_shipped_variants_are_made_from_the_shipped_model_and_listed_on_the_card
 
 
 def test_the_cards_variants_section_is_rendered_from_the_shipped_files():
-    """Regenerate with: python -m export.model_card --variants-only --speeds bench/results/ceiling-precision.json"""
+    """Regenerate with: python -m export.model_card --variants-only --speeds bench/results/ceiling-precision.json
+    --recipes bench/results/int8-recipes.json"""
     from export.model_card import render_variants, replace_variants_section
 
     speeds = json.loads((ROOT / "bench" / "results" / "ceiling-precision.json").read_text())
+    recipes = json.loads((ROOT / "bench" / "results" / "int8-recipes.json").read_text())
     card = CARD.read_text()
-    assert replace_variants_section(card, render_variants(MODEL_PATH, CARD.parent, speeds)) == card
+    assert replace_variants_section(card, render_variants(MODEL_PATH, CARD.parent, speeds, recipes)) == card
 
 
 @pytest.fixture(scope="module")
@@ -156,24 +183,168 @@ def val_predictions():
 
 
 @pytest.mark.parametrize("precision", VARIANTS)
-def test_each_shipped_variant_reaches_its_card_accuracy_within_the_margin(val_predictions, precision):
+def test_each_shipped_variant_is_within_the_margin_of_fp32_computed_here(val_predictions, precision):
+    """Variants against FP32 run on this machine: the card's variant figures were measured on
+    one CPU, and an INT8 variant's answers depend on the CPU's integer kernels (issue 16)."""
     labels, preds = val_predictions
     assert len(labels) == 5000
     measured = 100 * float((preds[precision] == labels).mean())
-    assert measured >= card_figures()[precision] - MARGIN_PP
     assert measured >= 100 * float((preds["fp32"] == labels).mean()) - MARGIN_PP
-    # The per-class figures the card prints come from this evaluation.
+    # The card prints each variant's evaluation file.
     name = "evaluation.json" if precision == "fp32" else f"evaluation.{precision}.json"
     evaluation = json.loads((CARD.parent / name).read_text())
     assert f"{100 * evaluation['top1']:.2f}" == f"{card_figures()[precision]:.2f}"
-    per_class = np.array([(preds[precision][labels == c] == c).mean() for c in range(10)])
-    np.testing.assert_allclose(per_class, list(evaluation["per_class"].values()), atol=0.02)
+    if precision == "fp32":  # FP32 has no integer kernels: its figures hold on any CPU
+        assert abs(measured - card_figures()["fp32"]) <= MARGIN_PP
+        per_class = np.array([(preds["fp32"][labels == c] == c).mean() for c in range(10)])
+        np.testing.assert_allclose(per_class, list(evaluation["per_class"].values()), atol=0.02)
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
 def test_variants_agree_with_fp32_on_real_images(val_predictions, precision):
     _, preds = val_predictions
     assert float((preds[precision] == preds["fp32"]).mean()) >= 0.99
+
+
+# ---- the self-check at load (issue 16) -----------------------------------------------------------
+CPU_SETTINGS = {"providers": ["CPUExecutionProvider"], "intra_op_threads": 1}
+
+
+def cpu_settings(precision: str) -> Settings:
+    return Settings(precision=precision, **CPU_SETTINGS)
+
+
+def shipped_spec():
+    return ModelSpec("cifar10", "1", MODEL_PATH)
+
+
+@pytest.fixture(scope="module")
+def saturating_repository(tmp_path_factory):
+    """A model repository whose INT8 variant is the old recipe (8-bit weights: U8S8 without
+    reduce_range), with the shipped model and check inputs."""
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"CIFAR-10 images not present at {SHARED_CIFAR}; cannot calibrate")
+    root = tmp_path_factory.mktemp("saturating")
+    version = root / "cifar10" / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(MODEL_PATH, version / "model.onnx")
+    shutil.copyfile(MODEL_PATH.with_name(CHECK_INPUTS_FILENAME), version / CHECK_INPUTS_FILENAME)
+    record = quantize_int8(version / "model.onnx", SHARED_CIFAR, version / "model.int8.onnx", Calibration(), "u8s8")
+    assert record["recipe"] == "u8s8" and record["weights"].startswith("int8 in 8 bits")
+    return root
+
+
+def needs_saturating_cpu() -> None:
+    cpu = cpu_features()
+    if not cpu["u8s8_can_saturate"]:
+        pytest.skip(
+            f"this CPU ({cpu['model']}: {' '.join(cpu['flags'])}) has VNNI or is not x86-64: ONNX Runtime's U8S8 "
+            "kernels accumulate in 32 bits here and cannot saturate, so the old recipe is exact and passes"
+        )
+
+
+def test_the_self_check_refuses_a_saturating_int8_variant_on_a_cpu_without_vnni(saturating_repository, caplog):
+    needs_saturating_cpu()
+    (spec,) = repository.scan(saturating_repository)
+    with caplog.at_level(logging.WARNING, logger="cnnserve"):
+        rt = load_model(spec, cpu_settings("auto"))
+    assert (rt.precision, rt.path.name, rt.choice.reason) == ("fp32", "model.onnx", "check-failed")
+    assert rt.choice.candidate == "int8" and rt.choice.check_agreement < AGREEMENT_THRESHOLD
+    assert rt.choice.check_images == CHECK_IMAGES and not rt.choice.timing  # refused before any timing
+    (line,) = [r.getMessage() for r in caplog.records if "check images" in r.getMessage()]
+    assert f"the int8 variant agrees with fp32 on top-1 for only {100 * rt.choice.check_agreement:.1f} %" in line
+    assert "no VNNI" in line and "avx2" in line and line.endswith("serving fp32 instead")
+
+    # Asked for explicitly, it stops the server with the same message.
+    with pytest.raises(PrecisionCheckFailed, match="refusing to start because precision int8 was asked for"):
+        load_model(spec, cpu_settings("int8"))
+
+
+def test_a_saturating_variant_asked_for_stops_the_server_and_auto_serves_fp32(saturating_repository):
+    needs_saturating_cpu()
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port"]
+    cmd += ["0", "--providers", "cpu", "--model-repository", str(saturating_repository), "--precision", "int8"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "the int8 variant agrees with fp32 on top-1 for only" in out.stderr and "refusing to start" in out.stderr
+
+    s = ServerProcess("--model-repository", str(saturating_repository), "--drain-seconds", "0", precision=None)
+    try:
+        (model,) = httpx.get(f"{s.http}/readyz").json()["models"]
+        assert (model["precision"], model["file"]) == ("fp32", "model.onnx")
+        choice = model["precision_choice"]
+        assert (choice["requested"], choice["reason"], choice["candidate"]) == ("auto", "check-failed", "int8")
+        assert choice["check_agreement"] < AGREEMENT_THRESHOLD and "avx2" in choice["cpu"]["flags"]
+        (info,) = model_info(httpx.get(f"{s.http}/metrics").text)
+        assert (info["precision"], info["reason"]) == ("fp32", "check-failed")
+        assert s.log.count("serving fp32 instead") == 1  # one line, whatever the number of processes
+    finally:
+        assert s.stop() == 0, s.log
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_the_shipped_variants_pass_their_check_on_this_cpu(precision):
+    rt = load_model(shipped_spec(), cpu_settings(precision))
+    assert (rt.precision, rt.choice.reason, rt.choice.check_images) == (precision, "passed", CHECK_IMAGES)
+    assert rt.choice.check_agreement >= AGREEMENT_THRESHOLD
+    assert rt.choice.cpu == cpu_features()
+
+
+def test_auto_times_the_variant_that_passed_and_takes_it_only_where_it_is_faster():
+    rt = load_model(shipped_spec(), cpu_settings("auto"))
+    c = rt.choice
+    assert (c.requested, c.candidate) == ("auto", "int8") and c.check_agreement >= AGREEMENT_THRESHOLD
+    assert set(c.timing) == {"1", str(Settings().max_batch_size)}  # batch 1 and max_batch_size
+    faster = all(t["speedup"] > 1 for t in c.timing.values())
+    assert (rt.precision, c.reason) == (("int8", "faster") if faster else ("fp32", "slower"))
+    assert c.seconds < 5  # start-up stays fast: 0.7-1.4 s measured on 2 cores shared with other jobs
+
+
+def test_several_worker_processes_serve_the_one_choice_the_supervisor_measured():
+    s = ServerProcess("--workers", "2", "--executor", "worker", "--drain-seconds", "0", precision=None)
+    try:
+        (model,) = httpx.get(f"{s.http}/readyz").json()["models"]
+        choice = model["precision_choice"]
+        # Each process reports its labels; one label set means every worker made the same choice.
+        infos = model_info(httpx.get(f"{s.http}/metrics").text)
+        assert len({tuple(sorted(i.items())) for i in infos}) == 1, infos
+        assert infos[0]["precision"] == choice["precision"] == model["precision"]
+        if choice["precision"] == "int8":  # each worker checked it again, with the supervisor's timing
+            assert s.log.count("cifar10/1: precision auto -> int8") == 3, s.log
+    finally:
+        assert s.stop() == 0, s.log
+
+
+def test_a_variant_without_check_inputs_is_not_chosen_by_auto_and_served_with_a_warning_when_asked(tmp_path, caplog):
+    version = tmp_path / "cifar10" / "1"
+    version.mkdir(parents=True)
+    for name in ("model.onnx", "model.int8.onnx"):
+        shutil.copyfile(MODEL_PATH.with_name(name), version / name)
+    (spec,) = repository.scan(tmp_path)
+    assert load_model(spec, cpu_settings("auto")).choice.reason == "no-check-inputs"
+    with caplog.at_level(logging.WARNING, logger="cnnserve"):
+        rt = load_model(spec, cpu_settings("int8"))
+    assert (rt.precision, rt.choice.reason) == ("int8", "unchecked")
+    assert any("answers unchecked" in r.getMessage() for r in caplog.records)
+
+
+CPUINFO_ZEN1 = (
+    "processor\t: 0\nmodel name\t: AMD EPYC 7551 32-Core Processor\nflags\t\t: fpu sse2 sse4_1 avx avx2 fma\n"
+)
+CPUINFO_CASCADE_LAKE = (
+    "model name\t: Intel(R) Xeon(R) Platinum 8259CL\n"
+    "flags\t\t: sse2 sse4_1 avx avx2 fma avx512f avx512bw avx512vl avx512_vnni\n"
+)
+CPUINFO_GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm sve\nCPU part\t: 0xd40\n"
+
+
+def test_cpu_features_name_the_flags_that_decide_int8_kernels():
+    zen1 = cpu_features(CPUINFO_ZEN1)
+    assert zen1["flags"] == ["sse4_1", "avx", "avx2", "fma"] and zen1["u8s8_can_saturate"] is True
+    clx = cpu_features(CPUINFO_CASCADE_LAKE)
+    assert "avx512_vnni" in clx["flags"] and clx["u8s8_can_saturate"] is False
+    arm = cpu_features(CPUINFO_GRAVITON3)
+    assert arm["flags"] == ["asimd", "asimddp", "i8mm", "sve"] and arm["u8s8_can_saturate"] is False
 
 
 # ---- the precision setting ----------------------------------------------------------------------
@@ -207,12 +378,15 @@ def test_bad_precision_is_refused():
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is present: CUDA really runs here")
 def test_auto_chooses_for_the_provider_the_session_really_got():
-    # CUDA is preferred (auto would take fp32 there); the session falls back to the CPU, so INT8 answers.
+    # CUDA is preferred (auto would take fp32 there); the session falls back to the CPU, so INT8 is
+    # the candidate there: checked, timed, and answering where it is faster.
     s = ServerProcess("--providers", "cuda,cpu", "--drain-seconds", "0", precision=None)
     try:
         (model,) = httpx.get(f"{s.http}/readyz").json()["models"]
-        assert (model["provider"], model["precision"]) == ("CPUExecutionProvider", "int8")
-        assert "cifar10/1 (int8) on CPUExecutionProvider" in s.log
+        choice = model["precision_choice"]
+        assert (model["provider"], choice["candidate"]) == ("CPUExecutionProvider", "int8")
+        assert choice["reason"] in ("faster", "slower") and model["precision"] == choice["precision"]
+        assert f"cifar10/1 ({model['precision']}) on CPUExecutionProvider" in s.log
     finally:
         assert s.stop() == 0, s.log
 
@@ -241,22 +415,37 @@ def direct_run(precision: str, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return x, logits, e / e.sum(1, keepdims=True)
 
 
-@pytest.mark.parametrize(("asked", "precision"), [("fp32", "fp32"), ("int8", "int8"), ("fp16", "fp16"), (None, "int8")])
-def test_each_variant_is_served_through_every_protocol(asked, precision):
-    """None: the default (auto), which is INT8 on the CPU provider."""
+@pytest.mark.parametrize("asked", ["fp32", "int8", "fp16", None])
+def test_each_variant_is_served_through_every_protocol(asked):
+    """None: the default (auto): INT8 on the CPU provider where it passes its check and is faster
+    here, else FP32; the choice and its figures are in /readyz, /metrics and the v2 config."""
     pixels = distinct_images(12, seed=11)
-    x, logits, probs = direct_run(precision, pixels)
     s = ServerProcess("--drain-seconds", "0", precision=asked)
     try:
         (ready,) = httpx.get(f"{s.http}/readyz").json()["models"]
-        assert (ready["precision"], ready["file"]) == (precision, variant_filename(precision))
+        precision, choice = ready["precision"], ready["precision_choice"]
+        assert precision == (asked or choice["precision"]) and ready["file"] == variant_filename(precision)
+        assert choice["requested"] == (asked or "auto") and choice["precision"] == precision
+        if asked is None:
+            assert choice["candidate"] == "int8" and choice["check_agreement"] >= AGREEMENT_THRESHOLD
+            faster = all(t["speedup"] > 1 for t in choice["timing"].values())
+            assert precision == ("int8" if faster else "fp32")
+            assert f"precision auto -> {precision}" in s.log and "top-1 agreement with fp32" in s.log
+        elif asked != "fp32":
+            assert choice["reason"] == "passed" and choice["check_agreement"] >= AGREEMENT_THRESHOLD
+        x, logits, probs = direct_run(precision, pixels)
         # FP16 on the CPU runs, but the server says it is not what the variant is for.
         warned = "the fp16 variant is made for CUDAExecutionProvider; on CPUExecutionProvider" in s.log
         assert warned == (precision == "fp16")
         metrics = httpx.get(f"{s.http}/metrics").text
-        assert model_info(metrics) == [
-            {"model": "cifar10", "version": "1", "provider": "CPUExecutionProvider", "precision": precision}
-        ]
+        (info,) = model_info(metrics)
+        assert info["precision"] == precision and info["requested"] == (asked or "auto")
+        assert info["reason"] == choice["reason"] and info["cpu_flags"] == " ".join(cpu_features()["flags"])
+        assert {k: info[k] for k in ("model", "version", "provider")} == {
+            "model": "cifar10",
+            "version": "1",
+            "provider": "CPUExecutionProvider",
+        }
 
         with grpc.insecure_channel(s.grpc_target) as channel:
             reply = pb_grpc.ClassifierStub(channel).Classify(
@@ -280,6 +469,7 @@ def test_each_variant_is_served_through_every_protocol(asked, precision):
             config = client.get_model_config("cifar10")
             assert config["default_model_filename"] == variant_filename(precision)
             assert config["parameters"]["precision"]["string_value"] == precision
+            assert json.loads(config["parameters"]["precision_choice"]["string_value"]) == choice
             assert config["input"][0]["data_type"] == "TYPE_FP32"  # every variant takes FP32
             stats = client.get_inference_statistics("cifar10")["model_stats"][0]
             assert stats["inference_count"] >= 2 * len(pixels) + 1

@@ -47,7 +47,9 @@ def two_workers(request):
 def test_both_front_ends_answer_and_agree(two_workers):
     s = two_workers
     assert len([k for k in s.children if k[0] == "front end"]) == 2
-    assert ("device executor", 0) in s.children if s.placement == "device" else True
+    executors = [k for k in s.children if k[0] == "device executor"]
+    # --executor device: one executor for the CPU; worker: each front end runs the models itself.
+    assert executors == ([("device executor", 0)] if s.placement == "device" else []), s.children
     images = [png_bytes(im) for im in IMAGES]
     single = [_classify(s.grpc_target, im).results[0].predictions[0].label for im in images]
     # New connections each time: the kernel spreads them over both front ends.

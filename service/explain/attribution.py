@@ -109,7 +109,9 @@ def rise_masks(
     return masks
 
 
-def perturb(image: np.ndarray, fill: np.ndarray, method: str = DEFAULT_METHOD, seed: int = DEFAULT_SEED):
+def perturb(
+    image: np.ndarray, fill: np.ndarray, method: str = DEFAULT_METHOD, seed: int = DEFAULT_SEED
+) -> tuple[np.ndarray, Plan]:
     """(uint8 [1+m,H,W,3] images to run, the plan): the image itself, then its perturbations."""
     height, width = image.shape[:2]
     if method == "occlusion":

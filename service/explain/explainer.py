@@ -1,9 +1,10 @@
 """Explanations: a prediction, its attribution map and the layers' activations, for each image.
 
-The attribution's perturbed images (``service.explain.attribution``) go through the core's own submit
-path, the model's batcher and runtime, like any request (so they run wherever the model runs,
+The attribution's perturbed images (``service.explain.attribution``) go through the core's
+``run``, the model's queue and runtime, like any request (so they run wherever the model runs,
 CPU or GPU). The layer activations of the one original image come from the companion session
-(``service.explain.layers``) in a worker thread, at the same time.
+(``service.explain.layers``) in a worker thread, at the same time. ``service.server`` builds the
+explainer over the core and hands it to the transports.
 
 Explanations cost ~226 forward passes per image, so they have their own admission: at most
 ``explain_concurrency`` computed at once and ``explain_queue_size`` waiting for a turn; past that
@@ -16,17 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from service.errors import DeadlineExceeded, InvalidParameter, Overloaded, PayloadTooLarge
 from service.explain import attribution, layers
+from service.explain.layers import LayerModels
+from service.inference.core import InferenceCore
+from service.inference.priority import Priority
+from service.inference.serving import ImageInput, LoadedModel
+from service.metrics import Metrics
+from service.settings import Settings
 
-if TYPE_CHECKING:
-    from service.inference.core import ImageInput, InferenceCore, LoadedModel
+#: Layer descriptions as ``service.explain.layers.describe`` makes them (JSON-like values, PNG bytes).
+Layer = dict[str, Any]
 
 
 class ExplanationsBusy(Overloaded):
@@ -45,7 +53,7 @@ class ImageExplanation:
     class_index: int
     label: str
     values: np.ndarray  # float32 [32,32]
-    layers: list[dict]  # service.explain.layers.describe
+    layers: list[Layer]
 
 
 @dataclass(frozen=True)
@@ -59,14 +67,14 @@ class Admission:
     """At most ``limit`` holders at once and ``queue`` waiting; ``slot()`` raises ExplanationsBusy
     at once past that."""
 
-    def __init__(self, limit: int, queue: int, on_change=None) -> None:
+    def __init__(self, limit: int, queue: int, on_change: Callable[[int, int], None] | None = None) -> None:
         self.limit, self.queue = limit, queue
         self.active = self.waiting = 0
         self._semaphore: asyncio.Semaphore | None = None
         self._on_change = on_change or (lambda active, waiting: None)
 
     @asynccontextmanager
-    async def slot(self, deadline: float | None):
+    async def slot(self, deadline: float | None) -> AsyncIterator[None]:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.limit)
         if self._semaphore.locked() and self.waiting >= self.queue:
@@ -96,10 +104,12 @@ class Admission:
 
 
 class Explainer:
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, layer_models: LayerModels, settings: Settings, metrics: Metrics) -> None:
         self.core = core
-        s = core.settings
-        metrics = core.metrics
+        self.layer_models = layer_models
+        self.settings = settings
+        self.metrics = metrics
+        s = settings
 
         def gauges(active: int, waiting: int) -> None:
             metrics.explanations_active.set(active)
@@ -118,7 +128,7 @@ class Explainer:
         valid = isinstance(target, int) and not isinstance(target, bool) and 0 <= target < classes
         if target is not None and not valid:
             raise InvalidParameter(f"target must be a class index from 0 to {classes - 1}, got {target!r}")
-        limit = self.core.settings.explain_max_images
+        limit = self.settings.explain_max_images
         if count > limit:
             raise PayloadTooLarge(f"{count} images in one explanation request; the limit is {limit}")
         return method
@@ -134,13 +144,15 @@ class Explainer:
         seed: int = attribution.DEFAULT_SEED,
         deadline: float | None = None,
     ) -> Explanations:
+        """Each image's top-k, attribution of ``target`` (default: the top-1) and layers: validated
+        like a classification, then admitted by the explanations' own limits."""
         core = self.core
         found = core.model(model, version)
-        k = core.check_top_k(top_k, found.runtime.num_classes)
+        k = core.top_k(top_k, found.runtime.num_classes)
         method = self.check(found, target, method, seed, len(images))
-        pixels = await core.decode(images, found.runtime.image_size)
+        pixels = await core.decode(found, images)
         async with self.admission.slot(deadline):
-            core.metrics.explanations.labels(method).inc()
+            self.metrics.explanations.labels(method).inc()
             activations = asyncio.ensure_future(self._layers(found, pixels))
             try:
                 results = []
@@ -168,7 +180,8 @@ class Explainer:
         """One image's top-k and attribution (its ``layers`` are filled in by the caller)."""
         fill = attribution.fill_colour(model.runtime.preprocessing)
         batch, plan = attribution.perturb(image, fill, method, seed)
-        out = await self.core.run_images(model, batch, deadline)
+        # Perturbed images wait behind requests' images in the model's queue (local or executor).
+        out = await self.core.run(model, batch, deadline, Priority.BACKGROUND)
         chosen = out.ranked_indices[0][0] if target is None else target
         values = attribution.attribute(plan, out.probabilities, chosen)
         return ImageExplanation(
@@ -182,12 +195,12 @@ class Explainer:
             layers=[],
         )
 
-    async def _layers(self, model: LoadedModel, pixels: np.ndarray) -> list[list[dict]] | None:
-        companion = self.core.layer_model(model)
+    async def _layers(self, model: LoadedModel, pixels: np.ndarray) -> list[list[Layer]] | None:
+        companion = self.layer_models.get(model.name, model.version)
         if companion is None:
             return None
 
-        def work() -> list[list[dict]]:
+        def work() -> list[list[Layer]]:
             activations = companion.run(model.runtime.normalizer(pixels))
             return [layers.describe(activations, i, companion.filter_pngs) for i in range(len(pixels))]
 

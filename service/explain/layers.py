@@ -11,14 +11,19 @@ activations are exactly those the served model computes.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from service.inference import repository
 from service.inference.repository import ModelSpec
+
+log = logging.getLogger("cnnserve.layers")
 
 LAYERS_FILENAME = "layers.onnx"
 FILTERS = "conv1_filters"
@@ -93,6 +98,36 @@ class LayerModel:
         return dict(zip(names, outputs))
 
 
+class LayerModels:
+    """The companion sessions of the model versions whose folder holds a ``layers.onnx``. Loaded
+    in every process that answers requests, also a front end whose models run in a device
+    executor: the layers of a request's few images are computed where the request is served."""
+
+    def __init__(self) -> None:
+        self._by_version: dict[tuple[str, str], LayerModel] = {}
+
+    def load(self, model_repository: str) -> None:
+        """Load every companion of the repository (blocking: run it in a thread). One that cannot
+        be loaded is logged and left out (explanations then carry no layers); it never stops the
+        server."""
+        for spec in repository.scan(model_repository):
+            try:
+                companion = LayerModel.beside(spec)
+            except Exception as e:  # noqa: BLE001 - ORT raises many types
+                log.warning(
+                    "%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
+                    spec.name,
+                    spec.version,
+                    e,
+                )
+                continue
+            if companion is not None:
+                self._by_version[(spec.name, spec.version)] = companion
+
+    def get(self, name: str, version: str) -> LayerModel | None:
+        return self._by_version.get((name, version))
+
+
 def png_bytes(pixels: np.ndarray) -> bytes:
     """uint8 [h,w] or [h,w,3] as PNG (fast compression: the maps are tiny)."""
     buf = io.BytesIO()
@@ -118,14 +153,14 @@ def filter_images(filters: np.ndarray) -> list[bytes]:
     return [png_bytes(p) for p in pixels]
 
 
-def describe(activations: dict[str, np.ndarray], index: int, filter_pngs: list[bytes]) -> list[dict]:
+def describe(activations: dict[str, np.ndarray], index: int, filter_pngs: list[bytes]) -> list[dict[str, Any]]:
     """The ``layers`` of one image's explanation: name, shape, description and what a page needs
     to draw it (PNG maps for the convolutional layers, values for the dense ones). PNGs are bytes;
     the HTTP answer carries them in base64."""
     out = []
     for info in LAYERS:
         a = activations[info.name][index]
-        entry: dict = {"name": info.name, "shape": list(a.shape), "description": info.description}
+        entry: dict[str, Any] = {"name": info.name, "shape": list(a.shape), "description": info.description}
         if a.ndim == 3:
             entry["maps"], entry["maxima"] = channel_maps(a)
         else:

@@ -96,6 +96,11 @@ class Samples:
         async with self._lock:
             if self._samples is None:
                 if not self.path.is_file() and not self.path.is_dir():
+                    # Said once (the answer is cached): otherwise the page's samples vanish silently.
+                    log.info(
+                        "no sample images for the page: %s not found (--samples-data / CNNSERVE_SAMPLES_DATA)",
+                        self.path.absolute(),
+                    )
                     self._samples = []
                 else:
                     try:

@@ -1,1 +1,2 @@
-"""gRPC transport: thin servicers over service.inference.core, plus health and reflection."""
+"""gRPC transport: thin servicers over the data plane ``service.server`` hands it
+(``service.dataplane``), plus health and reflection."""

@@ -1,21 +1,22 @@
-"""``cnnserve.v1.Classifier`` servicer: protobuf ↔ core, nothing else."""
+"""``cnnserve.v1.Classifier`` servicer: protobuf ↔ core and explainer, nothing else."""
 
 from __future__ import annotations
 
 import grpc
 
+from service.dataplane import DataPlane
 from service.errors import InvalidInput
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from service.grpc_api.instrumented import rpc
-from service.inference.core import InferenceCore, RawImage
+from service.inference.serving import ImageInput, RawImage
 from service.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 
 
-def _images(request: pb.ClassifyRequest | pb.ExplainRequest) -> list:
-    images = []
+def _images(request: pb.ClassifyRequest | pb.ExplainRequest) -> list[ImageInput]:
+    images: list[ImageInput] = []
     for i, image in enumerate(request.images):
         source = image.WhichOneof("source")
         if source == "encoded":
@@ -28,14 +29,15 @@ def _images(request: pb.ClassifyRequest | pb.ExplainRequest) -> list:
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, core: InferenceCore, metrics: Metrics) -> None:
-        self.core = core
+    def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
+        self.plane = plane
+        self.core = plane.core
         self.metrics = metrics
 
     @rpc
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         held = request.ByteSize()
-        self.core.hold_bytes(held)  # the message is in memory until this call ends
+        self.plane.buffers.hold(held)  # the message is in memory until this call ends
         try:
             result = await self.core.classify(
                 _images(request),
@@ -45,7 +47,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 deadline=self.core.deadline(context.time_remaining()),
             )
         finally:
-            self.core.release_bytes(held)
+            self.plane.buffers.release(held)
         Prediction, Classification = pb.Prediction, pb.Classification
         results = [
             Classification(predictions=[Prediction(label=l, index=i, probability=p) for l, i, p in zip(ls, ix, ps)])
@@ -55,7 +57,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     @rpc
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
-        result = await self.core.explain(
+        result = await self.plane.explainer.explain(
             _images(request),
             top_k=request.top_k if request.HasField("top_k") else None,
             model=request.model or None,

@@ -9,24 +9,29 @@ also records ``cnnserve_requests_total{protocol="grpc",method=<RPC>,code}``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
 import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.errors import InvalidInput
+from service.dataplane import DataPlane
+from service.errors import InvalidInput, shown
 from service.grpc_api.instrumented import rpc
-from service.inference.core import InferenceCore
 from service.metrics import Metrics
+from service.protocol import metadata
 from service.protocol import open_inference as v2
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+MAX_NAME = 256  # characters of a tensor name or datatype (as the REST binding: inference_rest.py)
 
 
-def _parameters(params) -> dict:
+def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
     """A protobuf ``map<string, InferParameter>`` as plain values."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, p in params.items():
         which = p.WhichOneof("parameter_choice")
         out[key] = getattr(p, which) if which else None
@@ -42,6 +47,9 @@ def request_from_proto(request: pb.ModelInferRequest) -> v2.InferRequest:
         )
     inputs = []
     for i, t in enumerate(request.inputs):
+        if len(t.name) > MAX_NAME or len(t.datatype) > MAX_NAME:
+            # Names are echoed in errors further on: a megabyte-long one is refused here, cut short.
+            raise InvalidInput(f"inputs[{i}]: name or datatype longer than {MAX_NAME} characters: {shown(t.name)}")
         fields = t.contents.ListFields()
         if raw and fields:
             raise InvalidInput(f"input {t.name!r} has contents although the request uses raw_input_contents")
@@ -54,6 +62,9 @@ def request_from_proto(request: pb.ModelInferRequest) -> v2.InferRequest:
             inputs.append(v2.InputTensor(t.name, t.datatype, t.shape, data=values, contents=descriptor.name))
         else:
             inputs.append(v2.InputTensor(t.name, t.datatype, t.shape))
+    for i, o in enumerate(request.outputs):
+        if len(o.name) > MAX_NAME:
+            raise InvalidInput(f"outputs[{i}]: name longer than {MAX_NAME} characters: {shown(o.name)}")
     outputs = [(o.name, _parameters(o.parameters)) for o in request.outputs]
     return v2.InferRequest(
         request.model_name, request.model_version, request.id, _parameters(request.parameters), inputs, outputs
@@ -73,65 +84,85 @@ def response_to_proto(response: v2.InferResponse) -> pb.ModelInferResponse:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore, metrics: Metrics) -> None:
-        self.core = core
+    def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
+        self.plane = plane
         self.metrics = metrics
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.core.not_ready_reason() is None)
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.plane.readiness.is_ready)
 
     @rpc
-    async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=v2.model_ready(self.core, request.name, request.version))
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=metadata.model_ready(self.plane, request.name, request.version))
 
     @rpc
-    async def ServerMetadata(self, request, context):
-        return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return json_format.ParseDict(metadata.server_metadata(), pb.ServerMetadataResponse())
 
     @rpc
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         return json_format.ParseDict(
-            v2.model_metadata(self.core, request.name, request.version), pb.ModelMetadataResponse()
+            metadata.model_metadata(self.plane, request.name, request.version), pb.ModelMetadataResponse()
         )
 
     @rpc
-    async def ModelConfig(self, request, context):
-        config = json_format.ParseDict(v2.model_config(self.core, request.name, request.version), mc.ModelConfig())
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        config = json_format.ParseDict(
+            metadata.model_config(self.plane, request.name, request.version), mc.ModelConfig()
+        )
         return pb.ModelConfigResponse(config=config)
 
     @rpc
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
         return json_format.ParseDict(
-            v2.model_statistics(self.core, request.name, request.version), pb.ModelStatisticsResponse()
+            metadata.model_statistics(self.plane, request.name, request.version), pb.ModelStatisticsResponse()
         )
 
     @rpc
-    async def RepositoryIndex(self, request, context):
-        return json_format.ParseDict({"models": v2.repository_index(self.core)}, pb.RepositoryIndexResponse())
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        return json_format.ParseDict({"models": metadata.repository_index(self.plane)}, pb.RepositoryIndexResponse())
 
     @rpc
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         held = request.ByteSize()
-        self.core.hold_bytes(held)  # the message is in memory until this call ends
+        self.plane.buffers.hold(held)  # the message is in memory until this call ends
         try:
             parsed = request_from_proto(request)
-            result = await v2.infer(self.core, parsed, self.core.deadline(context.time_remaining()))
+            result = await v2.infer(self.plane, parsed, self.plane.core.deadline(context.time_remaining()))
         finally:
-            self.core.release_bytes(held)
+            self.plane.buffers.release(held)
         return response_to_proto(result)
 
 
-def add_to_server(core: InferenceCore, metrics: Metrics, server: grpc.aio.Server) -> InferenceServicer:
-    servicer = InferenceServicer(core, metrics)
+def add_to_server(plane: DataPlane, metrics: Metrics, server: grpc.aio.Server) -> InferenceServicer:
+    servicer = InferenceServicer(plane, metrics)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer
 
 
-def _unimplemented(method: str):
-    async def handler(self, request_or_iterator, context):
+def _unimplemented(method: str) -> Callable[[InferenceServicer, object, grpc.aio.ServicerContext], Awaitable[None]]:
+    async def handler(self: InferenceServicer, request_or_iterator: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{SERVICE_NAME}/{method} is not implemented by cnnserve")
 
     handler.__name__ = handler.__qualname__ = method

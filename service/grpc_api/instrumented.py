@@ -9,15 +9,23 @@ import functools
 import inspect
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
+from service import tracing
 from service.errors import Overloaded, ServiceError, grpc_status
+from service.grpc_api.http2_limits import trim_heap_soon
 from service.metrics import Metrics
 
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: how long a client's retry policy should wait
+T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+#: A servicer's async RPC method (self, request, context).
+RpcMethod = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+UNTRACED = frozenset({"ModelReady"})  # readiness probes, like HTTP's, make no traces
 
 
 class Instrumented:
@@ -30,7 +38,7 @@ class Instrumented:
         self.duration = metrics.request_duration.labels("grpc", method)
         self.ok = metrics.requests.labels("grpc", method, "OK")
 
-    async def __call__(self, context: grpc.aio.ServicerContext, work):
+    async def __call__(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
         started = time.perf_counter()
         try:
             response = await work
@@ -40,7 +48,7 @@ class Instrumented:
             if not e.counted_by_batcher:
                 self.metrics.rejected.labels(e.reason).inc()
             self.duration.observe(time.perf_counter() - started)
-            trailers: tuple = ()
+            trailers: tuple[tuple[str, str], ...] = ()
             if isinstance(e, Overloaded):
                 trailers = ((RETRY_PUSHBACK, str(max(1, math.ceil(e.retry_after_s * 1000)))),)
             await context.abort(code, e.message, trailing_metadata=trailers)
@@ -58,18 +66,21 @@ class Instrumented:
         return response
 
 
-def rpc(method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]):
+def rpc(method: RpcMethod[Req, Resp]) -> RpcMethod[Req, Resp]:
     """Decorate a servicer's async RPC method (on an object with a ``metrics`` attribute): its
     metrics are recorded under the method's name and domain errors become the call's status."""
     name = method.__name__
 
     @functools.wraps(method)
-    async def handler(self, request, context: grpc.aio.ServicerContext):
-        instruments = self.__dict__.setdefault("_instruments", {})
+    async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        instruments: dict[str, Instrumented] = self.__dict__.setdefault("_instruments", {})
         instrumented = instruments.get(name)
         if instrumented is None:
             instrumented = instruments[name] = Instrumented(self.metrics, name)
-        return await instrumented(context, method(self, request, context))
+        work = method(self, request, context)
+        if tracing.ENABLED and name not in UNTRACED:
+            work = tracing.traced_grpc(name, context, work)
+        return await instrumented(context, work)
 
     return handler
 
@@ -77,10 +88,28 @@ def rpc(method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]):
 class _Malformed:
     """What a request that failed to deserialize becomes, so its handler can refuse it cleanly."""
 
-    __slots__ = ("error",)
+    __slots__ = ("code", "error")
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
         self.error = error
+        self.code = code
+
+
+# grpc-core would inflate a compressed message whole before comparing it with
+# grpc.max_receive_message_length (1 MB on the wire inflating to 1 GiB: seconds, GBs), so the server
+# runs with per-message decompression off (service/grpc_api/http2_limits.py) and such a message
+# reaches us as it came. None of the clients we serve (our own, tritonclient, perf_analyzer,
+# grpcurl) compresses unless asked to. gRPC's answer to an encoding a server does not take:
+# UNIMPLEMENTED, naming the one it does (the message cannot say so in grpc-accept-encoding here).
+COMPRESSED = "compressed requests are not accepted (grpc-encoding gzip/deflate): send them uncompressed (identity)"
+
+
+def _looks_compressed(data: bytes) -> bool:
+    """gzip's magic, or a zlib header (gRPC's "deflate"): neither can start a valid protobuf
+    message that failed to parse anyway, so this only names the error better."""
+    if data[:2] == b"\x1f\x8b":
+        return True
+    return len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
 
 
 def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -91,27 +120,106 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
         try:
             return deserialize(data)
         except Exception as e:
+            if _looks_compressed(data):
+                return _Malformed(COMPRESSED, grpc.StatusCode.UNIMPLEMENTED)
             return _Malformed(f"{type(e).__name__}: {e}")
 
     return safe
 
 
-def _guarded(handler: grpc.RpcMethodHandler, metrics: Metrics, method: str) -> grpc.RpcMethodHandler:
-    """The same unary-unary async handler, with a deserializer that cannot raise and a behaviour
-    that answers INVALID_ARGUMENT to what it could not parse. Other kinds are returned as they are."""
+async def _refuse(
+    context: grpc.aio.ServicerContext, metrics: Metrics, name: str, code: grpc.StatusCode, reason: str, message: str
+) -> None:
+    """Count the call (by code) and the refusal (by reason), then end it with ``code``."""
+    metrics.requests.labels("grpc", name, code.name).inc()
+    metrics.rejected.labels(reason).inc()
+    await context.abort(code, message)
+
+
+async def _first_message(
+    context: grpc.aio.ServicerContext,
+    metrics: Metrics,
+    name: str,
+    timeout: float | None,
+    early_reset: Callable[[str], None] | None,
+) -> Any:
+    """The call's request message, or the call ended with DEADLINE_EXCEEDED when it has not
+    arrived ``timeout`` seconds after the call's headers (a stream opened with headers only would
+    otherwise hold a call slot until the client leaves)."""
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        if task is not None:
+            task.cancel()
+
+    timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        request = await context.read()
+    except asyncio.CancelledError:
+        if not expired:
+            if early_reset is not None:  # cancelled by the client before its message: rapid reset?
+                early_reset(context.peer())
+            raise
+        if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: the cancel was ours, handled
+            task.uncancel()
+        request = None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if expired:
+        trim_heap_soon()  # the stalled message may have been large (grpc-core buffers it whole)
+        await _refuse(
+            context,
+            metrics,
+            name,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "deadline",
+            f"request message not received within {timeout:g} s of the call's headers",
+        )
+    if request is grpc.aio.EOF:
+        await _refuse(
+            context,
+            metrics,
+            name,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid",
+            "the call ended without a request message",
+        )
+    return request
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler,
+    metrics: Metrics,
+    method: str,
+    message_timeout: float | None,
+    early_reset: Callable[[str], None] | None = None,
+) -> grpc.RpcMethodHandler:
+    """The same unary-unary async handler, served as a client-streaming one (the same bytes on the
+    wire: a unary call is a stream of one message) so that it runs from the call's headers: the
+    first message is awaited under ``message_timeout``, compressed requests are refused before
+    they inflate, and what does not parse is answered INVALID_ARGUMENT (the deserializer cannot
+    raise). Other kinds are returned as they are."""
     behavior = handler.unary_unary
     if behavior is None or handler.request_streaming or not inspect.iscoroutinefunction(behavior):
         return handler
     name = method.rsplit("/", 1)[-1]
 
-    async def checked(request, context):
+    async def checked(request_iterator: AsyncIterator[object], context: grpc.aio.ServicerContext) -> object:
+        request = await _first_message(context, metrics, name, message_timeout, early_reset)
         if type(request) is _Malformed:
-            metrics.requests.labels("grpc", name, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
-            metrics.rejected.labels("invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {request.error}")
+            message = (
+                request.error
+                if request.code is not grpc.StatusCode.INVALID_ARGUMENT
+                else f"request is not a valid message: {request.error}"
+            )
+            await _refuse(context, metrics, name, request.code, "invalid", message)
         return await behavior(request, context)
 
-    return grpc.unary_unary_rpc_method_handler(
+    return grpc.stream_unary_rpc_method_handler(
         checked,
         request_deserializer=_safe_deserializer(handler.request_deserializer),
         response_serializer=handler.response_serializer,
@@ -119,32 +227,50 @@ def _guarded(handler: grpc.RpcMethodHandler, metrics: Metrics, method: str) -> g
 
 
 class _GuardedGenericHandler(grpc.GenericRpcHandler):
-    def __init__(self, inner: grpc.GenericRpcHandler, metrics: Metrics) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Callable[[grpc.RpcMethodHandler, str], Any]) -> None:
         self.inner = inner
-        self.metrics = metrics
+        self.wrap = wrap
         self.cache: dict[str, Any] = {}
 
-    def service(self, handler_call_details):
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         if method not in self.cache:
             found = self.inner.service(handler_call_details)
-            self.cache[method] = None if found is None else _guarded(found, self.metrics, method)
+            self.cache[method] = None if found is None else self.wrap(found, method)
         return self.cache[method]
 
 
 class GuardedRegistration:
     """Stands in for the grpc.aio server while generated ``add_*_to_server`` functions register a
-    service, so that every unary method of it refuses malformed requests with INVALID_ARGUMENT.
-    The checks cost one type test per call."""
+    service, so that every unary method of it is guarded (``_guarded``): malformed requests get
+    INVALID_ARGUMENT, compressed ones UNIMPLEMENTED, a message that does not come within
+    ``message_timeout`` DEADLINE_EXCEEDED, and calls cancelled before their message are reported
+    to ``early_reset`` (service/grpc_api/reset_budget.py). A call costs one timer and a type test."""
 
-    def __init__(self, server: grpc.aio.Server, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        metrics: Metrics,
+        message_timeout: float | None = None,
+        early_reset: Callable[[str], None] | None = None,
+    ) -> None:
         self.server = server
-        self.metrics = metrics
+        self.wrap = functools.partial(_guarded_as_registered, metrics, message_timeout, early_reset)
 
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        self.server.add_generic_rpc_handlers(tuple(_GuardedGenericHandler(h, self.metrics) for h in handlers))
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_GuardedGenericHandler(h, self.wrap) for h in handlers))
 
-    def add_registered_method_handlers(self, service: str, method_handlers: dict) -> None:
+    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Any]) -> None:
         self.server.add_registered_method_handlers(
-            service, {m: _guarded(h, self.metrics, f"/{service}/{m}") for m, h in method_handlers.items()}
+            service, {m: self.wrap(h, f"/{service}/{m}") for m, h in method_handlers.items()}
         )
+
+
+def _guarded_as_registered(
+    metrics: Metrics,
+    message_timeout: float | None,
+    early_reset: Callable[[str], None] | None,
+    handler: grpc.RpcMethodHandler,
+    method: str,
+) -> grpc.RpcMethodHandler:
+    return _guarded(handler, metrics, method, message_timeout, early_reset)

@@ -6,21 +6,22 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
+from service.dataplane import DataPlane
 from service.errors import ServiceError
 from service.http_api import explain_routes, inference_routes, page_routes, routes
 from service.http_api.context import HttpContext, error_response, json_response
-from service.inference.core import InferenceCore
 from service.metrics import Metrics
 
 log = logging.getLogger("cnnserve.http")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc files
 
 
-def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
+def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     # FastAPIOffline serves Swagger UI (/docs) and ReDoc (/redoc) from the files its package
     # ships, so the docs work in a cluster without internet access; no validator badge either.
     app = FastAPIOffline(
@@ -34,7 +35,7 @@ def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
         # (6 % of the event loop's time under load); the server's metrics are Prometheus'.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    ctx = HttpContext(core, metrics)
+    ctx = HttpContext(plane, metrics)
     app.include_router(routes.build_router(ctx))
     app.include_router(inference_routes.build_router(ctx))
     app.include_router(explain_routes.build_router(ctx))
@@ -42,11 +43,11 @@ def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
     app.mount("/static", page_routes.static_files(), name="static")
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError):
+    async def service_error(request: Request, exc: ServiceError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path"))
@@ -57,11 +58,11 @@ def create_app(core: InferenceCore, metrics: Metrics) -> FastAPI:
         return json_response({"error": "; ".join(parts) or "invalid request"}, 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return json_response({"error": str(exc.detail)}, exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
 

@@ -6,34 +6,48 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
+from service import tracing
 from service.ascii_numbers import parse_decimal, parse_uint
+from service.dataplane import DataPlane
 from service.errors import (
     BufferFull,
     Cancelled,
     InvalidParameter,
-    ModelNotFound,
     Overloaded,
     PayloadTooLarge,
     ServiceError,
     http_status,
 )
-from service.inference.core import InferenceCore
 from service.metrics import Metrics
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 BUFFERED_KEY = "cnnserve.buffered"  # request scope: body bytes this request holds against max_buffered_bytes
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
+def get_and_head(router: APIRouter, path: str, **kwargs: Any) -> Callable[[F], F]:
+    """``@router.api_route(path, methods=["GET", "HEAD"])`` as two routes: one route with two
+    methods gives both operations the same OpenAPI operationId (FastAPI warns "Duplicate Operation
+    ID" at the first /openapi.json, and generated clients collide)."""
+
+    def register(endpoint: F) -> F:
+        router.add_api_route(path, endpoint, methods=["GET"], **kwargs)
+        router.add_api_route(path, endpoint, methods=["HEAD"], name=f"{endpoint.__name__}_head", **kwargs)
+        return endpoint
+
+    return register
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
         status_code=status,
@@ -52,12 +66,13 @@ def error_response(error: ServiceError) -> Response:
 
 
 class HttpContext:
-    """Per-app helpers bound to the core and metrics."""
+    """Per-app helpers bound to the data plane and metrics."""
 
-    def __init__(self, core: InferenceCore, metrics: Metrics) -> None:
-        self.core = core
+    def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
+        self.plane = plane
+        self.core = plane.core
         self.metrics = metrics
-        self.max_body = core.settings.max_request_bytes
+        self.max_body = plane.settings.max_request_bytes
         self._counters: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
 
@@ -76,6 +91,8 @@ class HttpContext:
         """Run a route's work: map domain errors to responses and record metrics; then give back
         the body bytes ``request`` held against max_buffered_bytes."""
         started = time.perf_counter()
+        if tracing.ENABLED and request is not None:  # routes without a request (metadata, health) are not traced
+            work = tracing.traced_http(method, request, work)
         try:
             response = await work
         except ServiceError as e:
@@ -84,19 +101,9 @@ class HttpContext:
             response = error_response(e)
         finally:
             if request is not None:
-                self.core.release_bytes(request.scope.pop(BUFFERED_KEY, 0))
+                self.plane.buffers.release(request.scope.pop(BUFFERED_KEY, 0))
         self.record(method, response.status_code, started)
         return response
-
-    def precheck(self, model: str | None, version: str | None) -> None:
-        """Refuse at once, before the body is read, a request that could not be queued even with
-        one image (queue full: 429; not ready: 503). A model that is not found is left to the
-        route, which may learn the model's name from the body."""
-        try:
-            target = self.core.model(model, version)
-        except ModelNotFound:
-            return
-        self.core.admit(target, 1)
 
     @staticmethod
     async def unless_disconnected(work: Awaitable[T], request: Request) -> T:
@@ -126,7 +133,7 @@ class HttpContext:
 
     def _hold(self, request: Request, n: int) -> None:
         """Count ``n`` more body bytes of ``request`` against max_buffered_bytes (BufferFull past it)."""
-        self.core.hold_bytes(n)
+        self.plane.buffers.hold(n)
         request.scope[BUFFERED_KEY] = request.scope.get(BUFFERED_KEY, 0) + n
 
     async def body(self, request: Request) -> bytes:
@@ -134,6 +141,7 @@ class HttpContext:
         when the bytes buffered across all requests would exceed max_buffered_bytes; a client that
         hangs up mid-upload is Cancelled. Call it from a route run by ``handle(..., request)``,
         which gives the bytes back."""
+        began = time.monotonic() if tracing.ENABLED else 0.0
         declared = request.headers.get("content-length")
         if declared is not None:
             size = parse_uint(declared, "Content-Length")
@@ -157,6 +165,8 @@ class HttpContext:
             self.metrics.rejected.labels("cancelled").inc()
             raise Cancelled("client disconnected during the upload") from None
         body = b"".join(chunks)
+        if tracing.ENABLED:
+            tracing.stage("read body", began, bytes=len(body))
         request._body = body  # Starlette's own cache: request.form()/json() read it instead of the spent stream
         return body
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -57,7 +58,7 @@ EXPLAIN_PARAMETERS = [
 ]
 
 
-def _layer_json(layer: dict) -> dict:
+def _layer_json(layer: dict[str, Any]) -> dict[str, Any]:
     out = dict(layer)
     for key in ("maps", "filters"):
         if key in out:
@@ -65,7 +66,7 @@ def _layer_json(layer: dict) -> dict:
     return out
 
 
-def explanations_json(result: Explanations) -> dict:
+def explanations_json(result: Explanations) -> dict[str, Any]:
     return {
         "model": result.model,
         "model_version": result.version,
@@ -89,7 +90,7 @@ def explanations_json(result: Explanations) -> dict:
     }
 
 
-def _field(query_value: str | None, fields: dict, name: str):
+def _field(query_value: str | None, fields: dict[str, Any], name: str) -> int | None:
     """A query parameter (text, parsed as an integer) or else the JSON body's field (must be an integer)."""
     if query_value not in (None, ""):
         return int_parameter(name, query_value)
@@ -101,7 +102,7 @@ def _field(query_value: str | None, fields: dict, name: str):
 
 def build_router(ctx: HttpContext) -> APIRouter:
     router = APIRouter()
-    core = ctx.core
+    explainer = ctx.plane.explainer
 
     async def _explain(request: Request) -> Response:
         deadline = ctx.deadline(request)
@@ -113,7 +114,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         if method is not None and not isinstance(method, str):
             raise InvalidParameter(f"method must be a string, got {method!r}")
         result = await ctx.unless_disconnected(
-            core.explain(
+            explainer.explain(
                 parsed.images,
                 top_k=parsed.top_k,
                 model=parsed.model,
@@ -137,7 +138,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         },
         openapi_extra={"parameters": EXPLAIN_PARAMETERS, "requestBody": PREDICT_REQUEST_BODY},
     )
-    async def explain(request: Request):
+    async def explain(request: Request) -> Response:
         return await ctx.handle("explain", _explain(request), request)
 
     return router

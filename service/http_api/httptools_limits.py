@@ -5,9 +5,12 @@ concatenation (quadratic: a 64 MiB header took 6 s of event-loop time), and uvic
 or body read timeout. This subclass adds, per connection and at the cost of a counter and two
 timers per request:
 
-- ``max_header_bytes``: bytes of request line + headers, counted per socket read before the
-  parser is fed again (so enforced within one read, at most 256 KiB), and ``max_headers``:
-  431 and the connection closed past either;
+- ``max_header_bytes``: bytes of request line + headers, counted twice: the bytes of each socket
+  read while the headers are incomplete, before the parser is fed again (a header sent slowly
+  never grows past one read beyond the limit), and the URL and each header as the parser hands
+  them over (so headers that arrive in one read with their end are counted too: a 100 KiB
+  header in one write was accepted when only reads were counted); and ``max_headers``: 431 and
+  the connection closed past either;
 - ``header_timeout``: from a new connection, or a request's first byte, to the end of its headers;
 - ``body_timeout``: from the end of a request's headers to the end of its body.
   Past either: 408 and the connection closed (a request being answered is only closed).
@@ -52,6 +55,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = True
         self._header_bytes = 0
         self._header_count = 0
+        self._parsed_bytes = 0
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.limits.header_timeout, self._timed_out, "headers"
         )
@@ -95,6 +99,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_headers = True
         self._header_count = 0
+        self._parsed_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_parsed(len(url) + 16)  # + method, version, separators
+        super().on_url(url)
         if self._timer is None:
             self._timer = self.loop.call_later(self.limits.header_timeout, self._timed_out, "headers")
 
@@ -102,7 +111,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
             raise _Refusal(431, f"more than {self.limits.max_headers} request headers")
+        self._count_parsed(len(name) + len(value) + 4)  # + ": " and CRLF
         super().on_header(name, value)
+
+    def _count_parsed(self, n: int) -> None:
+        self._parsed_bytes += n
+        if self._parsed_bytes > self.limits.max_header_bytes:
+            raise _Refusal(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         self._in_headers = False

@@ -1,6 +1,6 @@
 """Open Inference Protocol (KServe v2) REST routes with Triton's extensions: HTTP ↔ ``service.protocol.open_inference``.
 
-Routes are thin: they read the path, headers and body, call ``inference_protocol`` (bodies
+Routes are thin: they read the path, headers and body, call ``service.protocol`` (bodies
 through ``inference_rest``) and write its answer; ``HttpContext.handle`` maps domain errors to
 ``{"error": "..."}`` with the status of ``service.errors.http_status`` and records the request
 metrics.
@@ -8,12 +8,17 @@ metrics.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from service.errors import ModelNotFound
 from service.http_api import inference_rest as rest
-from service.http_api.context import HttpContext, json_response
+from service.http_api.context import HttpContext, get_and_head, json_response
 from service.http_api.schemas import V2_INFER_REQUEST_BODY, error_responses
+from service.protocol import metadata
 from service.protocol import open_inference as v2
 
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -23,68 +28,77 @@ def build_router(ctx: HttpContext) -> APIRouter:
     # Every /v2 error is {"error": ...}; declaring 4XX/5XX also keeps FastAPI from advertising its
     # own 422 HTTPValidationError, which these routes never send.
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"], responses=error_responses("4XX", "5XX"))
-    core = ctx.core
+    plane, readiness = ctx.plane, ctx.plane.readiness
 
-    async def _json(value_fn, *args) -> Response:
-        return json_response(value_fn(core, *args))
+    async def _json(value_fn: Callable[..., object], *args: str | None) -> Response:
+        return json_response(value_fn(plane, *args))
 
     # ---- server ---------------------------------------------------------------------------------
     @router.get("", summary="Server metadata: name, version, extensions")
-    async def server_metadata():
-        return await ctx.handle("v2_server_metadata", _json(lambda _core: v2.server_metadata()))
+    async def server_metadata() -> Response:
+        return await ctx.handle("v2_server_metadata", _json(lambda _plane: metadata.server_metadata()))
 
-    @router.api_route("/health/live", methods=["GET", "HEAD"], summary="Liveness (200 while the process answers)")
-    async def server_live():
+    @get_and_head(router, "/health/live", summary="Liveness (200 while the process answers)")
+    async def server_live() -> Response:
         return json_response({"live": True})
 
-    @router.api_route(
-        "/health/ready", methods=["GET", "HEAD"], summary="Readiness (200 ready, 503 loading or draining)"
-    )
-    async def server_ready():
-        reason = core.not_ready_reason()
+    @get_and_head(router, "/health/ready", summary="Readiness (200 ready, 503 loading or draining)")
+    async def server_ready() -> Response:
+        reason = readiness.reason()
         if reason is None:
             return json_response({"ready": True})
         return json_response({"ready": False, "error": f"not ready: {reason}"}, 503)
 
     @router.post("/repository/index", summary="Loaded model versions and their state")
-    async def repository_index():
-        return await ctx.handle("v2_repository_index", _json(v2.repository_index))
+    async def repository_index() -> Response:
+        return await ctx.handle("v2_repository_index", _json(metadata.repository_index))
 
     # ---- statistics (before /models/{name} so that "stats" is not taken for a model name) -------
     @router.get("/models/stats", summary="Statistics of every model (Triton's statistics extension)")
-    async def all_statistics():
-        return await ctx.handle("v2_model_statistics", _json(v2.model_statistics))
+    async def all_statistics() -> Response:
+        return await ctx.handle("v2_model_statistics", _json(metadata.model_statistics))
 
     @router.get("/models/{name}/stats", summary="Statistics of every version of a model")
     @router.get("/models/{name}/versions/{version}/stats", summary="Statistics of a model version")
-    async def model_statistics(name: str, version: str | None = None):
-        return await ctx.handle("v2_model_statistics", _json(v2.model_statistics, name, version))
+    async def model_statistics(name: str, version: str | None = None) -> Response:
+        return await ctx.handle("v2_model_statistics", _json(metadata.model_statistics, name, version))
 
     # ---- models ---------------------------------------------------------------------------------
     @router.get("/models/{name}", summary="Model metadata: versions, platform, inputs, outputs")
     @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-    async def model_metadata(name: str, version: str | None = None):
-        return await ctx.handle("v2_model_metadata", _json(v2.model_metadata, name, version))
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        return await ctx.handle("v2_model_metadata", _json(metadata.model_metadata, name, version))
 
     async def _model_ready(name: str, version: str | None) -> Response:
-        if v2.model_ready(core, name, version):
+        if metadata.model_ready(plane, name, version):
             return json_response({"name": name, "ready": True})
-        return json_response({"name": name, "ready": False, "error": f"not ready: {core.not_ready_reason()}"}, 503)
+        return json_response({"name": name, "ready": False, "error": f"not ready: {readiness.reason()}"}, 503)
 
     @router.get("/models/{name}/ready", summary="Model readiness (200 ready, 503 not ready, 404 unknown)")
     @router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness")
-    async def model_ready(name: str, version: str | None = None):
+    async def model_ready(name: str, version: str | None = None) -> Response:
         return await ctx.handle("v2_model_ready", _model_ready(name, version))
 
     @router.get("/models/{name}/config", summary="Model configuration (Triton's model_configuration extension)")
     @router.get("/models/{name}/versions/{version}/config", summary="Model version configuration")
-    async def model_config(name: str, version: str | None = None):
-        return await ctx.handle("v2_model_config", _json(v2.model_config, name, version))
+    async def model_config(name: str, version: str | None = None) -> Response:
+        return await ctx.handle("v2_model_config", _json(metadata.model_config, name, version))
 
     # ---- inference ------------------------------------------------------------------------------
+    def _max_numbers(name: str, version: str | None) -> int | None:
+        """The most tensor elements a request to this model can carry (None: model unknown,
+        refused later with its own error)."""
+        try:
+            shape = plane.core.model(name, version).runtime.input_shape[1:]
+        except ModelNotFound:
+            return None
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            return None  # a dynamic image size: no bound known before the body is parsed
+        return plane.settings.max_images_per_request * int(math.prod(shape))
+
     async def _infer(request: Request, name: str, version: str | None) -> Response:
         deadline = ctx.deadline(request)
-        ctx.precheck(name, version)  # queue full or not ready: refused before the body is read
+        ctx.core.precheck(name, version)  # queue full or not ready: refused before the body is read
         parsed = await rest.read_rest_request(
             name,
             version or "",
@@ -92,9 +106,10 @@ def build_router(ctx: HttpContext) -> APIRouter:
             request.headers.get(rest.HEADER_LENGTH),
             request.headers.get("content-encoding"),
             ctx.max_body,
-            core.offload,
+            plane.pool.offload,
+            _max_numbers(name, version),
         )
-        result = await ctx.unless_disconnected(v2.infer(core, parsed, deadline), request)
+        result = await ctx.unless_disconnected(v2.infer(plane, parsed, deadline), request)
         content, header_length = rest.encode_rest_response(result)
         if header_length is None:
             return Response(content, media_type="application/json")
@@ -106,7 +121,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
 
     @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)", openapi_extra=body)
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version", openapi_extra=body)
-    async def model_infer(request: Request, name: str, version: str | None = None):
+    async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
         return await ctx.handle("v2_infer", _infer(request, name, version), request)
 
     return router

@@ -9,6 +9,8 @@ a part counts as a file when its Content-Disposition has a filename.
 
 from __future__ import annotations
 
+from typing import Any
+
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -17,17 +19,17 @@ from service.errors import InvalidInput, PayloadTooLarge
 MAX_OTHER_PARTS = 16
 
 
-def file_parts(body: bytes, content_type: str, max_files: int) -> list[bytes]:
-    """The bytes of every part named ``file`` with a filename, in order. InvalidInput for a body
-    that is not multipart as its Content-Type says; PayloadTooLarge past ``max_files`` file parts
-    or MAX_OTHER_PARTS other parts."""
+def file_parts(body: bytes, content_type: str, max_files: int, names: list[str] | None = None) -> list[bytes]:
+    """The bytes of every part named ``file`` with a filename, in order (their filenames appended
+    to ``names`` when given). InvalidInput for a body that is not multipart as its Content-Type
+    says; PayloadTooLarge past ``max_files`` file parts or MAX_OTHER_PARTS other parts."""
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
         raise InvalidInput("multipart/form-data body without a boundary in its Content-Type")
     files: list[bytes] = []
     counts = {"files": 0, "other": 0}
-    part: dict = {}
+    part: dict[str, Any] = {}
 
     def on_part_begin() -> None:
         part.clear()
@@ -54,6 +56,8 @@ def file_parts(body: bytes, content_type: str, max_files: int) -> list[bytes]:
                 raise PayloadTooLarge(f"more than {max_files} files in one multipart body")
             if disposition.get(b"name") == b"file":
                 files.append(b"".join(part["data"]))
+                if names is not None:
+                    names.append(disposition[b"filename"].decode("utf-8", "replace"))
         else:
             counts["other"] += 1
             if counts["other"] > MAX_OTHER_PARTS:

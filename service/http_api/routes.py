@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -12,9 +14,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.ascii_numbers import parse_uint
-from service.errors import InvalidInput, InvalidParameter, UnsupportedMediaType
+from service.errors import InvalidInput, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
 from service.http_api import multipart
-from service.http_api.context import TIMEOUT_HEADER, HttpContext, json_response
+from service.http_api.context import TIMEOUT_HEADER, HttpContext, get_and_head, json_response
 from service.http_api.schemas import (
     PREDICT_REQUEST_BODY,
     Liveness,
@@ -22,8 +24,8 @@ from service.http_api.schemas import (
     Readiness,
     error_responses,
 )
-from service.inference.core import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
-from service.inference.core import Classification, ImageInput
+from service.inference.decoding import INLINE_DECODE_BYTES as INLINE_PARSE_BYTES
+from service.inference.serving import Classification, ImageInput
 
 PREDICT_DOC = f"""Classify one or more images and answer each one's top-k labels with probabilities.
 
@@ -41,15 +43,25 @@ type, 422 invalid parameter, 429 queue full (with Retry-After), 503 not ready, 5
 IMAGE_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 
 
-def classification_json(result: Classification) -> dict:
-    return {
-        "model": result.model,
-        "model_version": result.version,
-        "results": [
-            {"predictions": [{"label": l, "index": i, "probability": p} for l, i, p in zip(ls, ix, ps)]}
-            for ls, ix, ps in zip(result.labels, result.indices, result.probabilities)
-        ],
-    }
+def classification_json(result: Classification, files: list[str] | None = None) -> dict[str, Any]:
+    results: list[dict[str, Any]] = [
+        {"predictions": [{"label": l, "index": i, "probability": p} for l, i, p in zip(ls, ix, ps)]}
+        for ls, ix, ps in zip(result.labels, result.indices, result.probabilities)
+    ]
+    for entry, name in zip(results, files or ()):  # multipart: which result is which file
+        entry["file"] = name
+    return {"model": result.model, "model_version": result.version, "results": results}
+
+
+def name_files(error: InvalidInput | PayloadTooLarge, files: list[str]) -> None:
+    """The core numbers a request's images ("image 1: not an image"); a multipart request's
+    files have names: "image 1 (dog.png): ..."."""
+    error.message = re.sub(
+        r"^image (\d+):",
+        lambda m: f"image {m.group(1)} ({files[int(m.group(1))]}):" if int(m.group(1)) < len(files) else m.group(0),
+        error.message,
+    )
+    error.args = (error.message,)
 
 
 PREDICT_PARAMETERS = [
@@ -99,23 +111,36 @@ class ImagesRequest:
     top_k: int | None
     model: str | None
     version: str | None
-    fields: dict
+    fields: dict[str, Any]
+    files: list[str] | None = None  # multipart: each image's filename, so the answer can name it
 
 
-def parse_json_body(body: bytes) -> tuple[list[ImageInput], object, object, object]:
+def parse_json_body(body: bytes, max_images: int = 256) -> tuple[list[ImageInput], object, object, object]:
     """/predict's JSON body → (image bytes, top_k, model, model_version) as given (checked later)."""
-    images, doc = _json_document(body)
+    images, doc = _json_document(body, max_images)
     return images, doc.get("top_k"), doc.get("model"), doc.get("model_version")
 
 
-def _json_document(body: bytes) -> tuple[list[ImageInput], dict]:
-    """The JSON body's decoded images and the whole document (for /explain's own fields)."""
+#: Commas a /predict JSON body may hold beyond one per image: its other fields (top_k, model, ...).
+JSON_FIELD_COMMAS = 64
+
+
+def _json_document(body: bytes, max_images: int) -> tuple[list[ImageInput], dict[str, Any]]:
+    """The JSON body's decoded images and the whole document (for /explain's own fields). The
+    image count is checked before any image is decoded, and bounded before the body is even
+    parsed: base64 has no commas, so a body with more commas than images allowed (plus a few
+    fields) is refused without building its millions of strings (the issue: 5.5 M empty strings,
+    6.2 s and +100 MB before the 413)."""
+    if body.count(b",") > max_images + JSON_FIELD_COMMAS:
+        raise PayloadTooLarge(f"JSON body holds more than {max_images} images; the limit is {max_images}")
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"body is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise InvalidInput('JSON body must be an object with "images": a list of base64 strings')
+    if len(doc["images"]) > max_images:
+        raise PayloadTooLarge(f"{len(doc['images'])} images in one request; the limit is {max_images}")
     images: list[ImageInput] = []
     for i, item in enumerate(doc["images"]):
         if not isinstance(item, str):
@@ -134,23 +159,25 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
     top_k = int_parameter("top_k", query.get("top_k"))
     model, version = query.get("model") or None, query.get("version") or None
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    doc: dict = {}
-    ctx.precheck(model, version)  # queue full or not ready: refused before the body is read
+    doc: dict[str, Any] = {}
+    ctx.core.precheck(model, version)  # queue full or not ready: refused before the body is read
     if content_type == "multipart/form-data":
         body = await ctx.body(request)  # bounded by max_request_bytes
-        args = (body, request.headers.get("content-type", ""), ctx.core.settings.max_images_per_request)
+        files: list[str] = []
+        args = (body, request.headers.get("content-type", ""), ctx.plane.settings.max_images_per_request, files)
         if len(body) <= INLINE_PARSE_BYTES:
             images: list[ImageInput] = list(multipart.file_parts(*args))
         else:  # parsing megabytes: off the event loop
-            images = list(await ctx.core.offload(multipart.file_parts, *args))
+            images = list(await ctx.plane.pool.offload(multipart.file_parts, *args))
         if not images:
             raise InvalidInput('multipart body has no file part named "file"')
     elif content_type == "application/json":
         body = await ctx.body(request)
+        limit = ctx.plane.settings.max_images_per_request
         if len(body) <= INLINE_PARSE_BYTES:
-            images, doc = _json_document(body)
+            images, doc = _json_document(body, limit)
         else:  # parsing and base64-decoding megabytes: off the event loop
-            images, doc = await ctx.core.offload(_json_document, body)
+            images, doc = await ctx.plane.pool.offload(_json_document, body, limit)
         top_k = top_k if top_k is not None else doc.get("top_k")
         model = model or doc.get("model")
         version = version or doc.get("model_version")
@@ -163,7 +190,7 @@ async def read_images(ctx: HttpContext, request: Request) -> ImagesRequest:
         )
     if (model is not None and not isinstance(model, str)) or (version is not None and not isinstance(version, str)):
         raise InvalidInput("model and model_version must be strings")
-    return ImagesRequest(images, top_k, model, version, doc)
+    return ImagesRequest(images, top_k, model, version, doc, files if content_type == "multipart/form-data" else None)
 
 
 def build_router(ctx: HttpContext) -> APIRouter:
@@ -173,13 +200,18 @@ def build_router(ctx: HttpContext) -> APIRouter:
     async def _predict(request: Request) -> Response:
         deadline = ctx.deadline(request)
         parsed = await read_images(ctx, request)
-        result = await ctx.unless_disconnected(
-            core.classify(
-                parsed.images, top_k=parsed.top_k, model=parsed.model, version=parsed.version, deadline=deadline
-            ),
-            request,
-        )
-        return json_response(classification_json(result))
+        try:
+            result = await ctx.unless_disconnected(
+                core.classify(
+                    parsed.images, top_k=parsed.top_k, model=parsed.model, version=parsed.version, deadline=deadline
+                ),
+                request,
+            )
+        except (InvalidInput, PayloadTooLarge) as e:
+            if parsed.files:
+                name_files(e, parsed.files)
+            raise
+        return json_response(classification_json(result, parsed.files))
 
     # Query parameters are read by hand (and documented through openapi_extra): FastAPI's
     # dependency solving was ~40 % of this route's Python time.
@@ -193,25 +225,25 @@ def build_router(ctx: HttpContext) -> APIRouter:
         },
         openapi_extra={"parameters": PREDICT_PARAMETERS, "requestBody": PREDICT_REQUEST_BODY},
     )
-    async def predict(request: Request):
+    async def predict(request: Request) -> Response:
         return await ctx.handle("predict", _predict(request), request)
 
-    @router.api_route(
+    @get_and_head(
+        router,
         "/healthz",
-        methods=["GET", "HEAD"],
         summary="Liveness: the process answers",
         responses={200: {"model": Liveness}},
     )
-    async def healthz():
+    async def healthz() -> Response:
         return json_response({"status": "live"})
 
-    @router.api_route(
+    @get_and_head(
+        router,
         "/readyz",
-        methods=["GET", "HEAD"],
         summary="Readiness: every model loaded and warm, not draining",
         responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "loading or draining"}},
     )
-    async def readyz():
+    async def readyz(request: Request) -> Response:
         models = [
             {
                 "name": m.name,
@@ -219,12 +251,20 @@ def build_router(ctx: HttpContext) -> APIRouter:
                 "provider": m.runtime.provider,
                 "precision": m.runtime.precision,
                 "file": m.runtime.path.name,
+                "precision_choice": getattr(m.runtime, "precision_choice", None),
             }
-            for m in core.all_models()
+            for m in core.models()
         ]
-        reason = core.not_ready_reason()
+        reason = ctx.plane.readiness.reason()
         if reason is None:
-            return json_response({"status": "ready", "models": models})
+            # The gRPC port must answer too (service/grpc_api/self_check.py; set by service/server.py).
+            grpc_check = getattr(request.app.state, "grpc_self_check", None)
+            failure = await grpc_check.failure() if grpc_check is not None else None
+            if failure is None:
+                return json_response({"status": "ready", "models": models})
+            return json_response(
+                {"error": f"not ready: {failure}", "status": "grpc_unavailable", "models": models}, 503
+            )
         return json_response({"error": f"not ready: {reason}", "status": reason, "models": models}, 503)
 
     @router.get(
@@ -232,7 +272,7 @@ def build_router(ctx: HttpContext) -> APIRouter:
         summary="Prometheus metrics",
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "text format"}},
     )
-    async def metrics():
+    async def metrics() -> Response:
         return Response(ctx.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return router

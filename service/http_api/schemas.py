@@ -7,6 +7,8 @@ answers fit them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -24,6 +26,7 @@ class Prediction(BaseModel):
 
 class ImageResult(BaseModel):
     predictions: list[Prediction] = Field(description="the top_k classes, most probable first")
+    file: str | None = Field(None, description="multipart bodies: the filename of the part this result is for")
 
 
 class PredictResponse(BaseModel):
@@ -81,10 +84,18 @@ class ModelState(BaseModel):
     name: str
     version: str
     provider: str = Field(description="ONNX Runtime execution provider", examples=["CPUExecutionProvider"])
+    precision: str = Field(description="the precision variant that answers: fp32, int8 or fp16", examples=["int8"])
+    file: str = Field(description="its file in the version folder", examples=["model.int8.onnx"])
+    precision_choice: dict[str, Any] | None = Field(
+        None,
+        description="why this variant answers, measured at load on this machine: requested, precision, reason, "
+        "candidate, check_images, check_agreement (top-1 agreement with fp32 on the check inputs), threshold, "
+        "timing (per batch size: fp32_ms, variant_ms, speedup), cpu (model, arch, flags), seconds",
+    )
 
 
 class Readiness(BaseModel):
-    status: str = Field(description="ready, or why not (loading, draining)", examples=["ready"])
+    status: str = Field(description="ready, or why not (loading, draining, grpc_unavailable)", examples=["ready"])
     models: list[ModelState]
     error: str | None = Field(None, description="only when not ready")
 
@@ -113,7 +124,7 @@ PREDICT_REQUEST_BODY = {
 }
 
 
-def error_responses(*codes: int | str) -> dict:
+def error_responses(*codes: int | str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses entries with the ``{"error": ...}`` schema for these status codes."""
     described = {
         400: "bad image or body",

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from service.http_api.httptools_limits import HttpLimits, protocol_class
 from service.settings import Settings
 
 
-def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
+def uvicorn_config(
+    app: ASGIApp, settings: Settings, ssl_context: ssl.SSLContext | None = None, **overrides: Any
+) -> uvicorn.Config:
     """uvicorn.Config for ``app`` (loop and lifespan driven by the caller): httptools with
     cnnserve's header limits and read timeouts, ``max_connections`` as uvicorn's concurrency limit
     (503 past it), the keep-alive timeout, and graceful shutdown bounded by the shutdown timeout."""
@@ -32,5 +36,9 @@ def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
         limit_concurrency=settings.max_connections,
         backlog=2048,
     )
+    if ssl_context is not None:
+        # TLS with a context made by service.security.tls, which reloads its certificate in place
+        # (a context from uvicorn's own ssl_* options would never be reloaded).
+        options["ssl_context_factory"] = lambda _config, _default: ssl_context
     options.update(overrides)
     return uvicorn.Config(app, **options)

@@ -24,12 +24,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from service import tracing
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from service.inference import priority
+from service.inference.priority import Priority
 
 log = logging.getLogger("cnnserve.batcher")
 
@@ -39,8 +40,17 @@ Outputs = TypeVar("Outputs", bound=Sequence[Any])
 BatchFn = Callable[[list[np.ndarray]], Outputs]
 
 
+class Observer(Protocol):
+    """Hooks for metrics (``service.metrics.StatsObserver``), called on the event loop."""
+
+    def queue_depth(self, images: int) -> None: ...
+    def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None: ...
+    def dropped(self, reason: str, images: int) -> None: ...
+
+
 class BatchObserver:
-    """Hooks for metrics; the defaults do nothing. Called on the event loop."""
+    """An :class:`Observer` whose hooks do nothing: the default, and a base for observers that
+    want only some hooks."""
 
     def queue_depth(self, images: int) -> None: ...
     def batch_done(self, size: int, requests: int, queue_waits_s: list[float], compute_s: float) -> None: ...
@@ -48,14 +58,15 @@ class BatchObserver:
 
 
 @dataclass(eq=False)
-class _Request:
+class _Request(Generic[Outputs]):
     items: np.ndarray
-    future: asyncio.Future
+    future: asyncio.Future[Outputs]
     deadline: float | None
     enqueued: float
     taken: int = 0  # images already given to a batch
     done: int = 0  # images whose results came back
-    pieces: list = field(default_factory=list)  # (start, outputs) per finished chunk
+    pieces: list[tuple[int, Outputs]] = field(default_factory=list)  # (start, outputs) per finished chunk
+    span: Any = None  # the caller's span when tracing is on and it is sampled (service.tracing)
 
 
 class Batcher(Generic[Outputs]):
@@ -66,7 +77,7 @@ class Batcher(Generic[Outputs]):
         max_batch_size: int = 64,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
-        observer: BatchObserver | None = None,
+        observer: Observer | None = None,
         name: str = "batcher",
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
@@ -75,19 +86,19 @@ class Batcher(Generic[Outputs]):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self.observer = observer or BatchObserver()
+        self.observer: Observer = observer or BatchObserver()
         self.name = name
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[_Request[Outputs]] = deque()
         # Background work (service.inference.priority: explanations) batched only in the room
         # requests leave, so /predict's latency holds whatever /explain sends.
-        self._background: deque[_Request] = deque()
+        self._background: deque[_Request[Outputs]] = deque()
         self._queued_images = 0
         self._has_items = asyncio.Event()
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-infer")
-        self._worker: asyncio.Task | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._mean_batch_s = 0.01  # running estimate, for Retry-After
 
@@ -103,9 +114,12 @@ class Batcher(Generic[Outputs]):
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-worker")
 
-    async def submit(self, items: np.ndarray, deadline: float | None = None) -> Outputs:
+    async def submit(
+        self, items: np.ndarray, deadline: float | None = None, priority: Priority = Priority.REQUEST
+    ) -> Outputs:
         """Queue ``items`` (first axis = images) and return the batch function's outputs for
-        exactly these images. ``deadline`` is a ``time.monotonic()`` instant."""
+        exactly these images. ``deadline`` is a ``time.monotonic()`` instant; background images
+        (``Priority.BACKGROUND``) are batched only in the room requests' images leave."""
         if self._closed:
             raise NotReady(f"{self.name} is shut down")
         n = len(items)
@@ -117,8 +131,11 @@ class Batcher(Generic[Outputs]):
                 f"queue full ({self._queued_images} images waiting, limit {self.max_queue_size})",
                 retry_after_s=self.retry_after_s(),
             )
-        request = _Request(items, asyncio.get_running_loop().create_future(), deadline, time.monotonic())
-        (self._background if priority.background.get() else self._queue).append(request)
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        request = _Request(items, future, deadline, time.monotonic())
+        if tracing.ENABLED:
+            request.span = tracing.current()
+        (self._background if priority == Priority.BACKGROUND else self._queue).append(request)
         self._queued_images += n
         self._idle.clear()
         self._has_items.set()
@@ -140,9 +157,9 @@ class Batcher(Generic[Outputs]):
             except asyncio.TimeoutError:
                 pass
 
-    def _take_batch(self) -> list[tuple[_Request, int, int]]:
+    def _take_batch(self) -> list[tuple[_Request[Outputs], int, int]]:
         """Chunks (request, start, end) for the next batch, dropping dead requests."""
-        chunks: list[tuple[_Request, int, int]] = []
+        chunks: list[tuple[_Request[Outputs], int, int]] = []
         size, now = 0, time.monotonic()
         for queue in (self._queue, self._background):
             size = self._take_from(queue, chunks, size, now)
@@ -153,7 +170,9 @@ class Batcher(Generic[Outputs]):
         self.observer.queue_depth(self._queued_images)
         return chunks
 
-    def _take_from(self, queue: deque[_Request], chunks: list[tuple[_Request, int, int]], size: int, now: float) -> int:
+    def _take_from(
+        self, queue: deque[_Request[Outputs]], chunks: list[tuple[_Request[Outputs], int, int]], size: int, now: float
+    ) -> int:
         """Take from ``queue`` into ``chunks`` until the batch holds max_batch_size; the new size."""
         while queue and size < self.max_batch_size:
             request = queue[0]
@@ -203,10 +222,14 @@ class Batcher(Generic[Outputs]):
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * elapsed
             size = sum(e - s for _, s, e in chunks)
             self.observer.batch_done(size, len(chunks), [started - r.enqueued for r, s, _ in chunks if s == 0], elapsed)
+            if tracing.ENABLED:
+                tracing.batch_done(
+                    self.name, [(r.span, r.enqueued, e - s) for r, s, e in chunks], started, elapsed, size
+                )
             self._deliver(chunks, outputs)
 
     @staticmethod
-    def _deliver(chunks: list[tuple[_Request, int, int]], outputs: Sequence[Any]) -> None:
+    def _deliver(chunks: list[tuple[_Request[Any], int, int]], outputs: Sequence[Any]) -> None:
         offset = 0
         for request, start, end in chunks:
             n = end - start
@@ -254,13 +277,13 @@ class Batcher(Generic[Outputs]):
         self._executor.shutdown(wait=True)
 
 
-def _concat(pieces: list) -> Any:
+def _concat(pieces: list[Any]) -> Any:
     """Join one output's slices: arrays along axis 0, lists end to end."""
     if isinstance(pieces[0], np.ndarray):
         return np.concatenate(pieces)
     return [row for piece in pieces for row in piece]
 
 
-def _retype(template: Any, values: tuple) -> Any:
+def _retype(template: Any, values: tuple[Any, ...]) -> Any:
     """Rebuild a NamedTuple batch output from its sliced fields."""
     return type(template)._make(values) if hasattr(template, "_make") else values

@@ -46,6 +46,11 @@ ACCEPTED_FORMATS = (
 # this are refused (400) — image data is never text.
 PngImagePlugin.MAX_TEXT_CHUNK = 64 * 1024
 PngImagePlugin.MAX_TEXT_MEMORY = 256 * 1024
+# A sequential JPEG decoded at 1/8 scale still walks every 8x8 block of the full image: measured
+# here, a 700-byte file whose header says 8192x8192 costs 0.06 s at that scale (a 16.7 Mpixel
+# lossless WebP, allowed by default, costs ~0.3 s), one that says 32000x32000 0.5 s. So its header
+# may hold this many times max_image_pixels (default 67 Mpixels: 50 MP phone photos), no more.
+SEQUENTIAL_JPEG_FACTOR = 4
 EXIF_ORIENTATION = 0x0112
 APP1 = 0xE1
 
@@ -68,9 +73,29 @@ class PixelBudget:
 def jpeg_decoded_pixels(width: int, height: int, size: Size = DEFAULT_SIZE) -> int:
     """Pixels libjpeg-turbo produces for a JPEG decoded at the smallest n/8 scale that keeps both
     sides at least ``size`` (height, width)."""
-    th, tw = size
-    n = min(8, max(1, math.ceil(8 * th / max(1, height)), math.ceil(8 * tw / max(1, width))))
-    return math.ceil(width * n / 8) * math.ceil(height * n / 8)
+    dw, dh = _jpeg_decoded_size(width, height, size)
+    return dw * dh
+
+
+def jpeg_sequential(data: bytes) -> bool:
+    """Whether a JPEG is sequential (baseline or extended Huffman, SOF0/SOF1), from its frame
+    header. libjpeg-turbo decodes those a row of blocks at a time, so at a reduced scale their cost
+    is the decoded pixels plus entropy decoding bounded by the file's size. Progressive and other
+    JPEGs hold every coefficient of the full image in memory (2 bytes a sample), so they are
+    bounded by the header's pixel count; so is anything this scan does not understand."""
+    pos, end = 2, min(len(data), 1024 * 1024)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return marker in (0xC0, 0xC1)
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in (0xDA, 0xD9) or length < 2:  # scan or end before any frame header
+            return False
+        pos += 2 + length
+    return False
 
 
 def jpeg_orientation(data: bytes) -> int:
@@ -148,11 +173,26 @@ def _fit_array(pixels: np.ndarray, size: Size = DEFAULT_SIZE) -> np.ndarray:
     return _fit(Image.fromarray(np.ascontiguousarray(pixels)), size)
 
 
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+def _check_pixels(width: int, height: int, max_pixels: int, decoded: tuple[int, int] | None = None) -> None:
+    """Refuse an image whose decoding would produce more than ``max_pixels``: ``decoded`` is the
+    (width, height) a sequential JPEG is decoded at (after draft scaling), else the full size."""
     if width <= 0 or height <= 0:
         raise InvalidInput(f"image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if decoded and width * height > SEQUENTIAL_JPEG_FACTOR * max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit for a sequential JPEG is "
+            f"{SEQUENTIAL_JPEG_FACTOR} x max_image_pixels = {SEQUENTIAL_JPEG_FACTOR * max_pixels}"
+        )
+    dw, dh = decoded or (width, height)
+    if dw * dh > max_pixels:
+        scaled = f", decoded at {dw}x{dh} = {dw * dh}" if decoded else f" = {width * height}"
+        raise PayloadTooLarge(f"image is {width}x{height}{scaled} pixels; the limit is {max_pixels}")
+
+
+def _jpeg_decoded_size(width: int, height: int, size: Size) -> tuple[int, int]:
+    th, tw = size
+    n = min(8, max(1, math.ceil(8 * th / max(1, height)), math.ceil(8 * tw / max(1, width))))
+    return math.ceil(width * n / 8), math.ceil(height * n / 8)
 
 
 def peek_pixels(data: bytes) -> int | None:
@@ -184,7 +224,9 @@ def decode_image(
         except ValueError:
             height = width = 0  # progressive/CMYK/odd JPEGs that libjpeg-turbo's simple API refuses: Pillow
         if height and width:
-            _check_pixels(width, height, max_pixels)
+            # A camera's 24 MP photo is decoded at 1/8 scale (750x500): bounded by what that costs.
+            sequential = jpeg_sequential(data)
+            _check_pixels(width, height, max_pixels, _jpeg_decoded_size(width, height, size) if sequential else None)
             if budget is not None:
                 budget.spend(jpeg_decoded_pixels(width, height, size))
             try:
@@ -200,8 +242,14 @@ def decode_image(
                 budget.left += jpeg_decoded_pixels(width, height, size)
     try:
         with Image.open(io.BytesIO(data)) as im:
-            _check_pixels(im.width, im.height, max_pixels)
+            full = (im.width, im.height)
+            # A sequential JPEG is bounded at the scale it is decoded at, anything else by its header.
+            sequential = im.format == "JPEG" and jpeg_sequential(data)
+            if not sequential:
+                _check_pixels(im.width, im.height, max_pixels)
             im.draft("RGB", (tw, th))  # JPEG only: decode at a reduced scale when possible
+            if sequential:
+                _check_pixels(*full, max_pixels, decoded=im.size)
             if budget is not None:
                 budget.spend(im.width * im.height)
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)

@@ -26,6 +26,7 @@ class ModelDescription:
     pad_to: int
     precision: str
     path: Path  # the variant's file, as the executor loaded it
+    precision_choice: dict[str, Any] | None = None  # why, measured by the executor at load
     labels_array: np.ndarray = field(init=False, repr=False)
     normalizer: Normalizer = field(init=False, repr=False)
     image_size: tuple[int, int] = field(init=False)  # (height, width) images are decoded to
@@ -46,6 +47,22 @@ class ModelDescription:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ModelDescription:
-        return cls(**{k: doc[k] for k in ("name", "version", "labels", "preprocessing", "input_name", "input_shape",
-                                          "output_name", "provider", "pad_to", "precision")},
-                   path=Path(doc["path"]))  # fmt: skip
+        return cls(
+            **{
+                k: doc[k]
+                for k in (
+                    "name",
+                    "version",
+                    "labels",
+                    "preprocessing",
+                    "input_name",
+                    "input_shape",
+                    "output_name",
+                    "provider",
+                    "pad_to",
+                    "precision",
+                )
+            },
+            path=Path(doc["path"]),
+            precision_choice=doc.get("precision_choice"),
+        )

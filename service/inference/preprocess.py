@@ -78,7 +78,7 @@ class Preprocessing:
         except (TypeError, ValueError) as e:
             raise ValueError(f"preprocessing {dict(value)!r} is malformed: {e}") from None
 
-    def to_metadata(self) -> dict:
+    def to_metadata(self) -> dict[str, Any]:
         """The JSON object for the model's ``preprocessing`` metadata."""
         return {
             "scale": self.scale,

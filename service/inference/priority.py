@@ -1,13 +1,18 @@
-"""Which requests may wait: a request's own images go first; background work (the perturbed
-images of an explanation) fills the room batches have left.
+"""Which images may wait: a request's own images go first; background work (the perturbed images
+of an explanation) fills the room batches have left.
 
-A context variable rather than a parameter, so the explainer's many submits through the core
-carry it without every layer in between passing it on: ``InferenceCore.explain`` sets it for
-its task, and the batchers read it when an image is queued.
+A parameter, not ambient state: the explainer submits its images with
+``InferenceCore.run(..., priority=Priority.BACKGROUND)``, the core hands it to the model's queue
+(``service.inference.serving.BatchQueue.submit``), and both queues honour it: the local
+``Batcher`` keeps a second deque, ``RemoteBatcher`` marks the records it sends the device
+executor, which keeps a second queue of its own.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from enum import IntEnum
 
-background: ContextVar[bool] = ContextVar("cnnserve_background", default=False)
+
+class Priority(IntEnum):
+    REQUEST = 0  # a request's own images: /predict, Classify, v2 infer
+    BACKGROUND = 1  # batched only in the room requests leave: an explanation's perturbed images

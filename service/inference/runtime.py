@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-from typing import NamedTuple
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 
 from service.inference import devices
 from service.inference.postprocess import ranking, softmax
+from service.inference.precision import (
+    PrecisionChoice,
+    agreement,
+    describe_cpu,
+    load_check_images,
+    time_pair,
+)
 from service.inference.preprocess import Normalizer, Preprocessing
 from service.inference.repository import ModelSpec
 from service.settings import Settings
@@ -24,23 +34,28 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-#: What precision "auto" loads on each provider (fp32 elsewhere, and where the variant is absent).
-#: INT8 on the CPU: 2-3x faster for the same validation accuracy (models/cifar10/README.md). Not
+#: The variant "auto" considers on each provider: there it answers only where it passes its check
+#: against FP32 and is faster at batch 1 and max_batch_size on this machine
+#: (service/inference/precision.py); elsewhere, and where the file is absent, FP32 answers. Not
 #: FP16 on CUDA: not yet measured on a GPU, and served throughput there is bound by the Python
 #: process rather than the GPU (docs/gpu.md), so FP32 stays the default until scripts/gpu-check.sh
 #: shows FP16 pays; ask for it with precision=fp16.
 AUTO_PRECISION = {CPU: "int8"}
 #: The provider each variant is made for; elsewhere it runs, but is not expected to be faster.
 MEANT_FOR = {"int8": CPU, "fp16": CUDA}
+#: The supervisor's choices for its worker processes (one measurement, the same answer in every
+#: process): JSON {"name/version": PrecisionChoice.to_dict()}.
+PLAN_ENVIRONMENT = "_CNNSERVE_PRECISION_PLAN"
 
 
-def choose_precision(requested: str, provider: str, available: tuple[str, ...]) -> str:
-    """The variant to load: the requested one, or for "auto" the provider's (AUTO_PRECISION)
-    where present, else fp32."""
-    if requested != "auto":
-        return requested
-    wanted = AUTO_PRECISION.get(provider, "fp32")
-    return wanted if wanted in available else "fp32"
+def planned_choice(spec: ModelSpec) -> PrecisionChoice | None:
+    """The supervisor's choice for ``spec`` (PLAN_ENVIRONMENT), if it made one."""
+    plan = json.loads(os.environ.get(PLAN_ENVIRONMENT) or "{}").get(f"{spec.name}/{spec.version}")
+    return PrecisionChoice(**plan) if plan else None
+
+
+class PrecisionCheckFailed(RuntimeError):
+    """The precision asked for explicitly disagrees with FP32 on this machine: refusing to start."""
 
 
 class GpuRequired(RuntimeError):
@@ -56,7 +71,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> ModelRuntime:
     try:
         runtime = ModelRuntime(spec, settings)
         runtime.warm_up(settings.max_batch_size)
-    except GpuRequired:
+    except (GpuRequired, PrecisionCheckFailed):
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises many types (InvalidProtobuf, Fail, ...)
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -70,16 +85,16 @@ class BatchOutput(NamedTuple):
     order: np.ndarray  # int64 [n, classes], most probable class first
     # The same ranking as Python lists, made once per batch in the executor thread so that each
     # request only slices them: [n][classes] indices, probabilities and labels, best first.
-    ranked_indices: list
-    ranked_probabilities: list
-    ranked_labels: list
+    ranked_indices: list[list[int]]
+    ranked_probabilities: list[list[float]]
+    ranked_labels: list[list[str]]
 
 
-def provider_options(settings: Settings, names: list[str] | None = None) -> list[tuple[str, dict]]:
+def provider_options(settings: Settings, names: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(provider, options) pairs for ``names`` (default: the settings' providers)."""
     out = []
     for name in settings.providers if names is None else names:
-        opts: dict = {}
+        opts: dict[str, Any] = {}
         if name == CUDA:
             opts = {"device_id": settings.cuda_device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
             if settings.gpu_mem_limit_mb:
@@ -107,7 +122,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 _announced: set[str] = set()
 
 
-def session_providers(settings: Settings) -> list[tuple[str, dict]]:
+def session_providers(settings: Settings) -> list[tuple[str, dict[str, Any]]]:
     """The settings' providers less those that cannot run here (CUDA without a driver or a
     library), said once per process in one line of ours; GpuRequired under --require-gpu."""
     names, reason = devices.usable_providers(settings.providers)
@@ -137,7 +152,9 @@ def read_metadata(path: object, meta: dict[str, str]) -> tuple[list[str], Prepro
     return labels, pre
 
 
-def check_input(path: object, input_shape: list[int], pre: Preprocessing, classes: int, output_shape: list) -> None:
+def check_input(
+    path: object, input_shape: list[int], pre: Preprocessing, classes: int, output_shape: list[int | str | None]
+) -> None:
     """The graph's input and output agree with the metadata: [N,3,H,W] at the preprocessing's
     size, and one score per label."""
     if len(input_shape) != 4 or input_shape[1] != 3:
@@ -170,16 +187,11 @@ class ModelRuntime:
                 f"{spec.variant_path(settings.precision)} is absent (present: {', '.join(available)}; "
                 "cnnserve quantize writes the variants; precision auto falls back to fp32)"
             )
-        #: The variant that answers ("fp32", "int8" or "fp16") and its file.
-        self.precision = choose_precision(settings.precision, providers[0][0], available)
-        self.session = self._open(spec.variant_path(self.precision), settings, providers)
+        #: The variant that answers ("fp32", "int8" or "fp16"), its file, and why (the check
+        #: against FP32 and the timing on this machine: service/inference/precision.py).
+        self.session, self.choice = self._choose(spec, settings, providers, available)
+        self.precision = self.choice.precision
         self.provider = self.session.get_providers()[0]
-        # "auto" chose for the preferred provider; a session that fell back to another one (CUDA
-        # asked for, CPU given) is reopened with that provider's variant.
-        if (fitting := choose_precision(settings.precision, self.provider, available)) != self.precision:
-            self.precision = fitting
-            self.session = self._open(spec.variant_path(fitting), settings, providers)
-            self.provider = self.session.get_providers()[0]
         self.path = spec.variant_path(self.precision)
         if MEANT_FOR.get(self.precision, self.provider) != self.provider:
             log.warning(
@@ -220,7 +232,12 @@ class ModelRuntime:
         self.pad_to = settings.max_batch_size if pad else 0
         self._padded = threading.local()  # one [pad_to, ...] input buffer per calling thread
 
-    def describe(self) -> dict:
+    @property
+    def precision_choice(self) -> dict[str, Any]:
+        """Why this precision answers, with the figures measured at load (PrecisionChoice)."""
+        return self.choice.to_dict()
+
+    def describe(self) -> dict[str, Any]:
         """What a front end in another process needs (``service.inference.model_description.ModelDescription``)."""
         return {
             "name": self.name,
@@ -234,10 +251,80 @@ class ModelRuntime:
             "pad_to": self.pad_to,
             "precision": self.precision,
             "path": str(self.path),
+            "precision_choice": self.choice.to_dict(),
         }
 
+    def _choose(
+        self,
+        spec: ModelSpec,
+        settings: Settings,
+        providers: list[tuple[str, dict[str, Any]]],
+        available: tuple[str, ...],
+    ) -> tuple[ort.InferenceSession, PrecisionChoice]:
+        """The session that answers and why: the FP32 model is opened first (the provider the
+        session really got decides the candidate; the check compares against it), then the
+        candidate variant is checked on the check inputs and, for auto, timed against FP32."""
+        requested, name = settings.precision, f"{spec.name}/{spec.version}"
+        started = time.perf_counter()
+        fp32 = self._open(spec.path, settings, providers)
+        provider = fp32.get_providers()[0]
+        plan = planned_choice(spec) if requested == "auto" else None
+        if requested == "fp32":
+            return fp32, PrecisionChoice(requested, "fp32", "asked")
+        if plan is not None and plan.precision == "fp32":
+            return fp32, plan  # the supervisor found the variant slower, failing or absent
+        candidate: str = requested
+        if requested == "auto":
+            candidate = plan.precision if plan is not None else AUTO_PRECISION.get(provider, "")
+            if not candidate:
+                return fp32, PrecisionChoice(requested, "fp32", "provider")
+            if candidate not in available:
+                return fp32, PrecisionChoice(requested, "fp32", "absent", candidate)
+        variant = self._open(spec.variant_path(candidate), settings, providers)
+        choice = PrecisionChoice(requested, candidate, "passed", candidate)
+        images = load_check_images(spec.path)
+        if images is None:
+            if requested == "auto":
+                choice.precision, choice.reason = "fp32", "no-check-inputs"
+                log.warning("%s: %s", name, choice.summary())
+                return fp32, choice
+            choice.reason = "unchecked"
+            log.warning("%s: %s (cnnserve quantize writes them beside model.onnx)", name, choice.summary())
+            return variant, choice
+        _, pre = read_metadata(spec.path, fp32.get_modelmeta().custom_metadata_map)
+        x = Normalizer(pre)(images)
+        choice.check_images = len(x)
+        choice.check_agreement = agreement(fp32, variant, x, settings.max_batch_size)
+        if choice.check_agreement < choice.threshold:
+            message = (
+                f"{name}: the {candidate} variant agrees with fp32 on top-1 for only "
+                f"{100 * choice.check_agreement:.1f} % of {len(x)} check images (at least "
+                f"{100 * choice.threshold:g} % needed) on CPU {describe_cpu(choice.cpu)}"
+            )
+            if requested != "auto":
+                raise PrecisionCheckFailed(
+                    f"{message}; refusing to start because precision {candidate} was asked for (precision auto "
+                    "or fp32 serves fp32; `cnnserve quantize` re-quantizes)"
+                )
+            log.warning("%s; serving fp32 instead", message)
+            choice.precision, choice.reason = "fp32", "check-failed"
+            choice.seconds = round(time.perf_counter() - started, 3)
+            return fp32, choice
+        if requested == "auto":
+            if plan is not None:
+                choice.timing, choice.reason = plan.timing, plan.reason
+            else:
+                choice.timing = time_pair(fp32, variant, x, sorted({1, settings.max_batch_size}))
+                if all(t["speedup"] > 1 for t in choice.timing.values()):
+                    choice.reason = "faster"
+                else:
+                    choice.precision, choice.reason = "fp32", "slower"
+        choice.seconds = round(time.perf_counter() - started, 3)
+        log.info("%s: %s (%.2fs)", name, choice.summary(), choice.seconds)
+        return (variant if choice.precision == candidate else fp32), choice
+
     @staticmethod
-    def _open(path, settings: Settings, providers: list[tuple[str, dict]]) -> ort.InferenceSession:
+    def _open(path: Path, settings: Settings, providers: list[tuple[str, dict[str, Any]]]) -> ort.InferenceSession:
         # Read the bytes ourselves: works for any readable file (a mounted volume, a pipe).
         return ort.InferenceSession(
             path.read_bytes(),

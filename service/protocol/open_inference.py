@@ -1,23 +1,22 @@
-"""The Open Inference Protocol (KServe v2) with Triton's extensions, transport-free.
+"""The Open Inference Protocol (KServe v2) inference request, transport-free.
 
-Everything the HTTP/REST binding (``service.http_api.inference_routes``, with its body format in
+What the HTTP/REST binding (``service.http_api.inference_routes``, with its body format in
 ``service.http_api.inference_rest``) and the gRPC binding (``service.grpc_api.inference_service``)
-share lives here: server and model metadata, the model configuration in Triton's form,
-statistics, turning an inference request's inputs into one float32 [n,3,32,32] tensor, choosing
-the requested outputs and building them (classification strings included). The bindings only translate their wire types
-to and from :class:`InferRequest` / :class:`InferResponse` and plain dicts; every check raises a
-``service.errors`` domain error, which the bindings map with ``service.errors``' two tables.
-
-Supported Triton extensions: ``classification``, ``binary_tensor_data``, ``model_configuration``,
-``statistics`` (plus ``POST /v2/repository/index`` / ``RepositoryIndex`` as a read-only listing).
+share about inference lives here: turning a request's inputs into one float32 [n,3,32,32] tensor,
+choosing the requested outputs and building them (classification strings included). The
+metadata, configuration, readiness and statistics answers are in ``service.protocol.metadata``.
+The bindings only translate their wire types to and from :class:`InferRequest` /
+:class:`InferResponse`; every check raises a ``service.errors`` domain error, which each binding
+maps to its status.
 
 The model has one input (FP32 [-1,3,32,32], already normalised) and two outputs: the ONNX graph's
 ``logits`` and ``probabilities`` (their softmax, computed by the server). A request of N images
-is submitted to the batcher as one request of N images. Where the model version has a companion
-``layers.onnx`` (``service.explain.layers``), its intermediate activations are extra outputs a request
-may ask for by name (``conv1``, ``conv2``, ``pool``, ``fc3``, ``fc4``); they are listed in the
-model's metadata and configuration, are never sent unasked, and are computed by the companion
-session in this process.
+makes one call into the core (``InferenceCore.infer``), which checks and admits it before its
+tensor is built and submits it to the model's queue as one request of N images. Where the model
+version has a companion ``layers.onnx`` (``service.explain.layers``), its intermediate activations
+are extra outputs a request may ask for by name (``conv1``, ``conv2``, ``pool``, ``fc3``, ``fc4``);
+they are described in the model's configuration, are never sent unasked, and are computed by the
+companion session in this process.
 """
 
 from __future__ import annotations
@@ -30,205 +29,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 
-from service import __version__
+from service import tracing
+from service.dataplane import DataPlane
 from service.errors import InvalidInput
-from service.explain.layers import DROPOUT_NOTE, LAYER_NAMES
-from service.inference.core import INLINE_DECODE_BYTES, InferenceCore, LoadedModel
-from service.inference.runtime import CUDA, BatchOutput
+from service.explain.layers import LAYER_NAMES
+from service.inference.decoding import INLINE_DECODE_BYTES
+from service.inference.runtime import BatchOutput
+from service.inference.serving import LoadedModel
+from service.protocol.metadata import FP32, PROBABILITIES, find_model
 
-SERVER_NAME = "cnnserve"
-PLATFORM = "onnxruntime_onnx"
-BACKEND = "onnxruntime"
-EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
-PROBABILITIES = "probabilities"
-FP32 = "FP32"
 BYTES = "BYTES"
-TYPE_FP32 = "TYPE_FP32"
 INLINE_PARSE_BYTES = INLINE_DECODE_BYTES  # larger JSON request parts are parsed in a worker thread
 
 _LE_FP32 = np.dtype("<f4")
 _LENGTH = struct.Struct("<I")
-
-
-# ---- server -------------------------------------------------------------------------------------
-def server_metadata() -> dict:
-    return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
-
-
-# ---- models -------------------------------------------------------------------------------------
-def find_model(core: InferenceCore, name: str, version: str | None = None) -> LoadedModel:
-    """The model version a request names; raises NotReady / ModelNotFound / InvalidInput."""
-    if not name:
-        raise InvalidInput("a model name is required")
-    return core.model(name, version or None)
-
-
-def model_ready(core: InferenceCore, name: str, version: str | None = None) -> bool:
-    """Whether the model version can take requests now: False while loading or draining;
-    raises ModelNotFound for a model that is not in the repository."""
-    if not core.is_ready:
-        return False
-    find_model(core, name, version)
-    return True
-
-
-def _versions(core: InferenceCore, name: str) -> list[str]:
-    return sorted(core.models.get(name, {}), key=int)
-
-
-def layer_shapes(core: InferenceCore, model: LoadedModel) -> dict[str, list[int]]:
-    """The extra layer outputs of a model version (name -> shape with -1 for the batch), empty
-    when it has no companion graph."""
-    companion = core.layer_model(model)
-    if companion is None:
-        return {}
-    return {name: [-1, *companion.shapes[name][1:]] for name in LAYER_NAMES}
-
-
-def model_metadata(core: InferenceCore, name: str, version: str | None = None) -> dict:
-    model = find_model(core, name, version)
-    rt = model.runtime
-    classes = [-1, rt.num_classes]
-    return {
-        "name": model.name,
-        "versions": [model.version] if version else _versions(core, model.name),
-        "platform": PLATFORM,
-        "inputs": [{"name": rt.input_name, "datatype": FP32, "shape": list(rt.input_shape)}],
-        # The layer outputs are not listed (here nor in the configuration's ``output``): tools that
-        # request every listed output (Triton's perf_analyzer) would compute all of them on every
-        # request. The configuration's parameters.layer_outputs describes them; a request asks by name.
-        "outputs": [
-            {"name": rt.output_name, "datatype": FP32, "shape": classes},
-            {"name": PROBABILITIES, "datatype": FP32, "shape": classes},
-        ],
-    }
-
-
-def model_config(core: InferenceCore, name: str, version: str | None = None) -> dict:
-    """The model's configuration in Triton's ``ModelConfig`` form (proto field names, dims
-    without the batch dimension), valid input for ``json_format.ParseDict``. ``parameters`` add
-    the execution provider, the precision variant that answers (its file is
-    ``default_model_filename``, as in Triton), the labels and the input's preprocessing (JSON
-    strings), which a client needs to build the normalised input tensor. Every variant takes and
-    answers FP32 tensors."""
-    model = find_model(core, name, version)
-    rt, batcher, s = model.runtime, model.batcher, core.settings
-    on_gpu = rt.provider == CUDA
-    classes = [rt.num_classes]
-    layers = layer_shapes(core, model)
-    config: dict[str, Any] = {
-        "name": model.name,
-        "platform": PLATFORM,
-        "backend": BACKEND,
-        "version_policy": {"all": {}},
-        "max_batch_size": batcher.max_batch_size,
-        "input": [
-            {"name": rt.input_name, "data_type": TYPE_FP32, "format": "FORMAT_NCHW", "dims": list(rt.input_shape[1:])}
-        ],
-        "output": [
-            {"name": rt.output_name, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
-            {"name": PROBABILITIES, "data_type": TYPE_FP32, "dims": classes, "label_filename": ""},
-        ],
-        "dynamic_batching": {
-            "preferred_batch_size": [],
-            "max_queue_delay_microseconds": round(batcher.max_queue_delay_s * 1e6),
-            "preserve_ordering": False,
-            "default_queue_policy": {
-                "timeout_action": "REJECT",
-                "default_timeout_microseconds": round(s.default_timeout_ms * 1000),
-                "allow_timeout_override": True,
-                "max_queue_size": batcher.max_queue_size,
-            },
-        },
-        "instance_group": [
-            {
-                "name": f"{model.name}_0",
-                "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
-                "count": 1,
-                "gpus": [s.cuda_device_id] if on_gpu else [],
-            }
-        ],
-        "default_model_filename": rt.path.name,
-        "parameters": {
-            "execution_provider": {"string_value": rt.provider},
-            "precision": {"string_value": rt.precision},
-            "labels": {"string_value": orjson.dumps(rt.labels).decode()},
-            "preprocessing": {"string_value": orjson.dumps(rt.preprocessing).decode()},
-        },
-    }
-    if layers:
-        config["parameters"]["layer_outputs"] = {
-            "string_value": orjson.dumps(
-                {
-                    "outputs": [{"name": n, "datatype": FP32, "shape": shape} for n, shape in layers.items()],
-                    "description": "intermediate activations (conv1, conv2, fc3 after ReLU; fc4 = logits), "
-                    f"computed only when a request names them. {DROPOUT_NOTE}",
-                }
-            ).decode()
-        }
-    return config
-
-
-def repository_index(core: InferenceCore) -> list[dict]:
-    state = "READY" if core.is_ready else "UNAVAILABLE"
-    return [{"name": m.name, "version": m.version, "state": state, "reason": ""} for m in core.all_models()]
-
-
-def _duration(count: int, ns: int) -> dict:
-    return {"count": count, "ns": ns}
-
-
-def _model_stats(model: LoadedModel) -> dict:
-    """One model version's statistics in Triton's shape, from its ModelStats.
-
-    The runtime does preprocessing, the ONNX run and the softmax in one step, so all of it is in
-    ``compute_infer``; ``compute_input``/``compute_output`` carry the same counts with 0 ns.
-    As in Triton, ``queue`` and ``compute_*`` in ``inference_stats`` count requests, each charged its
-    whole batch's compute time; ``batch_stats`` and ``execution_count`` count executed batches."""
-    s = model.stats_total()
-    return {
-        "name": model.name,
-        "version": model.version,
-        "last_inference": s.last_inference_ms,
-        "inference_count": s.inference_count,
-        "execution_count": s.execution_count,
-        "inference_stats": {
-            "success": _duration(s.success_count, s.success_ns),
-            "fail": _duration(s.fail_count, s.fail_ns),
-            "queue": _duration(s.queue_count, s.queue_ns),
-            "compute_input": _duration(s.request_compute_count, 0),
-            "compute_infer": _duration(s.request_compute_count, s.request_compute_ns),
-            "compute_output": _duration(s.request_compute_count, 0),
-            "cache_hit": _duration(0, 0),
-            "cache_miss": _duration(0, 0),
-        },
-        "batch_stats": [
-            {
-                "batch_size": size,
-                "compute_input": _duration(count, 0),
-                "compute_infer": _duration(count, ns),
-                "compute_output": _duration(count, 0),
-            }
-            for size, (count, ns) in sorted(s.batches.items())
-        ],
-        "memory_usage": [],
-        "response_stats": {},  # decoupled models only
-    }
-
-
-def model_statistics(core: InferenceCore, name: str | None = None, version: str | None = None) -> dict:
-    """Statistics of every model (no name), of every version of one model (no version), or of
-    one version."""
-    if not name:
-        models = core.all_models() if core.ready else []
-    elif version:
-        models = [find_model(core, name, version)]
-    else:
-        find_model(core, name)
-        models = [core.models[name][v] for v in _versions(core, name)]
-    return {"model_stats": [_model_stats(m) for m in models]}
 
 
 # ---- inference: request -------------------------------------------------------------------------
@@ -251,9 +66,9 @@ class InferRequest:
     model: str
     version: str = ""
     id: str = ""
-    parameters: dict = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict[str, Any])
     inputs: list[InputTensor] = field(default_factory=list)
-    outputs: list[tuple[str, dict]] = field(default_factory=list)  # (name, parameters)
+    outputs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, parameters)
 
 
 @dataclass(frozen=True)
@@ -300,7 +115,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def typed_parameter(params: dict, key: str, kind: type, default: Any, where: str) -> Any:
+def typed_parameter(params: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
     value = params.get(key, default)
     if value is default:
         return value
@@ -321,9 +136,9 @@ def tensor_numbers(name: str, data: Any) -> np.ndarray:
         raise InvalidInput(f"input {name!r}: data is not a regular array of numbers") from None
 
 
-def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[InputTensor]) -> np.ndarray:
-    """The request's only input as a float32 [n,3,32,32] tensor. Vectorised: ``np.frombuffer`` for
-    raw bytes, one ``np.asarray`` for JSON / typed contents."""
+def input_count(model: LoadedModel, inputs: Sequence[InputTensor]) -> int:
+    """The number of images of the request's only input, once its name, datatype and shape are
+    checked (nothing is allocated yet)."""
     rt = model.runtime
     expected_name, image_shape = rt.input_name, tuple(rt.input_shape[1:])
     wanted = f"{FP32} [-1,{','.join(map(str, image_shape))}]"
@@ -345,9 +160,20 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
         or shape[0] < 0
     ):
         raise InvalidInput(f"input {t.name!r} has shape {shape}; the model expects {wanted}")
-    n = int(shape[0])
-    core.check_image_count(n)  # before allocating anything
-    count = n * math.prod(image_shape)
+    return int(shape[0])
+
+
+def decode_input(model: LoadedModel, inputs: Sequence[InputTensor], refuse_non_finite: bool = False) -> np.ndarray:
+    """The request's only input as a float32 [n,3,32,32] tensor. Vectorised: ``np.frombuffer`` for
+    raw bytes, one ``np.asarray`` for JSON / typed contents."""
+    input_count(model, inputs)
+    return _tensor(inputs[0], refuse_non_finite)
+
+
+def _tensor(t: InputTensor, refuse_non_finite: bool) -> np.ndarray:
+    """The values of an input whose name, datatype and shape ``input_count`` checked."""
+    shape = [int(d) for d in t.shape]
+    count = math.prod(shape)
     if t.raw is not None:
         if t.data is not None:
             raise InvalidInput(f"input {t.name!r} has both data and binary data")
@@ -358,7 +184,7 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
         array = np.frombuffer(t.raw, dtype=_LE_FP32)
         if array.ctypes.data % array.itemsize:  # unaligned inside the request body
             array = array.copy()
-        return _finite(t.name, array.astype(np.float32, copy=False).reshape(shape))
+        return _finite(refuse_non_finite, t.name, array.astype(np.float32, copy=False).reshape(shape))
     if t.contents is not None and t.contents != "fp32_contents":
         raise InvalidInput(
             f"input {t.name!r} is {FP32} but its data is in {t.contents}; use fp32_contents or raw_input_contents"
@@ -373,20 +199,24 @@ def decode_input(core: InferenceCore, model: LoadedModel, inputs: Sequence[Input
         raise InvalidInput(f"input {t.name!r}: data must hold numbers only")
     if array.size != count:
         raise InvalidInput(f"input {t.name!r}: data holds {array.size} values but {FP32} {shape} needs {count}")
-    return _finite(t.name, np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+    with np.errstate(over="ignore"):  # a number beyond FP32's range becomes ±Inf, as in Triton
+        tensor = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+    return _finite(refuse_non_finite, t.name, tensor)
 
 
-def _finite(name: str, tensor: np.ndarray) -> np.ndarray:
-    """Refuse NaN and ±Inf (also finite JSON numbers beyond FP32's range, which become Inf): the
-    model's answer to them is NaN, which no client can use."""
-    if not np.isfinite(tensor).all():
+def _finite(refuse: bool, name: str, tensor: np.ndarray) -> np.ndarray:
+    """With ``--refuse-non-finite``, refuse NaN and ±Inf (also finite JSON numbers beyond FP32's
+    range, which become Inf). By default they pass, as in Triton: perf_analyzer's default input is
+    random FP32 bits, NaN included, and a benchmark must run unmodified. Each image is computed on
+    its own, so such a tensor changes only its own answer (JSON writes its NaN as null)."""
+    if refuse and not np.isfinite(tensor).all():
         raise InvalidInput(f"input {name!r} holds NaN or infinite values (or numbers beyond FP32's range)")
     return tensor
 
 
 def plan_outputs(
     model: LoadedModel,
-    requested: Sequence[tuple[str, dict]],
+    requested: Sequence[tuple[str, dict[str, Any]]],
     binary_default: bool,
     layer_names: Sequence[str] = (),
 ) -> list[OutputSpec]:
@@ -455,7 +285,7 @@ def build_outputs(
     return outputs
 
 
-def request_deadline(core: InferenceCore, request: InferRequest, deadline: float | None) -> float | None:
+def request_deadline(request: InferRequest, deadline: float | None) -> float | None:
     """The transport's deadline, shortened by Triton's ``timeout`` request parameter
     (microseconds; 0 or absent: none)."""
     timeout_us = typed_parameter(request.parameters, "timeout", int, None, "request")
@@ -463,32 +293,37 @@ def request_deadline(core: InferenceCore, request: InferRequest, deadline: float
         return deadline
     if timeout_us < 0:
         raise InvalidInput(f"request parameter 'timeout' must be >= 0 microseconds, got {timeout_us}")
-    own = time.monotonic() + timeout_us / 1e6
+    own: float = time.monotonic() + timeout_us / 1e6
     return own if deadline is None else min(deadline, own)
 
 
-async def infer(core: InferenceCore, request: InferRequest, deadline: float | None = None) -> InferResponse:
-    """Validate, run through the model's batcher as one request, and build the outputs."""
-    model = find_model(core, request.model, request.version)
+async def infer(plane: DataPlane, request: InferRequest, deadline: float | None = None) -> InferResponse:
+    """Validate, run through the model's queue as one request (one call into the core: one count
+    check, one admission, and only then the tensor is built), and build the outputs."""
+    model = find_model(plane, request.model, request.version)
     if not isinstance(request.id, str):
         raise InvalidInput("request id must be a string")
+    if tracing.ENABLED and request.id:
+        tracing.annotate(request_id=request.id)  # the v2 request's own id, as Triton reports it
     binary_default = typed_parameter(request.parameters, "binary_data_output", bool, False, "request")
-    companion = core.layer_model(model)
+    companion = plane.layer_models.get(model.name, model.version)
     plan = plan_outputs(model, request.outputs, binary_default, LAYER_NAMES if companion else ())
-    if len(request.inputs) == 1 and request.inputs[0].shape and _is_int(request.inputs[0].shape[0]):
-        n = int(request.inputs[0].shape[0])
-        if n > 0:
-            core.check_image_count(n)
-            core.admit(model, n)  # refused before the tensor is built
-    tensor = decode_input(core, model, request.inputs)
+    count = input_count(model, request.inputs)
+    deadline = request_deadline(request, deadline)
+    tensor: np.ndarray | None = None  # kept: the layer outputs are computed from the same input
+
+    def build() -> np.ndarray:
+        nonlocal tensor
+        tensor = _tensor(request.inputs[0], plane.settings.refuse_non_finite)
+        return tensor
+
+    result = await plane.core.infer(model, count, build, deadline)
     wanted = [spec.name for spec in plan if spec.name in LAYER_NAMES]
-    deadline = request_deadline(core, request, deadline)
-    result = await core.infer_tensor(model, tensor, deadline)
     layers = None
-    if wanted and companion:
+    if wanted and companion is not None and tensor is not None:
         # Activations cost this process's CPU as an explanation does: they go through the
-        # explanations' admission (server-wide limits, the request's deadline) and the core's
-        # bounded pool, not asyncio's shared one.
-        async with core.explainer.admission.slot(deadline):
-            layers = await core.offload(companion.run, tensor, wanted)
+        # explanations' admission (server-wide limits, the request's deadline) and the bounded
+        # pool, not asyncio's shared one.
+        async with plane.explainer.admission.slot(deadline):
+            layers = await plane.pool.offload(companion.run, tensor, wanted)
     return InferResponse(model.name, model.version, request.id, build_outputs(model, plan, result, layers))

@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let current = null; // {blob, name}: the image being explained
+let shown = null; // the image whose answer is on the page
 
 function setStatus(text, isError = false) {
   const el = $("status");
@@ -26,9 +27,12 @@ async function explain() {
     if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
   } catch (e) {
     setStatus(`Could not explain ${current.name}: ${e.message}`, true);
+    // Another image's answer left under this error would read as this image's answer.
+    if (shown !== current) $("result").hidden = true;
     return;
   }
   await draw(answer.results[0]);
+  shown = current;
   setStatus(`${current.name}: ${answer.results[0].predictions[0].label} (model ${answer.model} v${answer.model_version})`);
 }
 

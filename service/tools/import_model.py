@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.inference.repository import MODEL_FILENAME, ModelSpec
 
@@ -84,7 +84,7 @@ def read_labels(path: Path) -> list[str]:
     return labels
 
 
-def _dims(value_info) -> list:
+def _dims(value_info: Any) -> list[int | str | None]:  # an onnx.ValueInfoProto (onnx is optional)
     return [
         d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value_info.type.tensor_type.shape.dim
     ]
@@ -165,7 +165,7 @@ def import_model(args: argparse.Namespace) -> Path:
     source = Path(args.model)
     if not args.version.isdigit() or int(args.version) <= 0:
         raise ModelImportError(f"--version must be a positive integer, got {args.version!r}")
-    target = Path(args.repository).resolve() / args.name / args.version / MODEL_FILENAME
+    target: Path = Path(args.repository).resolve() / args.name / args.version / MODEL_FILENAME
     if target.exists() and not args.force:
         raise ModelImportError(f"{target} exists; --force replaces it")
     labels = read_labels(Path(args.labels))

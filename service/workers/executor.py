@@ -23,16 +23,20 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
+from service import tracing
 from service.inference.postprocess import ranking, softmax
 from service.inference.repository import ModelSpec
-from service.metrics import Metrics, ModelStats, StatsObserver
+from service.metrics import Metrics, ModelStats, StatsObserver, model_info_labels
 from service.settings import Settings
-from service.workers import shared_memory as ipc
+from service.workers import shared_memory
 
 log = logging.getLogger("cnnserve.executor")
 
@@ -42,15 +46,38 @@ log = logging.getLogger("cnnserve.executor")
 SEND_TIMEOUT_S = 2.0
 
 
+class DeviceModel(Protocol):
+    """What the executor needs of a model version's session: ``service.inference.runtime.ModelRuntime``,
+    or a stand-in (bench/executor_capacity.py measures the executor with a model that costs nothing)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def pad_to(self) -> int: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def input_shape(self) -> list[int]: ...
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
 class _Frontend:
     """One connected front end: its socket, its slabs (after its hello) and whether it is alive."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.index = -1
-        self.slabs: ipc.Slabs | None = None
+        self.slabs: shared_memory.Slabs | None = None
         self.alive = True
         self.send_lock = threading.Lock()
+        self.traces: dict[int, Any] = {}  # request id → its context, for sampled requests only (service.tracing.hop)
 
     def send(self, payload: bytes) -> bool:
         """False when the front end is gone or was dropped now (so its answers were not sent)."""
@@ -83,19 +110,19 @@ class _Frontend:
 @dataclass
 class _Chunk:
     frontend: _Frontend
-    records: np.ndarray  # ipc.SUBMIT
+    records: np.ndarray  # shared_memory.SUBMIT
     arrived: float
 
 
 class ModelQueue:
     """One model version's queue of chunks of records, and the thread that batches and runs them."""
 
-    def __init__(self, executor: Executor, index: int, runtime, stats: ModelStats) -> None:
+    def __init__(self, executor: Executor, index: int, runtime: DeviceModel, stats: ModelStats) -> None:
         s = executor.settings
         self.executor, self.index, self.runtime = executor, index, runtime
         self.max_batch_size = s.max_batch_size
         self.delay_s = s.max_queue_delay_ms / 1000.0
-        # Two lanes: requests first, explanations' perturbed images (ipc.KIND_BACKGROUND) in what
+        # Two lanes: requests first, explanations' perturbed images (shared_memory.KIND_BACKGROUND) in what
         # room a batch has left, so /predict's latency holds whatever /explain sends.
         self.lanes: tuple[deque[_Chunk], deque[_Chunk]] = (deque(), deque())
         self.queued = 0
@@ -111,7 +138,7 @@ class ModelQueue:
             if kinds[0] == kinds[-1] and (kinds == kinds[0]).all():
                 self.lanes[min(1, int(kinds[0]))].append(chunk)
             else:  # a message can mix both kinds: each goes to its lane
-                background = kinds != ipc.KIND_REQUEST
+                background = kinds != shared_memory.KIND_REQUEST
                 self.lanes[0].append(_Chunk(chunk.frontend, chunk.records[~background], chunk.arrived))
                 self.lanes[1].append(_Chunk(chunk.frontend, chunk.records[background], chunk.arrived))
             self.queued += len(chunk.records)
@@ -172,7 +199,7 @@ class ModelQueue:
         the caller), so no caller waits forever and the shared queue counter is not left high."""
         rest = [c for c in chunks if c.frontend not in answered]
         try:
-            self._answer(rest, [np.full(len(c.records), ipc.STATUS_FAILED, np.uint8) for c in rest], answered)
+            self._answer(rest, [np.full(len(c.records), shared_memory.STATUS_FAILED, np.uint8) for c in rest], answered)
         except Exception:  # noqa: BLE001 - cannot even answer: drop those front ends (they fail and reconnect)
             log.exception("answering a failed batch failed")
             for chunk in rest:
@@ -184,17 +211,22 @@ class ModelQueue:
         statuses: list[np.ndarray] = []
         for chunk in chunks:
             rec, fe = chunk.records, chunk.frontend
-            status = np.full(len(rec), ipc.STATUS_OK, np.uint8)
+            status = np.full(len(rec), shared_memory.STATUS_OK, np.uint8)
             if not fe.alive or fe.slabs is None:
-                status[:] = ipc.STATUS_CANCELLED
+                status[:] = shared_memory.STATUS_CANCELLED
             else:
                 deadline = rec["deadline"]
-                status[(deadline > 0) & (deadline <= now)] = ipc.STATUS_DEADLINE
-                status[(status == ipc.STATUS_OK) & (fe.slabs.cancelled[rec["slot"]] != 0)] = ipc.STATUS_CANCELLED
+                status[(deadline > 0) & (deadline <= now)] = shared_memory.STATUS_DEADLINE
+                status[(status == shared_memory.STATUS_OK) & (fe.slabs.cancelled[rec["slot"]] != 0)] = (
+                    shared_memory.STATUS_CANCELLED
+                )
             statuses.append(status)
-            if (status == ipc.STATUS_OK).any():
-                live.append((chunk, status == ipc.STATUS_OK, status))
-        for reason, code in (("deadline", ipc.STATUS_DEADLINE), ("cancelled", ipc.STATUS_CANCELLED)):
+            if (status == shared_memory.STATUS_OK).any():
+                live.append((chunk, status == shared_memory.STATUS_OK, status))
+        for reason, code in (
+            ("deadline", shared_memory.STATUS_DEADLINE),
+            ("cancelled", shared_memory.STATUS_CANCELLED),
+        ):
             # Per request, as the one-process batcher counts: a request's first image stands for it.
             dropped = sum(int(((s == code) & (c.records["index"] == 0)).sum()) for c, s in zip(chunks, statuses))
             if dropped:
@@ -223,9 +255,11 @@ class ModelQueue:
         except Exception as e:
             log.exception("%s/%s: batch of %d images failed: %s", self.runtime.name, self.runtime.version, n, e)
             for _, mask, status in live:
-                status[mask] = ipc.STATUS_FAILED
+                status[mask] = shared_memory.STATUS_FAILED
             return
         elapsed = time.monotonic() - started
+        if tracing.ENABLED:
+            tracing.executor_batch(self.runtime.name, self.runtime.version, live, started, elapsed, n)
         classes = logits.shape[1]
         for slabs, slots, start in placed:
             end = start + len(slots)
@@ -241,7 +275,7 @@ class ModelQueue:
         must answer only the rest)."""
         by_frontend: dict[_Frontend, list[np.ndarray]] = {}
         for chunk, status in zip(chunks, statuses):
-            done = np.empty(len(chunk.records), ipc.DONE)
+            done = np.empty(len(chunk.records), shared_memory.DONE)
             done["request"] = chunk.records["request"]
             done["slot"] = chunk.records["slot"]
             done["status"] = status
@@ -249,14 +283,16 @@ class ModelQueue:
         for fe, parts in by_frontend.items():
             self.executor.count_taken(fe, sum(len(p) for p in parts))
             answered.add(fe)
-            fe.send(ipc.MSG_DONE + b"".join(p.tobytes() for p in parts))
+            fe.send(shared_memory.MSG_DONE + b"".join(p.tobytes() for p in parts))
 
 
 class Executor:
-    """Loads the models, then serves front ends on ``ipc.executor_socket(run_dir, index)`` until
-    told to stop (``ipc.STOP_SIGNAL``), after which it finishes what is queued and returns."""
+    """Loads the models, then serves front ends on ``shared_memory.executor_socket(run_dir, index)`` until
+    told to stop (``shared_memory.STOP_SIGNAL``), after which it finishes what is queued and returns."""
 
-    def __init__(self, settings: Settings, table: ipc.ControlTable, index: int, specs: list[ModelSpec]) -> None:
+    def __init__(
+        self, settings: Settings, table: shared_memory.ControlTable, index: int, specs: list[ModelSpec]
+    ) -> None:
         self.settings, self.table, self.index, self.specs = settings, table, index, specs
         self.row = index
         self.metrics = Metrics()
@@ -266,26 +302,31 @@ class Executor:
         self._taken_lock = threading.Lock()
         self._models_message = b""
 
-    def load(self, runtime_factory=None) -> None:
+    def load(self, runtime_factory: Callable[[ModelSpec], DeviceModel] | None = None) -> None:
         """Create and warm up every model version's session (``runtime_factory(spec)`` makes the
         runtime; by default an ONNX Runtime session on this executor's device)."""
         from service.inference.runtime import load_model
 
-        factory = runtime_factory or (lambda spec: load_model(spec, self.settings))
+        factory: Callable[[ModelSpec], DeviceModel] = runtime_factory or (lambda spec: load_model(spec, self.settings))
         descriptions = []
         for i, spec in enumerate(self.specs):
             started = time.monotonic()
             runtime = factory(spec)
-            padded = f", batches padded to {runtime.pad_to}" if getattr(runtime, "pad_to", 0) else ""
-            path = getattr(runtime, "path", spec.path)
-            log.info("loaded %s/%s from %s on %s in %.2fs%s", spec.name, spec.version, path, runtime.provider,
-                     time.monotonic() - started, padded)  # fmt: skip
+            padded = f", batches padded to {runtime.pad_to}" if runtime.pad_to else ""
+            log.info(
+                "loaded %s/%s from %s on %s in %.2fs%s",
+                spec.name,
+                spec.version,
+                runtime.path,
+                runtime.provider,
+                time.monotonic() - started,
+                padded,
+            )
             stats = ModelStats(self.table.stats[self.row, i])
             self.queues.append(ModelQueue(self, i, runtime, stats))
-            precision = getattr(runtime, "precision", "fp32")
-            self.metrics.model_info.labels(runtime.name, runtime.version, runtime.provider, precision).set(1)
+            self.metrics.model_info.labels(*model_info_labels(runtime)).set(1)
             descriptions.append(runtime.describe())
-        self._models_message = ipc.MSG_MODELS + orjson.dumps(
+        self._models_message = shared_memory.MSG_MODELS + orjson.dumps(
             {"executor": self.index, "max_queue_size": self.settings.max_queue_size, "models": descriptions}
         )
 
@@ -303,7 +344,7 @@ class Executor:
         for queue in self.queues:
             queue.thread.start()
         self.table.pid[self.row] = os.getpid()
-        self.table.state[self.row] = ipc.READY
+        self.table.state[self.row] = shared_memory.READY
         self.metrics.ready.set(1)
         log.info("executor %d ready on %s", self.index, path)
         selector = selectors.DefaultSelector()
@@ -325,7 +366,7 @@ class Executor:
             listener.close()
             for queue in self.queues:
                 queue.thread.join(timeout=self.settings.shutdown_timeout_seconds)
-            self.table.state[self.row] = ipc.STOPPED
+            self.table.state[self.row] = shared_memory.STOPPED
 
     def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
         sock, _ = listener.accept()
@@ -337,7 +378,7 @@ class Executor:
 
     def _read(self, fe: _Frontend, selector: selectors.BaseSelector) -> None:
         try:
-            data = fe.sock.recv(ipc.MAX_MESSAGE_BYTES)
+            data = fe.sock.recv(shared_memory.MAX_MESSAGE_BYTES)
         except OSError:
             data = b""
         if not data:
@@ -346,8 +387,8 @@ class Executor:
             fe.sock.close()
             return
         kind = data[:1]
-        if kind == ipc.MSG_SUBMIT:
-            records = np.frombuffer(data, ipc.SUBMIT, offset=1)
+        if kind == shared_memory.MSG_SUBMIT:
+            records = np.frombuffer(data, shared_memory.SUBMIT, offset=1)
             now = time.monotonic()
             models = records["model"]
             if (models == models[0]).all():
@@ -355,12 +396,14 @@ class Executor:
             else:
                 for m in np.unique(models):
                     self._enqueue(fe, int(m), records[models == m], now)
-        elif kind == ipc.MSG_HELLO:
+        elif kind == shared_memory.MSG_HELLO:
             hello = orjson.loads(data[1:])
-            fe.slabs = ipc.Slabs(hello["path"], hello["slots"], hello["input_size"], hello["classes"])
+            fe.slabs = shared_memory.Slabs(hello["path"], hello["slots"], hello["input_size"], hello["classes"])
             with self._taken_lock:
                 self.table.taken[hello["frontend"], self.index] = 0
             fe.index = hello["frontend"]
+        elif kind == tracing.MSG_TRACE and tracing.ENABLED:
+            tracing.hop_receive(fe.traces, data[1:])
 
     def _enqueue(self, fe: _Frontend, model: int, records: np.ndarray, now: float) -> None:
         if model >= len(self.queues):  # a front end of another incarnation; cannot happen in one server
@@ -369,21 +412,20 @@ class Executor:
         self.queues[model].put(_Chunk(fe, records, now))
 
 
-def main(settings_json: str, table_shape: dict, index: int, specs: list[tuple[str, str, str]]) -> None:
+def main(settings_json: str, table_shape: dict[str, Any], index: int, specs: list[tuple[str, str, str]]) -> None:
     """Entry point of an executor process (spawned by the supervisor)."""
-    from pathlib import Path
-
     from service import logs
 
     settings = Settings.model_validate_json(settings_json)
     logs.configure(settings.log_level, settings.log_format)
-    ipc.become_child()
-    table = ipc.ControlTable(ipc.TableShape(**table_shape))
+    shared_memory.become_child()
+    table = shared_memory.ControlTable(shared_memory.TableShape(**table_shape))
     executor = Executor(settings, table, index, [ModelSpec(n, v, Path(p)) for n, v, p in specs])
-    signal.signal(ipc.STOP_SIGNAL, lambda *_: executor.stopping.set())
+    signal.signal(shared_memory.STOP_SIGNAL, lambda *_: executor.stopping.set())
+    tracing.start(settings, f"executor-{index}", executor.metrics.registry)
     try:
         executor.load()
     except Exception as e:  # noqa: BLE001 - one line naming the cause, then exit 1
         log.error("executor %d cannot load models: %s", index, e)
         raise SystemExit(1) from None
-    executor.serve(ipc.executor_socket(Path(table_shape["path"]).parent, index))
+    executor.serve(shared_memory.executor_socket(Path(table_shape["path"]).parent, index))

@@ -10,8 +10,12 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.workers import shared_memory as ipc
+from service.workers import shared_memory
+
+if TYPE_CHECKING:
+    from service.inference.repository import ModelSpec
 
 log = logging.getLogger("cnnserve")
 
@@ -50,7 +54,7 @@ def left_behind(path: Path) -> bool:
         return not _mapped_anywhere(path)
     if pid == os.getpid():
         return True  # this process makes its folder after the sweep: the pid's previous life left it
-    return not _alive(pid) or ipc.process_start_time(pid) != started
+    return not _alive(pid) or shared_memory.process_start_time(pid) != started
 
 
 def sweep_run_dirs(base: str | Path = "/dev/shm") -> tuple[int, int]:
@@ -136,10 +140,12 @@ def model_sizes(paths: list[Path]) -> tuple[int, int] | None:
 def shm_needed(frontends: int, executors: int, slots: int, input_size: int, classes: int) -> int:
     """Bytes the server's slabs take in /dev/shm: every front end has one set per executor, and a
     restarting front end's new set exists before its old one is unlinked (one set more)."""
-    return (frontends * executors + executors) * ipc.Slabs.size(slots, input_size, classes)
+    return (frontends * executors + executors) * shared_memory.Slabs.size(slots, input_size, classes)
 
 
-def room_for_slabs(run_dir: Path, specs: list, frontends: int, executors: int, slots: int) -> tuple[int, str | None]:
+def room_for_slabs(
+    run_dir: Path, specs: list[ModelSpec], frontends: int, executors: int, slots: int
+) -> tuple[int, str | None]:
     """(bytes the slabs need, why the server must not start or None): past the room in /dev/shm a
     process dies of SIGBUS on its first write, which says nothing of the cause."""
     if not executors:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.workers import shared_memory as ipc
+from service.workers import shared_memory
 
 #: Restart delays after quick deaths in a row: none for the first (a lone crash recovers at once),
 #: then doubling from BACKOFF_BASE_S up to BACKOFF_MAX_S.
@@ -29,7 +29,7 @@ def hung(now: float, state: int, beats: np.ndarray, busy: np.ndarray, timeout: f
     """Why a process counts as hung (one of its loops has not beaten for ``timeout`` seconds),
     or None. Only processes past their start-up are judged (a model may take minutes to load);
     a loop that never beat (0) is not judged either."""
-    if state not in (ipc.LISTENING, ipc.READY):
+    if state not in (shared_memory.LISTENING, shared_memory.READY):
         return None
     for slot, beat in enumerate(beats.tolist()):
         if beat <= 0 or now - beat <= timeout:
@@ -85,14 +85,14 @@ def backoff(deaths: int) -> float:
     """Delay before restarting a process after ``deaths`` quick deaths in a row (1: at once)."""
     if deaths <= 1:
         return 0.0
-    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (deaths - 2))
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0 ** (deaths - 2))
 
 
 def describe_exit(code: int | None, shm_free: int | None = None) -> str:
     """An exit status in words, with the likely cause where the signal says it."""
     if code is None:
         return "no exit status"
-    if code == ipc.EXIT_NO_SHARED_MEMORY:
+    if code == shared_memory.EXIT_NO_SHARED_MEMORY:
         return f"exit status {code}: no room in shared memory (/dev/shm); its log line says how much it needed"
     if code >= 0:
         return f"exit status {code}"

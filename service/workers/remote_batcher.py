@@ -21,32 +21,36 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
+from service import tracing
 from service.errors import Cancelled, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from service.inference import priority
 from service.inference.model_description import ModelDescription
+from service.inference.priority import Priority
 from service.inference.runtime import BatchOutput
-from service.workers import shared_memory as ipc
+from service.workers import shared_memory
 
 log = logging.getLogger("cnnserve.frontend")
 
-_ONE_RECORD = struct.Struct("<IIdHHB")  # ipc.SUBMIT, packed, for the common one-image request
-assert _ONE_RECORD.size == ipc.SUBMIT.itemsize
-_RECORDS_PER_MESSAGE_BYTES = ipc.MAX_RECORDS_PER_MESSAGE * ipc.SUBMIT.itemsize
+_ONE_RECORD = struct.Struct("<IIdHHB")  # shared_memory.SUBMIT, packed, for the common one-image request
+assert _ONE_RECORD.size == shared_memory.SUBMIT.itemsize
+_RECORDS_PER_MESSAGE_BYTES = shared_memory.MAX_RECORDS_PER_MESSAGE * shared_memory.SUBMIT.itemsize
 
 
 class _Pending:
     __slots__ = ("future", "model", "remaining", "slabs", "slots", "status", "timer")
 
-    def __init__(self, future: asyncio.Future, slots: list[int], model: ModelDescription, slabs: ipc.Slabs) -> None:
+    def __init__(
+        self, future: asyncio.Future[BatchOutput], slots: list[int], model: ModelDescription, slabs: shared_memory.Slabs
+    ) -> None:
         self.future, self.slots, self.model, self.slabs = future, slots, model, slabs
         self.remaining = len(slots)
-        self.status = ipc.STATUS_OK
+        self.status = shared_memory.STATUS_OK
         self.timer: asyncio.TimerHandle | None = None
 
     def expire(self) -> None:
@@ -57,30 +61,32 @@ class _Pending:
             self.future.set_exception(DeadlineExceeded("deadline passed while waiting for the device executor"))
             self.slabs.cancelled[self.slots] = 1
 
-    def caller_left(self, future: asyncio.Future) -> None:
+    def caller_left(self, future: asyncio.Future[BatchOutput]) -> None:
         if future.cancelled():  # dropped by the executor before compute; the slots stay ours until it says so
             self.slabs.cancelled[self.slots] = 1
 
 
 class ExecutorClient:
-    def __init__(self, table: ipc.ControlTable, frontend: int, executor: int, run_dir: str | Path,
-                 slots: int) -> None:  # fmt: skip
+    def __init__(
+        self, table: shared_memory.ControlTable, frontend: int, executor: int, run_dir: str | Path, slots: int
+    ) -> None:
         self.table, self.frontend, self.executor = table, frontend, executor
-        self.path = ipc.executor_socket(run_dir, executor)
+        self.path = shared_memory.executor_socket(run_dir, executor)
         self.run_dir, self.slots = Path(run_dir), slots
         self.models: list[ModelDescription] = []
         self.max_queue_size = 0
-        self.slabs: ipc.Slabs | None = None
+        self.slabs: shared_memory.Slabs | None = None
         self.sock: socket.socket | None = None
         self.connected = asyncio.Event()
-        self.on_change: Any = None  # called with no argument when the connection comes or goes
+        self.on_change: Callable[[], None] | None = None  # called when the connection comes or goes
         self._pending: dict[int, _Pending] = {}
         self._free: list[int] = []
         self._outbox: list[bytes] = []
+        self._traces: list[bytes] = []  # contexts of this iteration's sampled requests (service.tracing.hop)
         self._flush_scheduled = False
         self._next_id = 1
         self._incarnation = 0
-        self._lost: asyncio.Future | None = None
+        self._lost: asyncio.Future[None] | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -106,14 +112,16 @@ class ExecutorClient:
                 was_connected = True
             self._drop_connection()
             if was_connected and not self._closed:
-                log.warning("connection to device executor %d lost: its requests failed (503 / UNAVAILABLE); "
-                            "reconnecting", self.executor)  # fmt: skip
+                log.warning(
+                    "connection to device executor %d lost: its requests failed (503 / UNAVAILABLE); reconnecting",
+                    self.executor,
+                )
 
     def _readable(self) -> None:
         sock = self.sock
         while sock is not None:
             try:
-                data = sock.recv(ipc.MAX_MESSAGE_BYTES)
+                data = sock.recv(shared_memory.MAX_MESSAGE_BYTES)
             except BlockingIOError:
                 return
             except OSError:
@@ -122,12 +130,12 @@ class ExecutorClient:
                 self._lose()
                 return
             kind = data[:1]
-            if kind == ipc.MSG_DONE:
-                self._done(np.frombuffer(data, ipc.DONE, offset=1))
-            elif kind == ipc.MSG_MODELS:
+            if kind == shared_memory.MSG_DONE:
+                self._done(np.frombuffer(data, shared_memory.DONE, offset=1))
+            elif kind == shared_memory.MSG_MODELS:
                 self._hello(orjson.loads(data[1:]))
 
-    def _hello(self, doc: dict) -> None:
+    def _hello(self, doc: dict[str, Any]) -> None:
         self.models = [ModelDescription.from_dict(m) for m in doc["models"]]
         self.max_queue_size = doc["max_queue_size"]
         input_size = max(m.input_size for m in self.models)
@@ -136,13 +144,13 @@ class ExecutorClient:
         old = self.slabs
         path = self.run_dir / f"fe{self.frontend}-ex{self.executor}-{os.getpid()}-{self._incarnation}.slab"
         try:
-            self.slabs = ipc.Slabs(path, self.slots, input_size, classes, create=True)
-        except ipc.NoSharedMemory as e:
+            self.slabs = shared_memory.Slabs(path, self.slots, input_size, classes, create=True)
+        except shared_memory.NoSharedMemory as e:
             # Retrying in a loop cannot make room: exit, and let the supervisor back off (and halt
             # the server if it keeps failing), saying why.
             log.error("front end %d: %s", self.frontend, e)
             logging.shutdown()
-            os._exit(ipc.EXIT_NO_SHARED_MEMORY)
+            os._exit(shared_memory.EXIT_NO_SHARED_MEMORY)
         if old is not None:
             Path(old.path).unlink(missing_ok=True)
         self._free = list(range(self.slots))
@@ -150,7 +158,7 @@ class ExecutorClient:
         hello = {"frontend": self.frontend, **self.slabs.describe()}
         try:
             assert self.sock is not None
-            self.sock.send(ipc.MSG_HELLO + orjson.dumps(hello))
+            self.sock.send(shared_memory.MSG_HELLO + orjson.dumps(hello))
         except OSError:
             self._lose()
             return
@@ -177,6 +185,7 @@ class ExecutorClient:
                 pending.future.set_exception(error)
         self._pending.clear()
         self._outbox.clear()
+        self._traces.clear()
         self._free = list(range(self.slots))
         self.table.submitted[self.frontend, self.executor] = 0
         if self.on_change:
@@ -195,7 +204,9 @@ class ExecutorClient:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def submit(self, model_index: int, x: np.ndarray, deadline: float | None) -> asyncio.Future:
+    def submit(
+        self, model_index: int, x: np.ndarray, deadline: float | None, priority: Priority = Priority.REQUEST
+    ) -> asyncio.Future[BatchOutput]:
         """Hand ``x`` (float32, the model's input, first axis = images) to the executor; the future
         resolves to a :class:`BatchOutput` of exactly these images."""
         if self.sock is None or self.slabs is None or not self.connected.is_set():
@@ -205,12 +216,14 @@ class ExecutorClient:
         if depth + n > self.max_queue_size or n > len(self._free):
             raise Overloaded(f"queue full ({depth} images waiting, limit {self.max_queue_size})")
         model = self.models[model_index]
-        kind = ipc.KIND_BACKGROUND if priority.background.get() else ipc.KIND_REQUEST
+        kind = shared_memory.KIND_BACKGROUND if priority == Priority.BACKGROUND else shared_memory.KIND_REQUEST
         slabs, free = self.slabs, self._free
         slots = free[-n:]
         del free[-n:]
         request = self._next_id
         self._next_id = request + 1 if request < 0xFFFFFFFF else 1
+        if tracing.ENABLED and (context := tracing.hop_record(request)) is not None:
+            self._traces.append(context)
         flat = x.reshape(n, -1)
         size = flat.shape[1]
         if n == 1:
@@ -222,7 +235,7 @@ class ExecutorClient:
             index = np.array(slots)
             slabs.inputs[index, :size] = flat
             slabs.cancelled[index] = 0
-            records = np.empty(n, ipc.SUBMIT)
+            records = np.empty(n, shared_memory.SUBMIT)
             records["request"] = request
             records["slot"] = index
             records["deadline"] = deadline or 0.0
@@ -254,9 +267,13 @@ class ExecutorClient:
         self._outbox.clear()
         sent = 0
         try:
+            if self._traces:  # before the records they describe: the executor reads them first
+                traces, self._traces = self._traces, []  # lost if the socket is full: spans unlinked, requests fine
+                for i in range(0, len(traces), shared_memory.MAX_RECORDS_PER_MESSAGE):
+                    sock.send(tracing.MSG_TRACE + b"".join(traces[i : i + shared_memory.MAX_RECORDS_PER_MESSAGE]))
             while sent < len(payload):
                 part = payload[sent : sent + _RECORDS_PER_MESSAGE_BYTES]
-                sock.send(ipc.MSG_SUBMIT + part)
+                sock.send(shared_memory.MSG_SUBMIT + part)
                 sent += len(part)
         except BlockingIOError:  # the executor is behind: send the rest when the socket drains
             self._outbox.append(payload[sent:])
@@ -288,11 +305,11 @@ class ExecutorClient:
         if entry.timer is not None:
             entry.timer.cancel()
         if not future.done():
-            if entry.status == ipc.STATUS_OK:
+            if entry.status == shared_memory.STATUS_OK:
                 future.set_result(self._result(entry))
-            elif entry.status == ipc.STATUS_DEADLINE:
+            elif entry.status == shared_memory.STATUS_DEADLINE:
                 future.set_exception(DeadlineExceeded("deadline passed while queued"))
-            elif entry.status == ipc.STATUS_CANCELLED:
+            elif entry.status == shared_memory.STATUS_CANCELLED:
                 future.set_exception(Cancelled("the caller went away"))
             else:
                 future.set_exception(InferenceFailed("inference failed in the device executor (its log has the cause)"))
@@ -308,19 +325,30 @@ class ExecutorClient:
         probabilities = slabs.probabilities[rows, :classes].copy()
         order = slabs.order[rows, :classes].astype(np.int64)
         ranked = slabs.ranked[rows, :classes]
-        return BatchOutput(logits, probabilities, order, order.tolist(), ranked.tolist(),
-                           model.labels_array[order].tolist())  # fmt: skip
+        return BatchOutput(
+            logits, probabilities, order, order.tolist(), ranked.tolist(), model.labels_array[order].tolist()
+        )
 
 
 class RemoteBatcher:
     """``Batcher``'s interface for one model version that runs in the device executors: images
     are normalised here (front-end work) and handed to the least-loaded connected executor."""
 
-    def __init__(self, clients: list[ExecutorClient], model_index: int, model: ModelDescription,
-                 max_batch_size: int, max_queue_delay_s: float, max_queue_size: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        clients: list[ExecutorClient],
+        model_index: int,
+        model: ModelDescription,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+    ) -> None:
         self.clients, self.model_index, self.model = clients, model_index, model
         self.max_batch_size, self.max_queue_delay_s, self.max_queue_size = (
-            max_batch_size, max_queue_delay_s, max_queue_size)  # fmt: skip
+            max_batch_size,
+            max_queue_delay_s,
+            max_queue_size,
+        )
 
     @property
     def queued_images(self) -> int:
@@ -330,11 +358,13 @@ class RemoteBatcher:
     def retry_after_s(self) -> float:
         return 1.0
 
-    async def submit(self, items: np.ndarray, deadline: float | None = None) -> BatchOutput:
+    async def submit(
+        self, items: np.ndarray, deadline: float | None = None, priority: Priority = Priority.REQUEST
+    ) -> BatchOutput:
         x = items if items.dtype == np.float32 else self.model.normalizer(items)
         clients = self.clients
         client = clients[0] if len(clients) == 1 else min(clients, key=lambda c: (not c.connected.is_set(), c.depth))
-        return await client.submit(self.model_index, x, deadline)
+        return await client.submit(self.model_index, x, deadline, priority)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every request handed over has come back; False on timeout."""

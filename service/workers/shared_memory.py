@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -230,7 +231,7 @@ class ControlTable:
         executors = self.state[: self.shape.executors]
         return not len(executors) or bool((executors == READY).any())
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return asdict(self.shape)
 
 
@@ -269,5 +270,5 @@ class Slabs:
         """Bytes of one front end's slabs for one executor (what it needs in /dev/shm)."""
         return cls._layout(slots, input_size, classes).size
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"path": self.path, "slots": self.slots, "input_size": self.input_size, "classes": self.classes}

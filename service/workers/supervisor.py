@@ -29,10 +29,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from types import FrameType
 
 from service.settings import Settings
-from service.workers import housekeeping, policy
-from service.workers import shared_memory as ipc
+from service.workers import housekeeping, policy, shared_memory
 
 log = logging.getLogger("cnnserve")
 
@@ -85,8 +85,11 @@ def plan(settings: Settings) -> tuple[int, str, list[int]]:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int, placement: str, gpus: list[int]) -> None:
+    def __init__(
+        self, settings: Settings, workers: int, placement: str, gpus: list[int], frontend_main: Callable[..., None]
+    ) -> None:
         self.settings, self.workers, self.placement, self.gpus = settings, workers, placement, gpus
+        self.frontend_main = frontend_main  # a front-end process's entry point (service.server.frontend_main)
         self.executors = max(1, len(gpus)) if placement == "device" else 0
         self.context = multiprocessing.get_context("spawn")
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}  # table row -> process
@@ -102,7 +105,7 @@ class Supervisor:
         self.started = time.monotonic()
 
     # ---- signals ------------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:
@@ -115,7 +118,6 @@ class Supervisor:
 
     # ---- processes ----------------------------------------------------------------------------
     def _spawn(self, row: int) -> None:
-        from service import server as lifecycle
         from service.workers import executor
 
         shape = self.table.describe()
@@ -125,13 +127,13 @@ class Supervisor:
             if self.gpus:
                 settings = settings.model_copy(update={"cuda_device_id": self.gpus[row]})
             specs = [(s.name, s.version, str(s.path.resolve())) for s in self.specs]
-            args: tuple = (settings.model_dump_json(), shape, row, specs)
+            args: tuple[object, ...] = (settings.model_dump_json(), shape, row, specs)
             target, name = executor.main, f"cnnserve-executor-{row}"
         else:
             index = row - self.executors
             args = (self.child_settings.model_dump_json(), shape, index, str(self.run_dir), self.executors)
-            target, name = lifecycle.frontend_main, f"cnnserve-frontend-{index}"
-        self.table.state[row] = ipc.STARTING
+            target, name = self.frontend_main, f"cnnserve-frontend-{index}"
+        self.table.state[row] = shared_memory.STARTING
         self.table.beat[row] = 0.0
         self.table.busy[row] = 0
         process = self.context.Process(target=target, args=args, name=name)
@@ -143,6 +145,27 @@ class Supervisor:
         self.restart_at.pop(row, None)
         self.aborted_at.pop(row, None)
         log.info("started %s (pid %d)", self._describe(row), process.pid)
+
+    def _plan_precision(self) -> None:
+        """precision auto with several workers that each run their own session: the variant is
+        checked and timed once, here, and every worker loads what this chose (and checks it again),
+        so that all answer alike. One device executor decides for itself."""
+        c = self.child_settings
+        if c.precision != "auto" or self.placement != "worker" or self.workers < 2:
+            return
+        if "CUDAExecutionProvider" in c.providers:
+            return  # auto considers no variant on CUDA (service/inference/runtime.py AUTO_PRECISION)
+        import json
+
+        from service.inference.runtime import PLAN_ENVIRONMENT, ModelRuntime
+
+        plan = {}
+        for spec in self.specs:
+            try:
+                plan[f"{spec.name}/{spec.version}"] = ModelRuntime(spec, c).choice.to_dict()
+            except Exception:  # noqa: BLE001 - each worker loads it again and reports why it cannot
+                continue
+        os.environ[PLAN_ENVIRONMENT] = json.dumps(plan)
 
     def _intra_op_threads(self) -> int:
         """ONNX Runtime threads per session when left to auto: the cores are shared out, not
@@ -230,7 +253,7 @@ class Supervisor:
             if why is None:
                 continue
             # Readiness turns false at once where this process was what made it true.
-            table.state[row] = ipc.HUNG
+            table.state[row] = shared_memory.HUNG
             log.error("%s (pid %d) is hung: %s; aborting it (SIGABRT, then SIGKILL after %gs) and starting another",
                       self._describe(row), process.pid, why, ABORT_GRACE_S)  # fmt: skip
             self.aborted_at[row] = now
@@ -259,7 +282,7 @@ class Supervisor:
         for row in rows:
             process = self.processes[row]
             if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, ipc.STOP_SIGNAL)
+                os.kill(process.pid, shared_memory.STOP_SIGNAL)
         until = time.monotonic() + timeout
         for row in rows:
             process = self.processes[row]
@@ -271,14 +294,16 @@ class Supervisor:
 
     # ---- the whole life ---------------------------------------------------------------------------
     def run(self) -> int:
-        from service.server import StartupError, bind_listener, check_repository, port_in_use
+        from service.startup import StartupError, bind_listener, check_repository, port_in_use
 
         s = self.settings
         try:
             self.specs = check_repository(s)
             # Reserve both ports for the server's whole life: front ends bind them again (SO_REUSEPORT).
-            reserved = [bind_listener(s.host, s.http_port, "HTTP", reuse_port=True),
-                        bind_listener(s.host, s.grpc_port, "gRPC", reuse_port=True)]  # fmt: skip
+            reserved = [
+                bind_listener(s.host, s.http_port, "HTTP", reuse_port=True),
+                bind_listener(s.host, s.grpc_port, "gRPC", reuse_port=True),
+            ]
         except StartupError as e:
             log.error("%s", e)
             return 1
@@ -295,10 +320,13 @@ class Supervisor:
         reserved += locks
         swept, freed = housekeeping.sweep_run_dirs()
         if swept:
-            log.info("removed %d run folder(s) of servers that died without cleaning up (%s of /dev/shm)",
-                     swept, housekeeping.mib(freed))  # fmt: skip
+            log.info(
+                "removed %d run folder(s) of servers that died without cleaning up (%s of /dev/shm)",
+                swept,
+                housekeeping.mib(freed),
+            )
         try:
-            self.run_dir = ipc.make_run_dir()
+            self.run_dir = shared_memory.make_run_dir()
         except OSError as e:
             log.error("cannot make the server's folder in /dev/shm: %s", e.strerror)
             return 1
@@ -338,20 +366,33 @@ class Supervisor:
             log.warning("%s: running on the CPU", reason)
             self.child_settings.providers = usable or ["CPUExecutionProvider"]
         c = self.child_settings
-        log.info("each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections, "
-                 "%d buffered request bytes, %d explanation(s) at once and %d waiting", c.intra_op_threads,
-                 c.max_connections, c.max_buffered_bytes, c.explain_concurrency, c.explain_queue_size)  # fmt: skip
-        shape = ipc.TableShape(str(self.run_dir / "control"), self.executors, self.workers, len(self.specs),
-                               ModelStats.width(s.max_batch_size))  # fmt: skip
+        log.info(
+            "each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections, "
+            "%d buffered request bytes, %d explanation(s) at once and %d waiting",
+            c.intra_op_threads,
+            c.max_connections,
+            c.max_buffered_bytes,
+            c.explain_concurrency,
+            c.explain_queue_size,
+        )
+        self._plan_precision()
+        shape = shared_memory.TableShape(
+            str(self.run_dir / "control"),
+            self.executors,
+            self.workers,
+            len(self.specs),
+            ModelStats.width(s.max_batch_size),
+        )
         slots = s.max_queue_size + 4 * s.max_batch_size
-        self.shm_needed, refusal = housekeeping.room_for_slabs(self.run_dir, self.specs, self.workers, self.executors,
-                                                               slots)  # fmt: skip
+        self.shm_needed, refusal = housekeeping.room_for_slabs(
+            self.run_dir, self.specs, self.workers, self.executors, slots
+        )
         if refusal is not None:
             log.error("%s", refusal)
             return 1
         try:
-            self.table = ipc.ControlTable(shape, create=True)
-        except ipc.NoSharedMemory as e:
+            self.table = shared_memory.ControlTable(shape, create=True)
+        except shared_memory.NoSharedMemory as e:
             log.error("%s", e)
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -367,7 +408,7 @@ class Supervisor:
         listening = ready = False
         while not self.stop_requested:
             self._wait(0.05)
-            now_ready = {int(r) for r in (table.state == ipc.READY).nonzero()[0]}
+            now_ready = {int(r) for r in (table.state == shared_memory.READY).nonzero()[0]}
             self.ever_ready |= now_ready
             self.ready_now |= now_ready
             self._watch_hangs()
@@ -375,7 +416,9 @@ class Supervisor:
             if failed is not None:
                 self._stop(list(self.processes), s.shutdown_timeout_seconds)
                 return failed
-            if not listening and all(table.state[r] in (ipc.LISTENING, ipc.READY) for r in frontends):
+            if not listening and all(
+                table.state[r] in (shared_memory.LISTENING, shared_memory.READY) for r in frontends
+            ):
                 listening = True
                 log.info("listening http=%s:%d grpc=%s:%d", s.host, http_port, s.host, grpc_port)
             if listening and not ready and table.all_ready():
@@ -383,8 +426,9 @@ class Supervisor:
                 elapsed = time.monotonic() - self.started
                 log.info("ready in %.2fs: %d front end(s), %s", elapsed, self.workers, self._placement_text())
         table.flags[0] = 1
-        log.info("draining: readiness is false everywhere, serving for %.1fs more (Ctrl-C again stops now)",
-                 s.drain_seconds)  # fmt: skip
+        log.info(
+            "draining: readiness is false everywhere, serving for %.1fs more (Ctrl-C again stops now)", s.drain_seconds
+        )
         until = time.monotonic() + s.drain_seconds
         while time.monotonic() < until:
             self._wait(min(0.05, max(0.0, until - time.monotonic())))
@@ -396,13 +440,13 @@ class Supervisor:
         return 0
 
 
-def run(settings: Settings) -> int:
-    """``cnnserve serve``: one process, or a supervisor of several (see the module's docstring)."""
+def run(settings: Settings, serve: Callable[[Settings], int], frontend_main: Callable[..., None]) -> int:
+    """``cnnserve serve``: one process (``serve``), or a supervisor of several whose front ends
+    run ``frontend_main`` (see the module's docstring)."""
     from service import logs
-    from service import server as lifecycle
 
     workers, placement, gpus = plan(settings)
     if workers == 1 and placement == "worker":
-        return lifecycle.run(settings)
+        return serve(settings)
     logs.configure(settings.log_level, settings.log_format)
-    return Supervisor(settings, workers, placement, gpus).run()
+    return Supervisor(settings, workers, placement, gpus, frontend_main).run()

@@ -1,0 +1,126 @@
+"""deploy/overlays/envoy-sidecar (issue 17): Envoy in front of the gRPC port for what grpc-core
+cannot do in-process (GOAWAY past a reset budget, a request body cut as it arrives). Checked
+here: the overlay renders, the Service's grpc port reaches Envoy and Envoy reaches cnnserve's own
+listener, the NetworkPolicy admits only the public ports, and every Envoy value that mirrors a
+cnnserve setting equals that setting's default. Envoy itself is not run here (no binary, no
+container runtime on this machine): ``envoy --mode validate`` runs where an ``envoy`` is on PATH.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+from tests.test_deploy import _kustomize
+
+yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install -e '.[dev]')")
+
+OVERLAY = Path(__file__).resolve().parent.parent / "deploy" / "overlays" / "envoy-sidecar"
+ENVOY_CONFIG = OVERLAY / "envoy.yaml"
+
+
+def _durations(text: str) -> float:
+    assert text.endswith("s"), text
+    return float(text[:-1])
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict]:
+    return list(_kustomize(str(OVERLAY)))
+
+
+@pytest.fixture(scope="module")
+def envoy() -> dict:
+    return yaml.safe_load(ENVOY_CONFIG.read_text())
+
+
+def _one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"].startswith(name))]
+    assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in found])
+    return found[0]
+
+
+def _hcm(envoy: dict) -> dict:
+    listener = envoy["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def test_the_grpc_port_goes_through_envoy_to_cnnserve(rendered, envoy):
+    deployment = _one(rendered, "Deployment")
+    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    assert set(containers) == {"cnnserve", "envoy"}
+    ports = {c: {p["name"]: p["containerPort"] for p in containers[c]["ports"]} for c in containers}
+    # The Service targets the port named grpc: it is Envoy's now, and only Envoy's.
+    service = _one(rendered, "Service")
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}["grpc"] == "grpc"
+    assert ports["envoy"] == {"grpc": 8001}
+    assert "grpc" not in ports["cnnserve"] and ports["cnnserve"]["http"] == 8000
+    # Envoy listens where the Service sends, and forwards to cnnserve's own listener.
+    listener = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener["port_value"] == 8001
+    cluster = envoy["static_resources"]["clusters"][0]
+    upstream = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    config = _one(rendered, "ConfigMap", "cnnserve-config")["data"]
+    assert int(config["CNNSERVE_GRPC_PORT"]) == upstream["port_value"] == ports["cnnserve"]["grpc-direct"]
+    assert upstream["address"] == "127.0.0.1"
+    # Envoy's config is the generated ConfigMap (name with its hash) mounted where args say.
+    envoy_map = _one(rendered, "ConfigMap", "cnnserve-envoy")
+    assert yaml.safe_load(envoy_map["data"]["envoy.yaml"]) == envoy
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["envoy-config"]["configMap"]["name"] == envoy_map["metadata"]["name"]
+    assert containers["envoy"]["args"][:2] == ["-c", "/etc/envoy/envoy.yaml"]
+    # Envoy is ready when a health check through it reaches cnnserve.
+    assert containers["envoy"]["readinessProbe"]["grpc"]["port"] == 8001
+    assert containers["envoy"]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_only_the_public_ports_are_reachable(rendered):
+    policy = _one(rendered, "NetworkPolicy")
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {8000, 8001}  # not cnnserve's own gRPC listener (8002)
+    deployment = _one(rendered, "Deployment")
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_envoy_limits_mirror_the_server_settings(envoy):
+    s = Settings()
+    hcm = _hcm(envoy)
+    assert hcm["codec_type"] == "HTTP2"
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] == s.grpc_max_concurrent_streams
+    assert _durations(hcm["request_headers_timeout"]) == s.header_timeout_seconds
+    assert _durations(hcm["request_timeout"]) == s.body_timeout_seconds
+    assert _durations(hcm["stream_idle_timeout"]) <= s.header_timeout_seconds
+    buffer = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.buffer")
+    assert buffer["typed_config"]["max_request_bytes"] == s.max_request_bytes + 5  # + the gRPC prefix
+    assert hcm["http_filters"][-1]["name"] == "envoy.filters.http.router"
+    runtime = envoy["layered_runtime"]["layers"][0]["static_layer"]
+    assert runtime["overload.premature_reset_total_stream_count"] == s.grpc_max_early_resets
+    assert runtime["http.max_requests_per_io_cycle"] == 32  # grpc-core's max_requests_per_read here
+
+
+def test_envoy_accepts_the_config():
+    binary = shutil.which("envoy")
+    if binary is None:
+        pytest.skip("no envoy binary on PATH: the config is only checked structurally here")
+    res = subprocess.run(
+        [binary, "--mode", "validate", "-c", str(ENVOY_CONFIG)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_rendered_overlay_validates_strict(rendered):
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (pip install -e '.[dev]')"
+    )
+    problems = []
+    for doc in rendered:
+        for version in ("1.30.0", kv.utils.latest_version()):
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as e:
+                problems.append(f"{doc['kind']} @ {version}: {'.'.join(map(str, e.path))}: {e.message}")
+    assert not problems, "\n".join(problems)

@@ -1,0 +1,260 @@
+"""HTTP/2 attacks on the gRPC port (issue 17), each written with raw h2 frames (bench/h2attack.py)
+over a plain socket, scaled down to seconds, against a real server. Each asserts a cheap refusal:
+the attack's own outcome, the time it took, the attacked process's memory (/proc/PID/status) and
+that legitimate Classify and /predict callers were answered during it.
+
+The server is one process (``--workers 1``) whatever CNNSERVE_TEST_WORKERS says: the process
+attacked is then the one whose memory is read. Bounds are generous (a shared 2-core machine):
+they separate "refused cheaply" from the failures the issue measured (seconds of latency,
+hundreds of MB kept), not one good run from another.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from bench import h2attack
+from service.grpc_api import reset_budget
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
+from tests.conftest import ServerProcess, distinct_images, png_bytes, wait_until
+
+MIB = 1024 * 1024
+BODY_TIMEOUT = 2.0  # seconds a call may take to send its message (the server's --body-timeout-seconds)
+MAX_CALLS = 400  # the server's --max-connections: gRPC calls in progress
+RESETS = 200  # the server's --grpc-max-early-resets
+RSS_BOUND_MB = 150  # the issue's bound on the attacked front end's growth
+IMAGE = png_bytes(distinct_images(1)[0])
+
+
+@pytest.fixture(scope="module")
+def target():
+    s = ServerProcess(
+        "--workers",
+        "1",
+        "--executor",
+        "worker",
+        "--drain-seconds",
+        "0",
+        "--body-timeout-seconds",
+        str(BODY_TIMEOUT),
+        "--max-request-bytes",
+        str(MIB),
+        "--max-connections",
+        str(MAX_CALLS),
+        "--grpc-max-early-resets",
+        str(RESETS),
+    )
+    yield s
+    assert s.stop() == 0, s.log
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class Callers:
+    """Legitimate callers while an attack runs: Classify over gRPC and /predict over HTTP in turn,
+    one at a time, every 20 ms; latencies and failures are kept."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.server.grpc_target) as channel, httpx.Client(timeout=10) as http:
+            stub = pb_grpc.ClassifierStub(channel)
+            request = pb.ClassifyRequest(images=[pb.Image(encoded=IMAGE)], top_k=1)
+            turn = 0
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                try:
+                    if turn % 2 == 0:
+                        stub.Classify(request, timeout=10)
+                    else:
+                        r = http.post(
+                            f"{self.server.http}/predict", content=IMAGE, headers={"Content-Type": "image/png"}
+                        )
+                        assert r.status_code == 200, r.text
+                    self.latencies.append(time.perf_counter() - started)
+                except (grpc.RpcError, AssertionError, httpx.HTTPError) as e:
+                    self.failures.append(repr(e)[:200])
+                turn += 1
+                time.sleep(0.02)
+
+    def __enter__(self) -> Callers:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+    def check(self) -> None:
+        assert not self.failures, self.failures[:3]
+        assert len(self.latencies) >= 4, "the legitimate callers were not answered during the attack"
+        # Generous: the issue measured Classify going from 4 ms to 1.9 s under rapid reset.
+        assert statistics.median(self.latencies) < 0.5, sorted(self.latencies)[-5:]
+        assert max(self.latencies) < 5, sorted(self.latencies)[-5:]
+
+
+def assert_memory_returns(server: ServerProcess, before: float) -> None:
+    pid = server.proc.pid
+    assert wait_until(lambda: rss_mb(pid) < before + RSS_BOUND_MB, timeout=30, interval=0.5), (
+        f"RSS {rss_mb(pid):.0f} MB, {before:.0f} MB before the attack"
+    )
+    assert server.proc.poll() is None
+
+
+def test_streams_per_connection_are_bounded_advertised_and_timed_out(target):
+    """Headers only, never a message: past MAX_CONCURRENT_STREAMS streams are refused at once
+    (REFUSED_STREAM), those admitted end with DEADLINE_EXCEEDED after the message timeout, and the
+    call slots they held never starve a legitimate caller (the issue: 4 × 600 streams made every
+    Classify fail with RESOURCE_EXHAUSTED until they closed)."""
+    before = rss_mb(target.proc.pid)
+    outcomes: list[h2attack.Outcome] = []
+    started = time.monotonic()
+    with Callers(target) as callers:
+        attackers = [
+            threading.Thread(target=lambda: outcomes.append(h2attack.silent_streams(target.grpc_port, 300, 6)))
+            for _ in range(3)
+        ]
+        for t in attackers:
+            t.start()
+        for t in attackers:
+            t.join(30)
+    elapsed = time.monotonic() - started
+    callers.check()
+    assert len(outcomes) == 3
+    for out in outcomes:
+        assert out.max_concurrent_streams == 100, out.as_dict()
+        assert out.streams_opened == 300
+        assert out.refused == 200, out.as_dict()  # past the 100 the server admits
+        assert out.statuses == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]): 100}, out.as_dict()
+        assert "not received within" in out.messages[0]
+    assert elapsed < 20
+    assert_memory_returns(target, before)
+
+
+def test_rapid_reset_shuts_the_connection_down_past_its_budget(target):
+    """HEADERS + RST_STREAM(CANCEL) on new streams as fast as this client can: the connection is
+    shut down once it has cancelled more than --grpc-max-early-resets calls, memory stays flat
+    (the issue: +0.5 GB kept, Classify 4 ms → 1.9 s). Then the same from an attacker that
+    reconnects each time, for 3 s."""
+    before = rss_mb(target.proc.pid)
+    mark = len(target.lines)
+    with Callers(target) as callers:
+        out = h2attack.rapid_reset(target.grpc_port, seconds=10)
+        assert out.closed or out.goaway, out.as_dict()
+        assert out.seconds < 8, out.as_dict()
+        # grpc-core reads up to 32 new streams at a time and the budget is counted as their calls end.
+        assert RESETS < out.streams_opened < 20 * RESETS, out.as_dict()
+        connections, until = 0, time.monotonic() + 3
+        while time.monotonic() < until:
+            again = h2attack.rapid_reset(target.grpc_port, seconds=3)
+            assert again.closed or again.goaway or time.monotonic() >= until, again.as_dict()
+            connections += 1
+    callers.check()
+    assert connections >= 2
+    assert "HTTP/2 rapid reset" in "".join(target.lines[mark:])
+    assert_memory_returns(target, before)
+
+
+def test_a_declared_message_far_above_the_limit_is_ended_by_the_message_timeout(target):
+    """A length prefix of 4 GiB, then data within flow control. grpc-core does not compare the
+    prefix with grpc.max_receive_message_length before the data arrives (it raises the stream's
+    window to the declared length): the message timeout ends the call, and what was buffered is
+    freed. Scaled down: 48 MiB sent at most (the issue: 600 MiB kept)."""
+    before = rss_mb(target.proc.pid)
+    with Callers(target) as callers:
+        out = h2attack.large_prefix(target.grpc_port, declared=2**32 - 1, send=48 * MIB, seconds=BODY_TIMEOUT + 8)
+    callers.check()
+    assert out.statuses == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]): 1} or out.resets, out.as_dict()
+    assert out.seconds < BODY_TIMEOUT + 6, out.as_dict()
+    assert_memory_returns(target, before)
+
+
+def _deflate(data_size: int) -> bytes:
+    z = zlib.compressobj(9, zlib.DEFLATED, 15)
+    return z.compress(b"\0" * data_size) + z.flush()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_message_is_refused_before_it_inflates(target, encoding):
+    """``grpc-encoding: gzip|deflate``, 64 KiB on the wire inflating to 64 MiB (the issue: 1 MB →
+    1 GiB took 4.4 s and a 1.5 GB peak): UNIMPLEMENTED at once, nothing inflated."""
+    payload = h2attack.gzip_bomb(64 * MIB) if encoding == "gzip" else _deflate(64 * MIB)
+    assert len(payload) < MIB  # within --max-request-bytes on the wire
+    before = rss_mb(target.proc.pid)
+    out = h2attack.compressed_message(target.grpc_port, payload, encoding=encoding, seconds=5)
+    assert out.statuses == {str(grpc.StatusCode.UNIMPLEMENTED.value[0]): 1}, out.as_dict()
+    assert "compressed requests are not accepted" in out.messages[0]
+    assert out.seconds < 2, out.as_dict()
+    assert rss_mb(target.proc.pid) < before + 32  # not 64 MiB inflated
+    # A well-formed call on a new channel is answered as usual.
+    with grpc.insecure_channel(target.grpc_target) as channel:
+        reply = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(images=[pb.Image(encoded=IMAGE)]), timeout=10
+        )
+    assert len(reply.results) == 1
+
+
+def test_readiness_fails_while_the_grpc_port_cannot_serve(target):
+    """Every gRPC call slot held by streams that never send a message: /readyz, which asks the gRPC
+    port for its health over loopback, turns 503 while HTTP itself still answers, and 200 again
+    once the message timeout has freed the slots."""
+    assert httpx.get(f"{target.http}/readyz").status_code == 200
+    holders = [
+        threading.Thread(target=h2attack.silent_streams, args=(target.grpc_port, 100, BODY_TIMEOUT + 1))
+        for _ in range(MAX_CALLS // 100)
+    ]
+    for t in holders:
+        t.start()
+    try:
+        saw_503 = wait_until(lambda: httpx.get(f"{target.http}/readyz").status_code == 503, timeout=BODY_TIMEOUT)
+        r = httpx.get(f"{target.http}/readyz")
+    finally:
+        for t in holders:
+            t.join(30)
+    assert saw_503
+    assert httpx.get(f"{target.http}/healthz").status_code == 200
+    assert wait_until(lambda: httpx.get(f"{target.http}/readyz").status_code == 200, timeout=15), r.text
+
+
+def test_the_reset_budget_finds_and_shuts_down_exactly_the_peers_socket():
+    """reset_budget's socket lookup on real sockets of this process: grpc-core listens dual-stack,
+    so an IPv4 client shows as ::ffff:a.b.c.d there; only the named connection is shut down."""
+    assert reset_budget.parse_peer("ipv4:127.0.0.1:5555") == ("127.0.0.1", 5555)
+    assert reset_budget.parse_peer("ipv6:[::1]:443") == ("::1", 443)
+    assert reset_budget.parse_peer("unix:/tmp/x") is None
+    assert reset_budget.parse_peer("ipv4:127.0.0.1:²") is None
+    listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    accepted = [listener.accept()[0] for _ in clients]
+    try:
+        target = clients[0].getsockname()[:2]
+        assert reset_budget.shutdown_connection(port, target)
+        assert clients[0].recv(10) == b""  # the server side is shut down: end of stream
+        clients[1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            clients[1].recv(10)  # the other connection is untouched
+        assert not reset_budget.shutdown_connection(port, ("127.0.0.1", 1))
+    finally:
+        for s in (*clients, *accepted, listener):
+            s.close()

@@ -54,7 +54,8 @@ class ServerProcess:
 
     ``args`` are extra ``serve`` flags (a later flag wins over the defaults above). ``cwd``: the
     source tree to run (another checkout, for bench/compare_revisions.py). ``cpus``: pin it
-    (``taskset -c``). ``wait``: "ready" (default), "listening" or "" (return at once)."""
+    (``taskset -c``). ``wait``: "ready" (default), "listening" or "" (return at once). ``prefix``:
+    a command that runs the server (``unshare -m ...``), which must ``exec`` it."""
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class ServerProcess:
         cpus: str | None = None,
         wait: str = "ready",
         timeout: float = 120,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         cmd = [
             sys.executable,
@@ -82,7 +84,7 @@ class ServerProcess:
             *(["--model-repository", str(model_repository)] if model_repository is not None else []),  # None: default
             *args,
         ]
-        self.command, preexec = pinned_command(cmd, cpus)
+        self.command, preexec = pinned_command([*prefix, *cmd], cpus)
         self.lines: list[str] = []
         #: (role, index) -> pid of a multi-process server's children, latest incarnation.
         self.children: dict[tuple[str, int], int] = {}

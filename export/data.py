@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import tarfile
+import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -205,7 +206,9 @@ def load_dataset(path: str | Path, split: str = "train", use_cache: bool = True)
     ds = load_cifar_python(path, split) if fmt == "cifar-python" else load_image_folder(path, split)
     if use_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.stem + ".tmp.npz")
+        # Several processes (a server's front ends) may fill the cache at once: each writes its
+        # own temporary file, and the last rename wins with the same content.
+        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}-{threading.get_ident()}.tmp.npz")
         np.savez(tmp, images=ds.images, labels=ds.labels, classes=np.array(ds.classes))
         tmp.replace(cached)
     return ds

@@ -27,7 +27,7 @@ class DataPlane:
     layer_models: LayerModels  # companion sessions: /explain's layers and v2's layer outputs
     readiness: Readiness
     buffers: BufferedBytes  # request bytes held by requests in progress, HTTP and gRPC together
-    pool: DecodePool  # the bounded pool, for parsing large bodies off the event loop
+    pool: DecodePool  # the bounded pool: large bodies parsed, v2 layer outputs computed, off the event loop
     #: Loads, reloads and unloads versions while serving (--model-control-mode poll or explicit);
     #: None: the versions found at start-up are served until exit.
     repository: ModelController | None = None

@@ -1,9 +1,10 @@
 """Whether this server takes traffic: the one answer every readiness endpoint gives.
 
-In a multi-process server a front end's readiness covers every process of the server: it is
-handed the shared control table (``service.workers.shared_memory.ControlTable``) as a
-:class:`ProcessGroup`, so a drain turns every front end's readiness false at once and a
-restarting process makes the whole server unready until it is back.
+In a multi-process server a front end is handed the shared control table
+(``service.workers.shared_memory.ControlTable``) as a :class:`ProcessGroup`: a drain turns every
+front end's readiness false at once, and a front end is ready when it and at least one device
+executor are. Another front end restarting does not count: it answers nothing while it restarts,
+so no probe or request reaches it, while the others serve (README "Supervision").
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class ProcessGroup(Protocol):
 
     @property
     def draining(self) -> bool: ...
-    def all_ready(self) -> bool: ...
+    def executors_ready(self) -> bool: ...
 
 
 class Readiness:
@@ -41,15 +42,15 @@ class Readiness:
         self._metrics.ready.set(0)
 
     def reason(self) -> str | None:
-        """None when ready for traffic, else why not: "draining", "loading models" or "a worker
-        is starting"."""
+        """None when ready for traffic, else why not: "draining", "loading models" or "no device
+        executor is ready (starting or restarting)"."""
         group = self._group
         if self._draining or (group is not None and group.draining):
             return "draining"
         if not self._loaded:
             return "loading models"
-        if group is not None and not group.all_ready():
-            return "a worker is starting"
+        if group is not None and not group.executors_ready():
+            return "no device executor is ready (starting or restarting)"
         return None
 
     @property

@@ -185,11 +185,13 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     tls_watcher = security.start_watching()
     if role is None or role.index == 0:
         log.info("%s", security.describe())
+    heart: asyncio.Task[None] | None = None  # a front end's event loop beats in the shared table
     if role is None:
         log.info("listening http=%s:%d grpc=%s:%d", settings.host, http_port, settings.host, grpc_server.port)
     else:
         role.table.pid[role.row] = os.getpid()
         role.table.state[role.row] = shared_memory.LISTENING
+        heart = asyncio.create_task(_heartbeat(role))
 
     clients: list[ExecutorClient] = []
     loader: asyncio.Task[Any]  # waits for the executors, or loads the models here
@@ -260,7 +262,7 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             "shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",
             settings.shutdown_timeout_seconds,
         )
-    for task in (watcher, tls_watcher, loader, *tasks):
+    for task in (watcher, tls_watcher, loader, heart, *tasks):
         if task is not None and not task.done():
             task.cancel()
     if plane.repository is not None:
@@ -284,6 +286,19 @@ def _on_interrupt(stop: asyncio.Event) -> None:
         logging.shutdown()
         os._exit(130)
     stop.set()
+
+
+#: How often a front end's event loop beats in the shared table: a small fraction of any sensible
+#: --hang-timeout-seconds, and cheap (one float written).
+HEARTBEAT_S = 0.25
+
+
+async def _heartbeat(role: FrontendRole) -> None:
+    """The event loop's heartbeat: if it stops (a callback that never returns, SIGSTOP), the
+    supervisor replaces this process (``service.workers.policy.hung``)."""
+    while True:
+        role.table.heartbeat(role.row)
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def _follow_shared_state(

@@ -134,10 +134,11 @@ class Settings(BaseSettings):
     )
     default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request gives none.")
     default_timeout_ms: float = Field(
-        0.0,
+        60_000.0,
         ge=0.0,
-        description="Deadline for requests that carry none (0: none). HTTP clients set their own "
-        "with the X-Request-Timeout-Ms header, gRPC clients with the call's deadline.",
+        description="Deadline for requests that carry none (0: none), so every request ends even if the "
+        "client never gives up. HTTP clients set their own with the X-Request-Timeout-Ms header, gRPC clients "
+        "with the call's deadline.",
     )
     refuse_non_finite: bool = Field(
         False,
@@ -248,6 +249,23 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_seconds: float = Field(
         20.0, ge=0.0, description="After the drain: most seconds to finish admitted requests before exit."
+    )
+
+    hang_timeout_seconds: float = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="With several processes: a process whose event loop, I/O thread or batch has not moved "
+        "for this long is hung: the supervisor aborts it (SIGABRT, stacks in the log; SIGKILL 1 s later) and "
+        "starts another. The slowest legitimate batch is far shorter: 1024 images on one CPU thread took "
+        "0.8 s here, a first cuDNN EXHAUSTIVE plan a few seconds.",
+    )
+    boot_failure_limit: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="With several processes: a process that fails this many times in a row before it is "
+        "ready stops the whole server (exit 1, the cause logged), so an orchestrator restarts it.",
     )
 
     # Security (service/security/; README "Secure it"). Defaults: plaintext and open, for a local start.

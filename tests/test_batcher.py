@@ -173,3 +173,38 @@ def test_queue_delay_waits_for_company_but_not_longer_than_the_delay():
     lone_wait, seen, _, _ = asyncio.run(main())
     assert lone_wait >= 0.19  # held for company for the full delay...
     assert seen == [1, 4]  # ...while a full batch left at once
+
+
+def test_background_work_is_batched_only_in_the_room_requests_leave():
+    """Explanations' images (Priority.BACKGROUND, as the explainer submits them) queued first still
+    go after requests queued later; they fill what room a batch has left."""
+    from service.inference.priority import Priority
+
+    async def background_submit(b, x):
+        return await b.submit(x, None, Priority.BACKGROUND)
+
+    async def main():
+        gate = threading.Event()
+        batches: list[list[float]] = []
+
+        def run(parts):
+            gate.wait(5)
+            x = np.concatenate(parts)
+            batches.append(x[:, 0].tolist())
+            return (x,)
+
+        b = Batcher(run, max_batch_size=4)
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.array([[0.0]])))
+        await asyncio.sleep(0.05)  # computing, held by the gate
+        slow = asyncio.ensure_future(background_submit(b, np.full((6, 1), 9.0)))
+        await asyncio.sleep(0.01)
+        fast = [asyncio.ensure_future(b.submit(np.array([[float(i)]]))) for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, slow, *fast)
+        await b.close()
+        return batches
+
+    batches = asyncio.run(main())
+    assert batches == [[0.0], [1.0, 2.0, 3.0, 9.0], [9.0] * 4, [9.0]]

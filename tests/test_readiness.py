@@ -27,7 +27,7 @@ def test_one_process_loading_ready_draining():
     assert readiness.reason() == "draining" and _gauge(metrics) == 0
 
 
-def test_a_front_end_answers_for_every_process_of_the_server(tmp_path):
+def test_a_front_end_is_ready_with_one_executor_and_drains_with_the_server(tmp_path):
     shape = shared_memory.TableShape(str(tmp_path / "control"), 1, 2, 1, ModelStats.width(8))
     table = shared_memory.ControlTable(shape, create=True)
     metrics = Metrics()
@@ -35,8 +35,10 @@ def test_a_front_end_answers_for_every_process_of_the_server(tmp_path):
     readiness.models_loaded(report=False)
     assert _gauge(metrics) == 0  # the whole server's state sets a front end's gauge, not its own models
     table.state[:] = shared_memory.READY
-    table.state[shape.frontend_row(1)] = shared_memory.STARTING  # the other front end restarts
-    assert readiness.reason() == "a worker is starting"
+    table.state[shape.frontend_row(1)] = shared_memory.STARTING  # the other front end restarts:
+    assert readiness.is_ready  # it answers nothing meanwhile, this one serves (README "Supervision")
+    table.state[0] = shared_memory.STARTING  # the only device executor restarts
+    assert readiness.reason() == "no device executor is ready (starting or restarting)"
     table.state[:] = shared_memory.READY
     assert readiness.is_ready
     table.flags[0] = 1  # the supervisor drains: every front end turns unready at once

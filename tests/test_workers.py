@@ -162,7 +162,7 @@ def test_sigkill_under_load_fails_fast_restarts_and_recovers(victim):
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: s.children[(victim, 0)] != pid, timeout=10), s.log
-        assert "died with exit status -9: restarting it" in s.log
+        assert "died: SIGKILL (exit status -9); restarting it" in s.log
         # Recovery: both protocols succeed again within seconds of the kill.
         assert wait_until(lambda: any(t0 > killed and o == "OK" for t0, _, o in grpc_out[-50:]), timeout=20), s.log
         assert wait_until(lambda: any(t0 > killed and o == "200" for t0, _, o in http_out[-50:]), timeout=20), s.log
@@ -200,6 +200,7 @@ def test_what_the_supervisor_shares_out_and_says_once():
         cores = len(os.sched_getaffinity(0))
         expected = f"each process: {max(1, cores // 2)} ONNX Runtime intra-op thread(s); each front end: up to 51 "
         assert expected in s.log and f"{4 << 20} buffered request bytes" in s.log, s.log
+        assert "1 explanation(s) at once and 4 waiting" in s.log, s.log  # 2 and 8 for the server
         assert _classify(s.grpc_target, png_bytes(IMAGES[0])).results[0].predictions
     finally:
         assert s.stop() == 0, s.log

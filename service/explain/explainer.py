@@ -28,6 +28,7 @@ from service.errors import DeadlineExceeded, InvalidParameter, Overloaded, Paylo
 from service.explain import attribution, layers
 from service.explain.layers import LayerModels
 from service.inference.core import InferenceCore
+from service.inference.priority import Priority
 from service.inference.serving import ImageInput, LoadedModel
 from service.metrics import Metrics
 from service.settings import Settings
@@ -179,7 +180,8 @@ class Explainer:
         """One image's top-k and attribution (its ``layers`` are filled in by the caller)."""
         fill = attribution.fill_colour(model.runtime.preprocessing)
         batch, plan = attribution.perturb(image, fill, method, seed)
-        out = await self.core.run(model, batch, deadline)
+        # Perturbed images wait behind requests' images in the model's queue (local or executor).
+        out = await self.core.run(model, batch, deadline, Priority.BACKGROUND)
         chosen = out.ranked_indices[0][0] if target is None else target
         values = attribution.attribute(plan, out.probabilities, chosen)
         return ImageExplanation(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,40 @@ def load_samples(path: str | Path) -> list[Sample]:
     return out
 
 
+def load_samples_once(path: str | Path) -> list[Sample]:
+    """``load_samples`` through a small cache file shared by every process on the machine: the
+    first caller decodes the archive (seconds, and a few hundred MB while it does), the others
+    wait on a file lock and read ten PNGs; a restarted front end reads them at once."""
+    import fcntl
+    import hashlib
+
+    from export.data import cache_dir
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|samples".encode()).hexdigest()[:16]
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    cached = folder / f"samples-{key}.npz"
+    with open(folder / f"samples-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if cached.exists():
+            with np.load(cached) as z:
+                pngs = np.split(z["png"], z["ends"][:-1])
+                return [Sample(str(label), int(c), png.tobytes())
+                        for label, c, png in zip(z["labels"], z["classes"], pngs)]  # fmt: skip
+        samples = load_samples(path)
+        tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, labels=np.array([x.label for x in samples]), classes=np.array([x.class_index for x in samples]),
+                 png=np.frombuffer(b"".join(x.png for x in samples), np.uint8),
+                 ends=np.cumsum([len(x.png) for x in samples]))  # fmt: skip
+        tmp.replace(cached)
+        return samples
+
+
 class Samples:
     """Loaded on first use, in a worker thread (decoding the archive the first time takes seconds;
-    ``export.data`` caches it)."""
+    ``load_samples_once`` does it once per machine)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -72,7 +104,7 @@ class Samples:
                     self._samples = []
                 else:
                     try:
-                        self._samples = await asyncio.to_thread(load_samples, self.path)
+                        self._samples = await asyncio.to_thread(load_samples_once, self.path)
                     except Exception as e:  # a damaged archive must not break the page
                         log.warning("cannot read sample images from %s: %s", self.path, e)
                         self._samples = []

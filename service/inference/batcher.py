@@ -11,6 +11,8 @@
 - A request whose deadline passed, or whose caller went away (its future was cancelled), is
   dropped before compute.
 - If the batch function raises, every request of that batch gets one ``InferenceFailed``.
+- Background work (``service.inference.priority``: explanations) is batched only in the room
+  requests leave.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from service import tracing
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from service.inference.priority import Priority
 
 log = logging.getLogger("cnnserve.batcher")
 
@@ -86,6 +89,9 @@ class Batcher(Generic[Outputs]):
         self.observer: Observer = observer or BatchObserver()
         self.name = name
         self._queue: deque[_Request[Outputs]] = deque()
+        # Background work (service.inference.priority: explanations) batched only in the room
+        # requests leave, so /predict's latency holds whatever /explain sends.
+        self._background: deque[_Request[Outputs]] = deque()
         self._queued_images = 0
         self._has_items = asyncio.Event()
         self._full = asyncio.Event()
@@ -108,9 +114,12 @@ class Batcher(Generic[Outputs]):
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-worker")
 
-    async def submit(self, items: np.ndarray, deadline: float | None = None) -> Outputs:
+    async def submit(
+        self, items: np.ndarray, deadline: float | None = None, priority: Priority = Priority.REQUEST
+    ) -> Outputs:
         """Queue ``items`` (first axis = images) and return the batch function's outputs for
-        exactly these images. ``deadline`` is a ``time.monotonic()`` instant."""
+        exactly these images. ``deadline`` is a ``time.monotonic()`` instant; background images
+        (``Priority.BACKGROUND``) are batched only in the room requests' images leave."""
         if self._closed:
             raise NotReady(f"{self.name} is shut down")
         n = len(items)
@@ -126,7 +135,7 @@ class Batcher(Generic[Outputs]):
         request = _Request(items, future, deadline, time.monotonic())
         if tracing.ENABLED:
             request.span = tracing.current()
-        self._queue.append(request)
+        (self._background if priority == Priority.BACKGROUND else self._queue).append(request)
         self._queued_images += n
         self._idle.clear()
         self._has_items.set()
@@ -140,7 +149,8 @@ class Batcher(Generic[Outputs]):
         if self.max_queue_delay_s <= 0 or self._queued_images >= self.max_batch_size:
             return
         # Remaining time of the oldest request's delay, not a fresh full delay.
-        remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+        oldest = min(q[0].enqueued for q in (self._queue, self._background) if q)
+        remaining = oldest + self.max_queue_delay_s - time.monotonic()
         if remaining > 0:
             try:
                 await asyncio.wait_for(self._full.wait(), remaining)
@@ -149,13 +159,27 @@ class Batcher(Generic[Outputs]):
 
     def _take_batch(self) -> list[tuple[_Request[Outputs], int, int]]:
         """Chunks (request, start, end) for the next batch, dropping dead requests."""
-        chunks, size, now = [], 0, time.monotonic()
-        while self._queue and size < self.max_batch_size:
-            request = self._queue[0]
+        chunks: list[tuple[_Request[Outputs], int, int]] = []
+        size, now = 0, time.monotonic()
+        for queue in (self._queue, self._background):
+            size = self._take_from(queue, chunks, size, now)
+        if not self._queue and not self._background:
+            self._has_items.clear()
+        if self._queued_images < self.max_batch_size:
+            self._full.clear()
+        self.observer.queue_depth(self._queued_images)
+        return chunks
+
+    def _take_from(
+        self, queue: deque[_Request[Outputs]], chunks: list[tuple[_Request[Outputs], int, int]], size: int, now: float
+    ) -> int:
+        """Take from ``queue`` into ``chunks`` until the batch holds max_batch_size; the new size."""
+        while queue and size < self.max_batch_size:
+            request = queue[0]
             left = len(request.items) - request.taken
             expired = request.deadline is not None and request.deadline <= now
             if expired or request.future.done():
-                self._queue.popleft()
+                queue.popleft()
                 self._queued_images -= left
                 # A gRPC call past its deadline is cancelled by grpc itself: still a "deadline" drop.
                 self.observer.dropped("deadline" if expired else "cancelled", left)
@@ -168,13 +192,8 @@ class Batcher(Generic[Outputs]):
             size += take
             self._queued_images -= take
             if request.taken == len(request.items):
-                self._queue.popleft()
-        if not self._queue:
-            self._has_items.clear()
-        if self._queued_images < self.max_batch_size:
-            self._full.clear()
-        self.observer.queue_depth(self._queued_images)
-        return chunks
+                queue.popleft()
+        return size
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -182,7 +201,7 @@ class Batcher(Generic[Outputs]):
             await self._wait_for_batch()
             chunks = self._take_batch()
             if not chunks:
-                if not self._queue:
+                if not self._queue and not self._background:
                     self._idle.set()
                 continue
             parts = [r.items if (s == 0 and e == len(r.items)) else r.items[s:e] for r, s, e in chunks]
@@ -197,7 +216,7 @@ class Batcher(Generic[Outputs]):
                         request.future.set_exception(error)
                 continue
             finally:
-                if not self._queue:
+                if not self._queue and not self._background:
                     self._idle.set()
             elapsed = time.monotonic() - started
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * elapsed
@@ -237,7 +256,7 @@ class Batcher(Generic[Outputs]):
             return False
 
     async def _wait_idle(self) -> None:
-        while self._queue or not self._idle.is_set():
+        while self._queue or self._background or not self._idle.is_set():
             await self._idle.wait()
             await asyncio.sleep(0)
 
@@ -250,8 +269,8 @@ class Batcher(Generic[Outputs]):
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        while self._queue:
-            request = self._queue.popleft()
+        while self._queue or self._background:
+            request = (self._queue or self._background).popleft()
             if not request.future.done():
                 request.future.set_exception(NotReady("server shutting down"))
         self._queued_images = 0

@@ -28,6 +28,7 @@ from service.errors import InvalidInput, InvalidParameter, ModelNotFound, NotRea
 from service.inference import repository
 from service.inference.batcher import Batcher
 from service.inference.decoding import DecodePool
+from service.inference.priority import Priority
 from service.inference.runtime import BatchOutput, ModelRuntime, load_model
 from service.inference.serving import (
     BatchQueue,
@@ -260,10 +261,17 @@ class InferenceCore:
         self._check_count(len(images))
         return await self._pool.decode(images, target.runtime.image_size)
 
-    async def run(self, target: LoadedModel, pixels: np.ndarray, deadline: float | None = None) -> BatchOutput:
+    async def run(
+        self,
+        target: LoadedModel,
+        pixels: np.ndarray,
+        deadline: float | None = None,
+        priority: Priority = Priority.REQUEST,
+    ) -> BatchOutput:
         """Run decoded uint8 [n,H,W,3] images through the model's queue as classify does, without
-        the top-k or an admission of its own: how explanations submit their perturbed images."""
-        return await self._submit(target, pixels, deadline)
+        the top-k or an admission of its own: how explanations submit their perturbed images, with
+        ``Priority.BACKGROUND`` so they wait behind requests' images (``service.inference.priority``)."""
+        return await self._submit(target, pixels, deadline, priority)
 
     # ---- checks -----------------------------------------------------------------------------
     def _check_count(self, n: int) -> None:
@@ -292,11 +300,17 @@ class InferenceCore:
         if tracing.ENABLED:
             tracing.event("admitted", images=n_images, queued=depth)
 
-    async def _submit(self, model: LoadedModel, batch: np.ndarray, deadline: float | None) -> BatchOutput:
+    async def _submit(
+        self,
+        model: LoadedModel,
+        batch: np.ndarray,
+        deadline: float | None,
+        priority: Priority = Priority.REQUEST,
+    ) -> BatchOutput:
         started = time.monotonic()
         ok = False
         try:
-            result = await model.batcher.submit(batch, deadline)
+            result = await model.batcher.submit(batch, deadline, priority)
             ok = True
             if tracing.ENABLED:
                 r = model.runtime

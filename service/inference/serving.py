@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.inference.preprocess import Normalizer
+from service.inference.priority import Priority
 from service.inference.runtime import BatchOutput
 from service.metrics import ModelStats
 
@@ -62,7 +63,8 @@ class ServedModel(Protocol):
 class BatchQueue(Protocol):
     """A model version's queue of images: ``submit`` a request's images, get back exactly their
     outputs. Bounded in images; ``queued_images`` and ``retry_after_s`` let the core refuse a
-    request before any work is done for it."""
+    request before any work is done for it. ``priority``: background images (an explanation's)
+    wait behind requests' images (``service.inference.priority``)."""
 
     @property
     def max_batch_size(self) -> int: ...
@@ -73,7 +75,9 @@ class BatchQueue(Protocol):
     @property
     def queued_images(self) -> int: ...
     def retry_after_s(self) -> float: ...
-    async def submit(self, items: np.ndarray, deadline: float | None = None) -> BatchOutput: ...
+    async def submit(
+        self, items: np.ndarray, deadline: float | None = None, priority: Priority = Priority.REQUEST
+    ) -> BatchOutput: ...
     async def drain(self, timeout: float) -> bool: ...
     async def close(self) -> None: ...
 

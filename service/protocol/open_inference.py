@@ -21,7 +21,6 @@ companion session in this process.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import struct
 import time
@@ -322,5 +321,9 @@ async def infer(plane: DataPlane, request: InferRequest, deadline: float | None 
     wanted = [spec.name for spec in plan if spec.name in LAYER_NAMES]
     layers = None
     if wanted and companion is not None and tensor is not None:
-        layers = await asyncio.to_thread(companion.run, tensor, wanted)
+        # Activations cost this process's CPU as an explanation does: they go through the
+        # explanations' admission (server-wide limits, the request's deadline) and the bounded
+        # pool, not asyncio's shared one.
+        async with plane.explainer.admission.slot(deadline):
+            layers = await plane.pool.offload(companion.run, tensor, wanted)
     return InferResponse(model.name, model.version, request.id, build_outputs(model, plan, result, layers))

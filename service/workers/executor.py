@@ -41,6 +41,11 @@ from service.workers import shared_memory
 log = logging.getLogger("cnnserve.executor")
 
 
+#: Most seconds a send to a front end may block: one that reads nothing for this long (stopped,
+#: or its loop stuck) must not stall a device that serves every other front end.
+SEND_TIMEOUT_S = 2.0
+
+
 class DeviceModel(Protocol):
     """What the executor needs of a model version's session: ``service.inference.runtime.ModelRuntime``,
     or a stand-in (bench/executor_capacity.py measures the executor with a model that costs nothing)."""
@@ -74,14 +79,32 @@ class _Frontend:
         self.send_lock = threading.Lock()
         self.traces: dict[int, Any] = {}  # request id → its context, for sampled requests only (service.tracing.hop)
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes) -> bool:
+        """False when the front end is gone or was dropped now (so its answers were not sent)."""
         if not self.alive:
-            return
+            return False
         try:
             with self.send_lock:
                 self.sock.send(payload)
-        except OSError:  # gone, or stuck past the socket's timeout: it gets nothing more
-            self.alive = False
+            return True
+        except OSError as e:
+            self.drop(f"{e.strerror or type(e).__name__}" if not isinstance(e, TimeoutError) else
+                      f"it read nothing for {SEND_TIMEOUT_S:g}s")  # fmt: skip
+            return False
+
+    def drop(self, why: str) -> None:
+        """Close the connection for good: the front end sees it end, fails what it has waiting here
+        with 503 / UNAVAILABLE and reconnects, and its shared counters start afresh then. Dropping
+        it silently would leave its requests unanswered and its queue count stuck."""
+        if not self.alive:
+            return
+        self.alive = False
+        log.warning("front end %d dropped: %s; its waiting requests fail (503 / UNAVAILABLE) and it reconnects",
+                    self.index, why)  # fmt: skip
+        try:  # shutdown, not close: the I/O thread still has the socket registered and closes it
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 @dataclass
@@ -99,7 +122,9 @@ class ModelQueue:
         self.executor, self.index, self.runtime = executor, index, runtime
         self.max_batch_size = s.max_batch_size
         self.delay_s = s.max_queue_delay_ms / 1000.0
-        self.chunks: deque[_Chunk] = deque()
+        # Two lanes: requests first, explanations' perturbed images (shared_memory.KIND_BACKGROUND) in what
+        # room a batch has left, so /predict's latency holds whatever /explain sends.
+        self.lanes: tuple[deque[_Chunk], deque[_Chunk]] = (deque(), deque())
         self.queued = 0
         self.cond = threading.Condition()
         self.observer = StatsObserver(executor.metrics, runtime.name, stats)
@@ -108,46 +133,79 @@ class ModelQueue:
         self.thread = threading.Thread(target=self._run, name=f"{runtime.name}-{runtime.version}-batches", daemon=True)
 
     def put(self, chunk: _Chunk) -> None:
+        kinds = chunk.records["kind"]
         with self.cond:
-            self.chunks.append(chunk)
+            if kinds[0] == kinds[-1] and (kinds == kinds[0]).all():
+                self.lanes[min(1, int(kinds[0]))].append(chunk)
+            else:  # a message can mix both kinds: each goes to its lane
+                background = kinds != shared_memory.KIND_REQUEST
+                self.lanes[0].append(_Chunk(chunk.frontend, chunk.records[~background], chunk.arrived))
+                self.lanes[1].append(_Chunk(chunk.frontend, chunk.records[background], chunk.arrived))
             self.queued += len(chunk.records)
             self.cond.notify()
 
     def _take(self) -> list[_Chunk] | None:
-        """Up to max_batch_size records, FIFO; None once the executor stops and nothing is left."""
+        """Up to max_batch_size records, FIFO within each lane, requests first; None once the
+        executor stops and nothing is left."""
+        beat = self.executor.table.heartbeat
+        row, slot = self.executor.row, 1 + self.index
         with self.cond:
-            while not self.chunks:
+            while not self.queued:
+                beat(row, slot)
                 if self.executor.stopping.is_set():
                     return None
                 self.cond.wait(0.1)
             if self.delay_s > 0 and self.queued < self.max_batch_size:
                 # Remaining time of the oldest chunk's delay, not a fresh full delay.
-                until = self.chunks[0].arrived + self.delay_s
+                until = min(lane[0].arrived for lane in self.lanes if lane) + self.delay_s
                 while self.queued < self.max_batch_size and (left := until - time.monotonic()) > 0:
-                    self.cond.wait(left)
-            taken, size = [], 0
-            while self.chunks and size < self.max_batch_size:
-                chunk = self.chunks[0]
-                room = self.max_batch_size - size
-                if len(chunk.records) <= room:
-                    taken.append(self.chunks.popleft())
-                    size += len(chunk.records)
-                else:
-                    taken.append(_Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
-                    chunk.records = chunk.records[room:]
-                    size += room
+                    beat(row, slot)
+                    self.cond.wait(min(left, 0.5))
+            taken: list[_Chunk] = []
+            size = 0
+            for lane in self.lanes:
+                while lane and size < self.max_batch_size:
+                    chunk = lane[0]
+                    room = self.max_batch_size - size
+                    if len(chunk.records) <= room:
+                        taken.append(lane.popleft())
+                        size += len(chunk.records)
+                    else:
+                        taken.append(_Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
+                        chunk.records = chunk.records[room:]
+                        size += room
             self.queued -= size
         self.executor.metrics.queue_depth.labels(self.runtime.name).set(self.queued)
         return taken
 
     def _run(self) -> None:
+        table, row, slot = self.executor.table, self.executor.row, 1 + self.index
         while (chunks := self._take()) is not None:
+            answered: set[_Frontend] = set()
+            # The supervisor reads busy with the heartbeat: a batch past --hang-timeout-seconds is a hang.
+            table.heartbeat(row, slot)
+            table.busy[row, slot] = sum(len(c.records) for c in chunks)
             try:
-                self._run_batch(chunks)
-            except Exception:
-                log.exception("batch bookkeeping failed")
+                self._run_batch(chunks, answered)
+            except Exception:  # noqa: BLE001 - whatever broke, every taken request gets an answer
+                log.exception("%s/%s: a batch failed after it was taken; its requests are answered as failed",
+                              self.runtime.name, self.runtime.version)  # fmt: skip
+                self._fail(chunks, answered)
+            finally:
+                table.busy[row, slot] = 0
 
-    def _run_batch(self, chunks: list[_Chunk]) -> None:
+    def _fail(self, chunks: list[_Chunk], answered: set[_Frontend]) -> None:
+        """Answer every record of ``chunks`` not yet answered with STATUS_FAILED (500 / INTERNAL at
+        the caller), so no caller waits forever and the shared queue counter is not left high."""
+        rest = [c for c in chunks if c.frontend not in answered]
+        try:
+            self._answer(rest, [np.full(len(c.records), shared_memory.STATUS_FAILED, np.uint8) for c in rest], answered)
+        except Exception:  # noqa: BLE001 - cannot even answer: drop those front ends (they fail and reconnect)
+            log.exception("answering a failed batch failed")
+            for chunk in rest:
+                chunk.frontend.drop("its answers could not be sent")
+
+    def _run_batch(self, chunks: list[_Chunk], answered: set[_Frontend]) -> None:
         now = time.monotonic()
         live: list[tuple[_Chunk, np.ndarray, np.ndarray]] = []  # (chunk, mask of its live records, statuses)
         statuses: list[np.ndarray] = []
@@ -175,7 +233,7 @@ class ModelQueue:
                 self.executor.metrics.rejected.labels(reason).inc(dropped)
         if live:
             self._compute(live)
-        self._answer(chunks, statuses)
+        self._answer(chunks, statuses, answered)
 
     def _compute(self, live: list[tuple[_Chunk, np.ndarray, np.ndarray]]) -> None:
         n = sum(int(mask.sum()) for _, mask, _ in live)
@@ -212,7 +270,9 @@ class ModelQueue:
         firsts = [c.arrived for c, mask, _ in live for _ in range(int((c.records["index"][mask] == 0).sum()))]
         self.observer.batch_done(n, len(firsts), [started - a for a in firsts], elapsed)
 
-    def _answer(self, chunks: list[_Chunk], statuses: list[np.ndarray]) -> None:
+    def _answer(self, chunks: list[_Chunk], statuses: list[np.ndarray], answered: set[_Frontend]) -> None:
+        """One DONE message per front end; ``answered`` collects those served (a failure part-way
+        must answer only the rest)."""
         by_frontend: dict[_Frontend, list[np.ndarray]] = {}
         for chunk, status in zip(chunks, statuses):
             done = np.empty(len(chunk.records), shared_memory.DONE)
@@ -222,6 +282,7 @@ class ModelQueue:
             by_frontend.setdefault(chunk.frontend, []).append(done)
         for fe, parts in by_frontend.items():
             self.executor.count_taken(fe, sum(len(p) for p in parts))
+            answered.add(fe)
             fe.send(shared_memory.MSG_DONE + b"".join(p.tobytes() for p in parts))
 
 
@@ -291,6 +352,7 @@ class Executor:
         try:
             cpu_recorded = time.monotonic()
             while not self.stopping.is_set():
+                self.table.heartbeat(self.row)
                 if time.monotonic() - cpu_recorded >= 1.0:
                     self.metrics.record_process_cpu()
                     cpu_recorded = time.monotonic()
@@ -309,7 +371,7 @@ class Executor:
     def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
         sock, _ = listener.accept()
         # Sends come from the compute threads: bounded, so one stuck front end cannot stall a device.
-        sock.settimeout(2.0)
+        sock.settimeout(SEND_TIMEOUT_S)
         fe = _Frontend(sock)
         selector.register(sock, selectors.EVENT_READ, fe)
         fe.send(self._models_message)

@@ -6,9 +6,11 @@ future when its slots come back. :class:`RemoteBatcher` gives ``service.inferenc
 ``service.inference.batcher.Batcher`` for one model version served by the executors.
 
 Cost on the event loop per request: a normalisation into the slab (numpy over the request's
-images), one 20-byte record appended to a message that carries every request of this loop
-iteration, and on completion a few row reads. If the executor dies, every request waiting on it
-fails at once with ``NotReady`` (503 / UNAVAILABLE: retry) and the client reconnects.
+images), one 21-byte record appended to a message that carries every request of this loop
+iteration, and on completion a few row reads. If the executor dies (or drops this front end
+for not reading its answers), every request waiting on it fails at once with ``NotReady`` (503 /
+UNAVAILABLE: retry) and the client reconnects; a request whose deadline passes first is answered
+504 / DEADLINE_EXCEEDED by a timer, whatever the executor is doing.
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ import orjson
 from service import tracing
 from service.errors import Cancelled, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from service.inference.model_description import ModelDescription
+from service.inference.priority import Priority
 from service.inference.runtime import BatchOutput
 from service.workers import shared_memory
 
 log = logging.getLogger("cnnserve.frontend")
 
-_ONE_RECORD = struct.Struct("<IIdHH")  # shared_memory.SUBMIT, packed, for the common one-image request
+_ONE_RECORD = struct.Struct("<IIdHHB")  # shared_memory.SUBMIT, packed, for the common one-image request
 assert _ONE_RECORD.size == shared_memory.SUBMIT.itemsize
 _RECORDS_PER_MESSAGE_BYTES = shared_memory.MAX_RECORDS_PER_MESSAGE * shared_memory.SUBMIT.itemsize
 
 
 class _Pending:
-    __slots__ = ("future", "model", "remaining", "slabs", "slots", "status")
+    __slots__ = ("future", "model", "remaining", "slabs", "slots", "status", "timer")
 
     def __init__(
         self, future: asyncio.Future[BatchOutput], slots: list[int], model: ModelDescription, slabs: shared_memory.Slabs
@@ -48,6 +51,15 @@ class _Pending:
         self.future, self.slots, self.model, self.slabs = future, slots, model, slabs
         self.remaining = len(slots)
         self.status = shared_memory.STATUS_OK
+        self.timer: asyncio.TimerHandle | None = None
+
+    def expire(self) -> None:
+        """The deadline passed with the images still in the executor: answer the caller now (504 /
+        DEADLINE_EXCEEDED), whatever the executor is doing, and have it drop them if it has not
+        taken them yet. The slots stay taken until the executor answers for them, or goes away."""
+        if not self.future.done():
+            self.future.set_exception(DeadlineExceeded("deadline passed while waiting for the device executor"))
+            self.slabs.cancelled[self.slots] = 1
 
     def caller_left(self, future: asyncio.Future[BatchOutput]) -> None:
         if future.cancelled():  # dropped by the executor before compute; the slots stay ours until it says so
@@ -101,7 +113,8 @@ class ExecutorClient:
             self._drop_connection()
             if was_connected and not self._closed:
                 log.warning(
-                    "device executor %d went away: its requests failed (503 / UNAVAILABLE); reconnecting", self.executor
+                    "connection to device executor %d lost: its requests failed (503 / UNAVAILABLE); reconnecting",
+                    self.executor,
                 )
 
     def _readable(self) -> None:
@@ -130,7 +143,14 @@ class ExecutorClient:
         self._incarnation += 1
         old = self.slabs
         path = self.run_dir / f"fe{self.frontend}-ex{self.executor}-{os.getpid()}-{self._incarnation}.slab"
-        self.slabs = shared_memory.Slabs(path, self.slots, input_size, classes, create=True)
+        try:
+            self.slabs = shared_memory.Slabs(path, self.slots, input_size, classes, create=True)
+        except shared_memory.NoSharedMemory as e:
+            # Retrying in a loop cannot make room: exit, and let the supervisor back off (and halt
+            # the server if it keeps failing), saying why.
+            log.error("front end %d: %s", self.frontend, e)
+            logging.shutdown()
+            os._exit(shared_memory.EXIT_NO_SHARED_MEMORY)
         if old is not None:
             Path(old.path).unlink(missing_ok=True)
         self._free = list(range(self.slots))
@@ -159,6 +179,8 @@ class ExecutorClient:
         self.connected.clear()
         error = NotReady(f"device executor {self.executor} stopped; retry")
         for pending in self._pending.values():
+            if pending.timer is not None:
+                pending.timer.cancel()
             if not pending.future.done():
                 pending.future.set_exception(error)
         self._pending.clear()
@@ -182,7 +204,9 @@ class ExecutorClient:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def submit(self, model_index: int, x: np.ndarray, deadline: float | None) -> asyncio.Future[BatchOutput]:
+    def submit(
+        self, model_index: int, x: np.ndarray, deadline: float | None, priority: Priority = Priority.REQUEST
+    ) -> asyncio.Future[BatchOutput]:
         """Hand ``x`` (float32, the model's input, first axis = images) to the executor; the future
         resolves to a :class:`BatchOutput` of exactly these images."""
         if self.sock is None or self.slabs is None or not self.connected.is_set():
@@ -192,6 +216,7 @@ class ExecutorClient:
         if depth + n > self.max_queue_size or n > len(self._free):
             raise Overloaded(f"queue full ({depth} images waiting, limit {self.max_queue_size})")
         model = self.models[model_index]
+        kind = shared_memory.KIND_BACKGROUND if priority == Priority.BACKGROUND else shared_memory.KIND_REQUEST
         slabs, free = self.slabs, self._free
         slots = free[-n:]
         del free[-n:]
@@ -205,7 +230,7 @@ class ExecutorClient:
             slot = slots[0]
             slabs.inputs[slot, :size] = flat[0]
             slabs.cancelled[slot] = 0
-            self._outbox.append(_ONE_RECORD.pack(request, slot, deadline or 0.0, model_index, 0))
+            self._outbox.append(_ONE_RECORD.pack(request, slot, deadline or 0.0, model_index, 0, kind))
         else:
             index = np.array(slots)
             slabs.inputs[index, :size] = flat
@@ -216,11 +241,15 @@ class ExecutorClient:
             records["deadline"] = deadline or 0.0
             records["model"] = model_index
             records["index"] = np.arange(n)
+            records["kind"] = kind
             self._outbox.append(records.tobytes())
         assert self._loop is not None
         future = self._loop.create_future()
         pending = _Pending(future, slots, model, slabs)
         future.add_done_callback(pending.caller_left)
+        if deadline:
+            # A timer, not a check when the answer comes: a stalled executor must not hold the caller.
+            pending.timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), pending.expire)
         self._pending[request] = pending
         self.table.submitted[self.frontend, self.executor] += n
         if not self._flush_scheduled:
@@ -273,6 +302,8 @@ class ExecutorClient:
 
     def _finish(self, entry: _Pending) -> None:
         future = entry.future
+        if entry.timer is not None:
+            entry.timer.cancel()
         if not future.done():
             if entry.status == shared_memory.STATUS_OK:
                 future.set_result(self._result(entry))
@@ -327,11 +358,13 @@ class RemoteBatcher:
     def retry_after_s(self) -> float:
         return 1.0
 
-    async def submit(self, items: np.ndarray, deadline: float | None = None) -> BatchOutput:
+    async def submit(
+        self, items: np.ndarray, deadline: float | None = None, priority: Priority = Priority.REQUEST
+    ) -> BatchOutput:
         x = items if items.dtype == np.float32 else self.model.normalizer(items)
         clients = self.clients
         client = clients[0] if len(clients) == 1 else min(clients, key=lambda c: (not c.connected.is_set(), c.depth))
-        return await client.submit(self.model_index, x, deadline)
+        return await client.submit(self.model_index, x, deadline, priority)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every request handed over has come back; False on timeout."""

@@ -16,10 +16,12 @@ made and removed by the supervisor:
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,13 @@ import numpy as np
 
 # ---- records on the executor's socket -------------------------------------------------------------
 #: Front end → executor, one per image: which model, which slot holds it, the request's deadline
-#: (``time.monotonic()``, the same clock in every process on Linux; 0: none) and the image's place
-#: in its request (0 marks a request's first image, for per-request statistics).
-SUBMIT = np.dtype([("request", "<u4"), ("slot", "<u4"), ("deadline", "<f8"), ("model", "<u2"), ("index", "<u2")])
+#: (``time.monotonic()``, the same clock in every process on Linux; 0: none), the image's place
+#: in its request (0 marks a request's first image, for per-request statistics) and its kind: a
+#: request's image, or background work (an explanation's perturbed images) that the executor
+#: batches only in the room requests leave.
+SUBMIT = np.dtype([("request", "<u4"), ("slot", "<u4"), ("deadline", "<f8"), ("model", "<u2"), ("index", "<u2"),
+                   ("kind", "u1")])  # fmt: skip
+KIND_REQUEST, KIND_BACKGROUND = 0, 1
 #: Executor → front end, one per image: the slot is done (results written when status is OK).
 DONE = np.dtype([("request", "<u4"), ("slot", "<u4"), ("status", "u1")])
 STATUS_OK, STATUS_DEADLINE, STATUS_CANCELLED, STATUS_FAILED = 0, 1, 2, 3
@@ -44,7 +50,13 @@ MAX_RECORDS_PER_MESSAGE = 2048
 MAX_MESSAGE_BYTES = 1 + SUBMIT.itemsize * MAX_RECORDS_PER_MESSAGE + 65536
 
 # ---- process states -----------------------------------------------------------------------------
-STARTING, LISTENING, READY, STOPPED = 0, 1, 2, 3
+#: HUNG: set by the supervisor when a process stopped beating, so readiness turns false at once
+#: while it is being killed and replaced.
+STARTING, LISTENING, READY, STOPPED, HUNG = 0, 1, 2, 3, 4
+
+#: Heartbeat slots per process row: 0 is the process's main loop (a front end's event loop, an
+#: executor's I/O thread); 1.. are an executor's compute threads, one per model version.
+LOOP = 0
 
 
 #: How the supervisor tells a child to stop (drain its admitted work, then exit). Children ignore
@@ -54,10 +66,15 @@ STOP_SIGNAL = signal.SIGUSR1
 
 
 def become_child() -> None:
-    """In a child process: ignore the group's SIGTERM/SIGINT, and get STOP_SIGNAL if the
-    supervisor dies (Linux), so no process outlives its server."""
+    """In a child process: ignore the group's SIGTERM/SIGINT, dump stacks on SIGABRT, and get
+    STOP_SIGNAL if the supervisor dies (Linux), so no process outlives its server."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The supervisor aborts a hung process with SIGABRT: every thread's stack goes to the log first,
+    # which is what one needs to find why it hung.
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)
     try:
         import ctypes
 
@@ -67,21 +84,56 @@ def become_child() -> None:
 
 
 def make_run_dir() -> Path:
-    """A private folder for one server's shared files; in memory where /dev/shm exists."""
+    """A private folder for one server's shared files; in memory where /dev/shm exists. Its
+    ``owner`` file names the supervisor (pid and start time), so a later server can tell it was left behind
+    (``service.workers.housekeeping.sweep_run_dirs``)."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     path = Path(tempfile.mkdtemp(prefix="cnnserve-", dir=base))
     (path / "metrics").mkdir()
+    (path / "owner").write_text(f"{os.getpid()} {process_start_time(os.getpid())}")
     return path
+
+
+def process_start_time(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot; 0 if unknown): with the pid, it names one
+    process even after the pid is reused (a container's supervisor is pid 1 in every life)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def executor_socket(run_dir: str | Path, index: int) -> str:
     return str(Path(run_dir) / f"executor-{index}.sock")
 
 
+class NoSharedMemory(OSError):
+    """No room for a shared file: said in words with the sizes, where a sparse file would have
+    killed the process with SIGBUS at its first write past the end of the room."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+#: Exit status of a process that found no room in /dev/shm (EX_TEMPFAIL), so the supervisor can say why.
+EXIT_NO_SHARED_MEMORY = 75
+
+
 def _map(path: Path, size: int, create: bool) -> mmap.mmap:
     if create:
         with open(path, "wb") as f:
-            f.truncate(size)
+            try:  # reserve the pages now: ENOSPC here rather than SIGBUS later
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+                    raise
+                st = os.statvfs(path.parent)
+                f.close()
+                path.unlink(missing_ok=True)
+                raise NoSharedMemory(e.errno, f"no room in {path.parent} for {path.name}: it needs "
+                                     f"{size / 2**20:.1f} MiB, {st.f_bavail * st.f_frsize / 2**20:.1f} MiB "
+                                     "are free; give the container a larger /dev/shm") from None  # fmt: skip
     with open(path, "r+b") as f:
         return mmap.mmap(f.fileno(), size)
 
@@ -131,6 +183,10 @@ class ControlTable:
       ``(submitted - taken)[:, e].sum()``: any front end reads it without a round trip. Two front
       ends admitting at the same instant can overshoot the bound by one request each.
     - ``stats[row, model]``: that process's :class:`service.metrics.ModelStats` vector.
+    - ``beat[row, slot]``: ``time.monotonic()`` of each loop's last heartbeat (slot 0 the main
+      loop, 1 + m model m's compute thread; 0: not beating yet), and ``busy[row, slot]``: the
+      images of the batch that compute thread is running (0: idle). The supervisor reads both
+      (``service.workers.policy.hung``).
     """
 
     def __init__(self, shape: TableShape, create: bool = False) -> None:
@@ -142,6 +198,8 @@ class ControlTable:
         layout.add("submitted", np.int64, (shape.frontends, shape.executors))
         layout.add("taken", np.int64, (shape.frontends, shape.executors))
         layout.add("stats", np.int64, (shape.processes, shape.models, shape.stats_width))
+        layout.add("beat", np.float64, (shape.processes, 1 + shape.models))
+        layout.add("busy", np.int64, (shape.processes, 1 + shape.models))
         self._buffer = _map(Path(shape.path), layout.size, create)
         self.flags: np.ndarray
         self.state: np.ndarray
@@ -149,7 +207,12 @@ class ControlTable:
         self.submitted: np.ndarray
         self.taken: np.ndarray
         self.stats: np.ndarray
+        self.beat: np.ndarray
+        self.busy: np.ndarray
         layout.bind(self, self._buffer)
+
+    def heartbeat(self, row: int, slot: int = LOOP) -> None:
+        self.beat[row, slot] = time.monotonic()
 
     @property
     def draining(self) -> bool:
@@ -160,6 +223,13 @@ class ControlTable:
 
     def all_ready(self) -> bool:
         return bool((self.state == READY).all())
+
+    def executors_ready(self) -> bool:
+        """A front end can serve when at least one device executor is READY (or there are none).
+        The other front ends do not count: one restarting does not answer at all, so no probe or
+        request reaches it, while the rest serve (README "Supervision")."""
+        executors = self.state[: self.shape.executors]
+        return not len(executors) or bool((executors == READY).any())
 
     def describe(self) -> dict[str, Any]:
         return asdict(self.shape)
@@ -174,13 +244,7 @@ class Slabs:
 
     def __init__(self, path: str | Path, slots: int, input_size: int, classes: int, create: bool = False) -> None:
         self.path, self.slots, self.input_size, self.classes = str(path), slots, input_size, classes
-        layout = _Layout()
-        layout.add("inputs", np.float32, (slots, input_size))
-        layout.add("logits", np.float32, (slots, classes))
-        layout.add("probabilities", np.float32, (slots, classes))
-        layout.add("ranked", np.float32, (slots, classes))
-        layout.add("order", np.int16, (slots, classes))
-        layout.add("cancelled", np.uint8, (slots,))
+        layout = self._layout(slots, input_size, classes)
         self._buffer = _map(Path(path), layout.size, create)
         self.inputs: np.ndarray
         self.logits: np.ndarray
@@ -189,6 +253,22 @@ class Slabs:
         self.order: np.ndarray
         self.cancelled: np.ndarray
         layout.bind(self, self._buffer)
+
+    @staticmethod
+    def _layout(slots: int, input_size: int, classes: int) -> _Layout:
+        layout = _Layout()
+        layout.add("inputs", np.float32, (slots, input_size))
+        layout.add("logits", np.float32, (slots, classes))
+        layout.add("probabilities", np.float32, (slots, classes))
+        layout.add("ranked", np.float32, (slots, classes))
+        layout.add("order", np.int16, (slots, classes))
+        layout.add("cancelled", np.uint8, (slots,))
+        return layout
+
+    @classmethod
+    def size(cls, slots: int, input_size: int, classes: int) -> int:
+        """Bytes of one front end's slabs for one executor (what it needs in /dev/shm)."""
+        return cls._layout(slots, input_size, classes).size
 
     def describe(self) -> dict[str, Any]:
         return {"path": self.path, "slots": self.slots, "input_size": self.input_size, "classes": self.classes}

@@ -32,9 +32,12 @@ from multiprocessing.connection import wait
 from types import FrameType
 
 from service.settings import Settings
-from service.workers import shared_memory
+from service.workers import housekeeping, policy, shared_memory
 
 log = logging.getLogger("cnnserve")
+
+#: Seconds between SIGABRT (stacks to the log) and SIGKILL for a hung process.
+ABORT_GRACE_S = 1.0
 
 #: --executor auto on a machine without a GPU. Measured on 2 cores (docs/benchmarks.md): see README.
 CPU_AUTO_EXECUTOR = "worker"
@@ -90,6 +93,13 @@ class Supervisor:
         self.executors = max(1, len(gpus)) if placement == "device" else 0
         self.context = multiprocessing.get_context("spawn")
         self.processes: dict[int, multiprocessing.process.BaseProcess] = {}  # table row -> process
+        self.spawned_at: dict[int, float] = {}  # row -> when its current process started
+        self.reaped: set[int] = set()  # rows whose dead process was dealt with (restart pending or none)
+        self.restart_at: dict[int, float] = {}  # row -> when to start it again (backoff)
+        self.aborted_at: dict[int, float] = {}  # row -> when it was sent SIGABRT for a hang
+        self.ever_ready: set[int] = set()  # rows of which some incarnation was ready
+        self.ready_now: set[int] = set()  # rows whose current incarnation reached READY
+        self.policy = policy.RestartPolicy(settings.boot_failure_limit)
         self.stop_requested = False
         self.interrupts = 0
         self.started = time.monotonic()
@@ -124,9 +134,16 @@ class Supervisor:
             args = (self.child_settings.model_dump_json(), shape, index, str(self.run_dir), self.executors)
             target, name = self.frontend_main, f"cnnserve-frontend-{index}"
         self.table.state[row] = shared_memory.STARTING
+        self.table.beat[row] = 0.0
+        self.table.busy[row] = 0
         process = self.context.Process(target=target, args=args, name=name)
         process.start()
         self.processes[row] = process
+        self.spawned_at[row] = time.monotonic()
+        self.ready_now.discard(row)
+        self.reaped.discard(row)
+        self.restart_at.pop(row, None)
+        self.aborted_at.pop(row, None)
         log.info("started %s (pid %d)", self._describe(row), process.pid)
 
     def _plan_precision(self) -> None:
@@ -167,27 +184,94 @@ class Supervisor:
     def _describe(self, row: int) -> str:
         return f"device executor {row}" if row < self.executors else f"front end {row - self.executors}"
 
-    def _reap(self, ever_ready: set[int]) -> int | None:
-        """Restart processes that died; an exit status when one failed before it was ever ready."""
-        from prometheus_client import multiprocess
+    def _slot_names(self, row: int) -> list[str]:
+        if row >= self.executors:
+            return ["event loop"]
+        return ["I/O thread"] + [f"compute thread for {spec.name}/{spec.version}" for spec in self.specs]
 
+    def _reap(self, halt_on_failure: bool = True) -> int | None:
+        """Deal with processes that died: restart each (at once or after a backoff, as
+        ``policy.RestartPolicy`` says), or return an exit status to stop the server with."""
+        now = time.monotonic()
         for row, process in list(self.processes.items()):
-            if process.is_alive():
+            if row in self.reaped or process.is_alive():
                 continue
+            self.reaped.add(row)
             code = process.exitcode
             if process.pid is not None:
-                multiprocess.mark_process_dead(process.pid, str(self.run_dir / "metrics"))
+                try:
+                    housekeeping.archive_metrics(self.run_dir / "metrics", process.pid)
+                except Exception:  # noqa: BLE001 - its metrics are not worth the supervisor's life
+                    log.exception("could not archive the metrics of pid %d", process.pid)
                 # A dead front end's slabs: memory in /dev/shm until unlinked (an executor that
                 # still maps one keeps it alive until it lets go).
                 for slab in self.run_dir.glob(f"fe*-ex*-{process.pid}-*.slab"):
                     slab.unlink(missing_ok=True)
-            if row not in ever_ready and code not in (None, -signal.SIGKILL, -signal.SIGTERM):
-                return code or 1  # it said why (a model that cannot load, a taken port): not a crash loop
             if self.stop_requested and code == 0:
                 continue  # stopped on its own while draining: nothing to restart
-            log.warning("%s (pid %s) died with exit status %s: restarting it", self._describe(row), process.pid, code)
-            self._spawn(row)
+            how = policy.describe_exit(code, housekeeping.free_bytes(self.run_dir))
+            if code is not None and -code == signal.SIGBUS:
+                how += f" (this server needs about {housekeeping.mib(self.shm_needed)} there)"
+            was_ready = row in self.ready_now
+            decision = self.policy.died(row, self._describe(row), code, now - self.spawned_at[row], was_ready,
+                                        first_incarnation=row not in self.ever_ready)  # fmt: skip
+            if decision.halt is not None and halt_on_failure:
+                # At start-up the child's own line said why (one line for a corrupt model); later,
+                # the cause of a stop is ours to say.
+                say = log.error if row in self.ever_ready else log.info
+                say("%s (pid %s) died: %s; stopping the server: %s", self._describe(row), process.pid, how,
+                    decision.halt)  # fmt: skip
+                return code if code is not None and code > 0 else 1
+            if decision.delay > 0:
+                log.warning("%s (pid %s) died: %s; restarting it in %.1fs", self._describe(row), process.pid, how,
+                            decision.delay)  # fmt: skip
+                self.restart_at[row] = now + decision.delay
+            else:
+                log.warning("%s (pid %s) died: %s; restarting it", self._describe(row), process.pid, how)
+                self._spawn(row)
+        for row, when in list(self.restart_at.items()):
+            if when <= now and not self.stop_requested:
+                self._spawn(row)
         return None
+
+    def _watch_hangs(self) -> None:
+        """Abort a process whose loops stopped beating (``policy.hung``): SIGABRT first, so its
+        stacks reach the log, then SIGKILL if it is still there after ABORT_GRACE_S (a process
+        stuck in the kernel cannot run its handler); its death then goes through ``_reap`` like
+        any other."""
+        now = time.monotonic()
+        table, timeout = self.table, self.settings.hang_timeout_seconds
+        for row, process in self.processes.items():
+            if row in self.reaped or process.pid is None:
+                continue
+            if row in self.aborted_at:
+                if now - self.aborted_at[row] >= ABORT_GRACE_S and process.is_alive():
+                    process.kill()
+                continue
+            why = policy.hung(now, int(table.state[row]), table.beat[row], table.busy[row], timeout,
+                              self._slot_names(row))  # fmt: skip
+            if why is None:
+                continue
+            # Readiness turns false at once where this process was what made it true.
+            table.state[row] = shared_memory.HUNG
+            log.error("%s (pid %d) is hung: %s; aborting it (SIGABRT, then SIGKILL after %gs) and starting another",
+                      self._describe(row), process.pid, why, ABORT_GRACE_S)  # fmt: skip
+            self.aborted_at[row] = now
+            try:
+                os.kill(process.pid, signal.SIGABRT)
+                # A stopped process (SIGSTOP, a debugger detached badly) runs its SIGABRT handler
+                # only once continued: then it says where it was and dies without waiting for SIGKILL.
+                os.kill(process.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def _wait(self, timeout: float) -> None:
+        """Until a live process dies, or ``timeout``."""
+        sentinels = [p.sentinel for row, p in self.processes.items() if row not in self.reaped]
+        if sentinels:
+            wait(sentinels, timeout=timeout)
+        else:
+            time.sleep(timeout)
 
     def _kill_all(self) -> None:
         for process in self.processes.values():
@@ -210,8 +294,7 @@ class Supervisor:
 
     # ---- the whole life ---------------------------------------------------------------------------
     def run(self) -> int:
-        from service.metrics import ModelStats
-        from service.startup import StartupError, bind_listener, check_repository
+        from service.startup import StartupError, bind_listener, check_repository, port_in_use
 
         s = self.settings
         try:
@@ -225,7 +308,40 @@ class Supervisor:
             log.error("%s", e)
             return 1
         http_port, grpc_port = (sock.getsockname()[1] for sock in reserved)
-        self.run_dir = shared_memory.make_run_dir()
+        locks = []
+        for protocol, port in (("HTTP", http_port), ("gRPC", grpc_port)):
+            try:
+                locks.append(housekeeping.lock_port(port))
+            except OSError:  # another cnnserve serves it (with SO_REUSEPORT our bind could not tell)
+                for sock in reserved + locks:
+                    sock.close()
+                log.error("%s", port_in_use(protocol, s.host, port))
+                return 1
+        reserved += locks
+        swept, freed = housekeeping.sweep_run_dirs()
+        if swept:
+            log.info(
+                "removed %d run folder(s) of servers that died without cleaning up (%s of /dev/shm)",
+                swept,
+                housekeeping.mib(freed),
+            )
+        try:
+            self.run_dir = shared_memory.make_run_dir()
+        except OSError as e:
+            log.error("cannot make the server's folder in /dev/shm: %s", e.strerror)
+            return 1
+        try:
+            return self._run(http_port, grpc_port)
+        finally:
+            self._kill_all()
+            for sock in reserved:
+                sock.close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _run(self, http_port: int, grpc_port: int) -> int:
+        from service.metrics import ModelStats
+
+        s = self.settings
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.run_dir / "metrics")
         # The supervisor runs the drain: front ends close as soon as they are told to.
         self.child_settings = s.model_copy(
@@ -238,6 +354,10 @@ class Supervisor:
         # within what the settings promise, memory above all.
         self.child_settings.max_connections = max(1, -(-s.max_connections // self.workers))
         self.child_settings.max_buffered_bytes = max(1024, s.max_buffered_bytes // self.workers)
+        # Explanations too: each costs ~226 forward passes an image, and their limits are what
+        # keeps the device and the cores for predictions.
+        self.child_settings.explain_concurrency = max(1, s.explain_concurrency // self.workers)
+        self.child_settings.explain_queue_size = s.explain_queue_size // self.workers
         # CUDA that cannot run here is said once, by the supervisor, not once per child.
         from service.inference.devices import usable_providers
 
@@ -247,11 +367,13 @@ class Supervisor:
             self.child_settings.providers = usable or ["CPUExecutionProvider"]
         c = self.child_settings
         log.info(
-            "each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections and "
-            "%d buffered request bytes",
+            "each process: %d ONNX Runtime intra-op thread(s); each front end: up to %d connections, "
+            "%d buffered request bytes, %d explanation(s) at once and %d waiting",
             c.intra_op_threads,
             c.max_connections,
             c.max_buffered_bytes,
+            c.explain_concurrency,
+            c.explain_queue_size,
         )
         self._plan_precision()
         shape = shared_memory.TableShape(
@@ -261,29 +383,36 @@ class Supervisor:
             len(self.specs),
             ModelStats.width(s.max_batch_size),
         )
-        self.table = shared_memory.ControlTable(shape, create=True)
+        slots = s.max_queue_size + 4 * s.max_batch_size
+        self.shm_needed, refusal = housekeeping.room_for_slabs(
+            self.run_dir, self.specs, self.workers, self.executors, slots
+        )
+        if refusal is not None:
+            log.error("%s", refusal)
+            return 1
+        try:
+            self.table = shared_memory.ControlTable(shape, create=True)
+        except shared_memory.NoSharedMemory as e:
+            log.error("%s", e)
+            return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("starting %d front end(s) and %s", self.workers, self._placement_text())
-        try:
-            for row in range(shape.processes):
-                self._spawn(row)
-            return self._supervise(http_port, grpc_port)
-        finally:
-            self._kill_all()
-            for sock in reserved:
-                sock.close()
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        for row in range(shape.processes):
+            self._spawn(row)
+        return self._supervise(http_port, grpc_port)
 
     def _supervise(self, http_port: int, grpc_port: int) -> int:
         s, table = self.settings, self.table
         frontends = list(range(self.executors, self.executors + self.workers))
         listening = ready = False
-        ever_ready: set[int] = set()
         while not self.stop_requested:
-            wait([p.sentinel for p in self.processes.values()], timeout=0.05)
-            ever_ready.update(int(r) for r in (table.state == shared_memory.READY).nonzero()[0])
-            failed = self._reap(ever_ready)
+            self._wait(0.05)
+            now_ready = {int(r) for r in (table.state == shared_memory.READY).nonzero()[0]}
+            self.ever_ready |= now_ready
+            self.ready_now |= now_ready
+            self._watch_hangs()
+            failed = self._reap()
             if failed is not None:
                 self._stop(list(self.processes), s.shutdown_timeout_seconds)
                 return failed
@@ -302,8 +431,8 @@ class Supervisor:
         )
         until = time.monotonic() + s.drain_seconds
         while time.monotonic() < until:
-            wait([p.sentinel for p in self.processes.values()], timeout=min(0.05, max(0.0, until - time.monotonic())))
-            self._reap(set(self.processes))
+            self._wait(min(0.05, max(0.0, until - time.monotonic())))
+            self._reap(halt_on_failure=False)
         log.info("closing listeners; finishing admitted requests (at most %.1fs)", s.shutdown_timeout_seconds)
         self._stop(frontends, s.shutdown_timeout_seconds + 5.0)
         self._stop(list(range(self.executors)), 10.0)

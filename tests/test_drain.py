@@ -23,7 +23,8 @@ def test_sigterm_under_load_drops_no_admitted_request():
     # (sent, answered, outcome)
     grpc_outcomes: list[tuple[float, float, str]] = []
     http_outcomes: list[tuple[float, float, str]] = []
-    readiness: list[tuple[float, object]] = []
+    readiness: list[tuple[float, object]] = []  # (answered at, status)
+    asked: list[tuple[float, object]] = []  # (asked at, status): what the server said when it was asked
 
     def grpc_load():
         with grpc.insecure_channel(s.grpc_target) as channel:
@@ -59,12 +60,10 @@ def test_sigterm_under_load_drops_no_admitted_request():
     def watch_readiness():
         while not stop.is_set():
             try:
-                readiness.append(
-                    (
-                        time.monotonic(),
-                        httpx.get(f"{s.http}/readyz", timeout=2, headers={"Connection": "close"}).status_code,
-                    )
-                )
+                started = time.monotonic()
+                status = httpx.get(f"{s.http}/readyz", timeout=2, headers={"Connection": "close"}).status_code
+                readiness.append((time.monotonic(), status))
+                asked.append((started, status))
             except httpx.ConnectError:
                 readiness.append((time.monotonic(), "closed"))
             except httpx.TransportError:  # caught in the listener's backlog as it closed
@@ -93,7 +92,10 @@ def test_sigterm_under_load_drops_no_admitted_request():
     after = [(t, v) for t, v in readiness if t > sent_at]
     first_503 = next(t for t, v in after if v == 503)
     first_closed = next((t for t, v in after if v == "closed"), exited_at)
-    assert first_503 - sent_at < 0.5, "readiness must turn false at once"
+    # At once: no readiness request sent 0.5 s or more after the signal was answered 200. (Measured
+    # from when it was sent, not answered: under this load, on two cores, the client's own threads
+    # can hold an answer back for longer than the flip takes.)
+    assert [t - sent_at for t, v in asked if t >= sent_at + 0.5 and v == 200] == [], "readiness must turn false at once"
     assert first_503 < first_closed, "readiness flipped before the listeners closed"
     assert first_closed - sent_at >= DRAIN_S * 0.9, "listeners stayed open for the drain period"
 

@@ -14,8 +14,11 @@ SPEC = next(s for s in scan(MODEL_REPOSITORY) if s.path == MODEL_PATH)
 
 
 def test_padded_batches_give_the_unpadded_answers():
-    exact = ModelRuntime(SPEC, Settings(providers=["cpu"], intra_op_threads=1))
-    padded = ModelRuntime(SPEC, Settings(providers=["cpu"], intra_op_threads=1, pad_batches="on", max_batch_size=16))
+    # fp32 both: precision auto times INT8 against FP32 at load and may choose differently for each.
+    exact = ModelRuntime(SPEC, Settings(providers=["cpu"], intra_op_threads=1, precision="fp32"))
+    padded = ModelRuntime(
+        SPEC, Settings(providers=["cpu"], intra_op_threads=1, precision="fp32", pad_batches="on", max_batch_size=16)
+    )
     assert exact.pad_to == 0, "auto pads on CUDA only"
     assert padded.pad_to == 16
     images = distinct_images(20, seed=7)

@@ -68,6 +68,11 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"), help="folder for the SVG flame graphs")
+    ap.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only the thread holding the GIL (Python CPU; a thread waiting for the GIL is not counted)",
+    )
     ap.add_argument("--server-args", default="--workers 1 --executor worker")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "profile-path.json"))
     args = ap.parse_args()
@@ -93,7 +98,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 raw = Path(tmp) / "raw.txt"
                 record = [py_spy, "record", "--pid", str(server.proc.pid), "--duration", str(int(args.seconds))]
-                record += ["--rate", "250", "--nonblocking"]
+                record += ["--rate", "250", "--nonblocking"] + (["--gil"] if args.gil else [])
                 subprocess.run([*record, "--format", "raw", "--output", str(raw)], check=True, capture_output=True)
                 cpu_ms = 1000 * sum(server.cpu_by_role().values()) - 1000 * sum(cpu.values())
                 requests = server.requests_served() - served

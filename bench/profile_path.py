@@ -7,9 +7,11 @@ of the share of the server's samples spent in each stage of the request path.
 
 The server runs with ``--workers 1 --executor worker`` (one process: the model's thread is part
 of it, shown as its own stage) so one py-spy covers the whole path; idle threads are not sampled.
-The flame graph is recorded in a second window of the same load. Stages are matched on the frames of each sample (the first rule that matches, innermost frame
-first), see STAGES. Writes ``profile-<target>.svg`` and ``bench/results/profile-path.json``.
-The percentages multiplied by the core-ms per request (printed, /proc) give core-µs per stage.
+Each sample goes to the innermost frame a stage claims (STAGES, first rule first); the shares
+times the process's core-µs per request (/proc, over the requests it answered) give core-µs per
+stage. The flame graph comes from a second window of the same load. Writes
+``<out>/profile-<target>.svg``, ``bench/results/profile-path.json``, and leaves py-spy's raw
+samples in ``$TMPDIR/profile-<target>.raw.txt`` for line-level digging.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ differs. Both servers run at once; each target (default: gRPC Classify and HTTP 
 JPEGs; ``--targets grpc,http,grpc-v2,http-v2`` for all four) at concurrency 1 and 64 with one
 image per request, and at concurrency 16 with 8 (``--images-per-request``), is measured in
 interleaved rounds (the order flips every round) with ``cnnserve loadtest``.
-Prints min/median/max images/s and p50 latency; writes bench/results/compare-revisions.json.
+Prints min/median/max images/s, p50 latency and core-ms per request: the server processes' CPU
+time (/proc/PID/stat) over the requests they answered (their own ``cnnserve_requests_total``),
+for the whole server and, with ``--server-args "--workers 2 --executor device"``, for the front
+ends apart from the device executor (the model's work); writes bench/results/compare-revisions.json.
 ``--quick`` is a smoke run of seconds (the numbers mean nothing).
 """
 
@@ -55,6 +58,12 @@ def main() -> int:
         help="extra serve flags for the after server only, e.g. '--workers 1 --precision fp32' to compare "
         "with a revision that predates those settings under the same process model and precision",
     )
+    ap.add_argument(
+        "--server-args",
+        default="",
+        help="extra serve flags for both servers, e.g. '--workers 2 --executor device' to measure the "
+        "front ends' CPU apart from the model's",
+    )
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "compare-revisions.json"))
     args = ap.parse_args()
     points = [(1, 1), (64, 1)] + ([(16, args.images_per_request)] if args.images_per_request > 0 else [])
@@ -68,7 +77,10 @@ def main() -> int:
             f"before ({args.before})": checkout(args.before, Path(tmp)),
             f"after ({args.after})": checkout(args.after, Path(tmp)),
         }
-        extra = {name: (args.after_args.split() if name.startswith("after") else []) for name in trees}
+        extra = {
+            name: args.server_args.split() + (args.after_args.split() if name.startswith("after") else [])
+            for name in trees
+        }
         servers = {
             name: ServerProcess(*extra[name], cwd=tree, model_repository=ROOT / "models")
             for name, tree in trees.items()
@@ -79,6 +91,7 @@ def main() -> int:
                 for name, server in order:
                     for target in targets:
                         for c, k in points:
+                            served, cpu = server.requests_served(), server.cpu_by_role()
                             r = run(
                                 LoadConfig(
                                     target=target,
@@ -91,7 +104,13 @@ def main() -> int:
                                     progress=False,
                                 )
                             )["summary"]
+                            cpu = {role: t - cpu[role] for role, t in server.cpu_by_role().items()}
+                            served = max(server.requests_served() - served, 1)
                             point = f"{target} c={c}" + (f" k={k}" if k > 1 else "")
+                            for role, seconds in cpu.items():
+                                results.setdefault(f"{point} {role} core-ms/req", {}).setdefault(name, []).append(
+                                    1000 * seconds / served
+                                )
                             results.setdefault(f"{point} images/s", {}).setdefault(name, []).append(r["img_per_s"])
                             results.setdefault(f"{point} p50 ms", {}).setdefault(name, []).append(
                                 r["latency_ms"]["p50"]
@@ -119,10 +138,10 @@ def main() -> int:
         )
         + "\n"
     )
-    print(f"{'metric':<26}" + "".join(f"{name:>34}" for name in trees))
+    print(f"{'metric':<40}" + "".join(f"{name:>34}" for name in trees))
     for metric, per in summary.items():
         print(
-            f"{metric:<26}" + "".join(f"{s['min']:>10.2f} /{s['median']:>9.2f} /{s['max']:>9.2f}" for s in per.values())
+            f"{metric:<40}" + "".join(f"{s['min']:>10.3f} /{s['median']:>9.3f} /{s['max']:>9.3f}" for s in per.values())
         )
     print(f"(min / median / max over {args.rounds} rounds)  wrote {args.json}")
     return 0

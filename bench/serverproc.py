@@ -25,6 +25,16 @@ MODEL_REPOSITORY = ROOT / "models"
 LISTENING = re.compile(r"listening http=(\S+):(\d+) grpc=(\S+):(\d+)")
 READY = re.compile(r" ready in ([0-9.]+)s")
 SPAWNED = re.compile(r"started (device executor|front end) (\d+) \(pid (\d+)\)")
+REQUESTS = re.compile(r"^cnnserve_requests_total\{[^}]*\} ([0-9.e+]+)$", re.M)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc/PID/stat); 0 once it has gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_cpus(spec: str | None) -> set[int] | None:
@@ -184,6 +194,28 @@ class ServerProcess:
     def address(self, protocol: str) -> str:
         """host:port for a load-test target (grpc, grpc-v2, http, http-v2)."""
         return self.grpc_target if protocol.startswith("grpc") else self.http_address
+
+    def roles(self) -> dict[str, list[int]]:
+        """pids by role: the one process, or front ends and device executors. The supervisor of a
+        multi-process server only watches its children, so its CPU is left out."""
+        if not self.children:
+            return {"process": [self.proc.pid]}
+        out: dict[str, list[int]] = {}
+        for (role, _), pid in self.children.items():
+            out.setdefault("executor" if role == "device executor" else "front end", []).append(pid)
+        return out
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of each role's processes (see ``roles``)."""
+        return {role: sum(cpu_seconds(p) for p in pids) for role, pids in self.roles().items()}
+
+    def requests_served(self) -> float:
+        """Requests answered so far, every protocol and status: the sum of ``cnnserve_requests_total``
+        (front ends' counters summed by the server). Counting on the server, not the client, counts the
+        load generator's warm-up and probe too, which the CPU figures include."""
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return sum(float(v) for v in REQUESTS.findall(text))
 
     def memory(self) -> dict:
         """VmRSS (resident now) and VmHWM (peak resident) in MiB, from /proc/PID/status."""

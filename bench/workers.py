@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.served import run_loadtest  # noqa: E402
-from bench.serverproc import ServerProcess  # noqa: E402
+from bench.serverproc import ServerProcess, cpu_seconds  # noqa: E402
 from loadtest.machine import machine_info  # noqa: E402
 
 SERVERS = {
@@ -59,24 +59,6 @@ GPU_LOADS = [
     ("loadtest", "grpc", 32, 64),
 ]
 PA = Path(os.environ.get("PA_ROOT", "/tmp/perf_analyzer")) / "bin" / "perf_analyzer"
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def roles(server: ServerProcess) -> dict[str, list[int]]:
-    """pids by role: the one process, or front ends and executors."""
-    if not server.children:
-        return {"process": [server.proc.pid]}
-    out: dict[str, list[int]] = {}
-    for (role, _), pid in server.children.items():
-        out.setdefault("executor" if role == "device executor" else "front end", []).append(pid)
-    return out
 
 
 def perf_analyzer(server: ServerProcess, concurrency: int, seconds: float) -> dict:
@@ -116,7 +98,7 @@ def perf_analyzer(server: ServerProcess, concurrency: int, seconds: float) -> di
 
 
 def point(server: ServerProcess, tool: str, protocol: str, concurrency: int, images: int, seconds: float) -> dict:
-    pids = roles(server)
+    pids = server.roles()
     before = {role: sum(cpu_seconds(p) for p in ps) for role, ps in pids.items()}
     if tool == "perf_analyzer":
         result = perf_analyzer(server, concurrency, seconds)

@@ -41,6 +41,7 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     app.include_router(explain_routes.build_router(ctx))
     app.include_router(page_routes.build_router(ctx))
     app.mount("/static", page_routes.static_files(), name="static")
+    app.add_middleware(routes.DirectRoute, path="/predict", endpoint=routes.predict_endpoint(ctx))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:

@@ -19,6 +19,7 @@ from service.inference.repository import ModelSpec
 from service.metrics import ModelStats
 from service.settings import Settings
 from service.workers import executor as ex
+from service.workers import model_queue as mq
 from service.workers import policy, shared_memory
 from tests.conftest import MODEL_PATH, ROOT
 
@@ -144,14 +145,14 @@ def _submit(e: ex.Executor, classes: int, n: int = 3) -> tuple[np.ndarray, share
     """Hand ``n`` images to the real queue from a front end whose slabs hold ``classes`` results;
     returns the DONE records it answers, its slabs and the front end's socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fe = ex._Frontend(theirs)
+    fe = mq.Frontend(theirs)
     fe.index = 0
     fe.slabs = shared_memory.Slabs(e.folder / f"fe-{classes}.slab", 8, 3072, classes, create=True)  # type: ignore[attr-defined]
     fe.slabs.inputs[:n] = np.random.default_rng(0).normal(size=(n, 3072)).astype(np.float32)
     records = np.zeros(n, shared_memory.SUBMIT)
     records["request"], records["slot"], records["index"] = np.arange(1, n + 1), np.arange(n), 0
     before = int(e.table.taken[0, 0])
-    e.queues[0].put(ex._Chunk(fe, records, time.monotonic()))
+    e.queues[0].put(mq.Chunk(fe, records, time.monotonic()))
     ours.settimeout(10)
     message = ours.recv(shared_memory.MAX_MESSAGE_BYTES)
     assert message[:1] == shared_memory.MSG_DONE
@@ -184,7 +185,7 @@ def test_an_exception_after_the_batch_is_taken_still_answers_every_request(execu
 def test_a_front_end_that_stops_reading_is_closed_and_told(caplog):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     theirs.settimeout(0.2)
-    fe = ex._Frontend(theirs)
+    fe = mq.Frontend(theirs)
     fe.index = 1
     payload = shared_memory.MSG_DONE + bytes(60_000)
     with caplog.at_level(logging.WARNING, logger="cnnserve.executor"):
@@ -206,20 +207,20 @@ def test_a_front_end_that_stops_reading_is_closed_and_told(caplog):
 def test_executor_queue_puts_requests_before_background_work(executor):
     """Perturbed images of explanations (KIND_BACKGROUND) arrive first; a request's image that
     arrives later is still in the next batch, and the background fills the rest."""
-    queue = ex.ModelQueue(executor, 0, executor.queues[0].runtime, ModelStats(np.zeros(ModelStats.width(8), np.int64)))
+    queue = mq.ModelQueue(executor, 0, executor.queues[0].runtime, ModelStats(np.zeros(ModelStats.width(8), np.int64)))
     _, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fe = ex._Frontend(theirs)
+    fe = mq.Frontend(theirs)
 
     def records(first: int, n: int, kind: int) -> np.ndarray:
         r = np.zeros(n, shared_memory.SUBMIT)
         r["request"], r["kind"] = np.arange(first, first + n), kind
         return r
 
-    queue.put(ex._Chunk(fe, records(100, 10, shared_memory.KIND_BACKGROUND), time.monotonic()))
-    queue.put(ex._Chunk(fe, records(1, 3, shared_memory.KIND_REQUEST), time.monotonic()))
+    queue.put(mq.Chunk(fe, records(100, 10, shared_memory.KIND_BACKGROUND), time.monotonic()))
+    queue.put(mq.Chunk(fe, records(1, 3, shared_memory.KIND_REQUEST), time.monotonic()))
     mixed = records(200, 4, shared_memory.KIND_REQUEST)
     mixed["kind"][2:] = shared_memory.KIND_BACKGROUND  # one message may carry both kinds
-    queue.put(ex._Chunk(fe, mixed, time.monotonic()))
+    queue.put(mq.Chunk(fe, mixed, time.monotonic()))
     taken = queue._take()
     assert taken is not None
     assert np.concatenate([c.records["request"] for c in taken]).tolist() == [1, 2, 3, 200, 201, 100, 101, 102]

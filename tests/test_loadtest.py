@@ -308,6 +308,10 @@ def test_compare_revisions_quick_runs_both_servers(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"grpc c=1 images/s", "grpc c=1 p50 ms", "http c=1 images/s", "http c=1 p50 ms"}
+    points = {"grpc c=1 images/s", "grpc c=1 p50 ms", "http c=1 images/s", "http c=1 p50 ms"}
+    assert points <= set(results)
+    # And the server processes' CPU per request, by role (front end; executor with --executor device).
+    cpu = set(results) - points
+    assert {k.split(" ", 2)[0] for k in cpu} == {"grpc", "http"} and all(k.endswith(" core-ms/req") for k in cpu), cpu
     for per_server in results.values():
         assert len(per_server) == 2 and all(s["median"] > 0 for s in per_server.values())

@@ -129,7 +129,10 @@ def test_sigstop_hung_process_is_replaced_and_nothing_waits_or_leaks(victim):
         during = [code for t, code in ready if stopped < t < stopped + replaced]
         if victim == "device executor":
             assert "504" in outcomes  # the deadline's timer answered while the executor was stopped
-            assert 503 in during  # readiness turned false once it was judged hung, until replaced
+            # Readiness turned false between the hang and the successor being ready. (Not only
+            # before the replacement: SIGABRT + SIGCONT ends a stopped process at once, so judged
+            # hung and replaced can be milliseconds apart; the successor's start is the long part.)
+            assert 503 in [code for t, code in ready if stopped < t < resumed], ready
         else:
             assert served or 200 in during  # the other front end served on, and readiness said so
         print(f"\n{victim}: replaced after {replaced:.1f}s; longest call {longest:.2f}s; outcomes {sorted(outcomes)}")

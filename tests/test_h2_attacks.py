@@ -16,7 +16,6 @@ import statistics
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import grpc
 import httpx
@@ -56,13 +55,6 @@ def target():
     )
     yield s
     assert s.stop() == 0, s.log
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 class Callers:
@@ -116,9 +108,8 @@ class Callers:
 
 
 def assert_memory_returns(server: ServerProcess, before: float) -> None:
-    pid = server.proc.pid
-    assert wait_until(lambda: rss_mb(pid) < before + RSS_BOUND_MB, timeout=30, interval=0.5), (
-        f"RSS {rss_mb(pid):.0f} MB, {before:.0f} MB before the attack"
+    assert wait_until(lambda: server.memory()["VmRSS"] < before + RSS_BOUND_MB, timeout=30, interval=0.5), (
+        f"RSS {server.memory()['VmRSS']:.0f} MB, {before:.0f} MB before the attack"
     )
     assert server.proc.poll() is None
 
@@ -128,7 +119,7 @@ def test_streams_per_connection_are_bounded_advertised_and_timed_out(target):
     (REFUSED_STREAM), those admitted end with DEADLINE_EXCEEDED after the message timeout, and the
     call slots they held never starve a legitimate caller (the issue: 4 × 600 streams made every
     Classify fail with RESOURCE_EXHAUSTED until they closed)."""
-    before = rss_mb(target.proc.pid)
+    before = target.memory()["VmRSS"]
     outcomes: list[h2attack.Outcome] = []
     started = time.monotonic()
     with Callers(target) as callers:
@@ -158,7 +149,7 @@ def test_rapid_reset_shuts_the_connection_down_past_its_budget(target):
     shut down once it has cancelled more than --grpc-max-early-resets calls, memory stays flat
     (the issue: +0.5 GB kept, Classify 4 ms → 1.9 s). Then the same from an attacker that
     reconnects each time, for 3 s."""
-    before = rss_mb(target.proc.pid)
+    before = target.memory()["VmRSS"]
     mark = len(target.lines)
     with Callers(target) as callers:
         out = h2attack.rapid_reset(target.grpc_port, seconds=10)
@@ -182,7 +173,7 @@ def test_a_declared_message_far_above_the_limit_is_ended_by_the_message_timeout(
     prefix with grpc.max_receive_message_length before the data arrives (it raises the stream's
     window to the declared length): the message timeout ends the call, and what was buffered is
     freed. Scaled down: 48 MiB sent at most (the issue: 600 MiB kept)."""
-    before = rss_mb(target.proc.pid)
+    before = target.memory()["VmRSS"]
     with Callers(target) as callers:
         out = h2attack.large_prefix(target.grpc_port, declared=2**32 - 1, send=48 * MIB, seconds=BODY_TIMEOUT + 8)
     callers.check()
@@ -202,12 +193,12 @@ def test_a_compressed_message_is_refused_before_it_inflates(target, encoding):
     1 GiB took 4.4 s and a 1.5 GB peak): UNIMPLEMENTED at once, nothing inflated."""
     payload = h2attack.gzip_bomb(64 * MIB) if encoding == "gzip" else _deflate(64 * MIB)
     assert len(payload) < MIB  # within --max-request-bytes on the wire
-    before = rss_mb(target.proc.pid)
+    before = target.memory()["VmRSS"]
     out = h2attack.compressed_message(target.grpc_port, payload, encoding=encoding, seconds=5)
     assert out.statuses == {str(grpc.StatusCode.UNIMPLEMENTED.value[0]): 1}, out.as_dict()
     assert "compressed requests are not accepted" in out.messages[0]
     assert out.seconds < 2, out.as_dict()
-    assert rss_mb(target.proc.pid) < before + 32  # not 64 MiB inflated
+    assert target.memory()["VmRSS"] < before + 32  # not 64 MiB inflated
     # A well-formed call on a new channel is answered as usual.
     with grpc.insecure_channel(target.grpc_target) as channel:
         reply = pb_grpc.ClassifierStub(channel).Classify(

@@ -14,7 +14,6 @@ import base64
 import gzip
 import socket
 import time
-from pathlib import Path
 
 import grpc
 import httpx
@@ -43,13 +42,6 @@ def server():
     s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0", "--decode-threads", "1")
     yield s
     assert s.stop() == 0, s.log
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def jpeg_answered(server: ServerProcess, reference: Reference, seed: int = 0) -> float:
@@ -108,8 +100,7 @@ def test_many_gzip_members_cost_linear_time_and_are_capped(server, reference):
 def test_json_bodies_are_counted_before_per_item_work(server, reference):
     """/predict with 5.5 M empty base64 strings (the issue: 6.2 s, +100 MB before the 413) and a v2
     body of 8 M numbers (2.3 s before its 400): both refused 413 before they are parsed."""
-    pid = server.proc.pid
-    before = rss_mb(pid)
+    before = server.memory()["VmRSS"]  # MiB
     body = b'{"images":[' + b",".join([b'""'] * 5_500_000) + b"]}"
     assert len(body) < 16 * MIB  # within --max-request-bytes: the count is what refuses it
     started = time.monotonic()
@@ -122,7 +113,7 @@ def test_json_bodies_are_counted_before_per_item_work(server, reference):
     )
     assert r.status_code == 413 and "numbers" in r.json()["error"], r.text
     assert time.monotonic() - started < 10  # generous: the two uploads of 16 MiB are most of it
-    assert rss_mb(pid) < before + 100
+    assert server.memory()["VmRSS"] < before + 100
     # Just under the image limit still parses (and is refused for its empty images, not its count).
     r = httpx.post(f"{server.http}/predict", json={"images": [""] * 256}, timeout=30)
     assert r.status_code == 400, r.text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
@@ -32,16 +34,27 @@ from tests.conftest import MODEL_PATH, ROOT, ServerProcess, png_bytes, wait_unti
 
 pytestmark = pytest.mark.skipif(not MODEL_PATH.is_file(), reason="bundled model models/cifar10/1/model.onnx missing")
 ONE_PROCESS = ("--workers", "1", "--executor", "worker", "--drain-seconds", "0")
+#: The default process model: front ends and a device executor that runs every model version.
+DEVICE_EXECUTOR = ("--workers", "2", "--executor", "device", "--drain-seconds", "0")
 PIXELS = np.zeros((1, 3, 32, 32), np.float32)
 
 
-def add_version(model_dir: Path, version: int, broken: bool = False) -> None:
+def add_version(model_dir: Path, version: int, broken: bool = False, answers: int | None = None) -> None:
     """Write the version under a temporary name, then rename it into place (what README asks of
-    a deploy pipeline); ``broken``: a truncated model.onnx."""
+    a deploy pipeline); ``broken``: a truncated model.onnx; ``answers``: the bundled model with its
+    last layer's bias for that class raised so far that it is every image's top class, so an
+    answer's class tells which version computed it."""
     staging = model_dir / f".{version}.tmp"
     staging.mkdir(parents=True)
     if broken:
         (staging / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])
+    elif answers is not None:
+        model = onnx.load(MODEL_PATH)
+        bias = next(i for i in model.graph.initializer if i.name == "fc4.bias")
+        values = onnx.numpy_helper.to_array(bias).copy()
+        values[answers] += 1000.0
+        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+        onnx.save(model, staging / "model.onnx")
     else:
         shutil.copy(MODEL_PATH, staging / "model.onnx")
     os.rename(staging, model_dir / str(version))
@@ -104,13 +117,15 @@ def test_load_model_flag_repeats_and_needs_explicit_mode():
 class Load:
     """Eight callers in threads, each in a loop until stopped: three tritonclient HTTP v2 infer,
     three tritonclient gRPC v2 infer, one /predict, one Classify; the version each answer names
-    is kept in ``answers``, every error in ``failures``."""
+    is kept in ``answers``, with its top class in ``computed`` ((version, class)), every error in
+    ``failures``."""
 
     KINDS = ("http", "http", "http", "grpc", "grpc", "grpc", "predict", "classify")
 
     def __init__(self, s: ServerProcess) -> None:
         self.s = s
         self.answers: list[str] = []
+        self.computed: list[tuple[str, int]] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
         self.image = png_bytes(np.full((32, 32, 3), 90, np.uint8))
@@ -128,16 +143,23 @@ class Load:
             while not self._stop.is_set():
                 try:
                     if kind == "http":
-                        self.answers.append(http.infer("cifar10", v2_input(thttp)).get_response()["model_version"])
+                        result = http.infer("cifar10", v2_input(thttp))
+                        version = result.get_response()["model_version"]
+                        top = int(np.argmax(result.as_numpy("logits")))
                     elif kind == "grpc":
-                        self.answers.append(grpc_v2.infer("cifar10", v2_input(tgrpc)).get_response().model_version)
+                        grpc_result = grpc_v2.infer("cifar10", v2_input(tgrpc))
+                        version = grpc_result.get_response().model_version
+                        top = int(np.argmax(grpc_result.as_numpy("logits")))
                     elif kind == "predict":
                         r = httpx.post(f"{s.http}/predict", files=[("file", ("a.png", self.image, "image/png"))])
                         r.raise_for_status()
-                        self.answers.append(r.json()["model_version"])
+                        version, top = r.json()["model_version"], r.json()["results"][0]["predictions"][0]["index"]
                     else:
                         request = pb.ClassifyRequest(images=[pb.Image(encoded=self.image)])
-                        self.answers.append(classify(request, timeout=30).model_version)
+                        reply = classify(request, timeout=30)
+                        version, top = reply.model_version, reply.results[0].predictions[0].index
+                    self.computed.append((version, top))
+                    self.answers.append(version)
                 except Exception as e:  # noqa: BLE001 - every failure is the test's finding
                     self.failures.append(f"{kind}: {e}")
         finally:
@@ -236,6 +258,97 @@ def test_front_ends_swap_together_under_load(tmp_path, serve):
     assert wait_until(lambda: s.log.count("model cifar10 version 1 closed") == 2, timeout=30), s.log  # each one's
     index = index_of(s)  # any front end answers; each has the same states
     assert index[("cifar10", "2")]["state"] == "READY" and index[("cifar10", "3")]["state"] == "UNAVAILABLE"
+    assert s.stop() == 0, s.log
+
+
+# ---- the device executor --------------------------------------------------------------------------
+def version_stats(s: ServerProcess, version: str) -> dict:
+    return httpx.get(f"{s.http}/v2/models/cifar10/versions/{version}/stats").json()["model_stats"][0]
+
+
+def test_device_executor_swaps_versions_under_load(tmp_path, serve):
+    """Two front ends and a device executor (the default process model) in poll mode: the executor
+    loads the new version once, beside the old, the front ends swap together, no request fails
+    and every answer names the version that computed it (version 1 answers class 3 to every
+    image, version 2 class 5). A broken version is reported and never served; a version taken
+    out of the repository is released in the executor; statistics are the whole server's."""
+    model_dir = tmp_path / "cifar10"
+    add_version(model_dir, 1, answers=3)
+    (model_dir / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+    s = serve("--model-repository", str(tmp_path), *DEVICE_EXECUTOR, "--model-control-mode", "poll",
+              "--repository-poll-seconds", "0.3")  # fmt: skip
+    load = Load(s)
+    answers, failures = load.answers, load.failures
+    try:
+        assert wait_until(lambda: len(answers) >= 50, timeout=60), failures
+        add_version(model_dir, 2, answers=5)
+        assert wait_until(lambda: "2" in answers[-8:], timeout=60), (failures, s.log)
+        add_version(model_dir, 3, broken=True)
+        assert wait_until(lambda: index_of(s).get(("cifar10", "3"), {}).get("state") == "UNAVAILABLE", timeout=30)
+        broken_at = len(answers)
+        assert wait_until(lambda: len(answers) >= broken_at + 50, timeout=60), failures
+    finally:
+        load.stop()
+    assert failures == []
+    assert set(load.computed) == {("1", 3), ("2", 5)}  # each answer computed by the version it names
+    assert answers[broken_at:] == ["2"] * (len(answers) - broken_at)
+    assert s.log.count("cnnserve.executor: loaded cifar10/2 from") == 1, s.log  # once, for both front ends
+    assert s.log.count("model cifar10 serves versions 2 (every front end has it)") == 2, s.log
+    assert wait_until(lambda: "model cifar10 version 1 closed in device executor 0" in s.log, timeout=30), s.log
+    index = index_of(s)
+    assert index[("cifar10", "2")]["state"] == "READY"
+    assert "cannot load" in index[("cifar10", "3")]["reason"] and "/3/model.onnx" in index[("cifar10", "3")]["reason"]
+    # Version 2's statistics: both front ends' and the executor's rows, the same from either front
+    # end (each request on a new connection; SO_REUSEPORT spreads them).
+    counts = {version_stats(s, "2")["inference_count"] for _ in range(12)}
+    assert len(counts) == 1 and counts.pop() == answers.count("2")
+    # Version 2 leaves the repository: the policy's latest is version 1 again, loaded anew.
+    shutil.rmtree(model_dir / "3")
+    os.rename(model_dir / "2", model_dir / ".2.removed")
+    assert wait_until(lambda: "model cifar10 version 2 closed in device executor 0" in s.log, timeout=60), s.log
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        result = http.infer("cifar10", v2_input(thttp))
+        assert result.get_response()["model_version"] == "1" and int(np.argmax(result.as_numpy("logits"))) == 3
+    assert s.stop() == 0, s.log
+
+
+def test_device_executor_loads_and_unloads_explicitly(tmp_path, serve):
+    """Explicit mode with a device executor: a load through one front end is served by every one;
+    unloading a version and then the model releases them in the executor; an executor killed
+    meanwhile comes back serving the same versions."""
+    add_version(tmp_path / "cifar10", 1, answers=3)
+    s = serve("--model-repository", str(tmp_path), *DEVICE_EXECUTOR, "--model-control-mode", "explicit",
+              "--load-model", "cifar10")  # fmt: skip
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
+
+    def answers(version: str = "", n: int = 12) -> set:
+        """(version, top class) of ``n`` requests, each on a new connection (any front end)."""
+        out = set()
+        for _ in range(n):
+            r = httpx.post(f"{s.http}/v2/models/cifar10{f'/versions/{version}' if version else ''}/infer", json=body)
+            out.add((r.json()["model_version"], int(np.argmax(r.json()["outputs"][0]["data"])))
+                    if r.status_code == 200 else r.status_code)  # fmt: skip
+        return out
+
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        assert answers() == {("1", 3)}
+        add_version(tmp_path / "cifar10", 2, answers=5)
+        http.load_model("cifar10")
+        assert answers() == {("2", 5)} and answers("1") == {("1", 3)}
+        r = httpx.post(f"{s.http}/v2/repository/models/cifar10/unload", json={"parameters": {"version": "1"}})
+        assert r.status_code == 200, r.text
+        assert answers("1") == {404} and answers() == {("2", 5)}
+        assert wait_until(lambda: "model cifar10 version 1 closed in device executor 0" in s.log, timeout=30), s.log
+        # A restarted executor loads what its predecessor served into the same slots: the front
+        # ends' versions answer again once it is back.
+        os.kill(s.children[("device executor", 0)], signal.SIGKILL)
+        assert wait_until(lambda: s.log.count("executor 0 ready on") == 2, timeout=60), s.log
+        assert wait_until(lambda: answers(n=1) == {("2", 5)}, timeout=30), s.log
+        assert answers() == {("2", 5)}
+        with tgrpc.InferenceServerClient(s.grpc_target) as g:
+            g.unload_model("cifar10", unload_dependents=False)  # every version
+        assert answers() == {404}
+    assert wait_until(lambda: "model cifar10 version 2 closed in device executor 0" in s.log, timeout=30), s.log
     assert s.stop() == 0, s.log
 
 
@@ -404,19 +517,6 @@ def test_load_and_unload_are_off_without_explicit_mode(tmp_path, serve):
         http.close()
         g.close()
     assert s.stop() == 0, s.log
-
-
-def test_model_control_refuses_the_device_executor_with_one_clear_line(tmp_path):
-    add_version(tmp_path / "cifar10", 1)
-    out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", "--workers", "2",
-         "--executor", "device", "--http-port", "0", "--grpc-port", "0", "--model-repository", str(tmp_path),
-         "--model-control-mode", "poll"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert out.returncode == 1, out.stderr
-    assert "--model-control-mode poll with 2 front end(s) and executor device is not supported yet" in out.stderr
-    assert "Traceback" not in out.stderr
 
 
 def test_sync_repository_publishes_new_versions_only(tmp_path):

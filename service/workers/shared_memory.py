@@ -42,9 +42,17 @@ DONE = np.dtype([("request", "<u4"), ("slot", "<u4"), ("status", "u1")])
 STATUS_OK, STATUS_DEADLINE, STATUS_CANCELLED, STATUS_FAILED = 0, 1, 2, 3
 
 MSG_MODELS = b"M"  # executor → front end, on connect: JSON list of model descriptions
-MSG_HELLO = b"H"  # front end → executor: JSON {frontend, slab path, slots}
+MSG_HELLO = b"H"  # front end → executor: JSON {frontend, slab path, slots, holds (slots it serves)}
 MSG_SUBMIT = b"S"  # front end → executor: SUBMIT records
 MSG_DONE = b"D"  # executor → front end: DONE records
+# Model control (service.workers.executor): versions loaded and released while serving.
+MSG_LOAD = b"L"  # front end → executor: JSON {id, name, version, path, key[, slot]}: load into a slot
+MSG_LOADED = b"l"  # executor → front end: JSON {id, slot, model} or {id, error}
+MSG_RELEASE = b"R"  # front end → executor: JSON {slot}: this front end serves that slot no more
+#: Slots (model versions at once) of a device executor under model control: the control table's
+#: statistics and heartbeat columns are sized once, at start, for this many. A swap holds the old
+#: and the new version of a model at once, so this serves up to half as many versions steadily.
+MODEL_CONTROL_SLOTS = 64
 #: Most records in one message: keeps a message (24 B a record) well under the socket buffer.
 MAX_RECORDS_PER_MESSAGE = 2048
 MAX_MESSAGE_BYTES = 1 + SUBMIT.itemsize * MAX_RECORDS_PER_MESSAGE + 65536

@@ -547,7 +547,7 @@ def test_kubernetes_example_steps_publish_a_new_version(tmp_path, serve, monkeyp
     settings = effective_settings(docs, monkeypatch)
     monkeypatch.undo()  # the pod's CNNSERVE_* environment must not reach the server started below
     assert (settings.model_control_mode, settings.model_repository) == ("poll", "/repository")
-    assert settings.executor == "worker"  # poll mode's front ends run the models themselves
+    assert settings.executor == "auto"  # the overlay's process model stands: every one takes new versions
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     server = next(c for c in pod["containers"] if c["name"] == "cnnserve")
     assert {"name": "repository", "mountPath": "/repository", "readOnly": True} in server["volumeMounts"]

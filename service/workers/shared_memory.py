@@ -190,7 +190,8 @@ class ControlTable:
       handed over and images taken into a batch or dropped. The executor's queue depth is
       ``(submitted - taken)[:, e].sum()``: any front end reads it without a round trip. Two front
       ends admitting at the same instant can overshoot the bound by one request each.
-    - ``stats[row, model]``: that process's :class:`service.metrics.ModelStats` vector.
+    - ``stats[row, model]``: that process's :class:`service.metrics.ModelStats` vector, per model
+      version (under model control with a device executor: per slot of the executor).
     - ``beat[row, slot]``: ``time.monotonic()`` of each loop's last heartbeat (slot 0 the main
       loop, 1 + m model m's compute thread; 0: not beating yet), and ``busy[row, slot]``: the
       images of the batch that compute thread is running (0: idle). The supervisor reads both

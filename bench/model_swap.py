@@ -24,7 +24,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -40,11 +39,19 @@ from PIL import Image
 from tritonclient.grpc import InferInput
 
 from bench.serverproc import MODEL_REPOSITORY, ServerProcess
+from loadtest.machine import machine_info
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 
 KINDS = ("http-v2", "predict", "grpc-v2", "classify")
 LOADED = re.compile(r"^(\S+ \S+) INFO cnnserve\.executor: loaded cifar10/(\d+) from .* in ([0-9.]+)s", re.M)
+SEEN = re.compile(r"^(\S+ \S+) INFO cnnserve\.model_control: loaded cifar10/(\d+) from", re.M)
+SWAPPED = re.compile(r"^(\S+ \S+) INFO cnnserve\.model_control: model cifar10 serves versions (\d+) \(every", re.M)
+
+
+def log_time(stamp: str) -> float:
+    """A log line's wall-clock time (``2026-12-03 11:27:15,235``) as seconds since the epoch."""
+    return time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:23]) / 1000
 
 
 class Callers:
@@ -53,6 +60,7 @@ class Callers:
     def __init__(self, server: ServerProcess, n: int, image: bytes) -> None:
         self.server, self.n, self.image = server, n, image
         self.answers: list[tuple[float, str]] = []
+        self.latencies: list[float] = []
         self.failures: list[str] = []
         self.stopping = asyncio.Event()
         self.body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
@@ -74,6 +82,7 @@ class Callers:
         tensor = InferInput("input", [1, 3, 32, 32], "FP32")
         tensor.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
         while not self.stopping.is_set():
+            started = time.monotonic()
             try:
                 if kind == "http-v2":
                     r = await http.post("/v2/models/cifar10/infer", json=self.body)
@@ -88,7 +97,9 @@ class Callers:
                 else:
                     reply = await classify(pb.ClassifyRequest(images=[pb.Image(encoded=self.image)]), timeout=60)
                     version = reply.model_version
-                self.answers.append((time.monotonic(), version))
+                done = time.monotonic()
+                self.answers.append((done, version))
+                self.latencies.append(done - started)
             except Exception as e:  # noqa: BLE001 - every failure is a finding
                 self.failures.append(f"{kind}: {type(e).__name__}: {e}"[:300])
 
@@ -118,7 +129,7 @@ async def measure(args: argparse.Namespace, repository: Path) -> dict:
         await asyncio.sleep(args.warm_seconds)
         for r in range(args.rounds):
             version = str(2 + r)
-            dropped = time.monotonic()
+            dropped, dropped_wall = time.monotonic(), time.time()
             await asyncio.to_thread(drop_version, model_dir, int(version))
             while not any(v == version for _, v in callers.answers[-4 * args.callers :]):
                 if time.monotonic() - dropped > 120 or running.done():
@@ -127,24 +138,35 @@ async def measure(args: argparse.Namespace, repository: Path) -> dict:
             first = min(t for t, v in callers.answers if v == version)
             await asyncio.sleep(args.hold_seconds)
             older = [t for t, v in callers.answers if v != version and int(v) < int(version)]
-            rounds.append({"version": version, "drop_to_first_answer_s": round(first - dropped, 3),
+            rounds.append({"version": version, "dropped_wall": dropped_wall,
+                           "drop_to_first_answer_s": round(first - dropped, 3),
                            "older_answers_after_first_s": round(max(older) - first, 3) if older else 0.0})  # fmt: skip
         callers.stopping.set()
         await running
     finally:
         exit_code = server.stop()
-    loads = {m.group(2): float(m.group(3)) for m in LOADED.finditer(server.log)}
+    log = server.log
+    loads = {m.group(2): (log_time(m.group(1)), float(m.group(3))) for m in LOADED.finditer(log)}
     for entry in rounds:
-        entry["load_s"] = loads.get(entry["version"])
+        version, dropped_wall = entry["version"], entry.pop("dropped_wall")
+        loaded_wall, entry["load_s"] = loads.get(version, (None, None))
+        # The timeline from the server's log, in seconds after the drop: the executor's load ended,
+        # each front end had it (its load request answered, its layers read), each front end swapped.
+        entry["executor_loaded_at_s"] = round(loaded_wall - dropped_wall, 3) if loaded_wall else None
+        entry["frontends_had_it_at_s"] = [round(log_time(m.group(1)) - dropped_wall, 3)
+                                          for m in SEEN.finditer(log) if m.group(2) == version]  # fmt: skip
+        entry["frontends_swapped_at_s"] = [round(log_time(m.group(1)) - dropped_wall, 3)
+                                           for m in SWAPPED.finditer(log) if m.group(2) == version]  # fmt: skip
         settle = min(1.0, args.poll_seconds)
         entry["bound_s"] = round(args.poll_seconds + settle + (entry["load_s"] or 0.0), 3)
+        # Under load the first answer also waits its turn in the queue: the latency of a request.
         entry["within_bound"] = entry["drop_to_first_answer_s"] <= entry["bound_s"]
     by_version: dict[str, int] = {}
     for _, v in callers.answers:
         by_version[v] = by_version.get(v, 0) + 1
     drop_times = [e["drop_to_first_answer_s"] for e in rounds]
     return {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared, noisy)",
+        "machine": machine_info(),
         "server": "--workers 2 --executor device (2 front ends + 1 device executor), CPU provider, precision auto",
         "callers": args.callers,
         "kinds": list(KINDS),
@@ -152,6 +174,10 @@ async def measure(args: argparse.Namespace, repository: Path) -> dict:
         "rounds": rounds,
         "drop_to_first_answer_s": {"min": min(drop_times), "median": statistics.median(drop_times)},
         "answers": len(callers.answers),
+        "latency_s": {
+            "median": round(statistics.median(callers.latencies), 3),
+            "p90": round(float(np.percentile(callers.latencies, 90)), 3),
+        },
         "answers_by_version": by_version,
         "failures": len(callers.failures),
         "failure_examples": callers.failures[:5],

@@ -174,6 +174,28 @@ class Load:
 
 
 # ---- poll mode under load ----------------------------------------------------------------------
+def new_then_broken_version(s: ServerProcess, model_dir: Path, load: Load, answers: int | None = None) -> int:
+    """Under ``load``, in poll mode: version 2 dropped in (``answers``: see add_version) until it
+    answers and for 100 answers more, then a broken version 3 until the index reports it and for
+    50 answers more. No request may fail. Returns the number of answers before version 3 was reported."""
+    served, failures = load.answers, load.failures
+    try:
+        assert wait_until(lambda: len(served) >= 50, timeout=60), failures
+        add_version(model_dir, 2, answers=answers)
+        assert wait_until(lambda: "2" in served[-8:], timeout=60), (failures, s.log)
+        served_at = len(served)
+        assert wait_until(lambda: len(served) >= served_at + 100, timeout=60), failures
+        # A broken version 3 is reported and never served: answers keep naming 2.
+        add_version(model_dir, 3, broken=True)
+        assert wait_until(lambda: index_of(s).get(("cifar10", "3"), {}).get("state") == "UNAVAILABLE", timeout=30)
+        broken_at = len(served)
+        assert wait_until(lambda: len(served) >= broken_at + 50, timeout=60), failures
+    finally:
+        load.stop()
+    assert failures == []
+    return broken_at
+
+
 def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path, serve):
     model_dir = tmp_path / "cifar10"
     add_version(model_dir, 1)
@@ -183,21 +205,8 @@ def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path,
                       "--repository-poll-seconds", "0.3")  # fmt: skip
     image = png_bytes(np.full((32, 32, 3), 90, np.uint8))
     load = Load(s)
-    answers, failures = load.answers, load.failures
-    try:
-        assert wait_until(lambda: len(answers) >= 50, timeout=60), failures
-        add_version(model_dir, 2)
-        assert wait_until(lambda: "2" in answers[-8:], timeout=60), (failures, s.log)
-        served_at = len(answers)
-        assert wait_until(lambda: len(answers) >= served_at + 100, timeout=60), failures
-        # A broken version 3 is reported and never served: answers keep naming 2.
-        add_version(model_dir, 3, broken=True)
-        assert wait_until(lambda: index_of(s).get(("cifar10", "3"), {}).get("state") == "UNAVAILABLE", timeout=30)
-        broken_at = len(answers)
-        assert wait_until(lambda: len(answers) >= broken_at + 50, timeout=60), failures
-    finally:
-        load.stop()
-    assert failures == []
+    broken_at = new_then_broken_version(s, model_dir, load)
+    answers = load.answers
     assert set(answers) == {"1", "2"}
     assert answers[broken_at:].count("2") == len(answers) - broken_at  # 3 never answered; 1 retired
     index = index_of(s)
@@ -278,18 +287,8 @@ def test_device_executor_swaps_versions_under_load(tmp_path, serve):
     s = serve("--model-repository", str(tmp_path), *DEVICE_EXECUTOR, "--model-control-mode", "poll",
               "--repository-poll-seconds", "0.3")  # fmt: skip
     load = Load(s)
-    answers, failures = load.answers, load.failures
-    try:
-        assert wait_until(lambda: len(answers) >= 50, timeout=60), failures
-        add_version(model_dir, 2, answers=5)
-        assert wait_until(lambda: "2" in answers[-8:], timeout=60), (failures, s.log)
-        add_version(model_dir, 3, broken=True)
-        assert wait_until(lambda: index_of(s).get(("cifar10", "3"), {}).get("state") == "UNAVAILABLE", timeout=30)
-        broken_at = len(answers)
-        assert wait_until(lambda: len(answers) >= broken_at + 50, timeout=60), failures
-    finally:
-        load.stop()
-    assert failures == []
+    broken_at = new_then_broken_version(s, model_dir, load, answers=5)
+    answers = load.answers
     assert set(load.computed) == {("1", 3), ("2", 5)}  # each answer computed by the version it names
     assert answers[broken_at:] == ["2"] * (len(answers) - broken_at)
     assert s.log.count("cnnserve.executor: loaded cifar10/2 from") == 1, s.log  # once, for both front ends

@@ -223,16 +223,15 @@ class ModelController:
 
     async def _load_version(self, spec: ModelSpec, key: str) -> LoadedModel:
         started = time.monotonic()
-        loaded = await self.open_version(spec, key)
-        runtime = loaded.runtime
+        # Its layers (for /explain) are read while the version loads (here, or in a device executor).
+        companion = asyncio.ensure_future(asyncio.to_thread(_read_layers, spec))
         try:
-            companion = await asyncio.to_thread(LayerModel.beside, spec)
-        except Exception as e:  # noqa: BLE001 - ORT raises many types; explanations then have no layers
-            log.warning("%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
-                        spec.name, spec.version, e)  # fmt: skip
-            companion = None
-        if companion is not None:
-            self.layer_models.add(spec.name, spec.version, companion)
+            loaded = await self.open_version(spec, key)
+        finally:
+            layers = await companion
+        if layers is not None:
+            self.layer_models.add(spec.name, spec.version, layers)
+        runtime = loaded.runtime
         self.metrics.model_loads.labels(spec.name, "loaded").inc()
         log.info("loaded %s/%s from %s (%s) on %s in %.2fs", spec.name, spec.version, runtime.path,
                  runtime.precision, runtime.provider, time.monotonic() - started)  # fmt: skip
@@ -426,3 +425,13 @@ class ModelController:
         self._publish(name)
         if not self._folder(name).is_dir():
             self.status.pop(name, None)
+
+
+def _read_layers(spec: ModelSpec) -> LayerModel | None:
+    """The version's layers.onnx companion, or None (explanations then have no layers)."""
+    try:
+        return LayerModel.beside(spec)
+    except Exception as e:  # noqa: BLE001 - ORT raises many types
+        log.warning("%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
+                    spec.name, spec.version, e)  # fmt: skip
+        return None

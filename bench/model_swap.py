@@ -45,6 +45,7 @@ from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 
 KINDS = ("http-v2", "predict", "grpc-v2", "classify")
 LOADED = re.compile(r"^(\S+ \S+) INFO cnnserve\.executor: loaded cifar10/(\d+) from .* in ([0-9.]+)s", re.M)
+CHANGED = re.compile(r"^(\S+ \S+) INFO cnnserve\.model_control: model cifar10 changed in the repository", re.M)
 SEEN = re.compile(r"^(\S+ \S+) INFO cnnserve\.model_control: loaded cifar10/(\d+) from", re.M)
 SWAPPED = re.compile(r"^(\S+ \S+) INFO cnnserve\.model_control: model cifar10 serves versions (\d+) \(every", re.M)
 
@@ -150,8 +151,12 @@ async def measure(args: argparse.Namespace, repository: Path) -> dict:
     for entry in rounds:
         version, dropped_wall = entry["version"], entry.pop("dropped_wall")
         loaded_wall, entry["load_s"] = loads.get(version, (None, None))
-        # The timeline from the server's log, in seconds after the drop: the executor's load ended,
-        # each front end had it (its load request answered, its layers read), each front end swapped.
+        # The timeline from the server's log, in seconds after the drop: each front end's poll saw
+        # the change (after its settle look), the executor's load ended, each front end had it (its
+        # load request answered, its layers read), each front end swapped.
+        until = loaded_wall or dropped_wall
+        entry["frontends_saw_change_at_s"] = [round(t - dropped_wall, 3) for m in CHANGED.finditer(log)
+                                              if dropped_wall <= (t := log_time(m.group(1))) <= until]  # fmt: skip
         entry["executor_loaded_at_s"] = round(loaded_wall - dropped_wall, 3) if loaded_wall else None
         entry["frontends_had_it_at_s"] = [round(log_time(m.group(1)) - dropped_wall, 3)
                                           for m in SEEN.finditer(log) if m.group(2) == version]  # fmt: skip

@@ -399,6 +399,7 @@ class ModelController:
                     log.info("model %s is still changing on disk; looking again at the next poll", name)
                     continue
                 self._seen[name] = state
+                log.info("model %s changed in the repository (read twice, the same)", name)
                 folder = self._folder(name)
                 if not versions_on_disk(folder) and not (folder / CONFIG_FILENAME).exists():
                     await self._forget(name, state)

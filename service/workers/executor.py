@@ -32,7 +32,6 @@ import numpy as np
 import orjson
 
 from service import tracing
-from service.inference.model_description import ModelDescription
 from service.inference.repository import ModelSpec
 from service.metrics import Metrics, ModelStats, model_info_labels
 from service.settings import Settings
@@ -375,8 +374,7 @@ class _Slot:
 
 def _row_size(description: dict[str, Any]) -> tuple[int, int]:
     """(input values, classes) per image of a described version: what its rows in the slabs hold."""
-    model = ModelDescription.from_dict(description)
-    return model.input_size, model.num_classes
+    return int(np.prod(description["input_shape"][1:])), len(description["labels"])
 
 
 def _loaded(request: int, slot: int = -1, model: dict[str, Any] | None = None, error: str = "") -> bytes:

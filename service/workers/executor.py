@@ -124,11 +124,10 @@ class Executor:
 
     # ---- model control: versions loaded and released while serving --------------------------
     def _models_message(self) -> bytes:
-        with self._lock:
-            slots = {str(k): q.runtime.describe() for k, q in self.queues.items() if k not in self._retiring}
+        """What a front end is told on connecting: the versions loaded at start and the slabs' rows."""
         return shared_memory.MSG_MODELS + orjson.dumps({
             "executor": self.index, "max_queue_size": self.settings.max_queue_size, "models": self._pinned,
-            "slots": slots, "input_size": self.input_size, "classes": self.classes,
+            "input_size": self.input_size, "classes": self.classes,
         })  # fmt: skip
 
     def _request_load(self, fe: Frontend, doc: dict[str, Any]) -> None:
@@ -262,6 +261,9 @@ class Executor:
                 continue
             self.slots[slot] = _Slot((key[0], key[1], key[2]), held["path"], set(held["holders"]))
             self._add_queue(slot, runtime)
+            # Its rows must fit, whatever the repository holds now.
+            need_in, need_classes = _row_size(runtime.describe())
+            self.input_size, self.classes = max(self.input_size, need_in), max(self.classes, need_classes)
 
     # ---- serving ------------------------------------------------------------------------------
     def count_taken(self, fe: Frontend, n: int) -> None:

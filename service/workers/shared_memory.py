@@ -41,7 +41,7 @@ KIND_REQUEST, KIND_BACKGROUND = 0, 1
 DONE = np.dtype([("request", "<u4"), ("slot", "<u4"), ("status", "u1")])
 STATUS_OK, STATUS_DEADLINE, STATUS_CANCELLED, STATUS_FAILED = 0, 1, 2, 3
 
-MSG_MODELS = b"M"  # executor → front end, on connect: JSON list of model descriptions
+MSG_MODELS = b"M"  # executor → front end, on connect: JSON {models loaded at start, slab row sizes}
 MSG_HELLO = b"H"  # front end → executor: JSON {frontend, slab path, slots, holds (slots it serves)}
 MSG_SUBMIT = b"S"  # front end → executor: SUBMIT records
 MSG_DONE = b"D"  # executor → front end: DONE records

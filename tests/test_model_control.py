@@ -37,6 +37,7 @@ ONE_PROCESS = ("--workers", "1", "--executor", "worker", "--drain-seconds", "0")
 #: The default process model: front ends and a device executor that runs every model version.
 DEVICE_EXECUTOR = ("--workers", "2", "--executor", "device", "--drain-seconds", "0")
 PIXELS = np.zeros((1, 3, 32, 32), np.float32)
+V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
 
 
 def add_version(model_dir: Path, version: int, broken: bool = False, answers: int | None = None) -> None:
@@ -49,15 +50,21 @@ def add_version(model_dir: Path, version: int, broken: bool = False, answers: in
     if broken:
         (staging / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])
     elif answers is not None:
-        model = onnx.load(MODEL_PATH)
-        bias = next(i for i in model.graph.initializer if i.name == "fc4.bias")
-        values = onnx.numpy_helper.to_array(bias).copy()
-        values[answers] += 1000.0
-        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
-        onnx.save(model, staging / "model.onnx")
+        write_answering(staging / "model.onnx", answers)
     else:
         shutil.copy(MODEL_PATH, staging / "model.onnx")
     os.rename(staging, model_dir / str(version))
+
+
+def write_answering(path: Path, top_class: int) -> None:
+    """The bundled model with its last layer's bias for ``top_class`` raised so far that it is
+    every image's top class."""
+    model = onnx.load(MODEL_PATH)
+    bias = next(i for i in model.graph.initializer if i.name == "fc4.bias")
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[top_class] += 1000.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(model, path)
 
 
 def v2_input(module) -> list:
@@ -318,13 +325,12 @@ def test_device_executor_loads_and_unloads_explicitly(tmp_path, serve):
     add_version(tmp_path / "cifar10", 1, answers=3)
     s = serve("--model-repository", str(tmp_path), *DEVICE_EXECUTOR, "--model-control-mode", "explicit",
               "--load-model", "cifar10")  # fmt: skip
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
 
     def answers(version: str = "", n: int = 12) -> set:
         """(version, top class) of ``n`` requests, each on a new connection (any front end)."""
         out = set()
         for _ in range(n):
-            r = httpx.post(f"{s.http}/v2/models/cifar10{f'/versions/{version}' if version else ''}/infer", json=body)
+            r = httpx.post(f"{s.http}/v2/models/cifar10{f'/versions/{version}' if version else ''}/infer", json=V2_BODY)
             out.add((r.json()["model_version"], int(np.argmax(r.json()["outputs"][0]["data"])))
                     if r.status_code == 200 else r.status_code)  # fmt: skip
         return out
@@ -348,6 +354,31 @@ def test_device_executor_loads_and_unloads_explicitly(tmp_path, serve):
             g.unload_model("cifar10", unload_dependents=False)  # every version
         assert answers() == {404}
     assert wait_until(lambda: "model cifar10 version 2 closed in device executor 0" in s.log, timeout=30), s.log
+    assert s.stop() == 0, s.log
+
+
+def test_device_executor_never_serves_a_version_failing_its_precision_check(tmp_path, serve):
+    """--precision int8: version 2's INT8 variant disagrees with its FP32 model (a stand-in that
+    answers one class to everything), so the executor's check at load refuses it: the load answers
+    why, the index says so, and version 1 keeps serving."""
+    model_dir = tmp_path / "cifar10"
+    shutil.copytree(MODEL_PATH.parent, model_dir / "1")  # its INT8 variant passes the check
+    s = serve("--model-repository", str(tmp_path), *DEVICE_EXECUTOR, "--model-control-mode", "explicit",
+              "--load-model", "cifar10", "--precision", "int8")  # fmt: skip
+    staging = model_dir / ".2.tmp"
+    shutil.copytree(MODEL_PATH.parent, staging)
+    write_answering(staging / "model.int8.onnx", 5)
+    os.rename(staging, model_dir / "2")
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        with pytest.raises(InferenceServerException) as e:
+            http.load_model("cifar10")
+        assert e.value.status() == "400" and "agrees with fp32 on top-1 for only" in str(e.value), str(e.value)
+    for _ in range(6):  # each on a new connection: SO_REUSEPORT spreads them over the front ends
+        assert httpx.post(f"{s.http}/v2/models/cifar10/infer", json=V2_BODY).json()["model_version"] == "1"
+    index = index_of(s)
+    assert index[("cifar10", "1")]["state"] == "READY"
+    assert index[("cifar10", "2")]["state"] == "UNAVAILABLE"
+    assert "the int8 variant agrees with fp32 on top-1 for only" in index[("cifar10", "2")]["reason"]
     assert s.stop() == 0, s.log
 
 

@@ -43,9 +43,10 @@ from service.http_api.application import create_app
 from service.http_api.server_config import uvicorn_config
 from service.inference.core import InferenceCore
 from service.inference.decoding import DecodePool
-from service.inference.serving import BatchQueue, QueueFactory, ServedModel, StatsSource
+from service.inference.repository import ModelSpec
+from service.inference.serving import BatchQueue, LoadedModel, QueueFactory, ServedModel, StatsSource
 from service.metrics import Metrics, ModelStats
-from service.model_control.controller import ModelController
+from service.model_control.controller import ModelController, VersionOpener
 from service.model_control.fleet import FleetBarrier
 from service.readiness import Readiness
 from service.security.setup import Security, SecurityError
@@ -121,7 +122,7 @@ def remote_queues(clients: list[ExecutorClient], settings: Settings) -> QueueFac
     def make(index: int, model: ServedModel, stats: ModelStats) -> BatchQueue:
         return RemoteBatcher(
             clients,
-            index,
+            [index] * len(clients),
             clients[0].models[index],
             settings.max_batch_size,
             settings.max_queue_delay_ms / 1000.0,
@@ -129,6 +130,29 @@ def remote_queues(clients: list[ExecutorClient], settings: Settings) -> QueueFac
         )
 
     return make
+
+
+def remote_versions(clients: list[ExecutorClient], role: FrontendRole, settings: Settings) -> VersionOpener:
+    """Model control with device executors: each executor loads the version (once for every front
+    end: its files' key), and this front end serves it through their slots."""
+
+    async def open_version(spec: ModelSpec, key: str) -> LoadedModel:
+        request = {"name": spec.name, "version": spec.version, "path": str(spec.path.resolve()), "key": key}
+        slot, model = await clients[0].load(request)
+        slots = [slot]
+        try:  # the same slot in every executor, so the version has one statistics column
+            for client in clients[1:]:
+                slots.append((await client.load({**request, "slot": slot}))[0])
+        except Exception:
+            for client, taken in zip(clients, slots):
+                client.release(taken)
+            raise
+        batcher = RemoteBatcher(clients, slots, model, settings.max_batch_size, settings.max_queue_delay_ms / 1000.0,
+                                clients[0].max_queue_size, held=True)  # fmt: skip
+        table = role.table
+        return LoadedModel(model, batcher, ModelStats(table.stats[role.row, slot]), stats_rows=table.stats[:, slot])
+
+    return open_version
 
 
 async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
@@ -199,10 +223,16 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         slots = settings.max_queue_size + 4 * settings.max_batch_size
         clients = [ExecutorClient(role.table, role.index, e, role.run_dir, slots) for e in range(role.executors)]
         tasks = [asyncio.create_task(c.run()) for c in clients]
-        waits: list[asyncio.Task[Any]] = [asyncio.create_task(c.connected.wait()) for c in clients]
-        # The models run in the executors; /explain's layers are computed here (service.explain.layers).
-        waits.append(asyncio.create_task(asyncio.to_thread(plane.layer_models.load, settings.model_repository)))
-        loader = asyncio.create_task(asyncio.wait(waits))
+        if plane.repository is not None:
+            # Model control: the controller has the executors load what its mode says (and loads
+            # each version's layers here) once they are connected.
+            plane.repository.open_version = remote_versions(clients, role, settings)
+            loader = asyncio.create_task(_connect_then_load(clients, plane.repository))
+        else:
+            waits: list[asyncio.Task[Any]] = [asyncio.create_task(c.connected.wait()) for c in clients]
+            # The models run in the executors; /explain's layers are computed here (service.explain.layers).
+            waits.append(asyncio.create_task(asyncio.to_thread(plane.layer_models.load, settings.model_repository)))
+            loader = asyncio.create_task(asyncio.wait(waits))
     elif plane.repository is not None:
         # Model control: the controller loads what its mode says (and each version's layers).
         tasks = []
@@ -268,11 +298,18 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     if plane.repository is not None:
         await plane.repository.close()
     await core.close()
+    for client in clients:
+        await client.close()
     if role is not None:
         role.table.state[role.row] = shared_memory.STOPPED
     else:
         log.info("stopped")
     return exit_code
+
+
+async def _connect_then_load(clients: list[ExecutorClient], controller: ModelController) -> None:
+    await asyncio.gather(*(c.connected.wait() for c in clients))
+    await controller.start()
 
 
 _interrupts = 0

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         "until exit. poll: the repository is read again every --repository-poll-seconds; new, changed and "
         "removed versions are loaded or unloaded, each swapped in only once loaded and warmed. explicit: "
         "only --load-model models at start-up, then the repository API's load and unload (off otherwise). "
-        "Several front ends need --executor worker (they swap together); not the device executor yet.",
+        "With several front ends every process swaps together, the device executor included.",
     )
     repository_poll_seconds: float = Field(
         15.0, gt=0.0, description="Seconds between two reads of the model repository (--model-control-mode poll)."

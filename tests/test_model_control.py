@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
@@ -32,19 +34,37 @@ from tests.conftest import MODEL_PATH, ROOT, ServerProcess, png_bytes, wait_unti
 
 pytestmark = pytest.mark.skipif(not MODEL_PATH.is_file(), reason="bundled model models/cifar10/1/model.onnx missing")
 ONE_PROCESS = ("--workers", "1", "--executor", "worker", "--drain-seconds", "0")
+#: The default process model: front ends and a device executor that runs every model version.
+DEVICE_EXECUTOR = ("--workers", "2", "--executor", "device", "--drain-seconds", "0")
 PIXELS = np.zeros((1, 3, 32, 32), np.float32)
+V2_BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
 
 
-def add_version(model_dir: Path, version: int, broken: bool = False) -> None:
+def add_version(model_dir: Path, version: int, broken: bool = False, answers: int | None = None) -> None:
     """Write the version under a temporary name, then rename it into place (what README asks of
-    a deploy pipeline); ``broken``: a truncated model.onnx."""
+    a deploy pipeline); ``broken``: a truncated model.onnx; ``answers``: the bundled model with its
+    last layer's bias for that class raised so far that it is every image's top class, so an
+    answer's class tells which version computed it."""
     staging = model_dir / f".{version}.tmp"
     staging.mkdir(parents=True)
     if broken:
         (staging / "model.onnx").write_bytes(MODEL_PATH.read_bytes()[:5000])
+    elif answers is not None:
+        write_answering(staging / "model.onnx", answers)
     else:
         shutil.copy(MODEL_PATH, staging / "model.onnx")
     os.rename(staging, model_dir / str(version))
+
+
+def write_answering(path: Path, top_class: int) -> None:
+    """The bundled model with its last layer's bias for ``top_class`` raised so far that it is
+    every image's top class."""
+    model = onnx.load(MODEL_PATH)
+    bias = next(i for i in model.graph.initializer if i.name == "fc4.bias")
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[top_class] += 1000.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(model, path)
 
 
 def v2_input(module) -> list:
@@ -104,13 +124,15 @@ def test_load_model_flag_repeats_and_needs_explicit_mode():
 class Load:
     """Eight callers in threads, each in a loop until stopped: three tritonclient HTTP v2 infer,
     three tritonclient gRPC v2 infer, one /predict, one Classify; the version each answer names
-    is kept in ``answers``, every error in ``failures``."""
+    is kept in ``answers``, with its top class in ``computed`` ((version, class)), every error in
+    ``failures``."""
 
     KINDS = ("http", "http", "http", "grpc", "grpc", "grpc", "predict", "classify")
 
     def __init__(self, s: ServerProcess) -> None:
         self.s = s
         self.answers: list[str] = []
+        self.computed: list[tuple[str, int]] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
         self.image = png_bytes(np.full((32, 32, 3), 90, np.uint8))
@@ -128,16 +150,23 @@ class Load:
             while not self._stop.is_set():
                 try:
                     if kind == "http":
-                        self.answers.append(http.infer("cifar10", v2_input(thttp)).get_response()["model_version"])
+                        result = http.infer("cifar10", v2_input(thttp))
+                        version = result.get_response()["model_version"]
+                        top = int(np.argmax(result.as_numpy("logits")))
                     elif kind == "grpc":
-                        self.answers.append(grpc_v2.infer("cifar10", v2_input(tgrpc)).get_response().model_version)
+                        grpc_result = grpc_v2.infer("cifar10", v2_input(tgrpc))
+                        version = grpc_result.get_response().model_version
+                        top = int(np.argmax(grpc_result.as_numpy("logits")))
                     elif kind == "predict":
                         r = httpx.post(f"{s.http}/predict", files=[("file", ("a.png", self.image, "image/png"))])
                         r.raise_for_status()
-                        self.answers.append(r.json()["model_version"])
+                        version, top = r.json()["model_version"], r.json()["results"][0]["predictions"][0]["index"]
                     else:
                         request = pb.ClassifyRequest(images=[pb.Image(encoded=self.image)])
-                        self.answers.append(classify(request, timeout=30).model_version)
+                        reply = classify(request, timeout=30)
+                        version, top = reply.model_version, reply.results[0].predictions[0].index
+                    self.computed.append((version, top))
+                    self.answers.append(version)
                 except Exception as e:  # noqa: BLE001 - every failure is the test's finding
                     self.failures.append(f"{kind}: {e}")
         finally:
@@ -152,6 +181,28 @@ class Load:
 
 
 # ---- poll mode under load ----------------------------------------------------------------------
+def new_then_broken_version(s: ServerProcess, model_dir: Path, load: Load, answers: int | None = None) -> int:
+    """Under ``load``, in poll mode: version 2 dropped in (``answers``: see add_version) until it
+    answers and for 100 answers more, then a broken version 3 until the index reports it and for
+    50 answers more. No request may fail. Returns the number of answers before version 3 was reported."""
+    served, failures = load.answers, load.failures
+    try:
+        assert wait_until(lambda: len(served) >= 50, timeout=60), failures
+        add_version(model_dir, 2, answers=answers)
+        assert wait_until(lambda: "2" in served[-8:], timeout=60), (failures, s.log)
+        served_at = len(served)
+        assert wait_until(lambda: len(served) >= served_at + 100, timeout=60), failures
+        # A broken version 3 is reported and never served: answers keep naming 2.
+        add_version(model_dir, 3, broken=True)
+        assert wait_until(lambda: index_of(s).get(("cifar10", "3"), {}).get("state") == "UNAVAILABLE", timeout=30)
+        broken_at = len(served)
+        assert wait_until(lambda: len(served) >= broken_at + 50, timeout=60), failures
+    finally:
+        load.stop()
+    assert failures == []
+    return broken_at
+
+
 def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path, serve):
     model_dir = tmp_path / "cifar10"
     add_version(model_dir, 1)
@@ -161,21 +212,8 @@ def test_poll_swaps_in_a_new_version_under_load_with_no_failed_request(tmp_path,
                       "--repository-poll-seconds", "0.3")  # fmt: skip
     image = png_bytes(np.full((32, 32, 3), 90, np.uint8))
     load = Load(s)
-    answers, failures = load.answers, load.failures
-    try:
-        assert wait_until(lambda: len(answers) >= 50, timeout=60), failures
-        add_version(model_dir, 2)
-        assert wait_until(lambda: "2" in answers[-8:], timeout=60), (failures, s.log)
-        served_at = len(answers)
-        assert wait_until(lambda: len(answers) >= served_at + 100, timeout=60), failures
-        # A broken version 3 is reported and never served: answers keep naming 2.
-        add_version(model_dir, 3, broken=True)
-        assert wait_until(lambda: index_of(s).get(("cifar10", "3"), {}).get("state") == "UNAVAILABLE", timeout=30)
-        broken_at = len(answers)
-        assert wait_until(lambda: len(answers) >= broken_at + 50, timeout=60), failures
-    finally:
-        load.stop()
-    assert failures == []
+    broken_at = new_then_broken_version(s, model_dir, load)
+    answers = load.answers
     assert set(answers) == {"1", "2"}
     assert answers[broken_at:].count("2") == len(answers) - broken_at  # 3 never answered; 1 retired
     index = index_of(s)
@@ -236,6 +274,111 @@ def test_front_ends_swap_together_under_load(tmp_path, serve):
     assert wait_until(lambda: s.log.count("model cifar10 version 1 closed") == 2, timeout=30), s.log  # each one's
     index = index_of(s)  # any front end answers; each has the same states
     assert index[("cifar10", "2")]["state"] == "READY" and index[("cifar10", "3")]["state"] == "UNAVAILABLE"
+    assert s.stop() == 0, s.log
+
+
+# ---- the device executor --------------------------------------------------------------------------
+def version_stats(s: ServerProcess, version: str) -> dict:
+    return httpx.get(f"{s.http}/v2/models/cifar10/versions/{version}/stats").json()["model_stats"][0]
+
+
+def test_device_executor_swaps_versions_under_load(tmp_path, serve):
+    """Two front ends and a device executor (the default process model) in poll mode: the executor
+    loads the new version once, beside the old, the front ends swap together, no request fails
+    and every answer names the version that computed it (version 1 answers class 3 to every
+    image, version 2 class 5). A broken version is reported and never served; a version taken
+    out of the repository is released in the executor; statistics are the whole server's."""
+    model_dir = tmp_path / "cifar10"
+    add_version(model_dir, 1, answers=3)
+    (model_dir / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+    s = serve("--model-repository", str(tmp_path), *DEVICE_EXECUTOR, "--model-control-mode", "poll",
+              "--repository-poll-seconds", "0.3")  # fmt: skip
+    load = Load(s)
+    broken_at = new_then_broken_version(s, model_dir, load, answers=5)
+    answers = load.answers
+    assert set(load.computed) == {("1", 3), ("2", 5)}  # each answer computed by the version it names
+    assert answers[broken_at:] == ["2"] * (len(answers) - broken_at)
+    assert s.log.count("cnnserve.executor: loaded cifar10/2 from") == 1, s.log  # once, for both front ends
+    assert s.log.count("model cifar10 serves versions 2 (every front end has it)") == 2, s.log
+    assert wait_until(lambda: "model cifar10 version 1 closed in device executor 0" in s.log, timeout=30), s.log
+    index = index_of(s)
+    assert index[("cifar10", "2")]["state"] == "READY"
+    assert "cannot load" in index[("cifar10", "3")]["reason"] and "/3/model.onnx" in index[("cifar10", "3")]["reason"]
+    # Version 2's statistics: both front ends' and the executor's rows, the same from either front
+    # end (each request on a new connection; SO_REUSEPORT spreads them).
+    counts = {version_stats(s, "2")["inference_count"] for _ in range(12)}
+    assert len(counts) == 1 and counts.pop() == answers.count("2")
+    # Version 2 leaves the repository: the policy's latest is version 1 again, loaded anew.
+    shutil.rmtree(model_dir / "3")
+    os.rename(model_dir / "2", model_dir / ".2.removed")
+    assert wait_until(lambda: "model cifar10 version 2 closed in device executor 0" in s.log, timeout=60), s.log
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        result = http.infer("cifar10", v2_input(thttp))
+        assert result.get_response()["model_version"] == "1" and int(np.argmax(result.as_numpy("logits"))) == 3
+    assert s.stop() == 0, s.log
+
+
+def test_device_executor_loads_and_unloads_explicitly(tmp_path, serve):
+    """Explicit mode with a device executor: a load through one front end is served by every one;
+    unloading a version and then the model releases them in the executor; an executor killed
+    meanwhile comes back serving the same versions."""
+    add_version(tmp_path / "cifar10", 1, answers=3)
+    s = serve("--model-repository", str(tmp_path), *DEVICE_EXECUTOR, "--model-control-mode", "explicit",
+              "--load-model", "cifar10")  # fmt: skip
+
+    def answers(version: str = "", n: int = 12) -> set:
+        """(version, top class) of ``n`` requests, each on a new connection (any front end)."""
+        out = set()
+        for _ in range(n):
+            r = httpx.post(f"{s.http}/v2/models/cifar10{f'/versions/{version}' if version else ''}/infer", json=V2_BODY)
+            out.add((r.json()["model_version"], int(np.argmax(r.json()["outputs"][0]["data"])))
+                    if r.status_code == 200 else r.status_code)  # fmt: skip
+        return out
+
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        assert answers() == {("1", 3)}
+        add_version(tmp_path / "cifar10", 2, answers=5)
+        http.load_model("cifar10")
+        assert answers() == {("2", 5)} and answers("1") == {("1", 3)}
+        r = httpx.post(f"{s.http}/v2/repository/models/cifar10/unload", json={"parameters": {"version": "1"}})
+        assert r.status_code == 200, r.text
+        assert answers("1") == {404} and answers() == {("2", 5)}
+        assert wait_until(lambda: "model cifar10 version 1 closed in device executor 0" in s.log, timeout=30), s.log
+        # A restarted executor loads what its predecessor served into the same slots: the front
+        # ends' versions answer again once it is back.
+        os.kill(s.children[("device executor", 0)], signal.SIGKILL)
+        assert wait_until(lambda: s.log.count("executor 0 ready on") == 2, timeout=60), s.log
+        assert wait_until(lambda: answers(n=1) == {("2", 5)}, timeout=30), s.log
+        assert answers() == {("2", 5)}
+        with tgrpc.InferenceServerClient(s.grpc_target) as g:
+            g.unload_model("cifar10", unload_dependents=False)  # every version
+        assert answers() == {404}
+    assert wait_until(lambda: "model cifar10 version 2 closed in device executor 0" in s.log, timeout=30), s.log
+    assert s.stop() == 0, s.log
+
+
+def test_device_executor_never_serves_a_version_failing_its_precision_check(tmp_path, serve):
+    """--precision int8: version 2's INT8 variant disagrees with its FP32 model (a stand-in that
+    answers one class to everything), so the executor's check at load refuses it: the load answers
+    why, the index says so, and version 1 keeps serving."""
+    model_dir = tmp_path / "cifar10"
+    shutil.copytree(MODEL_PATH.parent, model_dir / "1")  # its INT8 variant passes the check
+    s = serve("--model-repository", str(tmp_path), *DEVICE_EXECUTOR, "--model-control-mode", "explicit",
+              "--load-model", "cifar10", "--precision", "int8")  # fmt: skip
+    staging = model_dir / ".2.tmp"
+    shutil.copytree(MODEL_PATH.parent, staging)
+    write_answering(staging / "model.int8.onnx", 5)
+    os.rename(staging, model_dir / "2")
+    with thttp.InferenceServerClient(f"127.0.0.1:{s.http_port}") as http:
+        with pytest.raises(InferenceServerException) as e:
+            http.load_model("cifar10")
+        assert e.value.status() == "400" and "agrees with fp32 on top-1 for only" in str(e.value), str(e.value)
+    for _ in range(6):  # each on a new connection: SO_REUSEPORT spreads them over the front ends
+        assert httpx.post(f"{s.http}/v2/models/cifar10/infer", json=V2_BODY).json()["model_version"] == "1"
+    index = index_of(s)
+    assert index[("cifar10", "1")]["state"] == "READY"
+    assert index[("cifar10", "2")]["state"] == "UNAVAILABLE"
+    assert "the int8 variant agrees with fp32 on top-1 for only" in index[("cifar10", "2")]["reason"]
     assert s.stop() == 0, s.log
 
 
@@ -406,19 +549,6 @@ def test_load_and_unload_are_off_without_explicit_mode(tmp_path, serve):
     assert s.stop() == 0, s.log
 
 
-def test_model_control_refuses_the_device_executor_with_one_clear_line(tmp_path):
-    add_version(tmp_path / "cifar10", 1)
-    out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--providers", "cpu", "--workers", "2",
-         "--executor", "device", "--http-port", "0", "--grpc-port", "0", "--model-repository", str(tmp_path),
-         "--model-control-mode", "poll"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert out.returncode == 1, out.stderr
-    assert "--model-control-mode poll with 2 front end(s) and executor device is not supported yet" in out.stderr
-    assert "Traceback" not in out.stderr
-
-
 def test_sync_repository_publishes_new_versions_only(tmp_path):
     source, target = tmp_path / "source", tmp_path / "target"
     for version in (1, 2):
@@ -447,7 +577,7 @@ def test_kubernetes_example_steps_publish_a_new_version(tmp_path, serve, monkeyp
     settings = effective_settings(docs, monkeypatch)
     monkeypatch.undo()  # the pod's CNNSERVE_* environment must not reach the server started below
     assert (settings.model_control_mode, settings.model_repository) == ("poll", "/repository")
-    assert settings.executor == "worker"  # poll mode's front ends run the models themselves
+    assert settings.executor == "auto"  # the overlay's process model stands: every one takes new versions
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     server = next(c for c in pod["containers"] if c["name"] == "cnnserve")
     assert {"name": "repository", "mountPath": "/repository", "readOnly": True} in server["volumeMounts"]

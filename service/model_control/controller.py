@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,12 @@ from service.model_control.state import (
 from service.settings import Settings
 
 log = logging.getLogger("cnnserve.model_control")
+
+#: Opens a version to be served: (its spec, a key of its files) -> the version behind its queue,
+#: loaded, warmed up and checked, not served until swapped in. By default a session in this
+#: process (``ModelController.open_locally``); a front end of a server with a device executor has
+#: the executor load it (``service.server``).
+VersionOpener = Callable[[ModelSpec, str], Awaitable[LoadedModel]]
 
 
 class ModelController:
@@ -72,6 +79,7 @@ class ModelController:
         self._lock = asyncio.Lock()
         self._retiring: dict[asyncio.Task[None], LoadedModel] = {}
         self._poller: asyncio.Task[None] | None = None
+        self.open_version: VersionOpener = self.open_locally
 
     # ---- start and stop ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -165,7 +173,7 @@ class ModelController:
                 continue
             self._set(name, version, LOADING)
             try:
-                loaded = await self._load_version(disk.spec)
+                loaded = await self._load_version(disk.spec, change_key(disk.fingerprint))
             except Exception as e:  # noqa: BLE001 - any failure of one version is reported, not raised
                 reason = one_line(e)
                 failed.append(f"version {version}: {reason}")
@@ -209,18 +217,21 @@ class ModelController:
         if problems or failed:
             raise ModelLoadFailed(f"failed to load {name!r}: {'; '.join(problems + failed)}")
 
-    async def _load_version(self, spec: ModelSpec) -> LoadedModel:
+    async def open_locally(self, spec: ModelSpec, key: str) -> LoadedModel:
+        """A session in this process, behind a local batcher."""
+        return self.core.local_model(await asyncio.to_thread(load_model, spec, self.settings))
+
+    async def _load_version(self, spec: ModelSpec, key: str) -> LoadedModel:
         started = time.monotonic()
-        runtime = await asyncio.to_thread(load_model, spec, self.settings)
+        # Its layers (for /explain) are read while the version loads (here, or in a device executor).
+        companion = asyncio.ensure_future(asyncio.to_thread(_read_layers, spec))
         try:
-            companion = await asyncio.to_thread(LayerModel.beside, spec)
-        except Exception as e:  # noqa: BLE001 - ORT raises many types; explanations then have no layers
-            log.warning("%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
-                        spec.name, spec.version, e)  # fmt: skip
-            companion = None
-        loaded = self.core.local_model(runtime)
-        if companion is not None:
-            self.layer_models.add(spec.name, spec.version, companion)
+            loaded = await self.open_version(spec, key)
+        finally:
+            layers = await companion
+        if layers is not None:
+            self.layer_models.add(spec.name, spec.version, layers)
+        runtime = loaded.runtime
         self.metrics.model_loads.labels(spec.name, "loaded").inc()
         log.info("loaded %s/%s from %s (%s) on %s in %.2fs", spec.name, spec.version, runtime.path,
                  runtime.precision, runtime.provider, time.monotonic() - started)  # fmt: skip
@@ -309,8 +320,9 @@ class ModelController:
         limit = time.monotonic() + max(self.settings.shutdown_timeout_seconds, RETIRE_GRACE_S)
         idle_looks = 0
         while idle_looks < 2 and time.monotonic() < limit:
-            await m.batcher.drain(max(0.0, limit - time.monotonic()))
-            idle_looks = idle_looks + 1 if m.decoding == 0 and m.batcher.queued_images == 0 else 0
+            # Its own requests: a device executor's queue depth counts every version's.
+            drained = await m.batcher.drain(max(0.0, limit - time.monotonic()))
+            idle_looks = idle_looks + 1 if drained and m.decoding == 0 else 0
             if idle_looks < 2:
                 await asyncio.sleep(RETIRE_GRACE_S)
         await m.batcher.close()
@@ -387,6 +399,7 @@ class ModelController:
                     log.info("model %s is still changing on disk; looking again at the next poll", name)
                     continue
                 self._seen[name] = state
+                log.info("model %s changed in the repository (read twice, the same)", name)
                 folder = self._folder(name)
                 if not versions_on_disk(folder) and not (folder / CONFIG_FILENAME).exists():
                     await self._forget(name, state)
@@ -413,3 +426,13 @@ class ModelController:
         self._publish(name)
         if not self._folder(name).is_dir():
             self.status.pop(name, None)
+
+
+def _read_layers(spec: ModelSpec) -> LayerModel | None:
+    """The version's layers.onnx companion, or None (explanations then have no layers)."""
+    try:
+        return LayerModel.beside(spec)
+    except Exception as e:  # noqa: BLE001 - ORT raises many types
+        log.warning("%s/%s: cannot load its layers.onnx, explanations will have no layers: %s",
+                    spec.name, spec.version, e)  # fmt: skip
+        return None

@@ -118,6 +118,7 @@ class ModelQueue:
         # room a batch has left, so /predict's latency holds whatever /explain sends.
         self.lanes: tuple[deque[Chunk], deque[Chunk]] = (deque(), deque())
         self.queued = 0
+        self.closing = False  # retired (model control): finish what is queued, then the thread ends
         self.cond = threading.Condition()
         self.observer = StatsObserver(executor.metrics, runtime.name, stats)
         shape = tuple(runtime.input_shape[1:])
@@ -136,6 +137,12 @@ class ModelQueue:
             self.queued += len(chunk.records)
             self.cond.notify()
 
+    def close(self) -> None:
+        """Retire this version: its thread runs what is queued, then ends."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+
     def _take(self) -> list[Chunk] | None:
         """Up to max_batch_size records, FIFO within each lane, requests first; None once the
         executor stops and nothing is left."""
@@ -144,7 +151,7 @@ class ModelQueue:
         with self.cond:
             while not self.queued:
                 beat(row, slot)
-                if self.executor.stopping.is_set():
+                if self.closing or self.executor.stopping.is_set():
                     return None
                 self.cond.wait(0.1)
             if self.delay_s > 0 and self.queued < self.max_batch_size:

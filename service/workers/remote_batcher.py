@@ -73,7 +73,11 @@ class ExecutorClient:
         self.table, self.frontend, self.executor = table, frontend, executor
         self.path = shared_memory.executor_socket(run_dir, executor)
         self.run_dir, self.slots = Path(run_dir), slots
-        self.models: list[ModelDescription] = []
+        self.models: list[ModelDescription] = []  # the versions the executor loaded at start, by slot
+        #: Model control: the slots this front end serves (loaded with ``load``, until ``release``).
+        self.held: set[int] = set()
+        self._loads: dict[int, asyncio.Future[dict[str, Any]]] = {}  # load request id -> its answer
+        self._next_load = 1
         self.max_queue_size = 0
         self.slabs: shared_memory.Slabs | None = None
         self.sock: socket.socket | None = None
@@ -134,12 +138,16 @@ class ExecutorClient:
                 self._done(np.frombuffer(data, shared_memory.DONE, offset=1))
             elif kind == shared_memory.MSG_MODELS:
                 self._hello(orjson.loads(data[1:]))
+            elif kind == shared_memory.MSG_LOADED:
+                answer = orjson.loads(data[1:])
+                waiter = self._loads.pop(answer["id"], None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(answer)
 
     def _hello(self, doc: dict[str, Any]) -> None:
         self.models = [ModelDescription.from_dict(m) for m in doc["models"]]
         self.max_queue_size = doc["max_queue_size"]
-        input_size = max(m.input_size for m in self.models)
-        classes = max(m.num_classes for m in self.models)
+        input_size, classes = doc["input_size"], doc["classes"]
         self._incarnation += 1
         old = self.slabs
         path = self.run_dir / f"fe{self.frontend}-ex{self.executor}-{os.getpid()}-{self._incarnation}.slab"
@@ -155,7 +163,7 @@ class ExecutorClient:
             Path(old.path).unlink(missing_ok=True)
         self._free = list(range(self.slots))
         self.table.submitted[self.frontend, self.executor] = 0
-        hello = {"frontend": self.frontend, **self.slabs.describe()}
+        hello = {"frontend": self.frontend, **self.slabs.describe(), "holds": sorted(self.held)}
         try:
             assert self.sock is not None
             self.sock.send(shared_memory.MSG_HELLO + orjson.dumps(hello))
@@ -184,6 +192,10 @@ class ExecutorClient:
             if not pending.future.done():
                 pending.future.set_exception(error)
         self._pending.clear()
+        for waiter in self._loads.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._loads.clear()
         self._outbox.clear()
         self._traces.clear()
         self._free = list(range(self.slots))
@@ -195,6 +207,39 @@ class ExecutorClient:
         self._closed = True
         self._lose()
 
+    # ---- model control: versions loaded and released while serving ----------------------------
+    async def load(self, request: dict[str, Any]) -> tuple[int, ModelDescription]:
+        """Have the executor load a version (``{name, version, path, key[, slot]}``; a version
+        another front end loaded with the same key is shared): its slot and description, once it is
+        loaded, warmed up and checked. VersionRefused says why it could not be."""
+        if self.sock is None or self._loop is None or not self.connected.is_set():
+            raise NotReady(f"device executor {self.executor} is starting or restarting; retry")
+        request_id = self._next_load
+        self._next_load += 1
+        answer = self._loop.create_future()
+        self._loads[request_id] = answer
+        try:
+            self.sock.send(shared_memory.MSG_LOAD + orjson.dumps({**request, "id": request_id}))
+        except OSError:
+            self._loads.pop(request_id, None)
+            self._lose()
+            raise NotReady(f"device executor {self.executor} stopped; retry") from None
+        doc = await answer
+        if doc.get("error"):
+            raise VersionRefused(doc["error"])
+        self.held.add(doc["slot"])
+        return doc["slot"], ModelDescription.from_dict(doc["model"])
+
+    def release(self, slot: int) -> None:
+        """This front end serves ``slot`` no more (the executor frees it once no front end does).
+        Not connected: the next hello's ``holds`` says it."""
+        self.held.discard(slot)
+        if self.sock is not None and self.connected.is_set():
+            try:
+                self.sock.send(shared_memory.MSG_RELEASE + orjson.dumps({"slot": slot}))
+            except OSError:
+                self._lose()
+
     # ---- requests -----------------------------------------------------------------------------
     @property
     def depth(self) -> int:
@@ -205,7 +250,12 @@ class ExecutorClient:
         return len(self._pending)
 
     def submit(
-        self, model_index: int, x: np.ndarray, deadline: float | None, priority: Priority = Priority.REQUEST
+        self,
+        model_index: int,
+        model: ModelDescription,
+        x: np.ndarray,
+        deadline: float | None,
+        priority: Priority = Priority.REQUEST,
     ) -> asyncio.Future[BatchOutput]:
         """Hand ``x`` (float32, the model's input, first axis = images) to the executor; the future
         resolves to a :class:`BatchOutput` of exactly these images."""
@@ -215,7 +265,6 @@ class ExecutorClient:
         depth = self.depth
         if depth + n > self.max_queue_size or n > len(self._free):
             raise Overloaded(f"queue full ({depth} images waiting, limit {self.max_queue_size})")
-        model = self.models[model_index]
         kind = shared_memory.KIND_BACKGROUND if priority == Priority.BACKGROUND else shared_memory.KIND_REQUEST
         slabs, free = self.slabs, self._free
         slots = free[-n:]
@@ -330,20 +379,28 @@ class ExecutorClient:
         )
 
 
+class VersionRefused(Exception):
+    """The device executor could not load a version (its reason, in one line)."""
+
+
 class RemoteBatcher:
     """``Batcher``'s interface for one model version that runs in the device executors: images
-    are normalised here (front-end work) and handed to the least-loaded connected executor."""
+    are normalised here (front-end work) and handed to the least-loaded connected executor.
+    ``slots``: the version's slot in each executor (``clients``' order); ``held``: loaded while
+    serving (model control), so ``close`` releases the slots."""
 
     def __init__(
         self,
         clients: list[ExecutorClient],
-        model_index: int,
+        slots: list[int],
         model: ModelDescription,
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
+        held: bool = False,
     ) -> None:
-        self.clients, self.model_index, self.model = clients, model_index, model
+        self.clients, self.slots, self.model, self.held = clients, slots, model, held
+        self.in_flight = 0  # requests of this version handed over and not answered yet
         self.max_batch_size, self.max_queue_delay_s, self.max_queue_size = (
             max_batch_size,
             max_queue_delay_s,
@@ -363,18 +420,30 @@ class RemoteBatcher:
     ) -> BatchOutput:
         x = items if items.dtype == np.float32 else self.model.normalizer(items)
         clients = self.clients
-        client = clients[0] if len(clients) == 1 else min(clients, key=lambda c: (not c.connected.is_set(), c.depth))
-        return await client.submit(self.model_index, x, deadline, priority)
+        if len(clients) == 1:
+            client, slot = clients[0], self.slots[0]
+        else:
+            at = min(range(len(clients)), key=lambda i: (not clients[i].connected.is_set(), clients[i].depth))
+            client, slot = clients[at], self.slots[at]
+        future = client.submit(slot, self.model, x, deadline, priority)
+        self.in_flight += 1
+        try:
+            return await future
+        finally:
+            self.in_flight -= 1
 
     async def drain(self, timeout: float) -> bool:
-        """Wait until every request handed over has come back; False on timeout."""
+        """Wait until every request of this version handed over has come back; False on timeout."""
         until = time.monotonic() + timeout
-        while any(c.in_flight for c in self.clients):
+        while self.in_flight:
             if time.monotonic() >= until:
                 return False
             await asyncio.sleep(0.01)
         return True
 
     async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
+        """A version loaded while serving: its executors may free it once no front end serves it.
+        The connections themselves are closed by their owner (``service.server``)."""
+        if self.held:
+            for client, slot in zip(self.clients, self.slots):
+                client.release(slot)

@@ -41,10 +41,18 @@ KIND_REQUEST, KIND_BACKGROUND = 0, 1
 DONE = np.dtype([("request", "<u4"), ("slot", "<u4"), ("status", "u1")])
 STATUS_OK, STATUS_DEADLINE, STATUS_CANCELLED, STATUS_FAILED = 0, 1, 2, 3
 
-MSG_MODELS = b"M"  # executor → front end, on connect: JSON list of model descriptions
-MSG_HELLO = b"H"  # front end → executor: JSON {frontend, slab path, slots}
+MSG_MODELS = b"M"  # executor → front end, on connect: JSON {models loaded at start, slab row sizes}
+MSG_HELLO = b"H"  # front end → executor: JSON {frontend, slab path, slots, holds (slots it serves)}
 MSG_SUBMIT = b"S"  # front end → executor: SUBMIT records
 MSG_DONE = b"D"  # executor → front end: DONE records
+# Model control (service.workers.executor): versions loaded and released while serving.
+MSG_LOAD = b"L"  # front end → executor: JSON {id, name, version, path, key[, slot]}: load into a slot
+MSG_LOADED = b"l"  # executor → front end: JSON {id, slot, model} or {id, error}
+MSG_RELEASE = b"R"  # front end → executor: JSON {slot}: this front end serves that slot no more
+#: Slots (model versions at once) of a device executor under model control: the control table's
+#: statistics and heartbeat columns are sized once, at start, for this many. A swap holds the old
+#: and the new version of a model at once, so this serves up to half as many versions steadily.
+MODEL_CONTROL_SLOTS = 64
 #: Most records in one message: keeps a message (24 B a record) well under the socket buffer.
 MAX_RECORDS_PER_MESSAGE = 2048
 MAX_MESSAGE_BYTES = 1 + SUBMIT.itemsize * MAX_RECORDS_PER_MESSAGE + 65536
@@ -182,7 +190,8 @@ class ControlTable:
       handed over and images taken into a batch or dropped. The executor's queue depth is
       ``(submitted - taken)[:, e].sum()``: any front end reads it without a round trip. Two front
       ends admitting at the same instant can overshoot the bound by one request each.
-    - ``stats[row, model]``: that process's :class:`service.metrics.ModelStats` vector.
+    - ``stats[row, model]``: that process's :class:`service.metrics.ModelStats` vector, per model
+      version (under model control with a device executor: per slot of the executor).
     - ``beat[row, slot]``: ``time.monotonic()`` of each loop's last heartbeat (slot 0 the main
       loop, 1 + m model m's compute thread; 0: not beating yet), and ``busy[row, slot]``: the
       images of the batch that compute thread is running (0: idle). The supervisor reads both

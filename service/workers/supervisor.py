@@ -140,9 +140,18 @@ class Supervisor:
     def _describe(self, row: int) -> str:
         return f"device executor {row}" if row < self.executors else f"front end {row - self.executors}"
 
+    def _model_columns(self) -> int:
+        """The control table's columns per process for model versions: the versions found at start,
+        or, when a device executor loads versions while serving, its slots (sized once, here)."""
+        if self.executors and self.settings.model_control_mode != "none":
+            return shared_memory.MODEL_CONTROL_SLOTS
+        return len(self.specs)
+
     def _slot_names(self, row: int) -> list[str]:
         if row >= self.executors:
             return ["event loop"]
+        if self.settings.model_control_mode != "none":  # slots hold what the front ends loaded
+            return ["I/O thread"] + [f"compute thread of model slot {k}" for k in range(self._model_columns())]
         return ["I/O thread"] + [f"compute thread for {spec.name}/{spec.version}" for spec in self.specs]
 
     def _reap(self, halt_on_failure: bool = True) -> int | None:
@@ -336,7 +345,7 @@ class Supervisor:
             str(self.run_dir / "control"),
             self.executors,
             self.workers,
-            len(self.specs),
+            self._model_columns(),
             ModelStats.width(s.max_batch_size),
         )
         slots = s.max_queue_size + 4 * s.max_batch_size
@@ -404,16 +413,5 @@ def run(settings: Settings, serve: Callable[[Settings], int], frontend_main: Cal
     workers, placement, gpus = plan(settings)
     if workers == 1 and placement == "worker":
         return serve(settings)
-    if settings.model_control_mode != "none" and placement != "worker":
-        # Front ends that run the models swap together (service.model_control.fleet); the device
-        # executor's sessions do not take new versions yet (README: Model control).
-        logs.configure(settings.log_level, settings.log_format)
-        log.error(
-            "--model-control-mode %s with %d front end(s) and executor %s is not supported yet: use --executor worker",
-            settings.model_control_mode,
-            workers,
-            placement,
-        )
-        return 1
     logs.configure(settings.log_level, settings.log_format)
     return Supervisor(settings, workers, placement, gpus, frontend_main).run()

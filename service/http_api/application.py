@@ -37,11 +37,14 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     )
     ctx = HttpContext(plane, metrics)
     app.include_router(routes.build_router(ctx))
-    app.include_router(inference_routes.build_router(ctx))
+    v2_router = inference_routes.build_router(ctx)
+    app.include_router(v2_router)
     app.include_router(explain_routes.build_router(ctx))
     app.include_router(page_routes.build_router(ctx))
     app.mount("/static", page_routes.static_files(), name="static")
-    app.add_middleware(routes.DirectRoute, path="/predict", endpoint=routes.predict_endpoint(ctx))
+    # POST /predict and v2 inference skip FastAPI's routing (routes.DirectRoute).
+    predict, infer = routes.predict_endpoint(ctx), inference_routes.direct_infer(ctx, v2_router.routes)
+    app.add_middleware(routes.DirectRoute, match=lambda path: predict if path == "/predict" else infer(path))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:

@@ -223,25 +223,30 @@ def predict_endpoint(ctx: HttpContext) -> Endpoint:
     return predict
 
 
-class DirectRoute:
-    """ASGI middleware that hands ``POST <path>`` straight to ``endpoint``, ahead of FastAPI's
-    routing: the router's match over every route, its per-request scope copies and exception
-    wrappers were ~20 % of /predict's CPU at 64 callers (bench/profile_path.py). Only for an
-    endpoint that takes the Request as it is and maps its own errors (``HttpContext.handle``);
-    what escapes it still reaches the app's 500 handler (this sits inside ServerErrorMiddleware).
-    Other methods on the path (405) and other paths go through FastAPI as before."""
+#: A POST path → the endpoint that serves it directly, or None (FastAPI routes it).
+DirectMatch = Callable[[str], Endpoint | None]
 
-    def __init__(self, app: ASGIApp, path: str, endpoint: Endpoint) -> None:
+
+class DirectRoute:
+    """ASGI middleware that hands the POST requests ``match`` claims straight to their endpoint,
+    ahead of FastAPI's routing: the router's match over every route, its per-request scope copies
+    and exception wrappers were ~20 % of /predict's CPU at 64 callers (bench/profile_path.py). Only
+    for endpoints that take the Request as it is and map their own errors (``HttpContext.handle``);
+    what escapes one still reaches the app's 500 handler (this sits inside ServerErrorMiddleware).
+    Other methods on those paths (405) and other paths go through FastAPI as before."""
+
+    def __init__(self, app: ASGIApp, match: DirectMatch) -> None:
         self.app = app
-        self.path = path
-        self.endpoint = endpoint
+        self.match = match
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "POST":
-            request = Request(scope, receive, send)
-            response = await self.endpoint(request)
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.match(scope["path"])
+            if endpoint is not None:
+                request = Request(scope, receive, send)
+                response = await endpoint(request)
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.ascii_numbers import parse_uint
 from service.errors import InvalidInput, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
 from service.http_api import multipart
-from service.http_api.context import TIMEOUT_HEADER, HttpContext, get_and_head, json_response
+from service.http_api.context import TIMEOUT_HEADER, HttpContext, get_and_head, internal_error, json_response
 from service.http_api.schemas import (
     PREDICT_REQUEST_BODY,
     Liveness,
@@ -228,12 +228,13 @@ DirectMatch = Callable[[str], Endpoint | None]
 
 
 class DirectRoute:
-    """ASGI middleware that hands the POST requests ``match`` claims straight to their endpoint,
-    ahead of FastAPI's routing: the router's match over every route, its per-request scope copies
-    and exception wrappers were ~20 % of /predict's CPU at 64 callers (bench/profile_path.py). Only
-    for endpoints that take the Request as it is and map their own errors (``HttpContext.handle``);
-    what escapes one still reaches the app's 500 handler (this sits inside ServerErrorMiddleware).
-    Other methods on those paths (405) and other paths go through FastAPI as before."""
+    """ASGI app in front of the FastAPI app that serves the POST requests ``match`` claims with
+    their endpoint itself: FastAPI's routing (its match over every route, per-request scope copies
+    and exception wrappers) was ~20 % of /predict's CPU at 64 callers, and its middleware layers
+    (error, telemetry and body-limit wrappers, each a coroutine per request and per message sent)
+    another ~5 % (bench/profile_path.py). Only for endpoints that take the Request as it is and map
+    their own errors (``HttpContext.handle``); what escapes one is answered 500 and logged, as the
+    app's own handler does. Other methods on those paths (405) and other paths go to the app."""
 
     def __init__(self, app: ASGIApp, match: DirectMatch) -> None:
         self.app = app
@@ -244,7 +245,10 @@ class DirectRoute:
             endpoint = self.match(scope["path"])
             if endpoint is not None:
                 request = Request(scope, receive, send)
-                response = await endpoint(request)
+                try:
+                    response = await endpoint(request)
+                except Exception as e:
+                    response = internal_error(request, e)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -20,6 +20,7 @@ Servers (``--servers`` picks some):
   ``context.read()``: how cnnserve serves its unary methods (service/grpc_api/instrumented.py).
 - ``grpc-aio-throughput``: grpc.aio unary with ``grpc.optimization_target=throughput``.
 - ``grpc-sync``: grpc's threaded server (``--sync-threads`` threads), unary-unary.
+- ``grpclib``: grpclib (pure-Python gRPC on h2, ``pip install grpclib``), uvloop, bytes in and out.
 
 Every gRPC server runs with compression off and ``grpc.so_reuseport=0``.
 Writes bench/results/floors.json.
@@ -50,6 +51,7 @@ SERVERS = (
     "grpc-aio-streamed",
     "grpc-aio-throughput",
     "grpc-sync",
+    "grpclib",
 )
 CLASSIFY_METHOD = "/cnnserve.v1.Classifier/Classify"
 SERVED_METHOD = "/floors.Floor/Served"
@@ -188,6 +190,47 @@ def serve_grpc(kind: str, port: int, sync_threads: int) -> None:
     uvloop.run(main())
 
 
+def serve_grpclib(port: int) -> None:
+    from grpclib.const import Cardinality, Handler
+    from grpclib.encoding.proto import ProtoCodec
+    from grpclib.server import Server
+
+    answer, count = grpc_answer(), [0]
+
+    class RawCodec(ProtoCodec):  # bytes in and out, as the other servers' handlers
+        def encode(self, message, message_type):  # type: ignore[no-untyped-def]
+            return message
+
+        def decode(self, data, message_type):  # type: ignore[no-untyped-def]
+            return data
+
+    class Floor:
+        async def classify(self, stream) -> None:  # type: ignore[no-untyped-def]
+            await stream.recv_message()
+            count[0] += 1
+            await stream.send_message(answer)
+
+        async def served(self, stream) -> None:  # type: ignore[no-untyped-def]
+            await stream.recv_message()
+            await stream.send_message(str(count[0]).encode())
+
+        def __mapping__(self):  # type: ignore[no-untyped-def]
+            return {
+                CLASSIFY_METHOD: Handler(self.classify, Cardinality.UNARY_UNARY, bytes, bytes),
+                SERVED_METHOD: Handler(self.served, Cardinality.UNARY_UNARY, bytes, bytes),
+            }
+
+    async def main() -> None:
+        server = Server([Floor()], codec=RawCodec())
+        await server.start("127.0.0.1", port)
+        print("listening", flush=True)
+        await server.wait_closed()
+
+    import uvloop
+
+    uvloop.run(main())
+
+
 def serve(kind: str, port: int, sync_threads: int) -> None:
     if kind == "uvicorn":
         import uvicorn
@@ -195,6 +238,8 @@ def serve(kind: str, port: int, sync_threads: int) -> None:
         print("listening", flush=True)
         options = {"loop": "uvloop", "http": "httptools", "log_level": "warning", "access_log": False}
         uvicorn.run(asgi_app, host="127.0.0.1", port=port, **options)
+    elif kind == "grpclib":
+        serve_grpclib(port)
     else:
         serve_grpc(kind, port, sync_threads)
 
@@ -249,7 +294,7 @@ class FloorServer:
 
     @property
     def target(self) -> str:
-        return "grpc" if self.kind.startswith("grpc") else "http"
+        return "grpc" if self.kind.startswith("grpc") else "http"  # grpclib too
 
     def served(self) -> int:
         if self.target == "http":

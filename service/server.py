@@ -183,13 +183,13 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         log.error("%s", e)
         return 1
     http_port = sock.getsockname()[1]
-    app = create_app(plane, metrics)
+    app, served = create_app(plane, metrics)
     # /readyz also asks the gRPC port for its health, over loopback (issue 17): in plaintext with
     # health open only; under TLS the check would need the server's name and, with mutual TLS, a
     # client certificate it does not have (README "Secure it": probe gRPC health there).
     if security.tls is None and "health" not in security.access.restricted:
         app.state.grpc_self_check = GrpcSelfCheck(loopback_target(settings.host, grpc_server.port))
-    config = uvicorn_config(security.http_app(app, metrics), settings, security.http_ssl)
+    config = uvicorn_config(security.http_app(served, metrics), settings, security.http_ssl)
     http_server = uvicorn.Server(config)
     # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
     # SIGTERM starts our drain instead.

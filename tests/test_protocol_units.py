@@ -14,6 +14,7 @@ import pytest
 from service.errors import InvalidInput, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
 from service.http_api.context import timeout_from_header
 from service.http_api.inference_rest import decompress, encode_rest_response, parse_rest_request
+from service.http_api.inference_routes import infer_path
 from service.http_api.routes import int_parameter, parse_json_body
 from service.inference.batcher import Batcher
 from service.inference.core import InferenceCore
@@ -297,3 +298,22 @@ def test_rest_response_binary_section(model):
     probabilities = np.frombuffer(body[header_length:], "<f4").reshape(2, 10)
     np.testing.assert_allclose(probabilities, result.probabilities)
     assert len(head["outputs"][1]["data"]) == 4 and head["outputs"][1]["data"][0].count(":") == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v2/models/cifar10/infer", ("cifar10", None)),
+        ("/v2/models/cifar10/versions/2/infer", ("cifar10", "2")),
+        ("/v2/models/infer", None),  # no name segment
+        ("/v2/models//infer", None),
+        ("/v2/models/cifar10/versions//infer", None),
+        ("/v2/models/cifar10/x/2/infer", None),
+        ("/v2/models/a/b/c/d/infer", None),
+        ("/v2/models/cifar10/ready", None),
+        ("/v2/models/cifar10/inference", None),
+    ],
+)
+def test_infer_path_matches_as_the_router(path, expected):
+    """What routes.DirectRoute takes for v2 inference: exactly the paths of the two infer routes."""
+    assert infer_path(path) == expected

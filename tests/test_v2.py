@@ -362,6 +362,24 @@ def test_http_bad_requests(server, http, reference):
     np.testing.assert_allclose(http.infer(MODEL, [http_input(x)]).as_numpy("logits"), logits, atol=1e-5)
 
 
+def test_http_infer_paths_direct_and_routed(server, reference):
+    """POST to an infer path is served ahead of FastAPI's routing (routes.DirectRoute); the same
+    answers as FastAPI's routes would give: a version in the path, other methods 405, paths that
+    are not an infer route 404."""
+    x = images(1)
+    doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": x.ravel().tolist()}]}
+    r = httpx.post(f"{server.http}/v2/models/{MODEL}/versions/1/infer", json=doc)
+    assert r.status_code == 200, r.text
+    logits, _ = reference(x)
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    np.testing.assert_allclose(np.array(outputs["logits"]["data"]).reshape(1, -1), logits, atol=1e-5)
+    assert r.json()["model_version"] == "1"
+    assert httpx.get(f"{server.http}/v2/models/{MODEL}/infer").status_code == 405
+    for path in ("/v2/models//infer", f"/v2/models/{MODEL}/versions//infer", f"/v2/models/{MODEL}/x/1/infer"):
+        r = httpx.post(f"{server.http}{path}", json=doc)
+        assert r.status_code == 404, (path, r.text)
+
+
 def test_grpc_bad_requests(server, grpc_client, reference):
     x = images(1)
 

@@ -53,17 +53,18 @@ def request_from_proto(request: pb.ModelInferRequest) -> v2.InferRequest:
             # Names are echoed in errors further on: a megabyte-long one is refused here, cut short.
             raise InvalidInput(f"inputs[{i}]: name or datatype longer than {MAX_NAME} characters: {shown(t.name)}")
         fields = t.contents.ListFields()
+        shape = list(t.shape)  # read from the message once: its checks and the tensor use the list
         if raw and fields:
             raise InvalidInput(f"input {t.name!r} has contents although the request uses raw_input_contents")
         if len(fields) > 1:
             raise InvalidInput(f"input {t.name!r} sets more than one contents field")
         if raw:
-            inputs.append(v2.InputTensor(t.name, t.datatype, t.shape, raw=raw[i]))
+            inputs.append(v2.InputTensor(t.name, t.datatype, shape, raw=raw[i]))
         elif fields:
             descriptor, values = fields[0]
-            inputs.append(v2.InputTensor(t.name, t.datatype, t.shape, data=values, contents=descriptor.name))
+            inputs.append(v2.InputTensor(t.name, t.datatype, shape, data=values, contents=descriptor.name))
         else:
-            inputs.append(v2.InputTensor(t.name, t.datatype, t.shape))
+            inputs.append(v2.InputTensor(t.name, t.datatype, shape))
     for i, o in enumerate(request.outputs):
         if len(o.name) > MAX_NAME:
             raise InvalidInput(f"outputs[{i}]: name longer than {MAX_NAME} characters: {shown(o.name)}")

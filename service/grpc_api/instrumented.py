@@ -20,7 +20,6 @@ from service.grpc_api.http2_limits import trim_heap_soon
 from service.metrics import Metrics
 
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: how long a client's retry policy should wait
-T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 #: A servicer's async RPC method (self, request, context).
@@ -30,7 +29,7 @@ UNTRACED = frozenset({"ModelReady"})  # readiness probes, like HTTP's, make no t
 
 class Instrumented:
     """Records cnnserve_requests_total / _request_duration_seconds for one gRPC method and turns
-    domain errors into the call's status."""
+    domain errors into the call's status. Label children are resolved once, here."""
 
     def __init__(self, metrics: Metrics, method: str) -> None:
         self.metrics = metrics
@@ -38,38 +37,36 @@ class Instrumented:
         self.duration = metrics.request_duration.labels("grpc", method)
         self.ok = metrics.requests.labels("grpc", method, "OK")
 
-    async def __call__(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-        started = time.perf_counter()
-        try:
-            response = await work
-        except ServiceError as e:
-            code = grpc_status(e)
-            self.metrics.requests.labels("grpc", self.method, code.name).inc()
-            if not e.counted_by_batcher:
-                self.metrics.rejected.labels(e.reason).inc()
-            self.duration.observe(time.perf_counter() - started)
-            trailers: tuple[tuple[str, str], ...] = ()
-            if isinstance(e, Overloaded):
-                trailers = ((RETRY_PUSHBACK, str(max(1, math.ceil(e.retry_after_s * 1000)))),)
-            await context.abort(code, e.message, trailing_metadata=trailers)
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if remaining is not None and remaining <= 0
-                else grpc.StatusCode.CANCELLED
-            )
-            self.metrics.requests.labels("grpc", self.method, code.name).inc()
-            raise
+    def succeeded(self, started: float) -> None:
         self.ok.inc()
         self.duration.observe(time.perf_counter() - started)
-        return response
+
+    async def failed(self, context: grpc.aio.ServicerContext, e: ServiceError, started: float) -> None:
+        code = grpc_status(e)
+        self.metrics.requests.labels("grpc", self.method, code.name).inc()
+        if not e.counted_by_batcher:
+            self.metrics.rejected.labels(e.reason).inc()
+        self.duration.observe(time.perf_counter() - started)
+        trailers: tuple[tuple[str, str], ...] = ()
+        if isinstance(e, Overloaded):
+            trailers = ((RETRY_PUSHBACK, str(max(1, math.ceil(e.retry_after_s * 1000)))),)
+        await context.abort(code, e.message, trailing_metadata=trailers)
+
+    def cancelled(self, context: grpc.aio.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        code = (
+            grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        )
+        self.metrics.requests.labels("grpc", self.method, code.name).inc()
 
 
 def rpc(method: RpcMethod[Req, Resp]) -> RpcMethod[Req, Resp]:
     """Decorate a servicer's async RPC method (on an object with a ``metrics`` attribute): its
-    metrics are recorded under the method's name and domain errors become the call's status."""
+    metrics are recorded under the method's name and domain errors become the call's status.
+    One coroutine per call: the method's own is awaited inside it (or inside the tracing span's,
+    only when tracing is on)."""
     name = method.__name__
+    traced = name not in UNTRACED
 
     @functools.wraps(method)
     async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
@@ -77,10 +74,20 @@ def rpc(method: RpcMethod[Req, Resp]) -> RpcMethod[Req, Resp]:
         instrumented = instruments.get(name)
         if instrumented is None:
             instrumented = instruments[name] = Instrumented(self.metrics, name)
-        work = method(self, request, context)
-        if tracing.ENABLED and name not in UNTRACED:
-            work = tracing.traced_grpc(name, context, work)
-        return await instrumented(context, work)
+        started = time.perf_counter()
+        try:
+            if tracing.ENABLED and traced:
+                response = await tracing.traced_grpc(name, context, method(self, request, context))
+            else:
+                response = await method(self, request, context)
+        except ServiceError as e:
+            await instrumented.failed(context, e, started)
+            raise  # not reached: abort() raises
+        except asyncio.CancelledError:
+            instrumented.cancelled(context)
+            raise
+        instrumented.succeeded(started)
+        return response
 
     return handler
 

@@ -9,19 +9,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from service import __version__
 from service.dataplane import DataPlane
 from service.errors import ServiceError
 from service.http_api import explain_routes, inference_routes, page_routes, routes
-from service.http_api.context import HttpContext, error_response, json_response
+from service.http_api.context import HttpContext, error_response, internal_error, json_response
 from service.metrics import Metrics
 
 log = logging.getLogger("cnnserve.http")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc files
 
 
-def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
+def create_app(plane: DataPlane, metrics: Metrics) -> tuple[FastAPI, ASGIApp]:
+    """The FastAPI app (its ``state`` is the server's to set), and the ASGI app to serve: the same
+    behind ``routes.DirectRoute``, which serves POST /predict and v2 inference itself, outside
+    FastAPI's routing and middleware layers (their routes stay in the app, for the OpenAPI
+    document and for any other method on their paths)."""
     # FastAPIOffline serves Swagger UI (/docs) and ReDoc (/redoc) from the files its package
     # ships, so the docs work in a cluster without internet access; no validator badge either.
     app = FastAPIOffline(
@@ -37,11 +42,13 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     )
     ctx = HttpContext(plane, metrics)
     app.include_router(routes.build_router(ctx))
-    app.include_router(inference_routes.build_router(ctx))
+    v2_router = inference_routes.build_router(ctx)
+    app.include_router(v2_router)
     app.include_router(explain_routes.build_router(ctx))
     app.include_router(page_routes.build_router(ctx))
     app.mount("/static", page_routes.static_files(), name="static")
-    app.add_middleware(routes.DirectRoute, path="/predict", endpoint=routes.predict_endpoint(ctx))
+    predict, infer = routes.predict_endpoint(ctx), inference_routes.direct_infer(ctx, v2_router.routes)
+    served = routes.DirectRoute(app, lambda path: predict if path == "/predict" else infer(path))
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
@@ -64,7 +71,6 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
+        return internal_error(request, exc)
 
-    return app
+    return app, served

@@ -4,6 +4,7 @@ and the race between a request's work and its client going away."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 
+log = logging.getLogger("cnnserve.http")
 TIMEOUT_HEADER = "x-request-timeout-ms"
 BUFFERED_KEY = "cnnserve.buffered"  # request scope: body bytes this request holds against max_buffered_bytes
 T = TypeVar("T")
@@ -63,6 +65,12 @@ def error_response(error: ServiceError) -> Response:
     elif isinstance(error, BufferFull):
         headers = {"Retry-After": "1"}
     return json_response({"error": error.message}, http_status(error), headers)
+
+
+def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug's answer: 500, its type named, its traceback logged."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
 
 
 class HttpContext:

@@ -9,22 +9,26 @@ metrics.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.routing import BaseRoute
 
 from service.errors import InvalidInput, ModelNotFound
 from service.http_api import inference_rest as rest
 from service.http_api.context import HttpContext, get_and_head, json_response
+from service.http_api.routes import DirectMatch, Endpoint
 from service.http_api.schemas import V2_INFER_REQUEST_BODY, error_responses
 from service.protocol import metadata
 from service.protocol import model_repository as repository
 from service.protocol import open_inference as v2
 
 BINARY_CONTENT_TYPE = "application/octet-stream"
+INFER_PATH, INFER_VERSION_PATH = "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"
+Infer = Callable[[Request, str, str | None], Awaitable[Response]]
 
 
 def build_router(ctx: HttpContext) -> APIRouter:
@@ -124,6 +128,22 @@ def build_router(ctx: HttpContext) -> APIRouter:
         return await ctx.handle("v2_model_config", _json(metadata.model_config, name, version))
 
     # ---- inference ------------------------------------------------------------------------------
+    infer = infer_endpoint(ctx)
+    body = {"requestBody": V2_INFER_REQUEST_BODY}
+
+    @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)", openapi_extra=body)
+    @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version", openapi_extra=body)
+    async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
+        return await infer(request, name, version)
+
+    return router
+
+
+def infer_endpoint(ctx: HttpContext) -> Infer:
+    """POST /v2/models/{name}[/versions/{version}]/infer: served by ``direct_infer``'s match ahead of
+    FastAPI's routing, and registered as routes too, for the OpenAPI document."""
+    plane = ctx.plane
+
     def _max_numbers(name: str, version: str | None) -> int | None:
         """The most tensor elements a request to this model can carry (None: model unknown,
         refused later with its own error)."""
@@ -156,11 +176,45 @@ def build_router(ctx: HttpContext) -> APIRouter:
             content, media_type=BINARY_CONTENT_TYPE, headers={"Inference-Header-Content-Length": str(header_length)}
         )
 
-    body = {"requestBody": V2_INFER_REQUEST_BODY}
-
-    @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)", openapi_extra=body)
-    @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version", openapi_extra=body)
-    async def model_infer(request: Request, name: str, version: str | None = None) -> Response:
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
         return await ctx.handle("v2_infer", _infer(request, name, version), request)
 
-    return router
+    return infer
+
+
+def infer_path(path: str) -> tuple[str, str | None] | None:
+    """(name, version or None) of ``/v2/models/{name}[/versions/{version}]/infer``, as FastAPI's
+    router matches it (each a non-empty path segment); None for any other path."""
+    if not path.startswith("/v2/models/") or not path.endswith("/infer"):
+        return None
+    parts = path[11:-6].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], None
+    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+        return parts[0], parts[2]
+    return None
+
+
+def direct_infer(ctx: HttpContext, router_routes: list[BaseRoute]) -> DirectMatch:
+    """The match of ``routes.DirectRoute`` for v2 inference: a path → its endpoint, with the name
+    and version the path gives. ``router_routes`` (those of ``build_router``'s router)
+    gives each request the route FastAPI would have matched, for what reads it (tracing's span
+    name: the route's template)."""
+    infer = infer_endpoint(ctx)
+    by_path = {path: r for r in router_routes if (path := getattr(r, "path", None)) in (INFER_PATH, INFER_VERSION_PATH)}
+    plain, versioned = by_path[INFER_PATH], by_path[INFER_VERSION_PATH]
+
+    def match(path: str) -> Endpoint | None:
+        found = infer_path(path)
+        if found is None:
+            return None
+        name, version = found
+        route = plain if version is None else versioned
+
+        async def endpoint(request: Request) -> Response:
+            request.scope["route"] = route
+            return await infer(request, name, version)
+
+        return endpoint
+
+    return match

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.ascii_numbers import parse_uint
 from service.errors import InvalidInput, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
 from service.http_api import multipart
-from service.http_api.context import TIMEOUT_HEADER, HttpContext, get_and_head, json_response
+from service.http_api.context import TIMEOUT_HEADER, HttpContext, get_and_head, internal_error, json_response
 from service.http_api.schemas import (
     PREDICT_REQUEST_BODY,
     Liveness,
@@ -223,25 +223,34 @@ def predict_endpoint(ctx: HttpContext) -> Endpoint:
     return predict
 
 
-class DirectRoute:
-    """ASGI middleware that hands ``POST <path>`` straight to ``endpoint``, ahead of FastAPI's
-    routing: the router's match over every route, its per-request scope copies and exception
-    wrappers were ~20 % of /predict's CPU at 64 callers (bench/profile_path.py). Only for an
-    endpoint that takes the Request as it is and maps its own errors (``HttpContext.handle``);
-    what escapes it still reaches the app's 500 handler (this sits inside ServerErrorMiddleware).
-    Other methods on the path (405) and other paths go through FastAPI as before."""
+#: A POST path → the endpoint that serves it directly, or None (FastAPI routes it).
+DirectMatch = Callable[[str], Endpoint | None]
 
-    def __init__(self, app: ASGIApp, path: str, endpoint: Endpoint) -> None:
+
+class DirectRoute:
+    """ASGI app in front of the FastAPI app that serves the POST requests ``match`` claims with
+    their endpoint itself: FastAPI's routing (its match over every route, per-request scope copies
+    and exception wrappers) was ~20 % of /predict's CPU at 64 callers, and its middleware layers
+    (error, telemetry and body-limit wrappers, each a coroutine per request and per message sent)
+    another ~5 % (bench/profile_path.py). Only for endpoints that take the Request as it is and map
+    their own errors (``HttpContext.handle``); what escapes one is answered 500 and logged, as the
+    app's own handler does. Other methods on those paths (405) and other paths go to the app."""
+
+    def __init__(self, app: ASGIApp, match: DirectMatch) -> None:
         self.app = app
-        self.path = path
-        self.endpoint = endpoint
+        self.match = match
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "POST":
-            request = Request(scope, receive, send)
-            response = await self.endpoint(request)
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.match(scope["path"])
+            if endpoint is not None:
+                request = Request(scope, receive, send)
+                try:
+                    response = await endpoint(request)
+                except Exception as e:
+                    response = internal_error(request, e)
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

@@ -207,6 +207,13 @@ class Settings(BaseSettings):
         description="Most concurrent HTTP connections (and requests in progress), and most gRPC calls in "
         "progress; past it HTTP requests are answered 503 and gRPC calls RESOURCE_EXHAUSTED at once.",
     )
+    max_connections_per_client: int = Field(
+        256,
+        ge=0,
+        description="Most HTTP connections open at once from one client address (0: no cap), so that one "
+        "client cannot hold every connection slot; past it a new connection is answered 503 and closed. "
+        "Behind a proxy that sends every client from one address, raise it to max_connections or set 0.",
+    )
     grpc_max_concurrent_streams: int = Field(
         100,
         ge=1,

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import platform
 import select
 import socket
 import struct
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -276,6 +279,34 @@ def large_prefix(port: int, declared: int, send: int, seconds: float = 5, source
     return a.outcome
 
 
+def half_sent_headers(port: int, connections: int, seconds: float, source: str | None = None) -> dict[str, int]:
+    """``connections`` HTTP/1.1 connections to an HTTP port, each sending the start of a request's
+    headers and never the rest, held for ``seconds``: how many the server answered or closed."""
+    socks, failed = [], 0
+    for _ in range(connections):
+        try:
+            sock = socket.create_connection(
+                ("127.0.0.1", port), timeout=5, source_address=(source, 0) if source else None
+            )
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+            socks.append(sock)
+        except OSError:
+            failed += 1
+    time.sleep(seconds)
+    answered = 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # an answer, or the end of the stream
+            answered += 1
+        except BlockingIOError:
+            pass  # still held
+        except OSError:
+            answered += 1
+        sock.close()
+    return {"connections": len(socks), "failed": failed, "answered_or_closed": answered}
+
+
 def gzip_bomb(inflated: int) -> bytes:
     """A gzip stream of ``inflated`` zero bytes (about inflated / 1000 on the wire)."""
     z = zlib.compressobj(9, zlib.DEFLATED, 31)
@@ -370,6 +401,7 @@ CLASSES: dict[str, tuple[int, list[str]]] = {
     "silent-streams": (4, ["silent-streams", "--streams", "600"]),
     "large-prefix": (1, ["large-prefix", "--bytes", str(600 << 20)]),
     "gzip": (1, ["gzip", "--bytes", str(1 << 30)]),
+    "http-slots": (1, ["http-slots", "--streams", "1100"]),  # on the HTTP port
 }
 
 
@@ -387,7 +419,6 @@ def measure(
     legitimate callers' p50/p99 alone and during the attack, the server's peak RSS during it
     (VmHWM, reset before) and its RSS ``settle_s`` after."""
     import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
@@ -405,7 +436,8 @@ def measure(
             Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
             during = pool.submit(call, seconds + 2)
             time.sleep(1)
-            cmd = [sys.executable, "-m", "bench.h2attack", "attack", str(server.grpc_port), *command]
+            port = server.http_port if name == "http-slots" else server.grpc_port
+            cmd = [sys.executable, "-m", "bench.h2attack", "attack", str(port), *command]
             cmd += ["--seconds", str(seconds), "--source", f"127.0.0.{n}"]
             procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(attackers)]
             outcomes = [json.loads(p.communicate(timeout=seconds + 120)[0] or "null") for p in procs]
@@ -429,6 +461,7 @@ def measure(
                 f"rss_after_{settle_s:g}s_mb": round(server.memory()["VmRSS"]),
                 "back_within_150mb_after_s": back_after,
                 "alive": server.proc.poll() is None,
+                "load_average_1m": round(os.getloadavg()[0], 1),  # the machine's business, this run's own included
                 "attack": outcomes[0],
             }
             results.append(row)
@@ -444,10 +477,11 @@ def main() -> None:
     a = sub.add_parser("attack", help="one attack on a running server's gRPC port; prints its outcome")
     a.add_argument("port", type=int)
     a.add_argument(
-        "attack", choices=["rapid-reset", "rapid-reset-reconnecting", "silent-streams", "large-prefix", "gzip"]
+        "attack",
+        choices=["rapid-reset", "rapid-reset-reconnecting", "silent-streams", "large-prefix", "gzip", "http-slots"],
     )
     a.add_argument("--seconds", type=float, default=5)
-    a.add_argument("--streams", type=int, default=600)
+    a.add_argument("--streams", type=int, default=600, help="streams (silent-streams) / connections (http-slots)")
     a.add_argument("--bytes", type=int, default=64 << 20, help="data sent (large-prefix) / inflated size (gzip)")
     a.add_argument("--source", help="local address to connect from (127.0.0.2)")
     m = sub.add_parser("measure", help="start a server; each class's legit p50/p99 and RSS (JSON lines)")
@@ -455,12 +489,34 @@ def main() -> None:
     m.add_argument("--seconds", type=float, default=10, help="each attack's length")
     m.add_argument("--baseline-seconds", type=float, default=8)
     m.add_argument("--settle-seconds", type=float, default=30)
+    m.add_argument("--out", help="also write the rows, with the command and machine, to this JSON file")
     m.add_argument("server_args", nargs="*", help="extra serve flags, after --")
     args = p.parse_args()
     if args.command == "measure":
-        measure(args.classes.split(","), args.seconds, args.baseline_seconds, args.settle_seconds, args.server_args)
+        rows = measure(
+            args.classes.split(","), args.seconds, args.baseline_seconds, args.settle_seconds, args.server_args
+        )
+        if args.out:
+            from pathlib import Path
+
+            cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+            models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+            machine = {"cpus": os.cpu_count(), "model": models[0] if models else platform.machine()}
+            with open(args.out, "w") as f:
+                json.dump(
+                    {
+                        "command": " ".join(["python -m bench.h2attack", *sys.argv[1:]]),
+                        "machine": machine,
+                        "rows": rows,
+                    },
+                    f,
+                    indent=1,
+                )
         return
     out: Outcome | Reconnects
+    if args.attack == "http-slots":
+        print(json.dumps(half_sent_headers(args.port, args.streams, args.seconds, source=args.source)))
+        return
     if args.attack == "rapid-reset":
         out = rapid_reset(args.port, args.seconds, source=args.source)
     elif args.attack == "rapid-reset-reconnecting":

@@ -225,8 +225,15 @@ class Settings(BaseSettings):
         200,
         ge=1,
         description="Most gRPC calls one client address may cancel before their request message "
-        "arrives, per 10 s; past it each of its connections that does so again is shut down (HTTP/2 "
-        "rapid reset; unary clients send the message with the headers).",
+        "arrives, per 10 s; past it the connection is shut down and the address kept off the gRPC port for "
+        "grpc_penalty_seconds (HTTP/2 rapid reset; unary clients send the message with the headers).",
+    )
+    grpc_penalty_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long a client address past its early-reset budget is kept off the gRPC port "
+        "(its new connections dropped, its open ones shut down); doubled each time the same address is "
+        "boxed again, up to 30 times this.",
     )
     explain_concurrency: int = Field(
         2,

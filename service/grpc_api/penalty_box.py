@@ -8,11 +8,14 @@ close it again (measured: 3 reconnecting attackers moved a legitimate Classify's
 listening socket drops its packets, so its new connections are never established (its SYNs are
 dropped; the client's connect times out) and cost this process nothing, and its connections
 already open are shut down at their next call. The cool-down doubles each time the same address is
-boxed again (``BASE_SECONDS`` up to ``MAX_SECONDS``) and is forgotten after ``FORGET_SECONDS``
-without one. Each boxing is logged once and counted (cnnserve_grpc_penalties_total).
+boxed again (``base_seconds``, --grpc-penalty-seconds, up to 30 times it) and is forgotten after
+``FORGET_SECONDS`` without one. Each boxing is logged once and counted (cnnserve_grpc_penalties_total).
 
 Every client behind one address (a NAT, a proxy in front of the port) is boxed together: where
 that matters, a proxy with per-stream reset accounting belongs in front (the Envoy sidecar).
+The host's own loopback address is never boxed (``NEVER_BOXED``): the Envoy sidecar and /readyz's
+gRPC self-check come from it, and boxing it would take the whole pod off; its connections are
+still shut down past the budget.
 A filter is only attached while an address is boxed; without one (not Linux, or the listener
 cannot be found) boxed addresses are still refused at each call, the connection shut down.
 """
@@ -32,9 +35,9 @@ from service.metrics import Metrics
 
 log = logging.getLogger("cnnserve.grpc")
 
-BASE_SECONDS = 10.0
-MAX_SECONDS = 300.0
+LONGEST = 30  # the longest cool-down, in first cool-downs
 FORGET_SECONDS = 600.0
+NEVER_BOXED = frozenset({"127.0.0.1", "::1"})
 #: Addresses in the filter at most (each IPv4 address is 2 instructions, IPv6 9; the kernel takes
 #: 4096): the most recently boxed ones. Those past it are still refused at each call.
 MAX_FILTERED = 256
@@ -91,7 +94,8 @@ def detach_filter(sock: socket.socket) -> None:
 
 
 class PenaltyBox:
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, base_seconds: float = 10.0, metrics: Metrics | None = None) -> None:
+        self.base_seconds = base_seconds
         self.metrics = metrics
         self.local_port = 0  # set once the server has bound its port
         self.until: dict[str, float] = {}  # boxed address -> end of its cool-down (monotonic)
@@ -103,13 +107,13 @@ class PenaltyBox:
 
     def box(self, address: str, reason: str) -> None:
         """Keep ``address`` off the port for its next cool-down (once; no-op while boxed)."""
-        if address in self.until:
+        if address in self.until or address in NEVER_BOXED:
             return
         now = time.monotonic()
         times, last = self.offences.get(address, (0, now))
         times = 1 if now - last > FORGET_SECONDS else times + 1
         self.offences[address] = (times, now)
-        seconds = min(MAX_SECONDS, BASE_SECONDS * 2 ** (times - 1))
+        seconds = self.base_seconds * min(LONGEST, 2 ** (times - 1))
         self.until[address] = now + seconds
         asyncio.get_running_loop().call_later(seconds, self._release, address)
         self._refilter()

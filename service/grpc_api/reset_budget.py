@@ -41,10 +41,12 @@ class ResetBudget:
     past ``limit`` in a window the address is boxed. A connection from a boxed address is shut
     down at its next call (or early reset), each once."""
 
-    def __init__(self, limit: int, window: float = 10.0, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, limit: int, window: float = 10.0, penalty_seconds: float = 10.0, metrics: Metrics | None = None
+    ) -> None:
         self.limit = limit
         self.window = window
-        self.box = PenaltyBox(metrics)
+        self.box = PenaltyBox(penalty_seconds, metrics)
         self.counts: dict[str, int] = {}
         self.window_started = time.monotonic()
         self.shut: set[str] = set()  # connections (peer strings) shut down in this window
@@ -73,7 +75,8 @@ class ResetBudget:
             self.box.box(
                 address[0], f"more than {self.limit} calls cancelled before their message within {self.window:g} s"
             )
-        if self.box.holds(address[0]):
+            self._shut(peer, address)  # boxed, or never boxed (loopback): its connection all the same
+        elif self.box.holds(address[0]):
             self._shut(peer, address)
 
     def refuses(self, peer: Callable[[], str]) -> bool:

@@ -43,7 +43,9 @@ class GrpcServer:
         # Malformed protobuf: INVALID_ARGUMENT; no message body_timeout_seconds after the headers:
         # DEADLINE_EXCEEDED; compressed: UNIMPLEMENTED (service/grpc_api/instrumented.py).
         # Rapid reset: an address cancelling calls before their message is boxed past a budget.
-        self.reset_budget = reset_budget.ResetBudget(settings.grpc_max_early_resets, metrics=metrics)
+        self.reset_budget = reset_budget.ResetBudget(
+            settings.grpc_max_early_resets, penalty_seconds=settings.grpc_penalty_seconds, metrics=metrics
+        )
         guarded = GuardedRegistration(self.server, metrics, settings.body_timeout_seconds, self.reset_budget)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(plane, metrics), guarded)
         self.service_names = [classifier.SERVICE_NAME]

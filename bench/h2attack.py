@@ -412,7 +412,12 @@ def _percentiles(latencies: list[float]) -> dict[str, float]:
 
 
 def measure(
-    classes: list[str], seconds: float, baseline_s: float, settle_s: float, server_args: list[str]
+    classes: list[str],
+    seconds: float,
+    baseline_s: float,
+    settle_s: float,
+    server_args: list[str],
+    tree: str | None = None,
 ) -> list[dict]:
     """Each class against one server (one process: the attacked one is the one measured), from
     its own loopback address (127.0.0.N, so a penalty on one attacker does not carry to the next):
@@ -422,9 +427,14 @@ def measure(
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
-    from bench.serverproc import ServerProcess
+    from bench.serverproc import ROOT, ServerProcess
 
-    server = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0", *server_args)
+    # ``tree``: another checkout's server (main, for a before/after), attacked by this one's code.
+    server = ServerProcess(
+        *("--workers", "1", "--executor", "worker", "--drain-seconds", "0", *server_args),
+        cwd=tree or ROOT,
+        env={"PYTHONPATH": str(tree or ROOT)},
+    )
     results = []
     try:
         pool = ThreadPoolExecutor(2)
@@ -489,12 +499,18 @@ def main() -> None:
     m.add_argument("--seconds", type=float, default=10, help="each attack's length")
     m.add_argument("--baseline-seconds", type=float, default=8)
     m.add_argument("--settle-seconds", type=float, default=30)
+    m.add_argument("--tree", help="serve from this checkout instead (before/after: /path/to/main)")
     m.add_argument("--out", help="also write the rows, with the command and machine, to this JSON file")
     m.add_argument("server_args", nargs="*", help="extra serve flags, after --")
     args = p.parse_args()
     if args.command == "measure":
         rows = measure(
-            args.classes.split(","), args.seconds, args.baseline_seconds, args.settle_seconds, args.server_args
+            args.classes.split(","),
+            args.seconds,
+            args.baseline_seconds,
+            args.settle_seconds,
+            args.server_args,
+            args.tree,
         )
         if args.out:
             from pathlib import Path

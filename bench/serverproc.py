@@ -103,6 +103,7 @@ class ServerProcess:
         self.ready_in_s: float | None = None  # the server's own "ready in" figure
         self.stop_seconds: float | None = None  # SIGTERM to exit, set by stop()
         self._listening, self._ready = threading.Event(), threading.Event()
+        self._output_read = threading.Event()  # the reader reached the end of stderr
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(
             self.command,
@@ -139,6 +140,13 @@ class ServerProcess:
             if m and not self._ready.is_set():
                 self.ready_in_s = float(m.group(1))
                 self._ready.set()
+        self._output_read.set()
+
+    def wait_output(self, timeout: float = 10) -> bool:
+        """Wait until ``log`` holds everything the server wrote: its exit alone does not say that the
+        reader thread has taken the last lines from the pipe (nor that child processes, which share
+        it, have closed it)."""
+        return self._output_read.wait(timeout)
 
     def wait_listening(self, timeout: float = 120) -> None:
         if not self._wait(self._listening, timeout):
@@ -240,4 +248,5 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.stop_seconds = time.monotonic() - started
+        self.wait_output(5)  # callers read the last lines next
         return self.proc.returncode

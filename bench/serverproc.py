@@ -104,6 +104,7 @@ class ServerProcess:
         self.stop_seconds: float | None = None  # SIGTERM to exit, set by stop()
         self._listening, self._ready = threading.Event(), threading.Event()
         self._output_read = threading.Event()  # the reader reached the end of stderr
+        self._terminated = False  # SIGTERM sent (terminate())
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(
             self.command,
@@ -235,13 +236,16 @@ class ServerProcess:
         return out
 
     def terminate(self) -> None:
+        """SIGTERM without waiting: servers stopped side by side drain at the same time."""
         self.proc.send_signal(signal.SIGTERM)
+        self._terminated = True
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit code and sets ``stop_seconds``."""
         started = time.monotonic()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not self._terminated:  # a second SIGTERM is not asked for
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

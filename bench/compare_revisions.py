@@ -117,6 +117,9 @@ def main() -> int:
                             )
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
         finally:
+            # Both drain at once (each serves on for its --drain-seconds after SIGTERM), not one after the other.
+            for server in servers.values():
+                server.terminate()
             for server in servers.values():
                 server.stop()
             for tree in trees.values():

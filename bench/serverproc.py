@@ -103,6 +103,8 @@ class ServerProcess:
         self.ready_in_s: float | None = None  # the server's own "ready in" figure
         self.stop_seconds: float | None = None  # SIGTERM to exit, set by stop()
         self._listening, self._ready = threading.Event(), threading.Event()
+        self._output_read = threading.Event()  # the reader reached the end of stderr
+        self._terminated = False  # SIGTERM sent (terminate())
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(
             self.command,
@@ -139,6 +141,13 @@ class ServerProcess:
             if m and not self._ready.is_set():
                 self.ready_in_s = float(m.group(1))
                 self._ready.set()
+        self._output_read.set()
+
+    def wait_output(self, timeout: float = 10) -> bool:
+        """Wait until ``log`` holds everything the server wrote: its exit alone does not say that the
+        reader thread has taken the last lines from the pipe (nor that child processes, which share
+        it, have closed it)."""
+        return self._output_read.wait(timeout)
 
     def wait_listening(self, timeout: float = 120) -> None:
         if not self._wait(self._listening, timeout):
@@ -227,17 +236,21 @@ class ServerProcess:
         return out
 
     def terminate(self) -> None:
+        """SIGTERM without waiting: servers stopped side by side drain at the same time."""
         self.proc.send_signal(signal.SIGTERM)
+        self._terminated = True
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM and wait (SIGKILL after ``timeout``); returns the exit code and sets ``stop_seconds``."""
         started = time.monotonic()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not self._terminated:  # a second SIGTERM is not asked for
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.stop_seconds = time.monotonic() - started
+        self.wait_output(5)  # callers read the last lines next
         return self.proc.returncode

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Print runtime requirements, one per line, with the ONNX Runtime flavour chosen: from the image's
-lock file (the Dockerfile's use) or from pyproject.toml ([project].dependencies and the `cpu`
-extra, the library's ranges), plus the optional extras asked for (from pyproject.toml).
+lock file (the Dockerfile's use) or from pyproject.toml ([project].dependencies, the library's
+ranges), plus the optional extras asked for (from pyproject.toml).
 
 Used by the Dockerfile to install the dependencies in a layer of their own (rebuilt only when the
-lock changes, not on every source edit) and to pick the ONNX Runtime flavour:
+lock changes, not on every source edit) and to pick the ONNX Runtime flavour, and to write
+requirements-cpu.txt, the lean CPU-only install of README "Install":
 
     runtime-requirements.py requirements.lock --ort-package onnxruntime      # CPU image
     runtime-requirements.py requirements.lock --ort-package onnxruntime-gpu  # GPU image
     runtime-requirements.py requirements.lock --extras "tracing"             # plus optional extras
+    runtime-requirements.py pyproject.toml --ort-package onnxruntime > requirements-cpu.txt
 
 The ONNX Runtime requirement (onnxruntime or onnxruntime-gpu, whichever the file names) is
 rewritten to the chosen package, keeping its version specifier, extras-free, and its marker.
@@ -61,7 +63,7 @@ def lock_requirements(text: str, ort_package: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="requirements.lock, or pyproject.toml (its dependencies and `cpu` extra)")
+    parser.add_argument("source", help="requirements.lock, or pyproject.toml (its dependencies)")
     parser.add_argument(
         "--ort-package",
         default="onnxruntime-gpu",
@@ -75,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     extras = args.extras.split()
     if args.source.endswith(".toml"):
         with open(args.source, "rb") as f:
-            data = tomllib.load(f)
-        project = data.get("project", {})
-        cpu_extra = project.get("optional-dependencies", {}).get("cpu", [])
-        data = {"project": {**project, "dependencies": [*project.get("dependencies", []), *cpu_extra]}}
-        lines = runtime_requirements(data, args.ort_package, extras)
+            lines = runtime_requirements(tomllib.load(f), args.ort_package, extras)
     else:
         with open(args.source) as f:
             lines = lock_requirements(f.read(), args.ort_package)

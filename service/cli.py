@@ -56,12 +56,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-#: Commands that run models: ONNX Runtime is an extra (pyproject.toml says why), so its absence is
-#: one line naming both, not an ImportError traceback.
+#: Commands that run models. ONNX Runtime is a dependency, but an install with --no-deps (the lean
+#: CPU-only path of README "Install") can lack it: one line naming both packages, not a traceback.
 NEEDS_ONNXRUNTIME = {"serve", "evaluate", "import-model", "quantize", "export"}
 NO_ONNXRUNTIME = (
-    "ONNX Runtime is not installed: pip install 'cnnserve[cpu]' (any machine), or 'cnnserve[gpu]' "
-    "(Linux or Windows with an NVIDIA GPU and CUDA 13); from a checkout: pip install -e '.[cpu]'"
+    "ONNX Runtime is not installed: pip install onnxruntime (CPU, any machine) or onnxruntime-gpu "
+    "(Linux x86-64, NVIDIA GPU and CUDA 13; it runs on the CPU too), one of them, not both; "
+    "from a checkout, pip install -r requirements-cpu.txt installs every dependency with the CPU one"
 )
 
 

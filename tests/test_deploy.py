@@ -398,9 +398,9 @@ def test_runtime_requirements_adds_the_extras_the_image_bakes_in():
     assert 'ARG EXTRAS="tracing"' in DOCKERFILE.read_text()
 
 
-def test_runtime_requirements_of_this_project():
-    if not (ROOT / "pyproject.toml").is_file():
-        pytest.skip("no pyproject.toml yet")
+def test_lean_cpu_requirements_are_this_projects_with_the_cpu_runtime():
+    """requirements-cpu.txt (README "Install": the CPU-only install on Linux x86-64) is what
+    scripts/runtime-requirements.py writes from pyproject.toml now, with no GPU runtime and no torch."""
     res = _run(
         [
             sys.executable,
@@ -414,11 +414,54 @@ def test_runtime_requirements_of_this_project():
     names = {re.split(r"[\s\[<>=!~;]", ln, maxsplit=1)[0].lower() for ln in res.stdout.splitlines()}
     assert "onnxruntime" in names and "onnxruntime-gpu" not in names
     assert "torch" not in names, "torch is a training dependency, not a runtime one"
+    written = [ln for ln in (ROOT / "requirements-cpu.txt").read_text().splitlines() if not ln.startswith("#")]
+    assert written == res.stdout.splitlines(), (
+        "requirements-cpu.txt is stale: scripts/check-install.sh cpu > requirements-cpu.txt"
+    )
+
+
+# The image's platform and Python (the CPU image: python:3.11-slim on Linux x86-64).
+IMAGE_ENVIRONMENT = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.0",
+    "sys_platform": "linux",
+    "platform_machine": "x86_64",
+}
+
+
+def test_the_plain_install_has_exactly_one_onnx_runtime_everywhere():
+    """Both ONNX Runtime packages install the module `onnxruntime`: on every platform and Python
+    exactly one of pyproject's dependencies names one of them (the GPU one on Linux x86-64 only)."""
+    from packaging.requirements import Requirement
+
+    dependencies = [
+        Requirement(line) for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
+    for version in ("3.10", "3.11", "3.12", "3.13", "3.14"):
+        for system, machine in (("linux", "x86_64"), ("linux", "aarch64"), ("darwin", "arm64"), ("win32", "AMD64")):
+            env = {
+                "python_version": version,
+                "python_full_version": f"{version}.0",
+                "sys_platform": system,
+                "platform_machine": machine,
+            }
+            runtimes = [r.name for r in dependencies if r.name.startswith("onnxruntime") and r.marker.evaluate(env)]
+            expected = "onnxruntime-gpu" if (system, machine) == ("linux", "x86_64") else "onnxruntime"
+            assert runtimes == [expected], (version, system, machine, runtimes)
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = [
+        r
+        for extra in optional.values()
+        for r in extra
+        if r.lower().startswith(("onnxruntime", "cnnserve[cpu", "cnnserve[gpu"))
+    ]
+    assert not named, f"an extra naming an ONNX Runtime would install it beside the base one: {named}"
 
 
 def test_the_image_lock_is_within_the_library_ranges_and_picks_the_flavour():
-    """requirements.lock (what the image installs) pins every runtime requirement of pyproject.toml,
-    each inside its range; the Dockerfile installs from it with the flavour's ONNX Runtime."""
+    """requirements.lock (what the image installs) pins every runtime requirement of pyproject.toml
+    that applies in the image, each inside its range; the Dockerfile installs from it with the
+    flavour's ONNX Runtime."""
     from packaging.requirements import Requirement
 
     mod = _load_runtime_requirements()
@@ -427,9 +470,11 @@ def test_the_image_lock_is_within_the_library_ranges_and_picks_the_flavour():
         Requirement(line).name.lower().replace("_", "-"): line.split("==")[1]
         for line in mod.lock_requirements(lock_text, "onnxruntime")
     }
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for line in [*project["dependencies"], *project["optional-dependencies"]["cpu"]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for line in mod.runtime_requirements(project, "onnxruntime"):
         req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate(IMAGE_ENVIRONMENT):
+            continue
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} is not in requirements.lock"
         assert req.specifier.contains(pins[name]), f"requirements.lock's {name}=={pins[name]} is outside {line!r}"

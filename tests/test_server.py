@@ -587,7 +587,6 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(slow_serve
 
 def test_a_caller_that_goes_away_is_dropped_before_compute():
     import socket
-    import time
 
     # A lone request waits up to 1.5 s for company: ample time to hang up while it is queued.
     s = ServerProcess("--max-queue-delay-ms", "1500", "--drain-seconds", "0")
@@ -748,10 +747,9 @@ def test_second_ctrl_c_stops_at_once(workers):
     s.proc.send_signal(signal.SIGINT)
     assert wait_until(lambda: "Ctrl-C again stops now" in s.log, timeout=10), s.log
     assert httpx.get(f"{s.http}/readyz").status_code == 503  # draining, still answering
-    started = time.monotonic()
     s.proc.send_signal(signal.SIGINT)
-    assert s.proc.wait(10) == 130
-    assert time.monotonic() - started < 5
+    assert s.proc.wait(10) == 130  # well inside the 30 s drain: it did not wait for it
+    assert s.wait_output(), s.log  # the exit does not mean the reader has the last line yet
     assert "second Ctrl-C: stopping now" in s.log
     for pid in children:  # no process outlives the server
         assert wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), timeout=5)

@@ -191,14 +191,15 @@ def test_a_missing_model_repository_names_the_flag(tmp_path):
     assert "--model-repository or CNNSERVE_MODEL_REPOSITORY" in out.stderr
 
 
-def test_without_onnx_runtime_serve_names_both_extras():
-    """ONNX Runtime is an extra (cpu or gpu): an install without it gets one line, not a traceback.
+def test_without_onnx_runtime_serve_names_both_packages():
+    """An install without ONNX Runtime (--no-deps) gets one line naming both packages, not a traceback.
     Its absence is made by blocking the import the standard way (a None entry in sys.modules)."""
     code = "import sys; sys.modules['onnxruntime'] = None; from service.cli import main; sys.exit(main())"
     out = subprocess.run([sys.executable, "-c", code, "serve"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert "cnnserve serve: ONNX Runtime is not installed" in out.stderr
-    assert "cnnserve[cpu]" in out.stderr and "cnnserve[gpu]" in out.stderr and "Traceback" not in out.stderr
+    assert "pip install onnxruntime " in out.stderr and "onnxruntime-gpu" in out.stderr
+    assert "requirements-cpu.txt" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_every_command_is_listed_and_every_option_has_help(capsys):

@@ -309,8 +309,8 @@ def test_several_worker_processes_serve_the_one_choice_the_supervisor_measured()
         infos = model_info(httpx.get(f"{s.http}/metrics").text)
         assert len({tuple(sorted(i.items())) for i in infos}) == 1, infos
         assert infos[0]["precision"] == choice["precision"] == model["precision"]
-        if choice["precision"] == "int8":  # each worker checked it again, with the supervisor's timing
-            assert s.log.count("cifar10/1: precision auto -> int8") == 3, s.log
+        # The decision is one line (the supervisor's), not one more per worker.
+        assert s.log.count("cifar10/1: precision auto -> ") == 1, s.log
     finally:
         assert s.stop() == 0, s.log
 

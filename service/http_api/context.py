@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -134,7 +135,8 @@ class HttpContext:
         except asyncio.CancelledError:
             if not gone:
                 raise
-            this.uncancel()
+            if sys.version_info >= (3, 11):  # 3.10 keeps no cancel count to take back
+                this.uncancel()
             raise Cancelled("client disconnected") from None
         finally:
             watcher.cancel()

@@ -320,7 +320,14 @@ class ModelRuntime:
                 else:
                     choice.precision, choice.reason = "fp32", "slower"
         choice.seconds = round(time.perf_counter() - started, 3)
-        log.info("%s: %s (%.2fs)", name, choice.summary(), choice.seconds)
+        # A worker following the supervisor's plan says nothing new: the supervisor logged the decision.
+        log.log(
+            logging.DEBUG if plan is not None else logging.INFO,
+            "%s: %s (%.2fs)",
+            name,
+            choice.summary(),
+            choice.seconds,
+        )
         return (variant if choice.precision == candidate else fp32), choice
 
     @staticmethod

@@ -295,3 +295,41 @@ def test_v2_layer_activations_go_through_the_explanations_admission():
     finally:
         stop.set()
         assert s.stop() == 0, s.log
+
+
+def test_unexpected_failures_answer_500_and_internal_and_are_counted(tmp_path):
+    """A fault no domain error names (here a layers.onnx that takes one image at a time, so ONNX
+    Runtime raises on two) answers HTTP 500 / gRPC INTERNAL, counted in cnnserve_requests_total so
+    the error-ratio alert sees it; the server serves on."""
+    import numpy as np
+    import onnx
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
+
+    shutil.copytree(MODEL_REPOSITORY, tmp_path / "models")
+    layers = tmp_path / "models" / "cifar10" / "1" / "layers.onnx"
+    graph = onnx.load(str(layers))
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(graph, str(layers))
+    s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0",
+                      "--model-repository", str(tmp_path / "models"))  # fmt: skip
+    try:
+        files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(2))]
+        r = httpx.post(f"{s.http}/explain", files=files, timeout=60)
+        assert r.status_code == 500 and r.json() == {"error": "internal error: InvalidArgument"}, r.text
+        x = (distinct_images(2, seed=3).transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+        client = tgrpc.InferenceServerClient(s.grpc_target)
+        given = tgrpc.InferInput("input", list(x.shape), "FP32")
+        given.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException) as failed:
+            client.infer("cifar10", [given], outputs=[tgrpc.InferRequestedOutput("fc3")])
+        assert failed.value.status() == "StatusCode.INTERNAL", failed.value
+        r = httpx.post(f"{s.http}/predict", content=IMAGE, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text  # served on
+        text = httpx.get(f"{s.http}/metrics").text
+        assert re.search(r'^cnnserve_requests_total\{code="500",method="explain",protocol="http"\} 1\.0$', text, re.M)
+        assert re.search(r'^cnnserve_requests_total\{code="INTERNAL",method="ModelInfer",protocol="grpc"\} 1\.0$',
+                         text, re.M), text  # fmt: skip
+        assert "explain failed unexpectedly" in s.log and "ModelInfer failed unexpectedly" in s.log
+    finally:
+        assert s.stop() == 0, s.log

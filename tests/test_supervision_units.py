@@ -119,7 +119,8 @@ def test_control_table_counts_depth_and_readiness(tmp_path):
     table.state[0] = shared_memory.READY  # the executor; the front ends are still starting
     assert other.executors_ready() and not other.all_ready()
     table.heartbeat(2)
-    assert 0 < time.monotonic() - other.beat[2, shared_memory.LOOP] < 1 and other.beat.shape == (3, 2)
+    assert 0 < time.monotonic() - other.beat[2, shared_memory.LOOP] < 1
+    assert other.beat.shape == (3, 1 + shared_memory.LANES)
 
 
 # ---- the executor's queue ----------------------------------------------------------------------------
@@ -134,14 +135,16 @@ def executor(tmp_path_factory):
     )
     e = ex.Executor(settings, table, 0, [ModelSpec("cifar10", "1", MODEL_PATH)])
     e.load()
-    e.queues[0].thread.start()
+    e.queues[0].start()
     e.folder = folder  # type: ignore[attr-defined]
     yield e
     e.stopping.set()
-    e.queues[0].thread.join(5)
+    e.queues[0].join(5)
 
 
-def _submit(e: ex.Executor, classes: int, n: int = 3) -> tuple[np.ndarray, shared_memory.Slabs, socket.socket]:
+def _submit(
+    e: ex.Executor, classes: int, n: int = 3, kind: int = shared_memory.KIND_REQUEST
+) -> tuple[np.ndarray, shared_memory.Slabs, socket.socket]:
     """Hand ``n`` images to the real queue from a front end whose slabs hold ``classes`` results;
     returns the DONE records it answers, its slabs and the front end's socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -150,7 +153,7 @@ def _submit(e: ex.Executor, classes: int, n: int = 3) -> tuple[np.ndarray, share
     fe.slabs = shared_memory.Slabs(e.folder / f"fe-{classes}.slab", 8, 3072, classes, create=True)  # type: ignore[attr-defined]
     fe.slabs.inputs[:n] = np.random.default_rng(0).normal(size=(n, 3072)).astype(np.float32)
     records = np.zeros(n, shared_memory.SUBMIT)
-    records["request"], records["slot"], records["index"] = np.arange(1, n + 1), np.arange(n), 0
+    records["request"], records["slot"], records["index"], records["kind"] = np.arange(1, n + 1), np.arange(n), 0, kind
     before = int(e.table.taken[0, 0])
     e.queues[0].put(mq.Chunk(fe, records, time.monotonic()))
     ours.settimeout(10)
@@ -204,9 +207,10 @@ def test_a_front_end_that_stops_reading_is_closed_and_told(caplog):
     assert not fe.send(payload)  # nothing more is sent on a dropped connection
 
 
-def test_executor_queue_puts_requests_before_background_work(executor):
+def test_executor_queue_keeps_background_work_in_its_own_lane(executor):
     """Perturbed images of explanations (KIND_BACKGROUND) arrive first; a request's image that
-    arrives later is still in the next batch, and the background fills the rest."""
+    arrives later is still the requests thread's next batch, which holds no background work: the
+    background lane has a thread of its own."""
     queue = mq.ModelQueue(executor, 0, executor.queues[0].runtime, ModelStats(np.zeros(ModelStats.width(8), np.int64)))
     _, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fe = mq.Frontend(theirs)
@@ -221,10 +225,25 @@ def test_executor_queue_puts_requests_before_background_work(executor):
     mixed = records(200, 4, shared_memory.KIND_REQUEST)
     mixed["kind"][2:] = shared_memory.KIND_BACKGROUND  # one message may carry both kinds
     queue.put(mq.Chunk(fe, mixed, time.monotonic()))
-    taken = queue._take()
+    taken = queue._take(0)
     assert taken is not None
-    assert np.concatenate([c.records["request"] for c in taken]).tolist() == [1, 2, 3, 200, 201, 100, 101, 102]
-    assert queue.queued == 17 - 8
+    assert np.concatenate([c.records["request"] for c in taken]).tolist() == [1, 2, 3, 200, 201]
+    taken = queue._take(1)
+    assert taken is not None
+    assert np.concatenate([c.records["request"] for c in taken]).tolist() == list(range(100, 108))
+    assert queue.queued == [0, 12 - 8]
+
+
+def test_background_compute_thread_runs_at_a_lower_os_priority(executor):
+    """The CPU goes to the requests' compute thread first: the background one is niced."""
+    requests, background = executor.queues[0].threads
+    assert background.name.endswith("-background") and background.native_id is not None
+    assert requests.native_id is not None
+    nice = os.getpriority(os.PRIO_PROCESS, background.native_id)
+    assert nice == os.getpriority(os.PRIO_PROCESS, requests.native_id) + mq.BACKGROUND_NICE or nice == 19
+    # And it computes: a background image is answered.
+    done, _, _ = _submit(executor, classes=10, kind=shared_memory.KIND_BACKGROUND)
+    assert set(done["status"].tolist()) == {shared_memory.STATUS_OK}
 
 
 def test_explanations_hand_their_images_to_the_queue_as_background_work(executor):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,6 +20,8 @@ from service.errors import Overloaded, ServiceError, grpc_status
 from service.grpc_api.http2_limits import trim_heap_soon
 from service.metrics import Metrics
 
+log = logging.getLogger("cnnserve.grpc")
+
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: how long a client's retry policy should wait
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -30,7 +33,7 @@ UNTRACED = frozenset({"ModelReady"})  # readiness probes, like HTTP's, make no t
 
 class Instrumented:
     """Records cnnserve_requests_total / _request_duration_seconds for one gRPC method and turns
-    domain errors into the call's status."""
+    domain errors into the call's status (anything else: INTERNAL, logged)."""
 
     def __init__(self, metrics: Metrics, method: str) -> None:
         self.metrics = metrics
@@ -61,6 +64,14 @@ class Instrumented:
             )
             self.metrics.requests.labels("grpc", self.method, code.name).inc()
             raise
+        except grpc.aio.AbortError:  # the handler ended the call itself, having counted it
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug or a broken model file: INTERNAL, counted
+            # grpc would answer UNKNOWN and count nothing; counted, the error-ratio alert sees it.
+            log.exception("%s failed unexpectedly", self.method)
+            self.metrics.requests.labels("grpc", self.method, grpc.StatusCode.INTERNAL.name).inc()
+            self.duration.observe(time.perf_counter() - started)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         self.ok.inc()
         self.duration.observe(time.perf_counter() - started)
         return response

@@ -6,11 +6,12 @@ node's whole load allows — not one small queue per front end, and not one CUDA
 front end launching small batches.
 
 Threads: one I/O thread accepts front ends and reads their records (a message carries many);
-one compute thread per model version takes a batch (greedy, or waiting ``max_queue_delay_ms``
-for company), drops images whose deadline passed or whose caller left, gathers the rest from the
-front ends' slabs into one input, runs it, writes logits, probabilities and the ranking back into
-the same slots, and answers each front end with one message per batch. Per-image work is numpy
-over whole chunks of records; Python work is per message and per batch.
+two compute threads per model version (requests; background work at a lower OS priority) each
+take a batch (greedy, or waiting ``max_queue_delay_ms`` for company), drop images whose
+deadline passed or whose caller left, gather the rest from the front ends' slabs into one
+input, run it, write logits, probabilities and the ranking back into the same slots, and
+answer each front end with one message per batch. Per-image work is numpy over whole chunks of
+records; Python work is per message and per batch.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Executor:
         listener.bind(path)
         listener.listen(256)
         for queue in self.queues:
-            queue.thread.start()
+            queue.start()
         self.table.pid[self.row] = os.getpid()
         self.table.state[self.row] = shared_memory.READY
         self.metrics.ready.set(1)
@@ -118,7 +119,7 @@ class Executor:
             selector.close()
             listener.close()
             for queue in self.queues:
-                queue.thread.join(timeout=self.settings.shutdown_timeout_seconds)
+                queue.join(timeout=self.settings.shutdown_timeout_seconds)
             self.table.state[self.row] = shared_memory.STOPPED
 
     def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:

@@ -1,8 +1,10 @@
 """One model version's queue in the device executor (service.workers.executor), the thread that
 batches and runs it, and the front-end connections its answers go to.
 
-Two lanes: requests first, explanations' perturbed images in what room a batch has left. The
-compute thread takes a batch (greedy, or waiting ``max_queue_delay_ms`` for company), drops
+Two lanes, each with its own compute thread: requests, and background work (explanations'
+perturbed images), whose thread runs at a lower OS priority (``BACKGROUND_NICE``), so a request
+never waits behind a background batch and the CPU goes to requests (and to the front ends that
+serve them) first. Each compute thread takes a batch (greedy, or waiting ``max_queue_delay_ms`` for company), drops
 images whose deadline passed or whose caller left, gathers the rest from the front ends' slabs
 into one input, runs it, writes logits, probabilities and the ranking back into the same slots,
 and answers each front end with one message per batch. Per-image work is numpy over whole chunks
@@ -12,6 +14,7 @@ of records; Python work is per message and per batch.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -32,6 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cnnserve.executor")
 
+
+#: nice of the background lane's compute thread (Linux: per thread). Against a nice-0 thread CFS
+#: gives it about a tenth of a contended core (weights 110 vs 1024), all of an idle one; a thread
+#: cannot lower its nice again without CAP_SYS_NICE, hence a thread per lane.
+BACKGROUND_NICE = 10
 
 #: Most seconds a send to a front end may block: one that reads nothing for this long (stopped,
 #: or its loop stuck) must not stall a device that serves every other front end.
@@ -114,65 +122,84 @@ class ModelQueue:
         self.executor, self.index, self.runtime = executor, index, runtime
         self.max_batch_size = s.max_batch_size
         self.delay_s = s.max_queue_delay_ms / 1000.0
-        # Two lanes: requests first, explanations' perturbed images (shared_memory.KIND_BACKGROUND) in what
-        # room a batch has left, so /predict's latency holds whatever /explain sends.
+        # Two lanes: requests, and explanations' perturbed images (shared_memory.KIND_BACKGROUND),
+        # each computed by its own thread, so /predict's latency holds whatever /explain sends.
         self.lanes: tuple[deque[Chunk], deque[Chunk]] = (deque(), deque())
-        self.queued = 0
+        self.queued = [0, 0]  # images per lane
         self.cond = threading.Condition()
         self.observer = StatsObserver(executor.metrics, runtime.name, stats)
         shape = tuple(runtime.input_shape[1:])
         self.input_shape, self.input_size = shape, int(np.prod(shape))
-        self.thread = threading.Thread(target=self._run, name=f"{runtime.name}-{runtime.version}-batches", daemon=True)
+        name = f"{runtime.name}-{runtime.version}"
+        self.threads = [
+            threading.Thread(target=self._run, args=(lane,), name=f"{name}-{kind}", daemon=True)
+            for lane, kind in enumerate(("batches", "background"))
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self, timeout: float) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
 
     def put(self, chunk: Chunk) -> None:
         kinds = chunk.records["kind"]
         with self.cond:
             if kinds[0] == kinds[-1] and (kinds == kinds[0]).all():
-                self.lanes[min(1, int(kinds[0]))].append(chunk)
+                lane = min(1, int(kinds[0]))
+                self.lanes[lane].append(chunk)
+                self.queued[lane] += len(chunk.records)
             else:  # a message can mix both kinds: each goes to its lane
                 background = kinds != shared_memory.KIND_REQUEST
                 self.lanes[0].append(Chunk(chunk.frontend, chunk.records[~background], chunk.arrived))
                 self.lanes[1].append(Chunk(chunk.frontend, chunk.records[background], chunk.arrived))
-            self.queued += len(chunk.records)
-            self.cond.notify()
+                self.queued[1] += int(background.sum())
+                self.queued[0] += len(chunk.records) - int(background.sum())
+            self.cond.notify_all()  # the two lanes' threads wait on one condition
 
-    def _take(self) -> list[Chunk] | None:
-        """Up to max_batch_size records, FIFO within each lane, requests first; None once the
-        executor stops and nothing is left."""
+    def _take(self, lane: int = 0) -> list[Chunk] | None:
+        """Up to max_batch_size records of ``lane``, FIFO; None once the executor stops and
+        nothing is left."""
         beat = self.executor.table.heartbeat
-        row, slot = self.executor.row, 1 + self.index
+        row, slot = self.executor.row, self.executor.table.compute_slot(self.index, lane)
+        chunks, queued = self.lanes[lane], self.queued
         with self.cond:
-            while not self.queued:
+            while not queued[lane]:
                 beat(row, slot)
                 if self.executor.stopping.is_set():
                     return None
                 self.cond.wait(0.1)
-            if self.delay_s > 0 and self.queued < self.max_batch_size:
+            if self.delay_s > 0 and queued[lane] < self.max_batch_size:
                 # Remaining time of the oldest chunk's delay, not a fresh full delay.
-                until = min(lane[0].arrived for lane in self.lanes if lane) + self.delay_s
-                while self.queued < self.max_batch_size and (left := until - time.monotonic()) > 0:
+                until = chunks[0].arrived + self.delay_s
+                while queued[lane] < self.max_batch_size and (left := until - time.monotonic()) > 0:
                     beat(row, slot)
                     self.cond.wait(min(left, 0.5))
             taken: list[Chunk] = []
             size = 0
-            for lane in self.lanes:
-                while lane and size < self.max_batch_size:
-                    chunk = lane[0]
-                    room = self.max_batch_size - size
-                    if len(chunk.records) <= room:
-                        taken.append(lane.popleft())
-                        size += len(chunk.records)
-                    else:
-                        taken.append(Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
-                        chunk.records = chunk.records[room:]
-                        size += room
-            self.queued -= size
-        self.executor.metrics.queue_depth.labels(self.runtime.name).set(self.queued)
+            while chunks and size < self.max_batch_size:
+                chunk = chunks[0]
+                room = self.max_batch_size - size
+                if len(chunk.records) <= room:
+                    taken.append(chunks.popleft())
+                    size += len(chunk.records)
+                else:
+                    taken.append(Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
+                    chunk.records = chunk.records[room:]
+                    size += room
+            queued[lane] -= size
+            depth = sum(queued)
+        self.executor.metrics.queue_depth.labels(self.runtime.name).set(depth)
         return taken
 
-    def _run(self) -> None:
-        table, row, slot = self.executor.table, self.executor.row, 1 + self.index
-        while (chunks := self._take()) is not None:
+    def _run(self, lane: int) -> None:
+        table, row = self.executor.table, self.executor.row
+        slot = table.compute_slot(self.index, lane)
+        if lane:
+            _lower_priority(BACKGROUND_NICE)
+        while (chunks := self._take(lane)) is not None:
             answered: set[Frontend] = set()
             # The supervisor reads busy with the heartbeat: a batch past --hang-timeout-seconds is a hang.
             table.heartbeat(row, slot)
@@ -276,3 +303,13 @@ class ModelQueue:
             self.executor.count_taken(fe, sum(len(p) for p in parts))
             answered.add(fe)
             fe.send(shared_memory.MSG_DONE + b"".join(p.tobytes() for p in parts))
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice by ``nice`` (Linux: per thread); elsewhere, or where refused,
+    the thread keeps its priority and background work only waits in its own lane."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except (OSError, AttributeError) as e:  # pragma: no cover - not Linux, or a seccomp policy
+        log.info("background compute thread keeps its priority: %s", e)

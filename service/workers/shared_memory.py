@@ -55,8 +55,11 @@ MAX_MESSAGE_BYTES = 1 + SUBMIT.itemsize * MAX_RECORDS_PER_MESSAGE + 65536
 STARTING, LISTENING, READY, STOPPED, HUNG = 0, 1, 2, 3, 4
 
 #: Heartbeat slots per process row: 0 is the process's main loop (a front end's event loop, an
-#: executor's I/O thread); 1.. are an executor's compute threads, one per model version.
+#: executor's I/O thread); the others are compute threads (``ControlTable.compute_slot``).
 LOOP = 0
+#: Compute threads per model version in a device executor: requests, and background work
+#: (explanations' perturbed images) at a lower OS priority (``service.workers.model_queue``).
+LANES = 2
 
 
 #: How the supervisor tells a child to stop (drain its admitted work, then exit). Children ignore
@@ -184,9 +187,9 @@ class ControlTable:
       ends admitting at the same instant can overshoot the bound by one request each.
     - ``stats[row, model]``: that process's :class:`service.metrics.ModelStats` vector.
     - ``beat[row, slot]``: ``time.monotonic()`` of each loop's last heartbeat (slot 0 the main
-      loop, 1 + m model m's compute thread; 0: not beating yet), and ``busy[row, slot]``: the
-      images of the batch that compute thread is running (0: idle). The supervisor reads both
-      (``service.workers.policy.hung``).
+      loop, ``compute_slot(m, lane)`` model m's compute thread for that lane; 0: not beating yet),
+      and ``busy[row, slot]``: the images of the batch that compute thread is running (0: idle).
+      The supervisor reads both (``service.workers.policy.hung``).
     """
 
     def __init__(self, shape: TableShape, create: bool = False) -> None:
@@ -198,8 +201,8 @@ class ControlTable:
         layout.add("submitted", np.int64, (shape.frontends, shape.executors))
         layout.add("taken", np.int64, (shape.frontends, shape.executors))
         layout.add("stats", np.int64, (shape.processes, shape.models, shape.stats_width))
-        layout.add("beat", np.float64, (shape.processes, 1 + shape.models))
-        layout.add("busy", np.int64, (shape.processes, 1 + shape.models))
+        layout.add("beat", np.float64, (shape.processes, 1 + LANES * shape.models))
+        layout.add("busy", np.int64, (shape.processes, 1 + LANES * shape.models))
         self._buffer = _map(Path(shape.path), layout.size, create)
         self.flags: np.ndarray
         self.state: np.ndarray
@@ -210,6 +213,11 @@ class ControlTable:
         self.beat: np.ndarray
         self.busy: np.ndarray
         layout.bind(self, self._buffer)
+
+    def compute_slot(self, model: int, lane: int = 0) -> int:
+        """The beat/busy slot of model ``model``'s compute thread for ``lane`` (0: requests, 1:
+        background work; a front end computing its own models beats lane 0)."""
+        return 1 + lane * self.shape.models + model
 
     def heartbeat(self, row: int, slot: int = LOOP) -> None:
         self.beat[row, slot] = time.monotonic()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.inference.priority import BACKGROUND_NICE
 from service.inference.repository import ModelSpec
 from service.metrics import ModelStats
 from service.settings import Settings
@@ -240,7 +241,7 @@ def test_background_compute_thread_runs_at_a_lower_os_priority(executor):
     assert background.name.endswith("-background") and background.native_id is not None
     assert requests.native_id is not None
     nice = os.getpriority(os.PRIO_PROCESS, background.native_id)
-    assert nice == os.getpriority(os.PRIO_PROCESS, requests.native_id) + mq.BACKGROUND_NICE or nice == 19
+    assert nice == os.getpriority(os.PRIO_PROCESS, requests.native_id) + BACKGROUND_NICE or nice == 19
     # And it computes: a background image is answered.
     done, _, _ = _submit(executor, classes=10, kind=shared_memory.KIND_BACKGROUND)
     assert set(done["status"].tolist()) == {shared_memory.STATUS_OK}

@@ -2,7 +2,8 @@
 batches and runs it, and the front-end connections its answers go to.
 
 Two lanes, each with its own compute thread: requests, and background work (explanations'
-perturbed images), whose thread runs at a lower OS priority (``BACKGROUND_NICE``), so a request
+perturbed images), whose thread runs at a lower OS priority
+(``service.inference.priority.BACKGROUND_NICE``), so a request
 never waits behind a background batch and the CPU goes to requests (and to the front ends that
 serve them) first. Each compute thread takes a batch (greedy, or waiting ``max_queue_delay_ms`` for company), drops
 images whose deadline passed or whose caller left, gathers the rest from the front ends' slabs
@@ -14,7 +15,6 @@ of records; Python work is per message and per batch.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -27,6 +27,7 @@ import numpy as np
 
 from service import tracing
 from service.inference.postprocess import ranking, softmax
+from service.inference.priority import BACKGROUND_NICE, lower_thread_priority
 from service.metrics import ModelStats, StatsObserver
 from service.workers import shared_memory
 
@@ -35,11 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cnnserve.executor")
 
-
-#: nice of the background lane's compute thread (Linux: per thread). Against a nice-0 thread CFS
-#: gives it about a tenth of a contended core (weights 110 vs 1024), all of an idle one; a thread
-#: cannot lower its nice again without CAP_SYS_NICE, hence a thread per lane.
-BACKGROUND_NICE = 10
 
 #: Most seconds a send to a front end may block: one that reads nothing for this long (stopped,
 #: or its loop stuck) must not stall a device that serves every other front end.
@@ -198,7 +194,7 @@ class ModelQueue:
         table, row = self.executor.table, self.executor.row
         slot = table.compute_slot(self.index, lane)
         if lane:
-            _lower_priority(BACKGROUND_NICE)
+            lower_thread_priority(BACKGROUND_NICE)
         while (chunks := self._take(lane)) is not None:
             answered: set[Frontend] = set()
             # The supervisor reads busy with the heartbeat: a batch past --hang-timeout-seconds is a hang.
@@ -303,13 +299,3 @@ class ModelQueue:
             self.executor.count_taken(fe, sum(len(p) for p in parts))
             answered.add(fe)
             fe.send(shared_memory.MSG_DONE + b"".join(p.tobytes() for p in parts))
-
-
-def _lower_priority(nice: int) -> None:
-    """Raise this thread's nice by ``nice`` (Linux: per thread); elsewhere, or where refused,
-    the thread keeps its priority and background work only waits in its own lane."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-    except (OSError, AttributeError) as e:  # pragma: no cover - not Linux, or a seccomp policy
-        log.info("background compute thread keeps its priority: %s", e)

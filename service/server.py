@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from service.http_api.application import create_app
 from service.http_api.server_config import uvicorn_config
 from service.inference.core import InferenceCore
 from service.inference.decoding import DecodePool
-from service.inference.serving import BatchQueue, QueueFactory, ServedModel, StatsSource
+from service.inference.serving import BatchQueue, BatchWatch, QueueFactory, ServedModel, StatsSource
 from service.metrics import Metrics, ModelStats
 from service.model_control.controller import ModelController
 from service.model_control.fleet import FleetBarrier
@@ -85,14 +85,18 @@ def build_plane(settings: Settings, metrics: Metrics, role: FrontendRole | None)
     """The parts one process serves with. A front end of a multi-process server keeps its
     statistics in its row of the shared table and answers readiness for the whole server."""
     stats: StatsSource | None = None
+    watch: BatchWatch | None = None
     if role is not None:
         table, row = role.table, role.row
 
         def stats(index: int) -> tuple[ModelStats, np.ndarray | None]:
             return ModelStats(table.stats[row, index]), table.stats[:, index]
 
+        def watch(index: int) -> Callable[[int, int], None]:  # --executor worker: batches computed here
+            return table.batch_watch(row, index)
+
     pool = DecodePool(settings, metrics)
-    core = InferenceCore(settings, metrics, pool, stats)
+    core = InferenceCore(settings, metrics, pool, stats, watch)
     layer_models = LayerModels()
     controller = None
     if settings.model_control_mode != "none":

@@ -333,3 +333,43 @@ def test_unexpected_failures_answer_500_and_internal_and_are_counted(tmp_path):
         assert "explain failed unexpectedly" in s.log and "ModelInfer failed unexpectedly" in s.log
     finally:
         assert s.stop() == 0, s.log
+
+
+def test_worker_front_ends_report_their_batches_in_flight_to_the_supervisor():
+    """--executor worker: each front end's batches in flight are in its row of the shared table
+    (beat when handed over, the batch's images in busy), which the supervisor judges like an
+    executor's compute thread; cleared when the batch comes back."""
+    s = ServerProcess("--workers", "2", "--executor", "worker", "--drain-seconds", "0", "--precision", "fp32",
+                      "--max-batch-size", "256")  # fmt: skip
+    stop = threading.Event()
+    files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(128))]
+
+    def load():
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                assert client.post(f"{s.http}/predict", files=files).status_code == 200
+
+    caller = threading.Thread(target=load)
+    try:
+        shape = shared_memory.TableShape(str(_run_dir(s) / "control"), 0, 2, 1, ModelStats.width(256))
+        table = shared_memory.ControlTable(shape)
+        slot = table.compute_slot(0)
+        caller.start()
+        seen: list[tuple[float, int]] = []
+
+        def in_flight() -> bool:
+            busy = table.busy[:, slot].copy()
+            beats = table.beat[:, slot].copy()
+            seen.extend((b, int(n)) for b, n in zip(beats, busy) if n)
+            return bool(seen)
+
+        assert wait_until(in_flight, timeout=30, interval=0.001), s.log
+        # Read without a lock (as the supervisor does): a beat may be caught just set or just cleared.
+        assert wait_until(lambda: in_flight() and any(beat > 0 for beat, _ in seen), timeout=30, interval=0.001)
+        assert {images for _, images in seen} == {128}, seen
+        stop.set()
+        caller.join(60)
+        assert wait_until(lambda: not table.busy[:, slot].any() and not table.beat[:, slot].any(), timeout=10)
+    finally:
+        stop.set()
+        assert s.stop() == 0, s.log

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -372,3 +373,47 @@ def test_sample_images_are_decoded_once_per_machine(tmp_path):
     again = subprocess.run([sys.executable, "-c", code, str(tmp_path / "images")], env=env, text=True,
                            capture_output=True, timeout=120)  # fmt: skip
     assert again.stdout.strip() in digests, again.stderr  # from the cache, not decoded again
+
+
+def test_a_front_ends_batch_that_does_not_come_back_is_judged_hung(tmp_path):
+    """--executor worker: a front end computes its own batches. One handed to its batch thread
+    that does not come back (here held by a gate) is a hang, named with its size; an idle batch
+    thread, or one whose batch came back, is never judged."""
+    import asyncio
+
+    from service.inference.batcher import Batcher
+
+    table = shared_memory.ControlTable(
+        shared_memory.TableShape(str(tmp_path / "control"), 0, 1, 1, ModelStats.width(8)), create=True
+    )
+    names = policy.loop_names(False, ["cifar10/1"])
+    gate = threading.Event()
+    verdicts: list[str | None] = []
+
+    def run(parts):
+        gate.wait(10)
+        return (np.concatenate(parts),)
+
+    def judged(later: float) -> str | None:
+        return policy.hung(time.monotonic() + later, shared_memory.READY, table.beat[0], table.busy[0], 30.0, names)
+
+    async def main() -> None:
+        b = Batcher(run, max_batch_size=8)
+        b.on_batch = table.batch_watch(0, 0)
+        b.start()
+        verdicts.append(judged(60.0))  # idle: not judged however long
+        request = asyncio.ensure_future(b.submit(np.zeros((3, 1))))
+        await asyncio.sleep(0.1)  # handed to the batch thread, held there
+        verdicts.append(judged(31.0))
+        gate.set()
+        await request
+        verdicts.append(judged(60.0))
+        await b.close()
+
+    asyncio.run(main())
+    assert verdicts[0] is None and verdicts[2] is None
+    assert (
+        verdicts[1] is not None
+        and verdicts[1].startswith("its batch thread for cifar10/1 has not beaten for 31.")
+        and "running a batch of 3 image(s)" in verdicts[1]
+    ), verdicts

@@ -107,9 +107,9 @@ class Batcher(Generic[Outputs]):
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-background",
                                initializer=lower_thread_priority, initargs=(BACKGROUND_NICE,)),
         )  # fmt: skip
-        #: ``on_batch(lane, images)``, called in the lane's batch thread before each batch (its
-        #: images) and after it (0): how a front end's batches are watched for hangs by the
-        #: workers' supervisor (``service.server``), the way a device executor's are.
+        #: ``on_batch(lane, images)``, called on the loop when a batch is handed to the lane's
+        #: thread (its images) and when it comes back (0): how the workers' supervisor watches a
+        #: front end's batches for hangs (``ControlTable.batch_watch``), as it does an executor's.
         self.on_batch: Callable[[int, int], None] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
@@ -209,17 +209,6 @@ class Batcher(Generic[Outputs]):
         if not self._queue and not self._background and not self._running:
             self._idle.set()
 
-    def _compute(self, lane: int, parts: list[np.ndarray]) -> Outputs:
-        """``run_batch`` in ``lane``'s batch thread, between ``on_batch`` calls."""
-        on_batch = self.on_batch
-        if on_batch is None:
-            return self.run_batch(parts)
-        on_batch(lane, sum(len(p) for p in parts))
-        try:
-            return self.run_batch(parts)
-        finally:
-            on_batch(lane, 0)
-
     async def _run(self, lane: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -231,8 +220,10 @@ class Batcher(Generic[Outputs]):
             parts = [r.items if (s == 0 and e == len(r.items)) else r.items[s:e] for r, s, e in chunks]
             started = time.monotonic()
             self._running += 1
+            if self.on_batch is not None:
+                self.on_batch(lane, sum(len(p) for p in parts))
             try:
-                outputs = await loop.run_in_executor(self._executors[lane], self._compute, lane, parts)
+                outputs = await loop.run_in_executor(self._executors[lane], self.run_batch, parts)
             except Exception as e:
                 log.exception("%s: batch of %d images failed", self.name, sum(e_ - s for _, s, e_ in chunks))
                 error = InferenceFailed(f"inference failed: {type(e).__name__}: {e}")
@@ -241,6 +232,8 @@ class Batcher(Generic[Outputs]):
                         request.future.set_exception(error)
                 continue
             finally:
+                if self.on_batch is not None:
+                    self.on_batch(lane, 0)
                 self._running -= 1
                 self._check_idle()
             elapsed = time.monotonic() - started

@@ -22,6 +22,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,23 @@ class ControlTable:
         """The beat/busy slot of model ``model``'s compute thread for ``lane`` (0: requests, 1:
         background work; a front end computing its own models beats lane 0)."""
         return 1 + lane * self.shape.models + model
+
+    def batch_watch(self, row: int, model: int) -> Callable[[int, int], None]:
+        """A local batcher's ``on_batch`` (``service.inference.batcher.Batcher``) for model ``model``
+        of a front end computing its own models: a batch in flight beats once when handed over
+        and records its images in ``busy``; done, the slot is cleared, so an idle batch thread is
+        never judged. A batch that does not come back within the hang timeout is a hang."""
+
+        def on_batch(lane: int, images: int) -> None:
+            slot = self.compute_slot(model, lane)
+            if images:
+                self.busy[row, slot] = images
+                self.beat[row, slot] = time.monotonic()
+            else:
+                self.beat[row, slot] = 0.0
+                self.busy[row, slot] = 0
+
+        return on_batch
 
     def heartbeat(self, row: int, slot: int = LOOP) -> None:
         self.beat[row, slot] = time.monotonic()

@@ -141,12 +141,7 @@ class Supervisor:
         return f"device executor {row}" if row < self.executors else f"front end {row - self.executors}"
 
     def _slot_names(self, row: int) -> list[str]:
-        """What each heartbeat slot of ``row`` is (``ControlTable.compute_slot``), for the log."""
-        models = [f"{spec.name}/{spec.version}" for spec in self.specs]
-        if row >= self.executors:  # a front end's compute threads beat only with --executor worker
-            return ["event loop"] + [f"batch thread for {m}" for m in models]
-        return (["I/O thread"] + [f"compute thread for {m}" for m in models]
-                + [f"background compute thread for {m}" for m in models])  # fmt: skip
+        return policy.loop_names(row < self.executors, [f"{spec.name}/{spec.version}" for spec in self.specs])
 
     def _reap(self, halt_on_failure: bool = True) -> int | None:
         """Deal with processes that died: restart each (at once or after a backoff, as

@@ -44,6 +44,7 @@ from service.http_api.server_config import uvicorn_config
 from service.inference.core import InferenceCore
 from service.inference.decoding import DecodePool
 from service.inference.serving import BatchQueue, BatchWatch, QueueFactory, ServedModel, StatsSource
+from service.liveness import Liveness
 from service.metrics import Metrics, ModelStats
 from service.model_control.controller import ModelController
 from service.model_control.fleet import FleetBarrier
@@ -85,14 +86,15 @@ def build_plane(settings: Settings, metrics: Metrics, role: FrontendRole | None)
     """The parts one process serves with. A front end of a multi-process server keeps its
     statistics in its row of the shared table and answers readiness for the whole server."""
     stats: StatsSource | None = None
-    watch: BatchWatch | None = None
+    liveness = Liveness(settings.hang_timeout_seconds)
+    watch: BatchWatch | None = liveness.watch  # one process: /healthz judges its batches
     if role is not None:
         table, row = role.table, role.row
 
         def stats(index: int) -> tuple[ModelStats, np.ndarray | None]:
             return ModelStats(table.stats[row, index]), table.stats[:, index]
 
-        def watch(index: int) -> Callable[[int, int], None]:  # --executor worker: batches computed here
+        def watch(index: int, model: str) -> Callable[[int, int], None]:  # --executor worker: the supervisor judges
             return table.batch_watch(row, index)
 
     pool = DecodePool(settings, metrics)
@@ -113,6 +115,7 @@ def build_plane(settings: Settings, metrics: Metrics, role: FrontendRole | None)
         explainer=Explainer(core, layer_models, settings, metrics),
         layer_models=layer_models,
         readiness=Readiness(metrics, role.table if role else None),
+        liveness=liveness,
         buffers=BufferedBytes(settings.max_buffered_bytes),
         pool=pool,
         repository=controller,

@@ -373,3 +373,41 @@ def test_worker_front_ends_report_their_batches_in_flight_to_the_supervisor():
     finally:
         stop.set()
         assert s.stop() == 0, s.log
+
+
+def test_one_process_healthz_fails_while_a_batch_is_out_past_the_hang_timeout():
+    """One process has no supervisor: /healthz answers 503 (for the kubelet's liveness probe) while
+    a batch has been out longer than --hang-timeout-seconds, here set below what a 256-image batch
+    takes so that a legitimate batch stands in for a stuck one; 200 again once it is back."""
+    s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0", "--precision", "fp32",
+                      "--max-batch-size", "256", "--hang-timeout-seconds", "0.01")  # fmt: skip
+    stop = threading.Event()
+    files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(256))]
+
+    def load():
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                assert client.post(f"{s.http}/predict", files=files).status_code == 200
+
+    caller = threading.Thread(target=load)
+    try:
+        assert httpx.get(f"{s.http}/healthz").json() == {"status": "live"}
+        caller.start()
+        answers: list[httpx.Response] = []
+
+        def hung() -> bool:
+            answers.append(httpx.get(f"{s.http}/healthz", timeout=10))
+            return answers[-1].status_code == 503
+
+        assert wait_until(hung, timeout=60, interval=0.005), s.log
+        why = answers[-1].json()
+        assert why["status"] == "hung" and re.match(
+            r"the batch thread for cifar10/1 has not come back for [0-9.]+s with a batch of 256 image\(s\) "
+            r"\(--hang-timeout-seconds 0\.01\)$", why["reason"]), why  # fmt: skip
+        assert "not live: the batch thread for cifar10/1" in s.log
+        stop.set()
+        caller.join(60)
+        assert httpx.get(f"{s.http}/healthz").json() == {"status": "live"}  # the batch came back
+    finally:
+        stop.set()
+        assert s.stop() == 0, s.log

@@ -51,8 +51,8 @@ MAX_TOP_K = 10
 class InferenceCore:
     """``stats``: where each model version's statistics live (in a multi-process server, this
     process's row of the shared table and every process's rows); by default this process's own.
-    ``watch``: each local batcher's ``on_batch``, by model version (a front end computing its own
-    models reports its batches in flight to the supervisor); by default none."""
+    ``watch``: each local batcher's ``on_batch``, by model version: its batches in flight, watched
+    for hangs by the supervisor (a front end) or by /healthz (one process); by default none."""
 
     def __init__(
         self,
@@ -103,9 +103,10 @@ class InferenceCore:
         self._metrics.workers.set(1)
 
     def _local_queue(self, index: int, model: ServedModel, stats: ModelStats) -> BatchQueue:
-        batcher = self._batcher(self._runtimes[index], stats)
+        runtime = self._runtimes[index]
+        batcher = self._batcher(runtime, stats)
         if self._watch is not None:
-            batcher.on_batch = self._watch(index)
+            batcher.on_batch = self._watch(index, f"{runtime.name}/{runtime.version}")
         return batcher
 
     def _batcher(self, runtime: ModelRuntime, stats: ModelStats) -> Batcher[BatchOutput]:

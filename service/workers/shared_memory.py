@@ -34,7 +34,7 @@ import numpy as np
 #: (``time.monotonic()``, the same clock in every process on Linux; 0: none), the image's place
 #: in its request (0 marks a request's first image, for per-request statistics) and its kind: a
 #: request's image, or background work (an explanation's perturbed images) that the executor
-#: batches only in the room requests leave.
+#: queues and computes in a lane of its own, at a lower OS priority.
 SUBMIT = np.dtype([("request", "<u4"), ("slot", "<u4"), ("deadline", "<f8"), ("model", "<u2"), ("index", "<u2"),
                    ("kind", "u1")])  # fmt: skip
 KIND_REQUEST, KIND_BACKGROUND = 0, 1

@@ -404,7 +404,7 @@ def test_one_process_healthz_fails_while_a_batch_is_out_past_the_hang_timeout():
         assert why["status"] == "hung" and re.match(
             r"the batch thread for cifar10/1 has not come back for [0-9.]+s with a batch of 256 image\(s\) "
             r"\(--hang-timeout-seconds 0\.01\)$", why["reason"]), why  # fmt: skip
-        assert "not live: the batch thread for cifar10/1" in s.log
+        assert wait_until(lambda: "not live: the batch thread for cifar10/1" in s.log, timeout=10), s.log
         stop.set()
         caller.join(60)
         assert httpx.get(f"{s.http}/healthz").json() == {"status": "live"}  # the batch came back

@@ -124,6 +124,7 @@ class ModelQueue:
         self.queued = [0, 0]  # images per lane
         self.cond = threading.Condition()
         self.observer = StatsObserver(executor.metrics, runtime.name, stats)
+        self.stats_lock = threading.Lock()
         shape = tuple(runtime.input_shape[1:])
         self.input_shape, self.input_size = shape, int(np.prod(shape))
         name = f"{runtime.name}-{runtime.version}"
@@ -283,7 +284,8 @@ class ModelQueue:
             slabs.ranked[slots, :classes] = ranked[start:end]
             slabs.order[slots, :classes] = order[start:end]
         firsts = [c.arrived for c, mask, _ in live for _ in range(int((c.records["index"][mask] == 0).sum()))]
-        self.observer.batch_done(n, len(firsts), [started - a for a in firsts], elapsed)
+        with self.stats_lock:  # both lanes' threads add to the same statistics row
+            self.observer.batch_done(n, len(firsts), [started - a for a in firsts], elapsed)
 
     def _answer(self, chunks: list[Chunk], statuses: list[np.ndarray], answered: set[Frontend]) -> None:
         """One DONE message per front end; ``answered`` collects those served (a failure part-way

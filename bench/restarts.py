@@ -110,10 +110,14 @@ def killed_supervisor() -> dict:
     second = ServerProcess("--workers", "2", "--executor", "device", "--drain-seconds", "0")
     folder = run_dir(second)
     left = folder_use(folder)
+    children = list(second.children.values())
     second.proc.kill()
     second.proc.wait()
     still_there = folder.exists()
-    time.sleep(2.0)  # its children stop with it (PR_SET_PDEATHSIG)
+    deadline = time.monotonic() + 60  # its children stop with it (PR_SET_PDEATHSIG); then it is left behind
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    before_next_start = folder.exists()
     third = ServerProcess("--workers", "2", "--executor", "device", "--drain-seconds", "0")
     try:
         swept = not folder.exists()
@@ -121,7 +125,8 @@ def killed_supervisor() -> dict:
     finally:
         third.stop()
     return {"killed_supervisor_folder": folder.name, "left_kib": left["kib"], "left_files": left["files"],
-            "left_behind": still_there, "swept_by_next_start": swept, "log": said}  # fmt: skip
+            "left_behind": still_there, "still_there_at_next_start": before_next_start,
+            "swept_by_next_start": swept, "log": said}  # fmt: skip
 
 
 def main() -> None:

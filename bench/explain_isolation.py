@@ -4,8 +4,9 @@ predictions through the shared queue). One sequential /predict caller; then the 
 response parsing does not hold the /predict caller's GIL). Each round starts a fresh server per
 tree, alone then loaded; rounds alternate trees, so trees are compared side by side. Prints one
 JSON line per round and tree, then min/median over rounds of p50 and p99 per phase, and where
-the time went: the server's own /predict time (``cnnserve_request_duration_seconds``, mean) and
-each role's CPU seconds over the loaded phase.
+the time went: the server's own /predict time (``cnnserve_request_duration_seconds``: the loaded
+phase's mean, and the histogram bucket each phase's p99 fell in) and each role's CPU seconds
+over the loaded phase.
 
     .venv/bin/python bench/explain_isolation.py                               # this tree, ~1 min
     .venv/bin/python bench/explain_isolation.py --cwd ../main --cwd .  --rounds 3  # side by side
@@ -37,6 +38,11 @@ from bench.serverproc import ServerProcess  # noqa: E402
 
 PREDICT_DURATION = re.compile(
     r'^cnnserve_request_duration_seconds_(sum|count)\{method="predict",protocol="http"\} ([0-9.e+]+)$', re.M
+)
+PREDICT_BUCKET = re.compile(
+    r'^cnnserve_request_duration_seconds_bucket\{le="([0-9.e+]+|\+Inf)",method="predict",protocol="http"\} '
+    r"([0-9.e+]+)$",
+    re.M,
 )
 
 
@@ -82,10 +88,22 @@ def _summary(ms: list[float]) -> dict:
     return {"n": len(ms), "p50_ms": round(statistics.median(ms), 1), "p99_ms": round(q[98], 1)}
 
 
-def _server_predict(s: ServerProcess) -> tuple[float, float]:
-    """(sum of seconds, count) of the server's HTTP /predict durations so far."""
-    found = dict(PREDICT_DURATION.findall(httpx.get(f"{s.http}/metrics").text))
-    return float(found.get("sum", 0)), float(found.get("count", 0))
+def _server_predict(s: ServerProcess) -> tuple[float, float, dict[str, float]]:
+    """(sum of seconds, count, cumulative count by bucket) of the server's HTTP /predict durations so far."""
+    text = httpx.get(f"{s.http}/metrics").text
+    found = dict(PREDICT_DURATION.findall(text))
+    buckets = {le: float(n) for le, n in PREDICT_BUCKET.findall(text)}
+    return float(found.get("sum", 0)), float(found.get("count", 0)), buckets
+
+
+def _server_p99_ms(before: dict[str, float], after: dict[str, float]) -> str:
+    """The histogram bucket the server's own p99 /predict time fell in, over a phase ("<= 25 ms")."""
+    edges = sorted((float(le), le) for le in after if le != "+Inf")
+    total = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
+    for edge, le in edges:
+        if total and after[le] - before.get(le, 0.0) >= 0.99 * total:
+            return f"<= {edge * 1000:g} ms"
+    return f"> {edges[-1][0] * 1000:g} ms" if edges else "?"
 
 
 def one_round(tree: str, args: argparse.Namespace) -> dict:
@@ -93,7 +111,9 @@ def one_round(tree: str, args: argparse.Namespace) -> dict:
                       "--precision", "fp32", *shlex.split(args.serve), cwd=tree)  # fmt: skip
     try:
         _predict_latencies(s.http, 1.0)  # warm-up
+        alone_before = _server_predict(s)
         alone = _predict_latencies(s.http, args.seconds)
+        alone_after = _server_predict(s)
         spawn = multiprocessing.get_context("spawn")
         stop, explained = spawn.Event(), spawn.Value("i", 0)
         clients = spawn.Process(target=_explainers, args=(s.http, args.explainers, stop, explained))
@@ -104,10 +124,12 @@ def one_round(tree: str, args: argparse.Namespace) -> dict:
         cpu_after, server_after = s.cpu_by_role(), _server_predict(s)
         stop.set()
         clients.join(60)
-        seconds, count = (after - before for after, before in zip(server_after, server_before))
+        seconds, count = server_after[0] - server_before[0], server_after[1] - server_before[1]
         return {"tree": tree, "alone": _summary(alone), "with_explain": _summary(loaded),
                 "explanations": explained.value,
                 "server_predict_mean_ms": round(1000 * seconds / max(count, 1), 1),
+                "server_p99_alone": _server_p99_ms(alone_before[2], alone_after[2]),
+                "server_p99_with_explain": _server_p99_ms(server_before[2], server_after[2]),
                 "cpu_s_loaded": {role: round(cpu_after[role] - cpu_before.get(role, 0.0), 1) for role in cpu_after},
                 }  # fmt: skip
     finally:

@@ -3,8 +3,9 @@
 The attribution's perturbed images (``service.explain.attribution``) go through the core's
 ``run``, the model's queue and runtime, as background work (so they run wherever the model
 runs, CPU or GPU). The layer activations of the one original image come from the companion
-session (``service.explain.layers``) in a worker thread at a lower OS priority, at the same
-time. ``service.server`` builds the explainer over the core and hands it to the transports.
+session (``service.explain.layers``) at the same time. Perturbing, attributing and the layers
+run in threads at a lower OS priority, off the event loop that serves predictions.
+``service.server`` builds the explainer over the core and hands it to the transports.
 
 Explanations cost ~226 forward passes per image, so they have their own admission: at most
 ``explain_concurrency`` computed at once and ``explain_queue_size`` waiting for a turn; past that
@@ -117,10 +118,12 @@ class Explainer:
             metrics.explanations_waiting.set(waiting)
 
         self.admission = Admission(s.explain_concurrency, s.explain_queue_size, gauges)
-        # The layer activations and their PNGs are CPU the explanation's client waits for, not a
-        # /predict caller: threads at a lower OS priority, like the perturbed images' batches.
-        self._layer_pool = ThreadPoolExecutor(
-            s.explain_concurrency, thread_name_prefix="explain-layers", initializer=lower_thread_priority
+        # Perturbing (~10 ms an image here), attributing, the layer activations and their PNGs are
+        # CPU the explanation's client waits for, not a /predict caller: off the event loop, in
+        # threads at a lower OS priority, like the perturbed images' batches. Two per explanation:
+        # its layers run while its images are perturbed.
+        self._cpu_pool = ThreadPoolExecutor(
+            2 * s.explain_concurrency, thread_name_prefix="explain-cpu", initializer=lower_thread_priority
         )
 
     def check(self, model: LoadedModel, target: int | None, method: str | None, seed: int, count: int) -> str:
@@ -185,11 +188,12 @@ class Explainer:
     ) -> ImageExplanation:
         """One image's top-k and attribution (its ``layers`` are filled in by the caller)."""
         fill = attribution.fill_colour(model.runtime.preprocessing)
-        batch, plan = attribution.perturb(image, fill, method, seed)
-        # Perturbed images wait behind requests' images in the model's queue (local or executor).
+        loop = asyncio.get_running_loop()
+        batch, plan = await loop.run_in_executor(self._cpu_pool, attribution.perturb, image, fill, method, seed)
+        # Perturbed images are background work in the model's queue (local or executor).
         out = await self.core.run(model, batch, deadline, Priority.BACKGROUND)
         chosen = out.ranked_indices[0][0] if target is None else target
-        values = attribution.attribute(plan, out.probabilities, chosen)
+        values = await loop.run_in_executor(self._cpu_pool, attribution.attribute, plan, out.probabilities, chosen)
         return ImageExplanation(
             out.ranked_indices[0][:k],
             out.ranked_probabilities[0][:k],
@@ -210,4 +214,4 @@ class Explainer:
             activations = companion.run(model.runtime.normalizer(pixels))
             return [layers.describe(activations, i, companion.filter_pngs) for i in range(len(pixels))]
 
-        return await asyncio.get_running_loop().run_in_executor(self._layer_pool, work)
+        return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, work)

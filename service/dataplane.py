@@ -12,6 +12,7 @@ from service.explain.explainer import Explainer
 from service.explain.layers import LayerModels
 from service.inference.core import InferenceCore
 from service.inference.decoding import DecodePool
+from service.liveness import Liveness
 from service.metrics import Metrics
 from service.model_control.controller import ModelController
 from service.readiness import Readiness
@@ -26,6 +27,7 @@ class DataPlane:
     explainer: Explainer
     layer_models: LayerModels  # companion sessions: /explain's layers and v2's layer outputs
     readiness: Readiness
+    liveness: Liveness  # /healthz: in one process, whether a batch is out past the hang timeout
     buffers: BufferedBytes  # request bytes held by requests in progress, HTTP and gRPC together
     pool: DecodePool  # the bounded pool: large bodies parsed, v2 layer outputs computed, off the event loop
     #: Loads, reloads and unloads versions while serving (--model-control-mode poll or explicit);

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,8 @@ from service.http_api.server_config import uvicorn_config
 from service.inference.core import InferenceCore
 from service.inference.decoding import DecodePool
 from service.inference.repository import ModelSpec
-from service.inference.serving import BatchQueue, LoadedModel, QueueFactory, ServedModel, StatsSource
+from service.inference.serving import BatchQueue, BatchWatch, LoadedModel, QueueFactory, ServedModel, StatsSource
+from service.liveness import Liveness
 from service.metrics import Metrics, ModelStats
 from service.model_control.controller import ModelController, VersionOpener
 from service.model_control.fleet import FleetBarrier
@@ -86,14 +87,19 @@ def build_plane(settings: Settings, metrics: Metrics, role: FrontendRole | None)
     """The parts one process serves with. A front end of a multi-process server keeps its
     statistics in its row of the shared table and answers readiness for the whole server."""
     stats: StatsSource | None = None
+    liveness = Liveness(settings.hang_timeout_seconds)
+    watch: BatchWatch | None = liveness.watch  # one process: /healthz judges its batches
     if role is not None:
         table, row = role.table, role.row
 
         def stats(index: int) -> tuple[ModelStats, np.ndarray | None]:
             return ModelStats(table.stats[row, index]), table.stats[:, index]
 
+        def watch(index: int, model: str) -> Callable[[int, int], None]:  # --executor worker: the supervisor judges
+            return table.batch_watch(row, index)
+
     pool = DecodePool(settings, metrics)
-    core = InferenceCore(settings, metrics, pool, stats)
+    core = InferenceCore(settings, metrics, pool, stats, watch)
     layer_models = LayerModels()
     controller = None
     if settings.model_control_mode != "none":
@@ -110,6 +116,7 @@ def build_plane(settings: Settings, metrics: Metrics, role: FrontendRole | None)
         explainer=Explainer(core, layer_models, settings, metrics),
         layer_models=layer_models,
         readiness=Readiness(metrics, role.table if role else None),
+        liveness=liveness,
         buffers=BufferedBytes(settings.max_buffered_bytes),
         pool=pool,
         repository=controller,

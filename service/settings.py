@@ -271,8 +271,9 @@ class Settings(BaseSettings):
         le=3600.0,
         description="With several processes: a process whose event loop, I/O thread or batch has not moved "
         "for this long is hung: the supervisor aborts it (SIGABRT, stacks in the log; SIGKILL 1 s later) and "
-        "starts another. The slowest legitimate batch is far shorter: 1024 images on one CPU thread took "
-        "0.8 s here, a first cuDNN EXHAUSTIVE plan a few seconds.",
+        "starts another. With one process: /healthz answers 503 while a batch has been out this long, so the "
+        "liveness probe restarts the container. The slowest legitimate batch is far shorter: 1024 images on "
+        "one CPU thread took 0.8 s here, a first cuDNN EXHAUSTIVE plan a few seconds.",
     )
     boot_failure_limit: int = Field(
         5,

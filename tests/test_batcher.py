@@ -175,36 +175,41 @@ def test_queue_delay_waits_for_company_but_not_longer_than_the_delay():
     assert seen == [1, 4]  # ...while a full batch left at once
 
 
-def test_background_work_is_batched_only_in_the_room_requests_leave():
-    """Explanations' images (Priority.BACKGROUND, as the explainer submits them) queued first still
-    go after requests queued later; they fill what room a batch has left."""
-    from service.inference.priority import Priority
+def test_background_work_has_its_own_lane_and_a_lower_os_priority():
+    """Explanations' images (Priority.BACKGROUND, as the explainer submits them) run in a thread of
+    their own at a lower OS priority: requests submitted while a background batch is stuck are
+    answered, and background images never share a request's batch."""
+    import os
 
-    async def background_submit(b, x):
-        return await b.submit(x, None, Priority.BACKGROUND)
+    from service.inference.priority import BACKGROUND_NICE, Priority
 
     async def main():
         gate = threading.Event()
         batches: list[list[float]] = []
+        nice: dict[str, int] = {}
 
         def run(parts):
-            gate.wait(5)
             x = np.concatenate(parts)
+            kind = "background" if x[0, 0] == 9.0 else "request"
+            nice[kind] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            if kind == "background":
+                gate.wait(5)  # stuck until every request below is answered
             batches.append(x[:, 0].tolist())
             return (x,)
 
         b = Batcher(run, max_batch_size=4)
         b.start()
-        first = asyncio.ensure_future(b.submit(np.array([[0.0]])))
-        await asyncio.sleep(0.05)  # computing, held by the gate
-        slow = asyncio.ensure_future(background_submit(b, np.full((6, 1), 9.0)))
-        await asyncio.sleep(0.01)
-        fast = [asyncio.ensure_future(b.submit(np.array([[float(i)]]))) for i in (1, 2, 3)]
-        await asyncio.sleep(0.01)
+        slow = asyncio.ensure_future(b.submit(np.full((6, 1), 9.0), None, Priority.BACKGROUND))
+        await asyncio.sleep(0.05)  # the background batch is running, held by the gate
+        fast = await asyncio.gather(*(b.submit(np.array([[float(i)]])) for i in (1, 2, 3)))
         gate.set()
-        await asyncio.gather(first, slow, *fast)
+        await slow
         await b.close()
-        return batches
+        return batches, nice, fast
 
-    batches = asyncio.run(main())
-    assert batches == [[0.0], [1.0, 2.0, 3.0, 9.0], [9.0] * 4, [9.0]]
+    batches, nice, fast = asyncio.run(main())
+    assert [f[0].tolist() for f in fast] == [[[1.0]], [[2.0]], [[3.0]]]
+    # The requests ran while the background batch was stuck; no batch mixed the two.
+    assert sorted(v for b in batches[:-2] for v in b) == [1.0, 2.0, 3.0]
+    assert batches[-2:] == [[9.0] * 4, [9.0] * 2]
+    assert nice["background"] == min(19, nice["request"] + BACKGROUND_NICE)

@@ -295,3 +295,119 @@ def test_v2_layer_activations_go_through_the_explanations_admission():
     finally:
         stop.set()
         assert s.stop() == 0, s.log
+
+
+def test_unexpected_failures_answer_500_and_internal_and_are_counted(tmp_path):
+    """A fault no domain error names (here a layers.onnx that takes one image at a time, so ONNX
+    Runtime raises on two) answers HTTP 500 / gRPC INTERNAL, counted in cnnserve_requests_total so
+    the error-ratio alert sees it; the server serves on."""
+    import numpy as np
+    import onnx
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
+
+    shutil.copytree(MODEL_REPOSITORY, tmp_path / "models")
+    layers = tmp_path / "models" / "cifar10" / "1" / "layers.onnx"
+    graph = onnx.load(str(layers))
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(graph, str(layers))
+    s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0",
+                      "--model-repository", str(tmp_path / "models"))  # fmt: skip
+    try:
+        files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(2))]
+        r = httpx.post(f"{s.http}/explain", files=files, timeout=60)
+        assert r.status_code == 500 and r.json() == {"error": "internal error: InvalidArgument"}, r.text
+        x = (distinct_images(2, seed=3).transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+        client = tgrpc.InferenceServerClient(s.grpc_target)
+        given = tgrpc.InferInput("input", list(x.shape), "FP32")
+        given.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException) as failed:
+            client.infer("cifar10", [given], outputs=[tgrpc.InferRequestedOutput("fc3")])
+        assert failed.value.status() == "StatusCode.INTERNAL", failed.value
+        r = httpx.post(f"{s.http}/predict", content=IMAGE, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text  # served on
+        text = httpx.get(f"{s.http}/metrics").text
+        assert re.search(r'^cnnserve_requests_total\{code="500",method="explain",protocol="http"\} 1\.0$', text, re.M)
+        assert re.search(r'^cnnserve_requests_total\{code="INTERNAL",method="ModelInfer",protocol="grpc"\} 1\.0$',
+                         text, re.M), text  # fmt: skip
+        assert "explain failed unexpectedly" in s.log and "ModelInfer failed unexpectedly" in s.log
+    finally:
+        assert s.stop() == 0, s.log
+
+
+def test_worker_front_ends_report_their_batches_in_flight_to_the_supervisor():
+    """--executor worker: each front end's batches in flight are in its row of the shared table
+    (beat when handed over, the batch's images in busy), which the supervisor judges like an
+    executor's compute thread; cleared when the batch comes back."""
+    s = ServerProcess("--workers", "2", "--executor", "worker", "--drain-seconds", "0", "--precision", "fp32",
+                      "--max-batch-size", "256")  # fmt: skip
+    stop = threading.Event()
+    files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(128))]
+
+    def load():
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                assert client.post(f"{s.http}/predict", files=files).status_code == 200
+
+    caller = threading.Thread(target=load)
+    try:
+        shape = shared_memory.TableShape(str(_run_dir(s) / "control"), 0, 2, 1, ModelStats.width(256))
+        table = shared_memory.ControlTable(shape)
+        slot = table.compute_slot(0)
+        caller.start()
+        seen: list[tuple[float, int]] = []
+
+        def in_flight() -> bool:
+            busy = table.busy[:, slot].copy()
+            beats = table.beat[:, slot].copy()
+            seen.extend((b, int(n)) for b, n in zip(beats, busy) if n)
+            return bool(seen)
+
+        assert wait_until(in_flight, timeout=30, interval=0.001), s.log
+        # Read without a lock (as the supervisor does): a beat may be caught just set or just cleared.
+        assert wait_until(lambda: in_flight() and any(beat > 0 for beat, _ in seen), timeout=30, interval=0.001)
+        assert {images for _, images in seen} == {128}, seen
+        stop.set()
+        caller.join(60)
+        assert wait_until(lambda: not table.busy[:, slot].any() and not table.beat[:, slot].any(), timeout=10)
+    finally:
+        stop.set()
+        assert s.stop() == 0, s.log
+
+
+def test_one_process_healthz_fails_while_a_batch_is_out_past_the_hang_timeout():
+    """One process has no supervisor: /healthz answers 503 (for the kubelet's liveness probe) while
+    a batch has been out longer than --hang-timeout-seconds, here set below what a 256-image batch
+    takes so that a legitimate batch stands in for a stuck one; 200 again once it is back."""
+    s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0", "--precision", "fp32",
+                      "--max-batch-size", "256", "--hang-timeout-seconds", "0.01")  # fmt: skip
+    stop = threading.Event()
+    files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(256))]
+
+    def load():
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                assert client.post(f"{s.http}/predict", files=files).status_code == 200
+
+    caller = threading.Thread(target=load)
+    try:
+        assert httpx.get(f"{s.http}/healthz").json() == {"status": "live"}
+        caller.start()
+        answers: list[httpx.Response] = []
+
+        def hung() -> bool:
+            answers.append(httpx.get(f"{s.http}/healthz", timeout=10))
+            return answers[-1].status_code == 503
+
+        assert wait_until(hung, timeout=60, interval=0.005), s.log
+        why = answers[-1].json()
+        assert why["status"] == "hung" and re.match(
+            r"the batch thread for cifar10/1 has not come back for [0-9.]+s with a batch of 256 image\(s\) "
+            r"\(--hang-timeout-seconds 0\.01\)$", why["reason"]), why  # fmt: skip
+        assert wait_until(lambda: "not live: the batch thread for cifar10/1" in s.log, timeout=10), s.log
+        stop.set()
+        caller.join(60)
+        assert httpx.get(f"{s.http}/healthz").json() == {"status": "live"}  # the batch came back
+    finally:
+        stop.set()
+        assert s.stop() == 0, s.log

@@ -9,12 +9,14 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from service.inference.priority import BACKGROUND_NICE
 from service.inference.repository import ModelSpec
 from service.metrics import ModelStats
 from service.settings import Settings
@@ -119,7 +121,8 @@ def test_control_table_counts_depth_and_readiness(tmp_path):
     table.state[0] = shared_memory.READY  # the executor; the front ends are still starting
     assert other.executors_ready() and not other.all_ready()
     table.heartbeat(2)
-    assert 0 < time.monotonic() - other.beat[2, shared_memory.LOOP] < 1 and other.beat.shape == (3, 2)
+    assert 0 < time.monotonic() - other.beat[2, shared_memory.LOOP] < 1
+    assert other.beat.shape == (3, 1 + shared_memory.LANES)
 
 
 # ---- the executor's queue ----------------------------------------------------------------------------
@@ -134,14 +137,16 @@ def executor(tmp_path_factory):
     )
     e = ex.Executor(settings, table, 0, [ModelSpec("cifar10", "1", MODEL_PATH)])
     e.load()
-    e.queues[0].thread.start()
+    e.queues[0].start()
     e.folder = folder  # type: ignore[attr-defined]
     yield e
     e.stopping.set()
-    e.queues[0].thread.join(5)
+    e.queues[0].join(5)
 
 
-def _submit(e: ex.Executor, classes: int, n: int = 3) -> tuple[np.ndarray, shared_memory.Slabs, socket.socket]:
+def _submit(
+    e: ex.Executor, classes: int, n: int = 3, kind: int = shared_memory.KIND_REQUEST
+) -> tuple[np.ndarray, shared_memory.Slabs, socket.socket]:
     """Hand ``n`` images to the real queue from a front end whose slabs hold ``classes`` results;
     returns the DONE records it answers, its slabs and the front end's socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -150,7 +155,7 @@ def _submit(e: ex.Executor, classes: int, n: int = 3) -> tuple[np.ndarray, share
     fe.slabs = shared_memory.Slabs(e.folder / f"fe-{classes}.slab", 8, 3072, classes, create=True)  # type: ignore[attr-defined]
     fe.slabs.inputs[:n] = np.random.default_rng(0).normal(size=(n, 3072)).astype(np.float32)
     records = np.zeros(n, shared_memory.SUBMIT)
-    records["request"], records["slot"], records["index"] = np.arange(1, n + 1), np.arange(n), 0
+    records["request"], records["slot"], records["index"], records["kind"] = np.arange(1, n + 1), np.arange(n), 0, kind
     before = int(e.table.taken[0, 0])
     e.queues[0].put(mq.Chunk(fe, records, time.monotonic()))
     ours.settimeout(10)
@@ -204,9 +209,10 @@ def test_a_front_end_that_stops_reading_is_closed_and_told(caplog):
     assert not fe.send(payload)  # nothing more is sent on a dropped connection
 
 
-def test_executor_queue_puts_requests_before_background_work(executor):
+def test_executor_queue_keeps_background_work_in_its_own_lane(executor):
     """Perturbed images of explanations (KIND_BACKGROUND) arrive first; a request's image that
-    arrives later is still in the next batch, and the background fills the rest."""
+    arrives later is still the requests thread's next batch, which holds no background work: the
+    background lane has a thread of its own."""
     queue = mq.ModelQueue(executor, 0, executor.queues[0].runtime, ModelStats(np.zeros(ModelStats.width(8), np.int64)))
     _, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fe = mq.Frontend(theirs)
@@ -221,10 +227,25 @@ def test_executor_queue_puts_requests_before_background_work(executor):
     mixed = records(200, 4, shared_memory.KIND_REQUEST)
     mixed["kind"][2:] = shared_memory.KIND_BACKGROUND  # one message may carry both kinds
     queue.put(mq.Chunk(fe, mixed, time.monotonic()))
-    taken = queue._take()
+    taken = queue._take(0)
     assert taken is not None
-    assert np.concatenate([c.records["request"] for c in taken]).tolist() == [1, 2, 3, 200, 201, 100, 101, 102]
-    assert queue.queued == 17 - 8
+    assert np.concatenate([c.records["request"] for c in taken]).tolist() == [1, 2, 3, 200, 201]
+    taken = queue._take(1)
+    assert taken is not None
+    assert np.concatenate([c.records["request"] for c in taken]).tolist() == list(range(100, 108))
+    assert queue.queued == [0, 12 - 8]
+
+
+def test_background_compute_thread_runs_at_a_lower_os_priority(executor):
+    """The CPU goes to the requests' compute thread first: the background one is niced."""
+    requests, background = executor.queues[0].threads
+    assert background.name.endswith("-background") and background.native_id is not None
+    assert requests.native_id is not None
+    nice = os.getpriority(os.PRIO_PROCESS, background.native_id)
+    assert nice == os.getpriority(os.PRIO_PROCESS, requests.native_id) + BACKGROUND_NICE or nice == 19
+    # And it computes: a background image is answered.
+    done, _, _ = _submit(executor, classes=10, kind=shared_memory.KIND_BACKGROUND)
+    assert set(done["status"].tolist()) == {shared_memory.STATUS_OK}
 
 
 def test_explanations_hand_their_images_to_the_queue_as_background_work(executor):
@@ -352,3 +373,47 @@ def test_sample_images_are_decoded_once_per_machine(tmp_path):
     again = subprocess.run([sys.executable, "-c", code, str(tmp_path / "images")], env=env, text=True,
                            capture_output=True, timeout=120)  # fmt: skip
     assert again.stdout.strip() in digests, again.stderr  # from the cache, not decoded again
+
+
+def test_a_front_ends_batch_that_does_not_come_back_is_judged_hung(tmp_path):
+    """--executor worker: a front end computes its own batches. One handed to its batch thread
+    that does not come back (here held by a gate) is a hang, named with its size; an idle batch
+    thread, or one whose batch came back, is never judged."""
+    import asyncio
+
+    from service.inference.batcher import Batcher
+
+    table = shared_memory.ControlTable(
+        shared_memory.TableShape(str(tmp_path / "control"), 0, 1, 1, ModelStats.width(8)), create=True
+    )
+    names = policy.loop_names(False, ["cifar10/1"])
+    gate = threading.Event()
+    verdicts: list[str | None] = []
+
+    def run(parts):
+        gate.wait(10)
+        return (np.concatenate(parts),)
+
+    def judged(later: float) -> str | None:
+        return policy.hung(time.monotonic() + later, shared_memory.READY, table.beat[0], table.busy[0], 30.0, names)
+
+    async def main() -> None:
+        b = Batcher(run, max_batch_size=8)
+        b.on_batch = table.batch_watch(0, 0)
+        b.start()
+        verdicts.append(judged(60.0))  # idle: not judged however long
+        request = asyncio.ensure_future(b.submit(np.zeros((3, 1))))
+        await asyncio.sleep(0.1)  # handed to the batch thread, held there
+        verdicts.append(judged(31.0))
+        gate.set()
+        await request
+        verdicts.append(judged(60.0))
+        await b.close()
+
+    asyncio.run(main())
+    assert verdicts[0] is None and verdicts[2] is None
+    assert (
+        verdicts[1] is not None
+        and verdicts[1].startswith("its batch thread for cifar10/1 has not beaten for 31.")
+        and "running a batch of 3 image(s)" in verdicts[1]
+    ), verdicts

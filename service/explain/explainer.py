@@ -1,10 +1,11 @@
 """Explanations: a prediction, its attribution map and the layers' activations, for each image.
 
 The attribution's perturbed images (``service.explain.attribution``) go through the core's
-``run``, the model's queue and runtime, like any request (so they run wherever the model runs,
-CPU or GPU). The layer activations of the one original image come from the companion session
-(``service.explain.layers``) in a worker thread, at the same time. ``service.server`` builds the
-explainer over the core and hands it to the transports.
+``run``, the model's queue and runtime, as background work (so they run wherever the model
+runs, CPU or GPU). The layer activations of the one original image come from the companion
+session (``service.explain.layers``) at the same time. Perturbing, attributing and the layers
+run in threads at a lower OS priority, off the event loop that serves predictions.
+``service.server`` builds the explainer over the core and hands it to the transports.
 
 Explanations cost ~226 forward passes per image, so they have their own admission: at most
 ``explain_concurrency`` computed at once and ``explain_queue_size`` waiting for a turn; past that
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,7 +30,7 @@ from service.errors import DeadlineExceeded, InvalidParameter, Overloaded, Paylo
 from service.explain import attribution, layers
 from service.explain.layers import LayerModels
 from service.inference.core import InferenceCore
-from service.inference.priority import Priority
+from service.inference.priority import Priority, lower_thread_priority
 from service.inference.serving import ImageInput, LoadedModel
 from service.metrics import Metrics
 from service.settings import Settings
@@ -116,6 +118,13 @@ class Explainer:
             metrics.explanations_waiting.set(waiting)
 
         self.admission = Admission(s.explain_concurrency, s.explain_queue_size, gauges)
+        # Perturbing (~10 ms an image here), attributing, the layer activations and their PNGs are
+        # CPU the explanation's client waits for, not a /predict caller: off the event loop, in
+        # threads at a lower OS priority, like the perturbed images' batches. Two per explanation:
+        # its layers run while its images are perturbed.
+        self._cpu_pool = ThreadPoolExecutor(
+            2 * s.explain_concurrency, thread_name_prefix="explain-cpu", initializer=lower_thread_priority
+        )
 
     def check(self, model: LoadedModel, target: int | None, method: str | None, seed: int, count: int) -> str:
         """Validate the explanation's own parameters; the method to use."""
@@ -179,11 +188,12 @@ class Explainer:
     ) -> ImageExplanation:
         """One image's top-k and attribution (its ``layers`` are filled in by the caller)."""
         fill = attribution.fill_colour(model.runtime.preprocessing)
-        batch, plan = attribution.perturb(image, fill, method, seed)
-        # Perturbed images wait behind requests' images in the model's queue (local or executor).
+        loop = asyncio.get_running_loop()
+        batch, plan = await loop.run_in_executor(self._cpu_pool, attribution.perturb, image, fill, method, seed)
+        # Perturbed images are background work in the model's queue (local or executor).
         out = await self.core.run(model, batch, deadline, Priority.BACKGROUND)
         chosen = out.ranked_indices[0][0] if target is None else target
-        values = attribution.attribute(plan, out.probabilities, chosen)
+        values = await loop.run_in_executor(self._cpu_pool, attribution.attribute, plan, out.probabilities, chosen)
         return ImageExplanation(
             out.ranked_indices[0][:k],
             out.ranked_probabilities[0][:k],
@@ -204,4 +214,4 @@ class Explainer:
             activations = companion.run(model.runtime.normalizer(pixels))
             return [layers.describe(activations, i, companion.filter_pngs) for i in range(len(pixels))]
 
-        return await asyncio.to_thread(work)
+        return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, work)

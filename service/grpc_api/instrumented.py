@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -20,6 +21,8 @@ from service.grpc_api.http2_limits import trim_heap_soon
 from service.grpc_api.reset_budget import ResetBudget
 from service.metrics import Metrics
 
+log = logging.getLogger("cnnserve.grpc")
+
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: how long a client's retry policy should wait
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -30,7 +33,7 @@ UNTRACED = frozenset({"ModelReady"})  # readiness probes, like HTTP's, make no t
 
 class Instrumented:
     """Records cnnserve_requests_total / _request_duration_seconds for one gRPC method and turns
-    domain errors into the call's status. Label children are resolved once, here."""
+    domain errors into the call's status (anything else: INTERNAL, logged)."""
 
     def __init__(self, metrics: Metrics, method: str) -> None:
         self.metrics = metrics
@@ -52,6 +55,13 @@ class Instrumented:
         if isinstance(e, Overloaded):
             trailers = ((RETRY_PUSHBACK, str(max(1, math.ceil(e.retry_after_s * 1000)))),)
         await context.abort(code, e.message, trailing_metadata=trailers)
+
+    async def unexpected(self, context: grpc.aio.ServicerContext, e: Exception, started: float) -> None:
+        # grpc would answer UNKNOWN and count nothing; counted, the error-ratio alert sees it.
+        log.exception("%s failed unexpectedly", self.method)
+        self.metrics.requests.labels("grpc", self.method, grpc.StatusCode.INTERNAL.name).inc()
+        self.duration.observe(time.perf_counter() - started)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
 
     def cancelled(self, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
@@ -87,6 +97,11 @@ def rpc(method: RpcMethod[Req, Resp]) -> RpcMethod[Req, Resp]:
         except asyncio.CancelledError:
             instrumented.cancelled(context)
             raise
+        except grpc.aio.AbortError:  # the handler ended the call itself, having counted it
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug or a broken model file: INTERNAL, counted
+            await instrumented.unexpected(context, e, started)
+            raise  # not reached: abort() raises
         instrumented.succeeded(started)
         return response
 

@@ -97,8 +97,8 @@ class HttpContext:
         duration.observe(time.perf_counter() - started)
 
     async def handle(self, method: str, work: Awaitable[Response], request: Request | None = None) -> Response:
-        """Run a route's work: map domain errors to responses and record metrics; then give back
-        the body bytes ``request`` held against max_buffered_bytes."""
+        """Run a route's work: map domain errors to responses (and anything else to a 500, logged)
+        and record metrics; then give back the body bytes ``request`` held against max_buffered_bytes."""
         started = time.perf_counter()
         if tracing.ENABLED and request is not None:  # routes without a request (metadata, health) are not traced
             work = tracing.traced_http(method, request, work)
@@ -108,6 +108,11 @@ class HttpContext:
             if not e.counted_by_batcher:
                 self.metrics.rejected.labels(e.reason).inc()
             response = error_response(e)
+        except Exception as e:  # noqa: BLE001 - a bug or a broken model file: answered and counted as a 500
+            # Counted here like any other answer, so the error-ratio alert sees it; Starlette's own
+            # 500 would bypass the counter.
+            log.exception("%s failed unexpectedly", method)
+            response = json_response({"error": f"internal error: {type(e).__name__}"}, 500)
         finally:
             if request is not None:
                 self.plane.buffers.release(request.scope.pop(BUFFERED_KEY, 0))

@@ -278,10 +278,13 @@ def build_router(ctx: HttpContext) -> APIRouter:
     @get_and_head(
         router,
         "/healthz",
-        summary="Liveness: the process answers",
-        responses={200: {"model": Liveness}},
+        summary="Liveness: the process answers (one process: and no batch is out past --hang-timeout-seconds)",
+        responses={200: {"model": Liveness}, 503: {"model": Liveness, "description": "a batch thread is hung"}},
     )
     async def healthz() -> Response:
+        hung = ctx.plane.liveness.reason()
+        if hung is not None:  # one process: its batch thread is stuck (service.liveness)
+            return json_response({"status": "hung", "reason": hung}, 503)
         return json_response({"status": "live"})
 
     @get_and_head(

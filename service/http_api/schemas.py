@@ -77,7 +77,8 @@ class PredictJsonBody(BaseModel):
 
 
 class Liveness(BaseModel):
-    status: str = Field(examples=["live"])
+    status: str = Field(examples=["live"], description='"live", or "hung" (503)')
+    reason: str | None = Field(None, description="Why not live: a batch out past --hang-timeout-seconds (one process)")
 
 
 class ModelState(BaseModel):

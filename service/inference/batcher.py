@@ -11,8 +11,9 @@
 - A request whose deadline passed, or whose caller went away (its future was cancelled), is
   dropped before compute.
 - If the batch function raises, every request of that batch gets one ``InferenceFailed``.
-- Background work (``service.inference.priority``: explanations) is batched only in the room
-  requests leave.
+- Background work (``service.inference.priority``: explanations) has a lane of its own: its own
+  worker task and thread, at a lower OS priority, so a request never waits behind a background
+  batch and the CPU goes to requests first.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from service import tracing
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from service.inference.priority import Priority
+from service.inference.priority import BACKGROUND_NICE, Priority, lower_thread_priority
 
 log = logging.getLogger("cnnserve.batcher")
 
@@ -88,17 +89,29 @@ class Batcher(Generic[Outputs]):
         self.max_queue_size = max_queue_size
         self.observer: Observer = observer or BatchObserver()
         self.name = name
+        # Two lanes, indexed by Priority: requests, and background work (service.inference.priority:
+        # explanations), each with its own worker task and thread, so /predict's latency holds
+        # whatever /explain sends.
         self._queue: deque[_Request[Outputs]] = deque()
-        # Background work (service.inference.priority: explanations) batched only in the room
-        # requests leave, so /predict's latency holds whatever /explain sends.
         self._background: deque[_Request[Outputs]] = deque()
+        self._lanes = (self._queue, self._background)
         self._queued_images = 0
-        self._has_items = asyncio.Event()
-        self._full = asyncio.Event()
+        self._lane_images = [0, 0]
+        self._has_items = (asyncio.Event(), asyncio.Event())
+        self._full = (asyncio.Event(), asyncio.Event())
+        self._running = 0  # batches computing now
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-infer")
-        self._worker: asyncio.Task[None] | None = None
+        self._executors = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-infer"),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-background",
+                               initializer=lower_thread_priority, initargs=(BACKGROUND_NICE,)),
+        )  # fmt: skip
+        #: ``on_batch(lane, images)``, called on the loop when a batch is handed to the lane's
+        #: thread (its images) and when it comes back (0): how the workers' supervisor watches a
+        #: front end's batches for hangs (``ControlTable.batch_watch``), as it does an executor's.
+        self.on_batch: Callable[[int, int], None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._closed = False
         self._mean_batch_s = 0.01  # running estimate, for Retry-After
 
@@ -111,15 +124,16 @@ class Batcher(Generic[Outputs]):
         return max(1.0, (self._queued_images / self.max_batch_size + 1) * self._mean_batch_s)
 
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-worker")
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [loop.create_task(self._run(lane), name=f"{self.name}-worker-{lane}") for lane in (0, 1)]
 
     async def submit(
         self, items: np.ndarray, deadline: float | None = None, priority: Priority = Priority.REQUEST
     ) -> Outputs:
         """Queue ``items`` (first axis = images) and return the batch function's outputs for
         exactly these images. ``deadline`` is a ``time.monotonic()`` instant; background images
-        (``Priority.BACKGROUND``) are batched only in the room requests' images leave."""
+        (``Priority.BACKGROUND``) are batched in their own lane, computed at a lower OS priority."""
         if self._closed:
             raise NotReady(f"{self.name} is shut down")
         n = len(items)
@@ -135,45 +149,34 @@ class Batcher(Generic[Outputs]):
         request = _Request(items, future, deadline, time.monotonic())
         if tracing.ENABLED:
             request.span = tracing.current()
-        (self._background if priority == Priority.BACKGROUND else self._queue).append(request)
+        lane = 1 if priority == Priority.BACKGROUND else 0
+        self._lanes[lane].append(request)
         self._queued_images += n
+        self._lane_images[lane] += n
         self._idle.clear()
-        self._has_items.set()
-        if self._queued_images >= self.max_batch_size:
-            self._full.set()
+        self._has_items[lane].set()
+        if self._lane_images[lane] >= self.max_batch_size:
+            self._full[lane].set()
         self.observer.queue_depth(self._queued_images)
         return await request.future
 
-    async def _wait_for_batch(self) -> None:
-        await self._has_items.wait()
-        if self.max_queue_delay_s <= 0 or self._queued_images >= self.max_batch_size:
+    async def _wait_for_batch(self, lane: int) -> None:
+        await self._has_items[lane].wait()
+        if self.max_queue_delay_s <= 0 or self._lane_images[lane] >= self.max_batch_size:
             return
         # Remaining time of the oldest request's delay, not a fresh full delay.
-        oldest = min(q[0].enqueued for q in (self._queue, self._background) if q)
-        remaining = oldest + self.max_queue_delay_s - time.monotonic()
+        remaining = self._lanes[lane][0].enqueued + self.max_queue_delay_s - time.monotonic()
         if remaining > 0:
             try:
-                await asyncio.wait_for(self._full.wait(), remaining)
+                await asyncio.wait_for(self._full[lane].wait(), remaining)
             except asyncio.TimeoutError:
                 pass
 
-    def _take_batch(self) -> list[tuple[_Request[Outputs], int, int]]:
-        """Chunks (request, start, end) for the next batch, dropping dead requests."""
+    def _take_batch(self, lane: int) -> list[tuple[_Request[Outputs], int, int]]:
+        """Chunks (request, start, end) for ``lane``'s next batch, dropping dead requests."""
         chunks: list[tuple[_Request[Outputs], int, int]] = []
+        queue = self._lanes[lane]
         size, now = 0, time.monotonic()
-        for queue in (self._queue, self._background):
-            size = self._take_from(queue, chunks, size, now)
-        if not self._queue and not self._background:
-            self._has_items.clear()
-        if self._queued_images < self.max_batch_size:
-            self._full.clear()
-        self.observer.queue_depth(self._queued_images)
-        return chunks
-
-    def _take_from(
-        self, queue: deque[_Request[Outputs]], chunks: list[tuple[_Request[Outputs], int, int]], size: int, now: float
-    ) -> int:
-        """Take from ``queue`` into ``chunks`` until the batch holds max_batch_size; the new size."""
         while queue and size < self.max_batch_size:
             request = queue[0]
             left = len(request.items) - request.taken
@@ -181,6 +184,7 @@ class Batcher(Generic[Outputs]):
             if expired or request.future.done():
                 queue.popleft()
                 self._queued_images -= left
+                self._lane_images[lane] -= left
                 # A gRPC call past its deadline is cancelled by grpc itself: still a "deadline" drop.
                 self.observer.dropped("deadline" if expired else "cancelled", left)
                 if not request.future.done():
@@ -191,23 +195,35 @@ class Batcher(Generic[Outputs]):
             request.taken += take
             size += take
             self._queued_images -= take
+            self._lane_images[lane] -= take
             if request.taken == len(request.items):
                 queue.popleft()
-        return size
+        if not queue:
+            self._has_items[lane].clear()
+        if self._lane_images[lane] < self.max_batch_size:
+            self._full[lane].clear()
+        self.observer.queue_depth(self._queued_images)
+        return chunks
 
-    async def _run(self) -> None:
+    def _check_idle(self) -> None:
+        if not self._queue and not self._background and not self._running:
+            self._idle.set()
+
+    async def _run(self, lane: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wait_for_batch()
-            chunks = self._take_batch()
+            await self._wait_for_batch(lane)
+            chunks = self._take_batch(lane)
             if not chunks:
-                if not self._queue and not self._background:
-                    self._idle.set()
+                self._check_idle()
                 continue
             parts = [r.items if (s == 0 and e == len(r.items)) else r.items[s:e] for r, s, e in chunks]
             started = time.monotonic()
+            self._running += 1
+            if self.on_batch is not None:
+                self.on_batch(lane, sum(len(p) for p in parts))
             try:
-                outputs = await loop.run_in_executor(self._executor, self.run_batch, parts)
+                outputs = await loop.run_in_executor(self._executors[lane], self.run_batch, parts)
             except Exception as e:
                 log.exception("%s: batch of %d images failed", self.name, sum(e_ - s for _, s, e_ in chunks))
                 error = InferenceFailed(f"inference failed: {type(e).__name__}: {e}")
@@ -216,8 +232,10 @@ class Batcher(Generic[Outputs]):
                         request.future.set_exception(error)
                 continue
             finally:
-                if not self._queue and not self._background:
-                    self._idle.set()
+                if self.on_batch is not None:
+                    self.on_batch(lane, 0)
+                self._running -= 1
+                self._check_idle()
             elapsed = time.monotonic() - started
             self._mean_batch_s = 0.9 * self._mean_batch_s + 0.1 * elapsed
             size = sum(e - s for _, s, e in chunks)
@@ -263,10 +281,10 @@ class Batcher(Generic[Outputs]):
     async def close(self) -> None:
         """Stop the worker; requests still queued get NotReady."""
         self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
             try:
-                await self._worker
+                await worker
             except asyncio.CancelledError:
                 pass
         while self._queue or self._background:
@@ -274,7 +292,9 @@ class Batcher(Generic[Outputs]):
             if not request.future.done():
                 request.future.set_exception(NotReady("server shutting down"))
         self._queued_images = 0
-        self._executor.shutdown(wait=True)
+        self._lane_images = [0, 0]
+        for executor in self._executors:
+            executor.shutdown(wait=True)
 
 
 def _concat(pieces: list[Any]) -> Any:

@@ -32,6 +32,7 @@ from service.inference.priority import Priority
 from service.inference.runtime import BatchOutput, ModelRuntime, load_model
 from service.inference.serving import (
     BatchQueue,
+    BatchWatch,
     Classification,
     ImageInput,
     LoadedModel,
@@ -49,11 +50,19 @@ MAX_TOP_K = 10
 
 class InferenceCore:
     """``stats``: where each model version's statistics live (in a multi-process server, this
-    process's row of the shared table and every process's rows); by default this process's own."""
+    process's row of the shared table and every process's rows); by default this process's own.
+    ``watch``: each local batcher's ``on_batch``, by model version: its batches in flight, watched
+    for hangs by the supervisor (a front end) or by /healthz (one process); by default none."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, pool: DecodePool, stats: StatsSource | None = None
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        pool: DecodePool,
+        stats: StatsSource | None = None,
+        watch: BatchWatch | None = None,
     ) -> None:
+        self._watch = watch
         self._settings = settings
         self._metrics = metrics
         self._pool = pool
@@ -94,7 +103,11 @@ class InferenceCore:
         self._metrics.workers.set(1)
 
     def _local_queue(self, index: int, model: ServedModel, stats: ModelStats) -> BatchQueue:
-        return self._batcher(self._runtimes[index], stats)
+        runtime = self._runtimes[index]
+        batcher = self._batcher(runtime, stats)
+        if self._watch is not None:
+            batcher.on_batch = self._watch(index, f"{runtime.name}/{runtime.version}")
+        return batcher
 
     def _batcher(self, runtime: ModelRuntime, stats: ModelStats) -> Batcher[BatchOutput]:
         """A started local batcher (on the running loop) around ``runtime``'s session."""

@@ -87,6 +87,9 @@ QueueFactory = Callable[[int, ServedModel, ModelStats], BatchQueue]
 #: This process's statistics of model version ``index`` and, in a multi-process server, every
 #: process's rows of it (else None).
 StatsSource = Callable[[int], tuple[ModelStats, np.ndarray | None]]
+#: The ``Batcher.on_batch`` of model version ``index`` (named "name/version")'s local batcher:
+#: how its batches in flight are watched for hangs (by the supervisor, or by /healthz).
+BatchWatch = Callable[[int, str], Callable[[int, int], None]]
 
 
 @dataclass

@@ -6,11 +6,12 @@ node's whole load allows — not one small queue per front end, and not one CUDA
 front end launching small batches.
 
 Threads: one I/O thread accepts front ends and reads their records (a message carries many);
-one compute thread per model version takes a batch (greedy, or waiting ``max_queue_delay_ms``
-for company), drops images whose deadline passed or whose caller left, gathers the rest from the
-front ends' slabs into one input, runs it, writes logits, probabilities and the ranking back into
-the same slots, and answers each front end with one message per batch. Per-image work is numpy
-over whole chunks of records; Python work is per message and per batch.
+two compute threads per model version (requests; background work at a lower OS priority) each
+take a batch (greedy, or waiting ``max_queue_delay_ms`` for company), drop images whose
+deadline passed or whose caller left, gather the rest from the front ends' slabs into one
+input, run it, write logits, probabilities and the ranking back into the same slots, and
+answer each front end with one message per batch. Per-image work is numpy over whole chunks of
+records; Python work is per message and per batch.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class Executor:
                 self.table.stats[:, slot] = 0
                 self.slots[slot] = _Slot(key, str(spec.path), {fe.index for fe, _ in waiting if fe.alive})
                 queue = self._add_queue(slot, runtime)
-                queue.thread.start()
+                queue.start()
                 self._retire_unheld()  # every front end that asked went away meanwhile: nobody serves it
         for fe, request in waiting:
             fe.send(_loaded(request, slot, description) if not error else _loaded(request, error=error))
@@ -222,15 +223,16 @@ class Executor:
         self._save_slots()
 
     def _free(self, slot: int, queue: ModelQueue) -> None:
-        """Once the retired version's thread has run what was queued: its session is released and the slot reused."""
-        queue.thread.join()
+        """Once the retired version's threads have run what was queued: its session is released and the slot reused."""
+        queue.join(timeout=None)
         runtime = queue.runtime
         name, version = runtime.name, runtime.version
         # Zero, not removed: prometheus-client cannot remove a series in multiprocess mode.
         self.metrics.model_info.labels(*model_info_labels(runtime)).set(0)
         with self._lock:
             del self.queues[slot]
-            self.table.beat[self.row, 1 + slot] = 0.0  # not beating: not judged (policy.hung)
+            for lane in range(shared_memory.LANES):  # not beating: not judged (policy.hung)
+                self.table.beat[self.row, self.table.compute_slot(slot, lane)] = 0.0
             self._retiring.discard(slot)
         del queue, runtime
         gc.collect()
@@ -278,7 +280,7 @@ class Executor:
         listener.bind(path)
         listener.listen(256)
         for queue in list(self.queues.values()):
-            queue.thread.start()
+            queue.start()
         self.table.pid[self.row] = os.getpid()
         self.table.state[self.row] = shared_memory.READY
         self.metrics.ready.set(1)
@@ -301,7 +303,7 @@ class Executor:
             selector.close()
             listener.close()
             for queue in list(self.queues.values()):
-                queue.thread.join(timeout=self.settings.shutdown_timeout_seconds)
+                queue.join(timeout=self.settings.shutdown_timeout_seconds)
             self.table.state[self.row] = shared_memory.STOPPED
 
     def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:

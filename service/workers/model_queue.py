@@ -1,8 +1,11 @@
 """One model version's queue in the device executor (service.workers.executor), the thread that
 batches and runs it, and the front-end connections its answers go to.
 
-Two lanes: requests first, explanations' perturbed images in what room a batch has left. The
-compute thread takes a batch (greedy, or waiting ``max_queue_delay_ms`` for company), drops
+Two lanes, each with its own compute thread: requests, and background work (explanations'
+perturbed images), whose thread runs at a lower OS priority
+(``service.inference.priority.BACKGROUND_NICE``), so a request
+never waits behind a background batch and the CPU goes to requests (and to the front ends that
+serve them) first. Each compute thread takes a batch (greedy, or waiting ``max_queue_delay_ms`` for company), drops
 images whose deadline passed or whose caller left, gathers the rest from the front ends' slabs
 into one input, runs it, writes logits, probabilities and the ranking back into the same slots,
 and answers each front end with one message per batch. Per-image work is numpy over whole chunks
@@ -24,6 +27,7 @@ import numpy as np
 
 from service import tracing
 from service.inference.postprocess import ranking, softmax
+from service.inference.priority import BACKGROUND_NICE, lower_thread_priority
 from service.metrics import ModelStats, StatsObserver
 from service.workers import shared_memory
 
@@ -114,72 +118,92 @@ class ModelQueue:
         self.executor, self.index, self.runtime = executor, index, runtime
         self.max_batch_size = s.max_batch_size
         self.delay_s = s.max_queue_delay_ms / 1000.0
-        # Two lanes: requests first, explanations' perturbed images (shared_memory.KIND_BACKGROUND) in what
-        # room a batch has left, so /predict's latency holds whatever /explain sends.
+        # Two lanes: requests, and explanations' perturbed images (shared_memory.KIND_BACKGROUND),
+        # each computed by its own thread, so /predict's latency holds whatever /explain sends.
         self.lanes: tuple[deque[Chunk], deque[Chunk]] = (deque(), deque())
-        self.queued = 0
-        self.closing = False  # retired (model control): finish what is queued, then the thread ends
+        self.queued = [0, 0]  # images per lane
+        self.closing = False  # retired (model control): finish what is queued, then the threads end
         self.cond = threading.Condition()
         self.observer = StatsObserver(executor.metrics, runtime.name, stats)
+        self.stats_lock = threading.Lock()
         shape = tuple(runtime.input_shape[1:])
         self.input_shape, self.input_size = shape, int(np.prod(shape))
-        self.thread = threading.Thread(target=self._run, name=f"{runtime.name}-{runtime.version}-batches", daemon=True)
+        name = f"{runtime.name}-{runtime.version}"
+        self.threads = [
+            threading.Thread(target=self._run, args=(lane,), name=f"{name}-{kind}", daemon=True)
+            for lane, kind in enumerate(("batches", "background"))
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self, timeout: float | None) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
 
     def put(self, chunk: Chunk) -> None:
         kinds = chunk.records["kind"]
         with self.cond:
             if kinds[0] == kinds[-1] and (kinds == kinds[0]).all():
-                self.lanes[min(1, int(kinds[0]))].append(chunk)
+                lane = min(1, int(kinds[0]))
+                self.lanes[lane].append(chunk)
+                self.queued[lane] += len(chunk.records)
             else:  # a message can mix both kinds: each goes to its lane
                 background = kinds != shared_memory.KIND_REQUEST
                 self.lanes[0].append(Chunk(chunk.frontend, chunk.records[~background], chunk.arrived))
                 self.lanes[1].append(Chunk(chunk.frontend, chunk.records[background], chunk.arrived))
-            self.queued += len(chunk.records)
-            self.cond.notify()
+                self.queued[1] += int(background.sum())
+                self.queued[0] += len(chunk.records) - int(background.sum())
+            self.cond.notify_all()  # the two lanes' threads wait on one condition
 
     def close(self) -> None:
-        """Retire this version: its thread runs what is queued, then ends."""
+        """Retire this version: its threads run what is queued, then end."""
         with self.cond:
             self.closing = True
-            self.cond.notify()
+            self.cond.notify_all()
 
-    def _take(self) -> list[Chunk] | None:
-        """Up to max_batch_size records, FIFO within each lane, requests first; None once the
-        executor stops and nothing is left."""
+    def _take(self, lane: int = 0) -> list[Chunk] | None:
+        """Up to max_batch_size records of ``lane``, FIFO; None once the executor stops and
+        nothing is left."""
         beat = self.executor.table.heartbeat
-        row, slot = self.executor.row, 1 + self.index
+        row, slot = self.executor.row, self.executor.table.compute_slot(self.index, lane)
+        chunks, queued = self.lanes[lane], self.queued
         with self.cond:
-            while not self.queued:
+            while not queued[lane]:
                 beat(row, slot)
                 if self.closing or self.executor.stopping.is_set():
                     return None
                 self.cond.wait(0.1)
-            if self.delay_s > 0 and self.queued < self.max_batch_size:
+            if self.delay_s > 0 and queued[lane] < self.max_batch_size:
                 # Remaining time of the oldest chunk's delay, not a fresh full delay.
-                until = min(lane[0].arrived for lane in self.lanes if lane) + self.delay_s
-                while self.queued < self.max_batch_size and (left := until - time.monotonic()) > 0:
+                until = chunks[0].arrived + self.delay_s
+                while queued[lane] < self.max_batch_size and (left := until - time.monotonic()) > 0:
                     beat(row, slot)
                     self.cond.wait(min(left, 0.5))
             taken: list[Chunk] = []
             size = 0
-            for lane in self.lanes:
-                while lane and size < self.max_batch_size:
-                    chunk = lane[0]
-                    room = self.max_batch_size - size
-                    if len(chunk.records) <= room:
-                        taken.append(lane.popleft())
-                        size += len(chunk.records)
-                    else:
-                        taken.append(Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
-                        chunk.records = chunk.records[room:]
-                        size += room
-            self.queued -= size
-        self.executor.metrics.queue_depth.labels(self.runtime.name).set(self.queued)
+            while chunks and size < self.max_batch_size:
+                chunk = chunks[0]
+                room = self.max_batch_size - size
+                if len(chunk.records) <= room:
+                    taken.append(chunks.popleft())
+                    size += len(chunk.records)
+                else:
+                    taken.append(Chunk(chunk.frontend, chunk.records[:room], chunk.arrived))
+                    chunk.records = chunk.records[room:]
+                    size += room
+            queued[lane] -= size
+            depth = sum(queued)
+        self.executor.metrics.queue_depth.labels(self.runtime.name).set(depth)
         return taken
 
-    def _run(self) -> None:
-        table, row, slot = self.executor.table, self.executor.row, 1 + self.index
-        while (chunks := self._take()) is not None:
+    def _run(self, lane: int) -> None:
+        table, row = self.executor.table, self.executor.row
+        slot = table.compute_slot(self.index, lane)
+        if lane:
+            lower_thread_priority(BACKGROUND_NICE)
+        while (chunks := self._take(lane)) is not None:
             answered: set[Frontend] = set()
             # The supervisor reads busy with the heartbeat: a batch past --hang-timeout-seconds is a hang.
             table.heartbeat(row, slot)
@@ -267,7 +291,8 @@ class ModelQueue:
             slabs.ranked[slots, :classes] = ranked[start:end]
             slabs.order[slots, :classes] = order[start:end]
         firsts = [c.arrived for c, mask, _ in live for _ in range(int((c.records["index"][mask] == 0).sum()))]
-        self.observer.batch_done(n, len(firsts), [started - a for a in firsts], elapsed)
+        with self.stats_lock:  # both lanes' threads add to the same statistics row
+            self.observer.batch_done(n, len(firsts), [started - a for a in firsts], elapsed)
 
     def _answer(self, chunks: list[Chunk], statuses: list[np.ndarray], answered: set[Frontend]) -> None:
         """One DONE message per front end; ``answered`` collects those served (a failure part-way

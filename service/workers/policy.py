@@ -24,6 +24,22 @@ BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0
 
 
+def loop_names(executor: bool, models: list[str]) -> list[str]:
+    """What each heartbeat slot of a process row is (``ControlTable.compute_slot``), for the log;
+    ``models`` as name/version. A front end's batches are watched only with --executor worker."""
+    if executor:
+        return (
+            ["I/O thread"]
+            + [f"compute thread for {m}" for m in models]
+            + [f"background compute thread for {m}" for m in models]
+        )
+    return (
+        ["event loop"]
+        + [f"batch thread for {m}" for m in models]
+        + [f"background batch thread for {m}" for m in models]
+    )
+
+
 def hung(now: float, state: int, beats: np.ndarray, busy: np.ndarray, timeout: float,
          slot_names: list[str]) -> str | None:  # fmt: skip
     """Why a process counts as hung (one of its loops has not beaten for ``timeout`` seconds),

@@ -22,6 +22,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import numpy as np
 #: (``time.monotonic()``, the same clock in every process on Linux; 0: none), the image's place
 #: in its request (0 marks a request's first image, for per-request statistics) and its kind: a
 #: request's image, or background work (an explanation's perturbed images) that the executor
-#: batches only in the room requests leave.
+#: queues and computes in a lane of its own, at a lower OS priority.
 SUBMIT = np.dtype([("request", "<u4"), ("slot", "<u4"), ("deadline", "<f8"), ("model", "<u2"), ("index", "<u2"),
                    ("kind", "u1")])  # fmt: skip
 KIND_REQUEST, KIND_BACKGROUND = 0, 1
@@ -63,8 +64,11 @@ MAX_MESSAGE_BYTES = 1 + SUBMIT.itemsize * MAX_RECORDS_PER_MESSAGE + 65536
 STARTING, LISTENING, READY, STOPPED, HUNG = 0, 1, 2, 3, 4
 
 #: Heartbeat slots per process row: 0 is the process's main loop (a front end's event loop, an
-#: executor's I/O thread); 1.. are an executor's compute threads, one per model version.
+#: executor's I/O thread); the others are compute threads (``ControlTable.compute_slot``).
 LOOP = 0
+#: Compute threads per model version in a device executor: requests, and background work
+#: (explanations' perturbed images) at a lower OS priority (``service.workers.model_queue``).
+LANES = 2
 
 
 #: How the supervisor tells a child to stop (drain its admitted work, then exit). Children ignore
@@ -193,9 +197,9 @@ class ControlTable:
     - ``stats[row, model]``: that process's :class:`service.metrics.ModelStats` vector, per model
       version (under model control with a device executor: per slot of the executor).
     - ``beat[row, slot]``: ``time.monotonic()`` of each loop's last heartbeat (slot 0 the main
-      loop, 1 + m model m's compute thread; 0: not beating yet), and ``busy[row, slot]``: the
-      images of the batch that compute thread is running (0: idle). The supervisor reads both
-      (``service.workers.policy.hung``).
+      loop, ``compute_slot(m, lane)`` model m's compute thread for that lane; 0: not beating yet),
+      and ``busy[row, slot]``: the images of the batch that compute thread is running (0: idle).
+      The supervisor reads both (``service.workers.policy.hung``).
     """
 
     def __init__(self, shape: TableShape, create: bool = False) -> None:
@@ -207,8 +211,8 @@ class ControlTable:
         layout.add("submitted", np.int64, (shape.frontends, shape.executors))
         layout.add("taken", np.int64, (shape.frontends, shape.executors))
         layout.add("stats", np.int64, (shape.processes, shape.models, shape.stats_width))
-        layout.add("beat", np.float64, (shape.processes, 1 + shape.models))
-        layout.add("busy", np.int64, (shape.processes, 1 + shape.models))
+        layout.add("beat", np.float64, (shape.processes, 1 + LANES * shape.models))
+        layout.add("busy", np.int64, (shape.processes, 1 + LANES * shape.models))
         self._buffer = _map(Path(shape.path), layout.size, create)
         self.flags: np.ndarray
         self.state: np.ndarray
@@ -219,6 +223,28 @@ class ControlTable:
         self.beat: np.ndarray
         self.busy: np.ndarray
         layout.bind(self, self._buffer)
+
+    def compute_slot(self, model: int, lane: int = 0) -> int:
+        """The beat/busy slot of model ``model``'s compute thread for ``lane`` (0: requests, 1:
+        background work; a front end computing its own models beats lane 0)."""
+        return 1 + lane * self.shape.models + model
+
+    def batch_watch(self, row: int, model: int) -> Callable[[int, int], None]:
+        """A local batcher's ``on_batch`` (``service.inference.batcher.Batcher``) for model ``model``
+        of a front end computing its own models: a batch in flight beats once when handed over
+        and records its images in ``busy``; done, the slot is cleared, so an idle batch thread is
+        never judged. A batch that does not come back within the hang timeout is a hang."""
+
+        def on_batch(lane: int, images: int) -> None:
+            slot = self.compute_slot(model, lane)
+            if images:
+                self.busy[row, slot] = images
+                self.beat[row, slot] = time.monotonic()
+            else:
+                self.beat[row, slot] = 0.0
+                self.busy[row, slot] = 0
+
+        return on_batch
 
     def heartbeat(self, row: int, slot: int = LOOP) -> None:
         self.beat[row, slot] = time.monotonic()

@@ -148,11 +148,11 @@ class Supervisor:
         return len(self.specs)
 
     def _slot_names(self, row: int) -> list[str]:
-        if row >= self.executors:
-            return ["event loop"]
-        if self.settings.model_control_mode != "none":  # slots hold what the front ends loaded
-            return ["I/O thread"] + [f"compute thread of model slot {k}" for k in range(self._model_columns())]
-        return ["I/O thread"] + [f"compute thread for {spec.name}/{spec.version}" for spec in self.specs]
+        if self.executors and self.settings.model_control_mode != "none":  # slots hold what the front ends loaded
+            models = [f"model slot {k}" for k in range(self._model_columns())]
+        else:
+            models = [f"{spec.name}/{spec.version}" for spec in self.specs]
+        return policy.loop_names(row < self.executors, models)
 
     def _reap(self, halt_on_failure: bool = True) -> int | None:
         """Deal with processes that died: restart each (at once or after a backoff, as

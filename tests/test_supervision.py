@@ -335,21 +335,36 @@ def test_unexpected_failures_answer_500_and_internal_and_are_counted(tmp_path):
         assert s.stop() == 0, s.log
 
 
+class _PredictLoop:
+    """One client posting the same ``images``-image /predict to ``s`` until ended (each must be 200)."""
+
+    def __init__(self, s: ServerProcess, images: int) -> None:
+        self.stop = threading.Event()
+        files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(images))]
+
+        def load() -> None:
+            with httpx.Client(timeout=60) as client:
+                while not self.stop.is_set():
+                    assert client.post(f"{s.http}/predict", files=files).status_code == 200
+
+        self.thread = threading.Thread(target=load)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def end(self) -> None:
+        self.stop.set()
+        if self.thread.ident is not None:
+            self.thread.join(60)
+
+
 def test_worker_front_ends_report_their_batches_in_flight_to_the_supervisor():
     """--executor worker: each front end's batches in flight are in its row of the shared table
     (beat when handed over, the batch's images in busy), which the supervisor judges like an
     executor's compute thread; cleared when the batch comes back."""
     s = ServerProcess("--workers", "2", "--executor", "worker", "--drain-seconds", "0", "--precision", "fp32",
                       "--max-batch-size", "256")  # fmt: skip
-    stop = threading.Event()
-    files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(128))]
-
-    def load():
-        with httpx.Client(timeout=60) as client:
-            while not stop.is_set():
-                assert client.post(f"{s.http}/predict", files=files).status_code == 200
-
-    caller = threading.Thread(target=load)
+    caller = _PredictLoop(s, 128)
     try:
         shape = shared_memory.TableShape(str(_run_dir(s) / "control"), 0, 2, 1, ModelStats.width(256))
         table = shared_memory.ControlTable(shape)
@@ -367,11 +382,10 @@ def test_worker_front_ends_report_their_batches_in_flight_to_the_supervisor():
         # Read without a lock (as the supervisor does): a beat may be caught just set or just cleared.
         assert wait_until(lambda: in_flight() and any(beat > 0 for beat, _ in seen), timeout=30, interval=0.001)
         assert {images for _, images in seen} == {128}, seen
-        stop.set()
-        caller.join(60)
+        caller.end()
         assert wait_until(lambda: not table.busy[:, slot].any() and not table.beat[:, slot].any(), timeout=10)
     finally:
-        stop.set()
+        caller.end()
         assert s.stop() == 0, s.log
 
 
@@ -381,15 +395,7 @@ def test_one_process_healthz_fails_while_a_batch_is_out_past_the_hang_timeout():
     takes so that a legitimate batch stands in for a stuck one; 200 again once it is back."""
     s = ServerProcess("--workers", "1", "--executor", "worker", "--drain-seconds", "0", "--precision", "fp32",
                       "--max-batch-size", "256", "--hang-timeout-seconds", "0.01")  # fmt: skip
-    stop = threading.Event()
-    files = [("file", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(distinct_images(256))]
-
-    def load():
-        with httpx.Client(timeout=60) as client:
-            while not stop.is_set():
-                assert client.post(f"{s.http}/predict", files=files).status_code == 200
-
-    caller = threading.Thread(target=load)
+    caller = _PredictLoop(s, 256)
     try:
         assert httpx.get(f"{s.http}/healthz").json() == {"status": "live"}
         caller.start()
@@ -405,9 +411,8 @@ def test_one_process_healthz_fails_while_a_batch_is_out_past_the_hang_timeout():
             r"the batch thread for cifar10/1 has not come back for [0-9.]+s with a batch of 256 image\(s\) "
             r"\(--hang-timeout-seconds 0\.01\)$", why["reason"]), why  # fmt: skip
         assert wait_until(lambda: "not live: the batch thread for cifar10/1" in s.log, timeout=10), s.log
-        stop.set()
-        caller.join(60)
+        caller.end()
         assert httpx.get(f"{s.http}/healthz").json() == {"status": "live"}  # the batch came back
     finally:
-        stop.set()
+        caller.end()
         assert s.stop() == 0, s.log

@@ -23,6 +23,8 @@ Servers (``--servers`` picks some):
 - ``grpclib``: grpclib (pure-Python gRPC on h2, ``pip install grpclib``), uvloop, bytes in and out.
 
 Every gRPC server runs with compression off and ``grpc.so_reuseport=0``.
+granian and grpclib are not cnnserve dependencies: ``.venv/bin/pip install granian grpclib`` first,
+or leave their servers out with ``--servers``.
 Writes bench/results/floors.json.
 """
 

@@ -39,17 +39,6 @@ from service.workers import shared_memory  # noqa: E402
 MAX_BATCH = 64  # the server's default --max-batch-size: the table's statistics width depends on it
 
 
-def run_dir(s: ServerProcess) -> Path:
-    """The run folder whose ``owner`` file names this server's supervisor."""
-    for path in Path("/dev/shm").glob("cnnserve-*"):
-        try:
-            if int((path / "owner").read_text().split()[0]) == s.proc.pid:
-                return path
-        except (OSError, ValueError):
-            continue
-    raise RuntimeError("the server's run folder was not found")
-
-
 def folder_use(path: Path) -> dict:
     """Files and the room they take in /dev/shm (allocated blocks, not apparent sizes)."""
     files = [p for p in path.rglob("*") if p.is_file()]
@@ -79,7 +68,7 @@ def predict_a_few(s: ServerProcess, png: bytes) -> None:
 def restarts(args: argparse.Namespace, png: bytes) -> list[dict]:
     s = ServerProcess("--workers", "2", "--executor", "device", "--drain-seconds", "0")
     try:
-        folder = run_dir(s)
+        folder = s.run_folder()
         shape = shared_memory.TableShape(str(folder / "control"), 1, 2, 1, ModelStats.width(MAX_BATCH))
         table = shared_memory.ControlTable(shape)
         predict_a_few(s, png)
@@ -108,7 +97,7 @@ def restarts(args: argparse.Namespace, png: bytes) -> list[dict]:
 
 def killed_supervisor() -> dict:
     second = ServerProcess("--workers", "2", "--executor", "device", "--drain-seconds", "0")
-    folder = run_dir(second)
+    folder = second.run_folder()
     left = folder_use(folder)
     children = list(second.children.values())
     second.proc.kill()

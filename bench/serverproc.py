@@ -235,6 +235,16 @@ class ServerProcess:
                 out[key] = int(value.split()[0]) / 1024.0
         return out
 
+    def run_folder(self) -> Path:
+        """The server's run folder in /dev/shm: the one whose ``owner`` file names its supervisor."""
+        for path in Path("/dev/shm").glob("cnnserve-*"):
+            try:
+                if int((path / "owner").read_text().split()[0]) == self.proc.pid:
+                    return path
+            except (OSError, ValueError):
+                continue
+        raise RuntimeError("the server's run folder was not found")
+
     def terminate(self) -> None:
         """SIGTERM without waiting: servers stopped side by side drain at the same time."""
         self.proc.send_signal(signal.SIGTERM)

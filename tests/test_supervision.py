@@ -30,18 +30,8 @@ FAST = ["--workers", "2", "--executor", "device", "--drain-seconds", "0",
         "--hang-timeout-seconds", str(HANG_TIMEOUT_S)]  # fmt: skip
 
 
-def _run_dir(s: ServerProcess) -> Path:
-    for path in Path("/dev/shm").glob("cnnserve-*"):
-        try:
-            if int((path / "owner").read_text().split()[0]) == s.proc.pid:
-                return path
-        except (OSError, ValueError):
-            continue
-    raise AssertionError("the server's run folder was not found")
-
-
 def _table(s: ServerProcess) -> shared_memory.ControlTable:
-    shape = shared_memory.TableShape(str(_run_dir(s) / "control"), 1, 2, 1, ModelStats.width(64))
+    shape = shared_memory.TableShape(str(s.run_folder() / "control"), 1, 2, 1, ModelStats.width(64))
     return shared_memory.ControlTable(shape)
 
 
@@ -169,7 +159,7 @@ def test_second_server_on_taken_ports_refuses_and_dead_run_folders_are_swept(tmp
 def test_metrics_files_stay_flat_and_totals_survive_restarts():
     s = ServerProcess("--workers", "2", "--executor", "device", "--drain-seconds", "0")
     try:
-        metrics_dir = _run_dir(s) / "metrics"
+        metrics_dir = s.run_folder() / "metrics"
         for _ in range(3):
             assert httpx.post(f"{s.http}/predict", content=IMAGE, headers={"Content-Type": "image/png"}).is_success
         before = len(list(metrics_dir.iterdir()))
@@ -366,7 +356,7 @@ def test_worker_front_ends_report_their_batches_in_flight_to_the_supervisor():
                       "--max-batch-size", "256")  # fmt: skip
     caller = _PredictLoop(s, 128)
     try:
-        shape = shared_memory.TableShape(str(_run_dir(s) / "control"), 0, 2, 1, ModelStats.width(256))
+        shape = shared_memory.TableShape(str(s.run_folder() / "control"), 0, 2, 1, ModelStats.width(256))
         table = shared_memory.ControlTable(shape)
         slot = table.compute_slot(0)
         caller.start()

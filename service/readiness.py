@@ -3,8 +3,11 @@
 In a multi-process server a front end is handed the shared control table
 (``service.workers.shared_memory.ControlTable``) as a :class:`ProcessGroup`: a drain turns every
 front end's readiness false at once, and a front end is ready when it and at least one device
-executor are. Another front end restarting does not count: it answers nothing while it restarts,
-so no probe or request reaches it, while the others serve (README "Supervision").
+executor are, and no front end listens that cannot serve yet. A front end replaced while another
+serves does not count: it joins the ports only once ready (``service.server``), so no probe or
+request reaches it before. One that listens while loading (the first start, or every front end
+restarting at once) does: the kernel hands it connections it would answer "loading", so a 200
+from any front end means every front end answers (README "Supervision").
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class ProcessGroup(Protocol):
     @property
     def draining(self) -> bool: ...
     def executors_ready(self) -> bool: ...
+    def frontends_loading(self) -> bool: ...
 
 
 class Readiness:
@@ -42,8 +46,8 @@ class Readiness:
         self._metrics.ready.set(0)
 
     def reason(self) -> str | None:
-        """None when ready for traffic, else why not: "draining", "loading models" or "no device
-        executor is ready (starting or restarting)"."""
+        """None when ready for traffic, else why not: "draining", "loading models", "no device
+        executor is ready (starting or restarting)" or that another front end is still loading."""
         group = self._group
         if self._draining or (group is not None and group.draining):
             return "draining"
@@ -51,6 +55,8 @@ class Readiness:
             return "loading models"
         if group is not None and not group.executors_ready():
             return "no device executor is ready (starting or restarting)"
+        if group is not None and group.frontends_loading():
+            return "a front end still loading models takes connections"
         return None
 
     @property

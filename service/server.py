@@ -9,7 +9,8 @@ run either in the device executors or, with ``--executor worker``, in the proces
 
 Start-up: the model repository is checked before any port is bound; listeners start first (so
 liveness answers and readiness says "loading"), then models are loaded and warmed in a thread
-(or the device executors are connected), then readiness turns true.
+(or the device executors are connected), then readiness turns true. A front end replacing one
+that died while another serves opens its listeners only once ready (see ``serve``).
 SIGTERM (or Ctrl-C): readiness turns false at once (HTTP 503, gRPC health NOT_SERVING) while both
 servers keep serving for ``drain_seconds``; then they stop accepting, everything admitted is
 finished (bounded by ``shutdown_timeout_seconds``), and the process exits 0. A second Ctrl-C
@@ -162,6 +163,48 @@ def remote_versions(clients: list[ExecutorClient], role: FrontendRole, settings:
     return open_version
 
 
+class Listeners:
+    """One process's HTTP and gRPC listeners: bound together (a taken port is a StartupError),
+    answering from :meth:`start` on, closed together."""
+
+    def __init__(self, settings: Settings, plane: DataPlane, metrics: Metrics, security: Security,
+                 role: FrontendRole | None) -> None:  # fmt: skip
+        shared = role is not None  # front ends of a multi-process server share the ports (SO_REUSEPORT)
+        self.sock = bind_listener(settings.host, settings.http_port, "HTTP", reuse_port=shared)
+        try:
+            # grpc-core listens from here on (connections wait in its backlog until start()).
+            self.grpc = GrpcServer(plane, metrics, settings, reuse_port=shared, security=security)
+        except (OSError, RuntimeError):
+            self.sock.close()
+            raise port_in_use("gRPC", settings.host, settings.grpc_port) from None
+        self.http_port = self.sock.getsockname()[1]
+        app, served = create_app(plane, metrics)
+        # /readyz also asks the gRPC port for its health, over loopback (issue 17): in plaintext with
+        # health open only; under TLS the check would need the server's name and, with mutual TLS, a
+        # client certificate it does not have (README "Secure it": probe gRPC health there).
+        if security.tls is None and "health" not in security.access.restricted:
+            app.state.grpc_self_check = GrpcSelfCheck(loopback_target(settings.host, self.grpc.port))
+        config = uvicorn_config(security.http_app(served, metrics), settings, security.http_ssl)
+        self.http = uvicorn.Server(config)
+        # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
+        # SIGTERM starts our drain instead.
+        config.load()
+        self.http.lifespan = config.lifespan_class(config)
+        self._http_loop: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        await self.http.startup(sockets=[self.sock])
+        self._http_loop = asyncio.create_task(self.http.main_loop())
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting; finish what was admitted for up to ``grace`` seconds."""
+        self.http.should_exit = True
+        if self._http_loop is not None:
+            await self._http_loop
+        await asyncio.gather(self.http.shutdown(sockets=[self.sock]), self.grpc.stop(grace))
+
+
 async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     started = time.monotonic()
     metrics = Metrics()
@@ -170,6 +213,19 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     tracing.start(settings, metrics.process_name, metrics.registry)
     plane = build_plane(settings, metrics, role)
     core, readiness = plane.core, plane.readiness
+    # A replacement front end joins the ports only once it can serve: while another front end
+    # serves, the kernel then sends it no connection it would answer "loading" (SO_REUSEPORT
+    # spreads them over every listener). With none serving (the first start, every front end
+    # restarting at once) it listens at once, and every front end's readiness says so meanwhile.
+    # LISTENING is claimed before the others are looked at: a front end turning READY at the same
+    # moment then sees the claim (its readiness false) or is seen (this one waits).
+    join_when_ready = False
+    if role is not None:
+        role.table.state[role.row] = shared_memory.LISTENING
+        join_when_ready = role.table.frontend_serving(besides=role.row)
+        if join_when_ready:
+            role.table.state[role.row] = shared_memory.STARTING
+    listeners: Listeners | None = None
     try:
         if role is None:
             check_repository(settings)
@@ -180,28 +236,11 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             security = Security(settings)  # TLS files and access keys, read by each process
         except SecurityError as e:
             raise StartupError(str(e)) from None
-        sock = bind_listener(settings.host, settings.http_port, "HTTP", reuse_port=role is not None)
-        try:
-            grpc_server = GrpcServer(plane, metrics, settings, reuse_port=role is not None, security=security)
-        except (OSError, RuntimeError):
-            sock.close()
-            raise port_in_use("gRPC", settings.host, settings.grpc_port) from None
+        if not join_when_ready:
+            listeners = Listeners(settings, plane, metrics, security, role)
     except StartupError as e:
         log.error("%s", e)
         return 1
-    http_port = sock.getsockname()[1]
-    app, served = create_app(plane, metrics)
-    # /readyz also asks the gRPC port for its health, over loopback (issue 17): in plaintext with
-    # health open only; under TLS the check would need the server's name and, with mutual TLS, a
-    # client certificate it does not have (README "Secure it": probe gRPC health there).
-    if security.tls is None and "health" not in security.access.restricted:
-        app.state.grpc_self_check = GrpcSelfCheck(loopback_target(settings.host, grpc_server.port))
-    config = uvicorn_config(security.http_app(served, metrics), settings, security.http_ssl)
-    http_server = uvicorn.Server(config)
-    # Server.serve() would install its own signal handlers; we drive its steps ourselves so that
-    # SIGTERM starts our drain instead.
-    config.load()
-    http_server.lifespan = config.lifespan_class(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if role is None:
@@ -210,18 +249,18 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
     else:  # a front end stops when its supervisor says so
         loop.add_signal_handler(shared_memory.STOP_SIGNAL, stop.set)
 
-    await grpc_server.start()
-    await http_server.startup(sockets=[sock])
-    http_loop = asyncio.create_task(http_server.main_loop())
+    if listeners is not None:
+        await listeners.start()
     tls_watcher = security.start_watching()
     if role is None or role.index == 0:
         log.info("%s", security.describe())
     heart: asyncio.Task[None] | None = None  # a front end's event loop beats in the shared table
     if role is None:
-        log.info("listening http=%s:%d grpc=%s:%d", settings.host, http_port, settings.host, grpc_server.port)
+        assert listeners is not None
+        log.info("listening http=%s:%d grpc=%s:%d", settings.host, listeners.http_port, settings.host,
+                 listeners.grpc.port)  # fmt: skip
     else:
         role.table.pid[role.row] = os.getpid()
-        role.table.state[role.row] = shared_memory.LISTENING
         heart = asyncio.create_task(_heartbeat(role))
 
     clients: list[ExecutorClient] = []
@@ -266,12 +305,19 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
                 readiness.models_loaded()
             if plane.repository is not None:
                 plane.repository.start_polling()
+            if listeners is None:
+                listeners = Listeners(settings, plane, metrics, security, role)
+                await listeners.start()
             if role is None:
-                await grpc_server.set_serving(True)
+                await listeners.grpc.set_serving(True)
                 log.info("ready in %.2fs: %s", time.monotonic() - started, _describe_ready(core))
             else:
                 role.table.state[role.row] = shared_memory.READY
-                watcher = asyncio.create_task(_follow_shared_state(readiness, metrics, grpc_server, stop))
+                watcher = asyncio.create_task(_follow_shared_state(readiness, metrics, listeners.grpc, stop))
+        except StartupError as e:  # a replacement front end's ports, bound late
+            log.error("%s", e)
+            exit_code = 1
+            stop.set()
         except Exception as e:  # noqa: BLE001 - any model that fails to load: one line, exit 1
             log.error("cannot load models: %s", e)
             exit_code = 1
@@ -279,7 +325,8 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
         await stop.wait()
     if exit_code == 0:
         readiness.begin_drain()
-        await grpc_server.set_serving(False)
+        if listeners is not None:
+            await listeners.grpc.set_serving(False)
         if settings.drain_seconds > 0:
             log.info(
                 "draining: readiness is false, serving for %.1fs more (Ctrl-C again stops now)", settings.drain_seconds
@@ -287,13 +334,8 @@ async def serve(settings: Settings, role: FrontendRole | None = None) -> int:
             await asyncio.sleep(settings.drain_seconds)
     if role is None:
         log.info("closing listeners; finishing admitted requests (at most %.1fs)", settings.shutdown_timeout_seconds)
-    http_server.should_exit = True
-    await http_loop
-    *_, drained = await asyncio.gather(
-        http_server.shutdown(sockets=[sock]),
-        grpc_server.stop(settings.shutdown_timeout_seconds),
-        core.drain(settings.shutdown_timeout_seconds),
-    )
+    grace = settings.shutdown_timeout_seconds
+    *_, drained = await asyncio.gather(listeners.close(grace) if listeners else asyncio.sleep(0), core.drain(grace))
     if not drained:
         log.warning(
             "shutdown timeout (%.1fs) passed with requests still queued; they are answered 503 / UNAVAILABLE",

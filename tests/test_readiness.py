@@ -37,6 +37,11 @@ def test_a_front_end_is_ready_with_one_executor_and_drains_with_the_server(tmp_p
     table.state[:] = shared_memory.READY
     table.state[shape.frontend_row(1)] = shared_memory.STARTING  # the other front end restarts:
     assert readiness.is_ready  # it answers nothing meanwhile, this one serves (README "Supervision")
+    assert table.frontend_serving(besides=shape.frontend_row(1))  # so it joins the ports once ready
+    table.state[shape.frontend_row(1)] = shared_memory.LISTENING  # ... unless it listens while loading
+    assert readiness.reason() == "a front end still loading models takes connections"
+    table.state[shape.frontend_row(0)] = shared_memory.STOPPED  # e.g. every front end restarting at once
+    assert not table.frontend_serving(besides=shape.frontend_row(1))
     table.state[0] = shared_memory.STARTING  # the only device executor restarts
     assert readiness.reason() == "no device executor is ready (starting or restarting)"
     table.state[:] = shared_memory.READY

@@ -163,6 +163,9 @@ def test_sigkill_under_load_fails_fast_restarts_and_recovers(victim):
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: s.children[(victim, 0)] != pid, timeout=10), s.log
         assert "died: SIGKILL (exit status -9); restarting it" in s.log
+        # The load goes on until the replacement serves, and a little after (it joins the port then).
+        assert wait_until(lambda: f"{victim} 0 (pid {s.children[(victim, 0)]}) is ready" in s.log, timeout=30), s.log
+        time.sleep(1)
         # Recovery: both protocols succeed again within seconds of the kill.
         assert wait_until(lambda: any(t0 > killed and o == "OK" for t0, _, o in grpc_out[-50:]), timeout=20), s.log
         assert wait_until(lambda: any(t0 > killed and o == "200" for t0, _, o in http_out[-50:]), timeout=20), s.log
@@ -179,6 +182,10 @@ def test_sigkill_under_load_fails_fast_restarts_and_recovers(victim):
     assert all(t1 - t0 < 4.5 for t0, t1, _ in grpc_out + http_out)
     assert {o for *_, o in grpc_out} <= {"OK"} | RETRYABLE_GRPC, {o for *_, o in grpc_out}
     assert {o for *_, o in http_out} <= {"200"} | RETRYABLE_HTTP, {o for *_, o in http_out}
+    if victim == "front end":
+        # The other front end served throughout, and its replacement joined the port only once
+        # ready: no request was answered 503 "loading" (only the killed one's were cut).
+        assert {o for *_, o in http_out} <= {"200", "broken"}, {o for *_, o in http_out}
     if victim == "device executor":
         # Its in-flight requests failed at once as UNAVAILABLE / 503 rather than waiting.
         failed = [(t1 - t0) for t0, t1, o in grpc_out + http_out if o in ("UNAVAILABLE", "503")]

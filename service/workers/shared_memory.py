@@ -259,6 +259,15 @@ class ControlTable:
     def all_ready(self) -> bool:
         return bool((self.state == READY).all())
 
+    def frontend_serving(self, besides: int) -> bool:
+        """Whether a front end other than row ``besides`` serves (is READY)."""
+        frontends = self.state[self.shape.executors :]
+        return bool((np.delete(frontends, besides - self.shape.executors) == READY).any())
+
+    def frontends_loading(self) -> bool:
+        """Whether a front end listens (so the kernel hands it connections) but cannot serve yet."""
+        return bool((self.state[self.shape.executors :] == LISTENING).any())
+
     def executors_ready(self) -> bool:
         """A front end can serve when at least one device executor is READY (or there are none).
         The other front ends do not count: one restarting does not answer at all, so no probe or

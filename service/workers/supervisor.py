@@ -162,6 +162,7 @@ class Supervisor:
             if row in self.reaped or process.is_alive():
                 continue
             self.reaped.add(row)
+            self.table.state[row] = shared_memory.STOPPED  # until its replacement starts
             code = process.exitcode
             if process.pid is not None:
                 try:
@@ -376,6 +377,9 @@ class Supervisor:
         while not self.stop_requested:
             self._wait(0.05)
             now_ready = {int(r) for r in (table.state == shared_memory.READY).nonzero()[0]}
+            for row in sorted((now_ready - self.ready_now) & self.ever_ready):  # a replacement
+                log.info("%s (pid %d) is ready, %.2fs after its start", self._describe(row),
+                         self.processes[row].pid, time.monotonic() - self.spawned_at[row])  # fmt: skip
             self.ever_ready |= now_ready
             self.ready_now |= now_ready
             self._watch_hangs()

@@ -565,12 +565,15 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(slow_serve
                     headers={"Content-Type": "image/png", "X-Request-Timeout-Ms": "20"},
                 )
                 results = await asyncio.gather(late, http_late, return_exceptions=True)
+            # A timer answers at the deadline: the late ones are answered while the blockers still run.
+            blockers_done = sum(t.done() for t in tasks)
             await asyncio.gather(*tasks)
-            return results
+            return (*results, blockers_done)
 
-    late_grpc, late_http = asyncio.run(main())
+    late_grpc, late_http, blockers_done = asyncio.run(main())
     assert isinstance(late_grpc, grpc.RpcError) and late_grpc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert late_http.status_code == 504 and "deadline" in late_http.json()["error"]
+    assert blockers_done == 0
     after = metric_samples(slow_server.http)
     assert (
         sample(after, "cnnserve_images_total", model="cifar10")

@@ -9,7 +9,9 @@
   and the next batch forms while one computes.
 - The queue is bounded in images: a submit that would overflow it raises ``Overloaded`` at once.
 - A request whose deadline passed, or whose caller went away (its future was cancelled), is
-  dropped before compute.
+  dropped before compute. A request is answered ``DeadlineExceeded`` at its deadline by a timer,
+  wherever it is (queued behind a long batch, or in one that is stuck): the caller never waits
+  past it, whatever the batch thread does.
 - If the batch function raises, every request of that batch gets one ``InferenceFailed``.
 - Background work (``service.inference.priority``: explanations) has a lane of its own: its own
   worker task and thread, at a lower OS priority, so a request never waits behind a background
@@ -158,7 +160,13 @@ class Batcher(Generic[Outputs]):
         if self._lane_images[lane] >= self.max_batch_size:
             self._full[lane].set()
         self.observer.queue_depth(self._queued_images)
-        return await request.future
+        if deadline is None:
+            return await request.future
+        timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), _expire, request.future)
+        try:
+            return await request.future
+        finally:
+            timer.cancel()
 
     async def _wait_for_batch(self, lane: int) -> None:
         await self._has_items[lane].wait()
@@ -295,6 +303,13 @@ class Batcher(Generic[Outputs]):
         self._lane_images = [0, 0]
         for executor in self._executors:
             executor.shutdown(wait=True)
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    """The deadline's timer: answer now. Still queued, the request is dropped (and counted) when
+    a batch is next formed; in a batch, its results are thrown away."""
+    if not future.done():
+        future.set_exception(DeadlineExceeded("deadline passed before the batch finished"))
 
 
 def _concat(pieces: list[Any]) -> Any:

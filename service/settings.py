@@ -214,6 +214,14 @@ class Settings(BaseSettings):
         "client cannot hold every connection slot; past it a new connection is answered 503 and closed. "
         "Behind a proxy that sends every client from one address, raise it to max_connections or set 0.",
     )
+    grpc_max_calls_per_client: int = Field(
+        256,
+        ge=0,
+        description="Most gRPC calls in progress at once from one client address on one front end (0: no cap), "
+        "so that one client opening many connections cannot hold every call slot (max_connections); past it a "
+        "call is answered RESOURCE_EXHAUSTED at once. The host's own loopback address (an Envoy sidecar) is not "
+        "counted. Behind another proxy that sends every client from one address, raise it or set 0.",
+    )
     grpc_max_concurrent_streams: int = Field(
         100,
         ge=1,

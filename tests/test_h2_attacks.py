@@ -31,6 +31,7 @@ MIB = 1024 * 1024
 BODY_TIMEOUT = 2.0  # seconds a call may take to send its message (the server's --body-timeout-seconds)
 MAX_CALLS = 400  # the server's --max-connections: gRPC calls in progress
 RESETS = 200  # the server's --grpc-max-early-resets
+PER_CLIENT = 150  # the server's --grpc-max-calls-per-client
 RSS_BOUND_MB = 150  # the issue's bound on the attacked front end's growth
 IMAGE = png_bytes(distinct_images(1)[0])
 ATTACKER = "127.0.0.2"  # the rapid-reset attacker's address: a penalty on it spares callers from 127.0.0.1
@@ -53,6 +54,8 @@ def target():
         str(MAX_CALLS),
         "--grpc-max-early-resets",
         str(RESETS),
+        "--grpc-max-calls-per-client",
+        str(PER_CLIENT),
         "--grpc-penalty-seconds",
         "120",  # the attacker stays boxed for the whole test, however slow the machine
     )
@@ -145,6 +148,36 @@ def test_streams_per_connection_are_bounded_advertised_and_timed_out(target):
         assert "not received within" in out.messages[0]
     assert elapsed < 20
     assert_memory_returns(target, before)
+
+
+def test_one_address_over_many_connections_cannot_hold_every_call_slot(target):
+    """Five connections of 100 headers-only streams from one address (127.0.0.3): 500 calls, more
+    than the server's 400 call slots (--max-connections). That address holds PER_CLIENT of them
+    (ended DEADLINE_EXCEEDED by the message timeout); its other calls are refused
+    RESOURCE_EXHAUSTED at once, and callers from elsewhere are served throughout (the issue: every
+    legitimate Classify failed "Concurrent RPC limit exceeded!" until the streams closed)."""
+    mark = len(target.lines)
+    outcomes: list[h2attack.Outcome] = []
+    with Callers(target) as callers:
+        attackers = [
+            threading.Thread(
+                target=lambda: outcomes.append(h2attack.silent_streams(target.grpc_port, 100, 6, source="127.0.0.3"))
+            )
+            for _ in range(5)
+        ]
+        for t in attackers:
+            t.start()
+        for t in attackers:
+            t.join(30)
+    callers.check()
+    statuses: dict[str, int] = {}
+    for out in outcomes:
+        for code, n in out.statuses.items():
+            statuses[code] = statuses.get(code, 0) + n
+    held, refused = (str(c.value[0]) for c in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED))
+    assert statuses == {held: PER_CLIENT, refused: 500 - PER_CLIENT}, [o.as_dict() for o in outcomes]
+    assert any("calls in progress from your address" in m for o in outcomes for m in o.messages)
+    assert not [line for line in target.lines[mark:] if "Traceback" in line]
 
 
 def test_rapid_reset_puts_the_address_in_the_penalty_box_past_its_budget(target):

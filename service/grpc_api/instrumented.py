@@ -11,12 +11,13 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from service import tracing
 from service.errors import Overloaded, ServiceError, grpc_status
+from service.grpc_api.calls_per_client import CallsPerClient
 from service.grpc_api.http2_limits import trim_heap_soon
 from service.grpc_api.reset_budget import ResetBudget
 from service.metrics import Metrics
@@ -153,11 +154,12 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
 
 async def _refuse(
     context: grpc.aio.ServicerContext, metrics: Metrics, name: str, code: grpc.StatusCode, reason: str, message: str
-) -> None:
+) -> NoReturn:
     """Count the call (by code) and the refusal (by reason), then end it with ``code``."""
     metrics.requests.labels("grpc", name, code.name).inc()
     metrics.rejected.labels(reason).inc()
     await context.abort(code, message)
+    raise AssertionError("abort() raises")  # for the type checker: grpc's stubs do not say so
 
 
 async def _first_message(
@@ -221,29 +223,39 @@ def _guarded(
     method: str,
     message_timeout: float | None,
     resets: ResetBudget | None = None,
+    calls: CallsPerClient | None = None,
 ) -> grpc.RpcMethodHandler:
     """The same unary-unary async handler, served as a client-streaming one (the same bytes on the
-    wire: a unary call is a stream of one message) so that it runs from the call's headers: the
-    first message is awaited under ``message_timeout``, compressed requests are refused before
-    they inflate, and what does not parse is answered INVALID_ARGUMENT (the deserializer cannot
-    raise). Other kinds are returned as they are."""
+    wire: a unary call is a stream of one message) so that it runs from the call's headers: a
+    client address at its cap of calls in progress is refused RESOURCE_EXHAUSTED, the first
+    message is awaited under ``message_timeout``, compressed requests are refused before they
+    inflate, and what does not parse is answered INVALID_ARGUMENT (the deserializer cannot raise).
+    Other kinds are returned as they are."""
     behavior = handler.unary_unary
     if behavior is None or handler.request_streaming or not inspect.iscoroutinefunction(behavior):
         return handler
     name = method.rsplit("/", 1)[-1]
+    per_client = calls or CallsPerClient(0)
+    busy = f"server busy: {per_client.cap} calls in progress from your address (--grpc-max-calls-per-client)"
 
     async def checked(request_iterator: AsyncIterator[object], context: grpc.aio.ServicerContext) -> object:
         if resets is not None and resets.refuses(context.peer):  # its connection is shut down already
             await _refuse(context, metrics, name, grpc.StatusCode.UNAVAILABLE, "penalty_box", PENALTY_BOX)
-        request = await _first_message(context, metrics, name, message_timeout, resets)
-        if type(request) is _Malformed:
-            message = (
-                request.error
-                if request.code is not grpc.StatusCode.INVALID_ARGUMENT
-                else f"request is not a valid message: {request.error}"
-            )
-            await _refuse(context, metrics, name, request.code, "invalid", message)
-        return await behavior(request, context)
+        address = per_client.admit(context.peer)
+        if address is None:
+            await _refuse(context, metrics, name, grpc.StatusCode.RESOURCE_EXHAUSTED, "per_client", busy)
+        try:
+            request = await _first_message(context, metrics, name, message_timeout, resets)
+            if type(request) is _Malformed:
+                message = (
+                    request.error
+                    if request.code is not grpc.StatusCode.INVALID_ARGUMENT
+                    else f"request is not a valid message: {request.error}"
+                )
+                await _refuse(context, metrics, name, request.code, "invalid", message)
+            return await behavior(request, context)
+        finally:
+            per_client.release(address)
 
     return grpc.stream_unary_rpc_method_handler(
         checked,
@@ -270,9 +282,10 @@ class GuardedRegistration:
     """Stands in for the grpc.aio server while generated ``add_*_to_server`` functions register a
     service, so that every unary method of it is guarded (``_guarded``): malformed requests get
     INVALID_ARGUMENT, compressed ones UNIMPLEMENTED, a message that does not come within
-    ``message_timeout`` DEADLINE_EXCEEDED, and calls cancelled before their message are reported
+    ``message_timeout`` DEADLINE_EXCEEDED, calls cancelled before their message are reported
     to ``resets`` (service/grpc_api/reset_budget.py), which refuses calls from an address in its
-    penalty box. A call costs one timer and a type test."""
+    penalty box, and calls from an address past ``calls``' cap are refused RESOURCE_EXHAUSTED
+    (service/grpc_api/calls_per_client.py). A call costs one timer, a type test and a count."""
 
     def __init__(
         self,
@@ -280,9 +293,10 @@ class GuardedRegistration:
         metrics: Metrics,
         message_timeout: float | None = None,
         resets: ResetBudget | None = None,
+        calls: CallsPerClient | None = None,
     ) -> None:
         self.server = server
-        self.wrap = functools.partial(_guarded_as_registered, metrics, message_timeout, resets)
+        self.wrap = functools.partial(_guarded_as_registered, metrics, message_timeout, resets, calls)
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self.server.add_generic_rpc_handlers(tuple(_GuardedGenericHandler(h, self.wrap) for h in handlers))
@@ -297,7 +311,8 @@ def _guarded_as_registered(
     metrics: Metrics,
     message_timeout: float | None,
     resets: ResetBudget | None,
+    calls: CallsPerClient | None,
     handler: grpc.RpcMethodHandler,
     method: str,
 ) -> grpc.RpcMethodHandler:
-    return _guarded(handler, metrics, method, message_timeout, resets)
+    return _guarded(handler, metrics, method, message_timeout, resets, calls)

@@ -10,6 +10,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.dataplane import DataPlane
 from service.grpc_api import classifier, http2_limits, inference_service, reset_budget
+from service.grpc_api.calls_per_client import CallsPerClient
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc
 from service.grpc_api.instrumented import GuardedRegistration
 from service.metrics import Metrics
@@ -46,7 +47,9 @@ class GrpcServer:
         self.reset_budget = reset_budget.ResetBudget(
             settings.grpc_max_early_resets, penalty_seconds=settings.grpc_penalty_seconds, metrics=metrics
         )
-        guarded = GuardedRegistration(self.server, metrics, settings.body_timeout_seconds, self.reset_budget)
+        # One address's calls in progress capped: the other call slots stay for everyone else.
+        calls = CallsPerClient(settings.grpc_max_calls_per_client)
+        guarded = GuardedRegistration(self.server, metrics, settings.body_timeout_seconds, self.reset_budget, calls)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier.ClassifierServicer(plane, metrics), guarded)
         self.service_names = [classifier.SERVICE_NAME]
         inference_service.add_to_server(plane, metrics, guarded)

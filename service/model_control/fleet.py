@@ -61,6 +61,20 @@ class FleetBarrier:
         self.mine["prepared"].pop(model, None)
         self._write()
 
+    async def everyone_serves(self, model: str, key: str) -> bool:
+        """After a change ``key`` of ``model`` that this front end swapped in: wait until every
+        other front end serves it too (they agreed, so each swaps at its next look, within a
+        poll). False after ``timeout_s``; at once True when this front end did not swap for it."""
+        if self.mine["serving"].get(model, [None])[0] != key:
+            return True
+        deadline = time.monotonic() + self.timeout_s
+        others = [k for k in range(self.frontends) if k != self.index]
+        while any(self._read(k).get("serving", {}).get(model, [None])[0] != key for k in others):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(POLL_S)
+        return True
+
     async def agree(self, model: str, key: str, versions: list[str]) -> str | None:
         """Wait until every front end prepared (or serves) ``versions`` of ``model`` for change
         ``key``: None then, else why the change is given up."""

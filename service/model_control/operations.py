@@ -5,8 +5,9 @@ The front end that takes the request appends it to one log file in the server's 
 (under an exclusive lock, one JSON line each) and waits; every front end, that one included,
 applies the log's operations in order, each swapped in only when all front ends agree
 (``fleet.FleetBarrier``, keyed by the operation's number), and the waiting request is answered
-with its own front end's outcome, the same everywhere by that agreement. A front end started
-later (restarted by the supervisor) applies the whole log before it reports ready.
+with its own front end's outcome, the same everywhere by that agreement, once every front end
+serves it (so that any request after the answer, to any front end, sees the change). A front
+end started later (restarted by the supervisor) applies the whole log before it reports ready.
 """
 
 from __future__ import annotations
@@ -65,14 +66,22 @@ class OperationLog:
         """Apply every operation not applied yet, in order."""
         ops = await asyncio.to_thread(self._read)
         for op in ops[self.applied :]:
-            seq = self.applied
+            key = f"op-{self.applied}"  # what the front ends agree on (fleet.FleetBarrier)
             error: ServiceError | None = None
             try:
-                await self.controller.apply(op, f"op-{seq}")
+                await self.controller.apply(op, key)
             except ServiceError as e:
                 error = e  # logged by the controller; the request that asked for it gets it
             self.applied += 1
             waiter = self.waiting.get(op.get("id", ""))
+            barrier = self.controller.barrier
+            if (
+                waiter is not None
+                and error is None
+                and barrier is not None
+                and not await barrier.everyone_serves(op["model"], key)
+            ):
+                log.warning("%s of %s: not every front end serves it yet; answering anyway", op["op"], op["model"])
             if waiter is not None and not waiter.done():
                 if error is None:
                     waiter.set_result(None)

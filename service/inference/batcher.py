@@ -309,7 +309,7 @@ def _expire(future: asyncio.Future[Any]) -> None:
     """The deadline's timer: answer now. Still queued, the request is dropped (and counted) when
     a batch is next formed; in a batch, its results are thrown away."""
     if not future.done():
-        future.set_exception(DeadlineExceeded("deadline passed before the batch finished"))
+        future.set_exception(DeadlineExceeded("deadline passed while waiting for the model (queued or computing)"))
 
 
 def _concat(pieces: list[Any]) -> Any:

@@ -657,6 +657,31 @@ def test_chunked_uploads_without_content_length(server):
     assert r.status_code == 200 and len(r.json()["results"]) == 1
 
 
+def test_pipelined_requests_and_connection_close_are_answered_whole(server):
+    """Raw HTTP/1.1 on one socket: two pipelined /predict requests, then one with Connection:
+    close. Each answer arrives whole, in order, and the server closes after the last."""
+    import socket
+
+    image = png_bytes(distinct_images(1, seed=12)[0])
+    head = b"POST /predict?top_k=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n" % len(
+        image
+    )
+    wire = head + b"\r\n" + image + head + b"\r\n" + image + head + b"Connection: close\r\n\r\n" + image
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
+        sock.sendall(wire)
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            received += chunk
+    answers = []
+    while received:
+        top, _, rest = received.partition(b"\r\n\r\n")
+        length = int(top.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answers.append((top.split(b" ")[1], json.loads(rest[:length])))
+        received = rest[length:]
+    assert [status for status, _ in answers] == [b"200"] * 3, answers
+    assert all(len(body["results"][0]["predictions"]) == 1 for _, body in answers)
+
+
 def test_a_request_larger_than_the_queue_is_413_not_429():
     s = ServerProcess("--max-queue-size", "4", "--drain-seconds", "0")
     try:

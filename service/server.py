@@ -170,20 +170,26 @@ class Listeners:
     def __init__(self, settings: Settings, plane: DataPlane, metrics: Metrics, security: Security,
                  role: FrontendRole | None) -> None:  # fmt: skip
         shared = role is not None  # front ends of a multi-process server share the ports (SO_REUSEPORT)
+        # /readyz also asks the gRPC server for its health (issue 17): in plaintext with health open
+        # only; under TLS the check would need the server's name and, with mutual TLS, a client
+        # certificate it does not have (README "Secure it": probe gRPC health there). A front end
+        # asks its own server, on a Unix socket of its own: over the shared port the kernel may hand
+        # the check to another front end (a hung one would make every front end unready).
+        self_check = security.tls is None and "health" not in security.access.restricted
+        private = str(Path(role.run_dir) / f"fe{role.index}-grpc.sock") if self_check and role else None
         self.sock = bind_listener(settings.host, settings.http_port, "HTTP", reuse_port=shared)
         try:
             # grpc-core listens from here on (connections wait in its backlog until start()).
-            self.grpc = GrpcServer(plane, metrics, settings, reuse_port=shared, security=security)
+            self.grpc = GrpcServer(plane, metrics, settings, reuse_port=shared, security=security,
+                                   private_socket=private)  # fmt: skip
         except (OSError, RuntimeError):
             self.sock.close()
             raise port_in_use("gRPC", settings.host, settings.grpc_port) from None
         self.http_port = self.sock.getsockname()[1]
         app, served = create_app(plane, metrics)
-        # /readyz also asks the gRPC port for its health, over loopback (issue 17): in plaintext with
-        # health open only; under TLS the check would need the server's name and, with mutual TLS, a
-        # client certificate it does not have (README "Secure it": probe gRPC health there).
-        if security.tls is None and "health" not in security.access.restricted:
-            app.state.grpc_self_check = GrpcSelfCheck(loopback_target(settings.host, self.grpc.port))
+        if self_check:
+            target = f"unix:{private}" if private else loopback_target(settings.host, self.grpc.port)
+            app.state.grpc_self_check = GrpcSelfCheck(target)
         config = uvicorn_config(security.http_app(served, metrics), settings, security.http_ssl)
         self.http = uvicorn.Server(config)
         # Server.serve() would install its own signal handlers; we drive its steps ourselves so that

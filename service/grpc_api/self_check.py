@@ -1,12 +1,13 @@
-"""The gRPC side of readiness: a real grpc.health.v1 Check on this server's own gRPC port, over
-loopback, so that HTTP's /readyz (the probe Kubernetes uses) fails when the gRPC port cannot
-serve (issue 17: the gRPC port was exhausted while the HTTP probes kept the pod Ready).
+"""The gRPC side of readiness: a real grpc.health.v1 Check on this process's own gRPC server, so
+that HTTP's /readyz (the probe Kubernetes uses) fails when its gRPC server cannot serve (issue 17:
+the gRPC port was exhausted while the HTTP probes kept the pod Ready).
 
 One check at a time, its answer kept for ``ttl`` seconds: a storm of /readyz requests costs at
 most one gRPC call per ``ttl``. Only the call failing counts (no connection, deadline, refused):
-NOT_SERVING is readiness's own answer, which /readyz reads from the core already. With several
-front ends on one port (SO_REUSEPORT) the kernel may route the check to another front end: it
-then tests the port the pod offers, which is what a probe is for.
+NOT_SERVING is readiness's own answer, which /readyz reads from the core already. One process
+checks its port over loopback; a front end of several checks its own server on a Unix socket of
+its own (``service.server.Listeners``): over the shared port (SO_REUSEPORT) the kernel could hand
+the check to another front end, and one hung front end then made the others unready too.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class GrpcSelfCheck:
             await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
             answer = None
         except grpc.aio.AioRpcError as e:
-            answer = f"gRPC port {self.target} does not answer a health check: {e.code().name}"
+            answer = f"gRPC server at {self.target} does not answer a health check: {e.code().name}"
         self.answer, self.answered_at = answer, time.monotonic()
         return answer
 

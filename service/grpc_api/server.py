@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,7 +29,10 @@ class GrpcServer:
         settings: Settings,
         reuse_port: bool = False,
         security: Security | None = None,
+        private_socket: str | None = None,
     ) -> None:
+        """``private_socket``: a Unix socket path this process alone listens on as well (plaintext),
+        for its own readiness check: the shared TCP port may route a check to another front end."""
         limit = settings.max_request_bytes
         self.server = grpc.aio.server(
             interceptors=security.grpc_interceptors(metrics) if security else None,  # access keys
@@ -68,6 +72,9 @@ class GrpcServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
+        if private_socket is not None:
+            Path(private_socket).unlink(missing_ok=True)  # a predecessor's, in the same run folder
+            self.server.add_insecure_port(f"unix:{private_socket}")
         self.reset_budget.local_port = self.port
 
     async def set_serving(self, serving: bool) -> None:

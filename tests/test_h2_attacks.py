@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from bench import h2attack
-from service.grpc_api import own_sockets, penalty_box, reset_budget
+from service.grpc_api import calls_per_client, own_sockets, penalty_box, reset_budget
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2 as pb
 from service.grpc_api.gen.cnnserve.v1 import classifier_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, distinct_images, png_bytes, wait_until
@@ -285,11 +285,24 @@ def test_readiness_fails_while_the_grpc_port_cannot_serve(target):
     assert wait_until(lambda: httpx.get(f"{target.http}/readyz").status_code == 200, timeout=15), r.text
 
 
+def test_calls_per_client_counts_addresses_not_connections_and_never_loopback():
+    calls = calls_per_client.CallsPerClient(2)
+    held = [calls.admit(lambda p=p: f"ipv4:10.0.0.7:{p}") for p in (1000, 1001)]  # two connections
+    assert held == ["10.0.0.7", "10.0.0.7"] and calls.admit(lambda: "ipv4:10.0.0.7:1002") is None
+    assert calls.admit(lambda: "ipv4:10.0.0.8:1000") == "10.0.0.8"  # another client: its own count
+    for loopback in ("ipv4:127.0.0.1:1", "ipv6:%5B::1%5D:1", "ipv6:%5B::ffff:127.0.0.1%5D:1", "unix:/x"):
+        assert all(calls.admit(lambda peer=loopback: peer) == "" for _ in range(3))
+    calls.release("10.0.0.7")
+    assert calls.admit(lambda: "ipv4:10.0.0.7:1003") == "10.0.0.7"  # a slot freed is taken again
+
+
 def test_the_reset_budget_finds_and_shuts_down_exactly_the_peers_socket():
     """reset_budget's socket lookup on real sockets of this process: grpc-core listens dual-stack,
     so an IPv4 client shows as ::ffff:a.b.c.d there; only the named connection is shut down."""
     assert reset_budget.parse_peer("ipv4:127.0.0.1:5555") == ("127.0.0.1", 5555)
     assert reset_budget.parse_peer("ipv6:[::1]:443") == ("::1", 443)
+    assert reset_budget.parse_peer("ipv6:%5B::1%5D:49018") == ("::1", 49018)  # as grpc-core writes it
+    assert reset_budget.parse_peer("ipv6:%5B::ffff:127.0.0.1%5D:80") == ("127.0.0.1", 80)  # dual-stack
     assert reset_budget.parse_peer("unix:/tmp/x") is None
     assert reset_budget.parse_peer("ipv4:127.0.0.1:²") is None
     listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)

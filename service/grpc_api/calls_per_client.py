@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-#: grpc's peer strings up to the port: ``ipv4:127.0.0.1:5555`` → ``ipv4:127.0.0.1``.
-NOT_COUNTED = frozenset({"ipv4:127.0.0.1", "ipv6:[::1]", "ipv6:%5B::1%5D"})
+from service.grpc_api.penalty_box import NEVER_BOXED
+from service.grpc_api.reset_budget import parse_peer
 
 
 class CallsPerClient:
@@ -32,10 +32,10 @@ class CallsPerClient:
         is at its cap (refuse the call)."""
         if not self.cap:
             return ""
-        name = peer()
-        address = name[: name.rfind(":")]
-        if address in NOT_COUNTED:
+        parsed = parse_peer(peer())
+        if parsed is None or parsed[0] in NEVER_BOXED:  # not an IP peer, or this host's loopback
             return ""
+        address = parsed[0]
         held = self.open.get(address, 0)
         if held >= self.cap:
             return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from service.grpc_api import own_sockets
 from service.grpc_api.penalty_box import PenaltyBox
@@ -28,12 +29,13 @@ from service.metrics import Metrics
 
 
 def parse_peer(peer: str) -> tuple[str, int] | None:
-    """grpc's peer string (``ipv4:127.0.0.1:5555``, ``ipv6:[::1]:5555``) → (host, port)."""
+    """grpc's peer string (``ipv4:127.0.0.1:5555``, ``ipv6:%5B::1%5D:5555``: grpc-core writes an
+    IPv6 host percent-encoded in brackets) → (host, port)."""
     kind, _, rest = peer.partition(":")
     host, _, port = rest.rpartition(":")
     if kind not in ("ipv4", "ipv6") or not port.isascii() or not port.isdigit():
         return None
-    return own_sockets.plain((host.strip("[]"), int(port)))
+    return own_sockets.plain((unquote(host).strip("[]"), int(port)))
 
 
 class ResetBudget:

@@ -223,11 +223,13 @@ class Settings(BaseSettings):
         "counted. Behind another proxy that sends every client from one address, raise it or set 0.",
     )
     grpc_max_concurrent_streams: int = Field(
-        100,
+        2048,
         ge=1,
         description="Most gRPC calls open at once on one HTTP/2 connection, advertised to clients "
-        "(MAX_CONCURRENT_STREAMS); streams past it are refused (REFUSED_STREAM), reset streams count "
-        "until the server has freed them (HTTP/2 rapid reset).",
+        "(MAX_CONCURRENT_STREAMS); streams past it are refused (REFUSED_STREAM -> UNAVAILABLE). A stream "
+        "counts until the server has freed it, which a busy server does tens of calls late: keep it well "
+        "above max_connections (the call slots), so that overload is answered RESOURCE_EXHAUSTED by the "
+        "call slots and the queue instead (HTTP/2 rapid reset is bounded by grpc_max_early_resets).",
     )
     grpc_max_early_resets: int = Field(
         200,

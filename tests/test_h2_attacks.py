@@ -32,6 +32,7 @@ BODY_TIMEOUT = 2.0  # seconds a call may take to send its message (the server's 
 MAX_CALLS = 400  # the server's --max-connections: gRPC calls in progress
 RESETS = 200  # the server's --grpc-max-early-resets
 PER_CLIENT = 150  # the server's --grpc-max-calls-per-client
+STREAMS = 100  # the server's --grpc-max-concurrent-streams (so 3 x 300 silent streams fit the call slots)
 RSS_BOUND_MB = 150  # the bound on the attacked front end's growth
 IMAGE = png_bytes(distinct_images(1)[0])
 ATTACKER = "127.0.0.2"  # the rapid-reset attacker's address: a penalty on it spares callers from 127.0.0.1
@@ -58,6 +59,8 @@ def target():
         str(PER_CLIENT),
         "--grpc-penalty-seconds",
         "120",  # the attacker stays boxed for the whole test, however slow the machine
+        "--grpc-max-concurrent-streams",
+        str(STREAMS),
     )
     yield s
     assert s.stop() == 0, s.log
@@ -141,10 +144,10 @@ def test_streams_per_connection_are_bounded_advertised_and_timed_out(target):
     callers.check()
     assert len(outcomes) == 3
     for out in outcomes:
-        assert out.max_concurrent_streams == 100, out.as_dict()
+        assert out.max_concurrent_streams == STREAMS, out.as_dict()
         assert out.streams_opened == 300
-        assert out.refused == 200, out.as_dict()  # past the 100 the server admits
-        assert out.statuses == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]): 100}, out.as_dict()
+        assert out.refused == 300 - STREAMS, out.as_dict()  # past the STREAMS the server admits
+        assert out.statuses == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]): STREAMS}, out.as_dict()
         assert "not received within" in out.messages[0]
     assert elapsed < 20
     assert_memory_returns(target, before)

@@ -8,6 +8,13 @@ What grpc-core (grpcio 1.81) offers and what is set here, each against one attac
   a client that opens and resets streams (HTTP/2 rapid reset, CVE-2023-44487) cannot have more
   than this many in the server at once; streams past it are refused with RST_STREAM
   (REFUSED_STREAM), after a delay ("tarpit", 100 ms-1 s by default) that slows the attacker.
+  A stream that finished normally counts the same way until the server's Python has freed it,
+  and a busy front end frees them late: with 100, a client keeping 100 calls in flight on one
+  connection (below what it was told) had 38 % of them refused, and 64 callers some. Hence a
+  default of 2048, above the call slots (``max_connections``, 1024): a client that overloads the
+  server is answered RESOURCE_EXHAUSTED by them and the queue, not by refused streams. The
+  rapid-reset bound that matters is ``grpc_max_early_resets`` (reset_budget.py), which shuts the
+  connection long before.
   grpc-core has no budget of resets after which it sends GOAWAY (nghttp2, Envoy and Node.js
   have one): the Envoy sidecar overlay (deploy/overlays/envoy-sidecar) adds it where wanted.
 - ``grpc.http2.max_requests_per_read``: new streams accepted per read of the socket (32, the

@@ -214,6 +214,46 @@ def test_a_client_keeping_the_advertised_streams_busy_on_one_connection_is_never
     assert not failures, f"{len(failures)} of {len(failures) + answered} calls failed, e.g. {failures[0]}"
 
 
+def test_calls_whose_deadline_passes_mid_call_end_quietly(server):
+    """16 callers for 4 s with deadlines of 2-8 ms, shorter than the server takes. A call its
+    deadline ends before the handler has read its message is a client giving up, not an HTTP/2
+    rapid reset: such calls filled the reset budget and the client's connection was shut down
+    (UNAVAILABLE "Socket closed" on every call on it). And grpc-core ends a call at its deadline
+    while the handler is still deciding (decoding, queued): the handler's own DEADLINE_EXCEEDED
+    then has no call to go to, which grpc logged at ERROR ("ExecuteBatchError raised in core by
+    servicer method", two tracebacks). Neither may happen, and the server goes on serving."""
+    mark = len(server.lines)
+    body = pb.ClassifyRequest(images=[pb.Image(encoded=jpeg_bytes(p)) for p in distinct_images(4, seed=9)])
+    codes: dict[str, int] = {}
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            end = time.monotonic() + 4
+
+            async def caller(i: int) -> None:
+                while time.monotonic() < end:
+                    try:
+                        await stub.Classify(body, timeout=0.001 * (2 + i % 7))
+                        code = "OK"
+                    except grpc.RpcError as e:
+                        code = e.code().name
+                    codes[code] = codes.get(code, 0) + 1
+                    # A pause: callers that abandon calls faster than the server ends them have their
+                    # new streams refused (UNAVAILABLE), as grpc-core's rapid-reset bound means to.
+                    await asyncio.sleep(0.004)
+
+            await asyncio.gather(*(caller(i) for i in range(16)))
+
+    asyncio.run(main())
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"}, codes
+    assert codes.get("DEADLINE_EXCEEDED", 0) > 0, codes
+    time.sleep(0.5)  # the server's last lines reach the reader thread
+    logged = [line for line in server.lines[mark:] if "ERROR" in line or "Traceback" in line]
+    assert not logged, logged[:4]
+    assert len(classify_grpc(server.grpc_target, list(body.images)).results) == 4
+
+
 HTTP_BAD = [
     ("garbage png", dict(content=b"not an image at all", headers={"Content-Type": "image/png"}), 400),
     ("empty body", dict(content=b"", headers={"Content-Type": "image/jpeg"}), 400),

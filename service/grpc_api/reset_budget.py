@@ -5,7 +5,8 @@ times a second. grpc-core bounds the streams held at once (``grpc.max_concurrent
 overload protection: service/grpc_api/http2_limits.py) but has no budget of resets after which
 it closes the connection (nghttp2, Envoy and Node.js have one), so each reset still costs this
 process a call: a short Python task. A unary client sends its message with its headers and has no
-reason to cancel before the server has read it; past ``limit`` such cancels from one address
+reason to cancel before the server has read it but its deadline passing (a busy server reads
+late: those are not counted, instrumented.py); past ``limit`` other such cancels from one address
 within ``window`` seconds, the connection is shut down and the address boxed
 (service/grpc_api/penalty_box.py): its new connections are dropped for a growing cool-down, and
 each of its open connections is shut down at its next call.

@@ -53,6 +53,7 @@ class Outcome:
     seconds: float = 0.0
     goaway: bool = False
     goaway_error: int | None = None
+    goaway_data: str = ""  # the GOAWAY's debug data (grpc-core: "too_many_pings")
     closed: bool = False  # the server closed the TCP connection
     resets: int = 0  # RST_STREAM frames from the server
     refused: int = 0  # ... of which REFUSED_STREAM
@@ -136,6 +137,7 @@ class Attacker:
                 o.max_concurrent_streams = changed.new_value
         elif isinstance(event, h2.events.ConnectionTerminated):
             o.goaway, o.goaway_error = True, int(event.error_code)
+            o.goaway_data = (event.additional_data or b"").decode("latin-1")
         elif isinstance(event, h2.events.StreamReset):
             o.resets += 1
             o.refused += int(event.error_code) == 7
@@ -194,6 +196,23 @@ def rapid_reset(
         a.pump()
     a.outcome.seconds = time.monotonic() - started
     a.pump(wait=0.5, until=lambda: a.settled)
+    a.close()
+    return a.outcome
+
+
+def pings(port: int, interval: float, count: int, source: str | None = None) -> Outcome:
+    """``count`` PING frames ``interval`` seconds apart on a connection with no call: a client's
+    keepalive on an idle channel, or, at a short interval, a ping flood. Ends early on GOAWAY."""
+    a = Attacker(port, source=source)
+    started = time.monotonic()
+    for i in range(count):
+        if a.settled:
+            break
+        a.conn.ping(struct.pack(">Q", i))
+        a.flush()
+        a.pump(wait=interval, until=lambda: a.settled)
+    a.outcome.seconds = time.monotonic() - started
+    a.pump(wait=0.3, until=lambda: a.settled)
     a.close()
     return a.outcome
 
@@ -495,12 +514,21 @@ def main() -> None:
     a.add_argument("port", type=int)
     a.add_argument(
         "attack",
-        choices=["rapid-reset", "rapid-reset-reconnecting", "silent-streams", "large-prefix", "gzip", "http-slots"],
+        choices=[
+            "rapid-reset",
+            "rapid-reset-reconnecting",
+            "silent-streams",
+            "large-prefix",
+            "gzip",
+            "http-slots",
+            "pings",
+        ],
     )
     a.add_argument("--seconds", type=float, default=5)
     a.add_argument("--streams", type=int, default=600, help="streams (silent-streams) / connections (http-slots)")
     a.add_argument("--bytes", type=int, default=64 << 20, help="data sent (large-prefix) / inflated size (gzip)")
     a.add_argument("--source", help="local address to connect from (127.0.0.2)")
+    a.add_argument("--interval", type=float, default=0.05, help="pings: seconds between PING frames")
     a.add_argument("--payload", help="gzip: the compressed message, made beforehand (else made from --bytes)")
     m = sub.add_parser("measure", help="start a server; each class's legit p50/p99 and RSS (JSON lines)")
     m.add_argument("--classes", default=",".join(CLASSES))
@@ -547,6 +575,8 @@ def main() -> None:
         out = rapid_reset_reconnecting(args.port, args.seconds, source=args.source)
     elif args.attack == "silent-streams":
         out = silent_streams(args.port, args.streams, args.seconds, source=args.source)
+    elif args.attack == "pings":
+        out = pings(args.port, args.interval, max(1, round(args.seconds / args.interval)), source=args.source)
     elif args.attack == "large-prefix":
         out = large_prefix(args.port, 2**32 - 1, args.bytes, args.seconds, source=args.source)
     else:

@@ -231,6 +231,14 @@ class Settings(BaseSettings):
         "above max_connections (the call slots), so that overload is answered RESOURCE_EXHAUSTED by the "
         "call slots and the queue instead (HTTP/2 rapid reset is bounded by grpc_max_early_resets).",
     )
+    grpc_min_ping_interval_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Shortest interval between a client's HTTP/2 keepalive pings the gRPC port accepts, with "
+        "or without calls in progress (gRPC's own floor for client keepalive); a client pinging more often "
+        "gets GOAWAY too_many_pings after 2 strikes (ping flood). grpc-core's default, 5 min and never "
+        "without calls, sent a client with a 10-30 s keepalive (behind cloud load balancers) GOAWAY.",
+    )
     grpc_max_early_resets: int = Field(
         200,
         ge=1,

@@ -33,6 +33,7 @@ MAX_CALLS = 400  # the server's --max-connections: gRPC calls in progress
 RESETS = 200  # the server's --grpc-max-early-resets
 PER_CLIENT = 150  # the server's --grpc-max-calls-per-client
 STREAMS = 100  # the server's --grpc-max-concurrent-streams (so 3 x 300 silent streams fit the call slots)
+PING_INTERVAL = 1.0  # the server's --grpc-min-ping-interval-seconds (10 s by default: a shorter test)
 RSS_BOUND_MB = 150  # the issue's bound on the attacked front end's growth
 IMAGE = png_bytes(distinct_images(1)[0])
 ATTACKER = "127.0.0.2"  # the rapid-reset attacker's address: a penalty on it spares callers from 127.0.0.1
@@ -61,6 +62,8 @@ def target():
         "120",  # the attacker stays boxed for the whole test, however slow the machine
         "--grpc-max-concurrent-streams",
         str(STREAMS),
+        "--grpc-min-ping-interval-seconds",
+        str(PING_INTERVAL),
     )
     yield s
     assert s.stop() == 0, s.log
@@ -225,6 +228,17 @@ def test_the_hosts_own_loopback_address_is_never_boxed(target):
         )
     assert len(reply.results) == 1
     assert not [line for line in target.lines[mark:] if "penalty box" in line]
+
+
+def test_keepalive_pings_on_an_idle_connection_are_accepted_and_a_ping_flood_is_not(target):
+    """A client keeping an idle channel alive (PING every keepalive interval, no call) keeps its
+    connection: grpc-core's own policy (one ping per 5 min, none without calls) sent it GOAWAY
+    too_many_pings at its fourth ping. PINGs 50 times faster than allowed still get that GOAWAY."""
+    keepalive = h2attack.pings(target.grpc_port, PING_INTERVAL * 1.2, 5, source="127.0.0.4")
+    assert not keepalive.goaway and not keepalive.closed, keepalive.as_dict()
+    flood = h2attack.pings(target.grpc_port, PING_INTERVAL / 50, 200, source="127.0.0.4")
+    assert flood.goaway and flood.goaway_error == 11, flood.as_dict()  # ENHANCE_YOUR_CALM
+    assert flood.goaway_data == "too_many_pings", flood.as_dict()
 
 
 def test_a_declared_message_far_above_the_limit_is_ended_by_the_message_timeout(target):

@@ -26,6 +26,12 @@ What grpc-core (grpcio 1.81) offers and what is set here, each against one attac
   tritonclient, perf_analyzer, grpcurl) compress only when asked to.
 - ``grpc.server_handshake_timeout_ms``: a connection that has not finished the HTTP/2 preface
   and SETTINGS exchange is closed after ``header_timeout_seconds`` (grpc-core: 120 s).
+- ``grpc.http2.min_ping_interval_without_data_ms`` and ``grpc.keepalive_permit_without_calls``:
+  a client's keepalive PINGs are accepted every ``grpc_min_ping_interval_seconds`` (10 s, the
+  floor gRPC sets for client keepalive), with or without calls. grpc-core's own policy (5 min,
+  never without calls) answers a client keeping an idle channel alive every 10-30 s (the usual
+  setting behind cloud load balancers) with GOAWAY ENHANCE_YOUR_CALM "too_many_pings" after two
+  strikes; a PING flood still gets that GOAWAY (``grpc.http2.max_ping_strikes``, 2).
 
 Not available in grpc-core, handled elsewhere: a stream that never sends its message is ended
 by the handler after ``body_timeout_seconds`` (instrumented.py); a length prefix far above
@@ -53,6 +59,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http2.max_requests_per_read", MAX_REQUESTS_PER_READ),
         ("grpc.per_message_decompression", 0),
         ("grpc.server_handshake_timeout_ms", max(1, round(settings.header_timeout_seconds * 1000))),
+        # Client keepalive: accepted down to the interval, idle or not; faster is a ping flood.
+        ("grpc.http2.min_ping_interval_without_data_ms", round(settings.grpc_min_ping_interval_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 

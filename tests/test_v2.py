@@ -255,6 +255,55 @@ def test_grpc_infer_raw_and_typed_contents(server, grpc_client, reference):
     )
 
 
+def test_grpc_streaming_answers_each_request_by_id_and_errors_keep_the_stream(server, grpc_client, reference):
+    """tritonclient's start_stream / async_stream_infer (perf_analyzer --streaming): 150 requests
+    on one call (more than a stream may have in progress, so it is also held back and resumed),
+    each answered once with its id and the model's outputs; a request that fails is answered
+    with its error and the stream goes on; a message that is not a ModelInferRequest too."""
+    import queue
+
+    x = images(150, seed=5)
+    logits, _ = reference(x)
+    answers: queue.Queue = queue.Queue()
+    before = sum(
+        v for labels, v in metric_samples(server, "cnnserve_requests_total") if labels["method"] == "ModelStreamInfer"
+    )
+    grpc_client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i in range(150):
+            grpc_client.async_stream_infer(MODEL, [grpc_input(x[i : i + 1])], request_id=f"s-{i}")
+        grpc_client.async_stream_infer(MODEL, [grpc_input(x[:1, :, :16, :16].copy())], request_id="bad-shape")
+        grpc_client.async_stream_infer("nope", [grpc_input(x[:1])], request_id="no-model")
+        got = [answers.get(timeout=60) for _ in range(152)]
+    finally:
+        grpc_client.stop_stream()
+    results = {r.get_response().id: r for r, e in got if e is None}
+    errors = sorted(str(e) for r, e in got if e is not None)
+    assert sorted(results) == sorted(f"s-{i}" for i in range(150))
+    for i in range(150):
+        np.testing.assert_allclose(results[f"s-{i}"].as_numpy("logits"), logits[i : i + 1], atol=1e-5)
+    assert len(errors) == 2 and "expects FP32 [-1,3,32,32]" in errors[0] and "unknown model 'nope'" in errors[1], errors
+    after = sum(
+        v for labels, v in metric_samples(server, "cnnserve_requests_total") if labels["method"] == "ModelStreamInfer"
+    )
+    assert after - before == 152
+
+    # Bytes that are not a ModelInferRequest, between two good ones, on a raw stream.
+    good = service_pb2.ModelInferRequest(model_name=MODEL, id="raw-good")
+    good.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
+    good.raw_input_contents.append(x[0].tobytes())
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        replies = list(stream(iter([good.SerializeToString(), b"\xff\xff\xff", good.SerializeToString()]), timeout=30))
+    assert len(replies) == 3
+    assert sorted(r.error_message.startswith("request is not a valid message") for r in replies) == [False, False, True]
+    assert [r.infer_response.id for r in replies if not r.error_message] == ["raw-good", "raw-good"]
+
+
 def test_classification_top3(http, grpc_client, reference):
     x = images(4, seed=4)
     _, probs = reference(x)

@@ -144,6 +144,16 @@ PENALTY_BOX = "this client address cancelled too many calls before sending them 
 COMPRESSED = "compressed requests are not accepted (grpc-encoding gzip/deflate): send them uncompressed (identity)"
 
 
+def malformed(request: object) -> str | None:
+    """What is wrong with a message that failed to deserialize (None: it is a message): a unary
+    call is refused with it (by the guard), a streamed request answered with it."""
+    if type(request) is not _Malformed:
+        return None
+    if request.code is not grpc.StatusCode.INVALID_ARGUMENT:
+        return request.error
+    return f"request is not a valid message: {request.error}"
+
+
 def _looks_compressed(data: bytes) -> bool:
     """gzip's magic, or a zlib header (gRPC's "deflate"): neither can start a valid protobuf
     message that failed to parse anyway, so this only names the error better."""
@@ -259,33 +269,73 @@ def _guarded(
     message is awaited under ``message_timeout``, compressed requests are refused before they
     inflate, and what does not parse is answered INVALID_ARGUMENT (the deserializer cannot raise).
     Other kinds are returned as they are."""
-    behavior = handler.unary_unary
-    if behavior is None or handler.request_streaming or not inspect.iscoroutinefunction(behavior):
-        return handler
     name = method.rsplit("/", 1)[-1]
     per_client = calls or CallsPerClient(0)
     busy = f"server busy: {per_client.cap} calls in progress from your address (--grpc-max-calls-per-client)"
+    if handler.request_streaming and handler.response_streaming and handler.stream_stream is not None:
+        return _guarded_stream(handler, metrics, name, resets, per_client, busy)
+    behavior = handler.unary_unary
+    if behavior is None or handler.request_streaming or not inspect.iscoroutinefunction(behavior):
+        return handler
 
     async def checked(request_iterator: AsyncIterator[object], context: grpc.aio.ServicerContext) -> object:
-        if resets is not None and resets.refuses(context.peer):  # its connection is shut down already
-            await _refuse(context, metrics, name, grpc.StatusCode.UNAVAILABLE, "penalty_box", PENALTY_BOX)
-        address = per_client.admit(context.peer)
-        if address is None:
-            await _refuse(context, metrics, name, grpc.StatusCode.RESOURCE_EXHAUSTED, "per_client", busy)
+        address = await _admit(context, metrics, name, resets, per_client, busy)
         try:
             request = await _first_message(context, metrics, name, message_timeout, resets)
-            if type(request) is _Malformed:
-                message = (
-                    request.error
-                    if request.code is not grpc.StatusCode.INVALID_ARGUMENT
-                    else f"request is not a valid message: {request.error}"
-                )
-                await _refuse(context, metrics, name, request.code, "invalid", message)
+            problem = malformed(request)
+            if problem is not None:
+                await _refuse(context, metrics, name, request.code, "invalid", problem)
             return await behavior(request, context)
         finally:
             per_client.release(address)
 
     return grpc.stream_unary_rpc_method_handler(
+        checked,
+        request_deserializer=_safe_deserializer(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _admit(
+    context: grpc.aio.ServicerContext,
+    metrics: Metrics,
+    name: str,
+    resets: ResetBudget | None,
+    per_client: CallsPerClient,
+    busy: str,
+) -> str:
+    """A new call's client address, counted against its cap (``per_client.release`` it); a call
+    from a boxed address (its connection is shut down already) or one at its cap is refused."""
+    if resets is not None and resets.refuses(context.peer):
+        await _refuse(context, metrics, name, grpc.StatusCode.UNAVAILABLE, "penalty_box", PENALTY_BOX)
+    address = per_client.admit(context.peer)
+    if address is None:
+        await _refuse(context, metrics, name, grpc.StatusCode.RESOURCE_EXHAUSTED, "per_client", busy)
+    return address
+
+
+def _guarded_stream(
+    handler: grpc.RpcMethodHandler,
+    metrics: Metrics,
+    name: str,
+    resets: ResetBudget | None,
+    per_client: CallsPerClient,
+    busy: str,
+) -> grpc.RpcMethodHandler:
+    """A bidirectional method (ModelStreamInfer): refused from a boxed address or one at its cap of
+    calls in progress, as a unary call is; its messages deserialize to ``_Malformed`` instead of
+    failing the call (the handler answers each one, ``malformed``). A stream may wait for its next
+    message as long as the client likes: no message timeout."""
+    behavior = handler.stream_stream
+
+    async def checked(request_iterator: AsyncIterator[object], context: grpc.aio.ServicerContext) -> None:
+        address = await _admit(context, metrics, name, resets, per_client, busy)
+        try:
+            await behavior(request_iterator, context)
+        finally:
+            per_client.release(address)
+
+    return grpc.stream_stream_rpc_method_handler(
         checked,
         request_deserializer=_safe_deserializer(handler.request_deserializer),
         response_serializer=handler.response_serializer,

@@ -304,6 +304,45 @@ def test_grpc_streaming_answers_each_request_by_id_and_errors_keep_the_stream(se
     assert [r.infer_response.id for r in replies if not r.error_message] == ["raw-good", "raw-good"]
 
 
+def test_a_stream_the_client_cancels_mid_flight_leaves_nothing_behind(server, reference):
+    """200 requests sent on a stream, then the call cancelled with most of them in progress: no
+    error logged (no task exception left unretrieved), the model's queue back to empty, and the
+    next stream served."""
+    x = images(1, seed=6)
+    mark = len(server.lines)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name=MODEL)
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
+        request.raw_input_contents.append(x.tobytes())
+        call = stub.ModelStreamInfer(iter([request] * 200), timeout=30)
+        next(call)  # the first answer: the stream is being served
+        call.cancel()
+        assert wait_for_idle(server)
+        answers = list(stub.ModelStreamInfer(iter([request] * 3), timeout=30))
+    assert [a.error_message for a in answers] == ["", "", ""]
+    np.testing.assert_allclose(
+        np.frombuffer(answers[0].infer_response.raw_output_contents[0], np.float32).reshape(1, 10),
+        reference(x)[0],
+        atol=1e-5,
+    )
+    time.sleep(0.3)  # the server's last lines reach the reader thread
+    logged = [
+        line for line in server.lines[mark:] if "ERROR" in line or "Traceback" in line or "never retrieved" in line
+    ]
+    assert not logged, logged[:4]
+
+
+def wait_for_idle(server, timeout: float = 10) -> bool:
+    """Whether the model's queue (cnnserve_queue_depth: images queued) comes back to empty."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(v for _, v in metric_samples(server, "cnnserve_queue_depth")) == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_classification_top3(http, grpc_client, reference):
     x = images(4, seed=4)
     _, probs = reference(x)

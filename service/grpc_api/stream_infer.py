@@ -18,10 +18,12 @@ answered, then the call ends OK; when it cancels, they are cancelled.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError  # what write() raises on a call the core has ended
 from tritonclient.grpc import service_pb2 as pb
 
 from service.dataplane import DataPlane
@@ -31,6 +33,7 @@ from service.grpc_api.v2_messages import request_from_proto, response_to_proto
 from service.metrics import Metrics
 from service.protocol import open_inference as v2
 
+log = logging.getLogger("cnnserve.grpc")
 METHOD = "ModelStreamInfer"
 #: Requests of one stream in progress at once: a batch's worth, so that one stream can fill the
 #: batcher as 64 unary callers do (the default --max-batch-size).
@@ -63,10 +66,17 @@ async def serve(plane: DataPlane, metrics: Metrics, context: grpc.aio.ServicerCo
     async def answer(request: Any) -> None:
         started = time.perf_counter()
         try:
-            reply, code = await _infer(plane, metrics, request, context.time_remaining())
+            try:
+                reply, code = await _infer(plane, metrics, request, context.time_remaining())
+            except Exception as e:  # noqa: BLE001 - a bug: this request answered INTERNAL, logged, counted
+                log.exception("%s failed unexpectedly", METHOD)
+                reply = pb.ModelStreamInferResponse(error_message=f"internal error: {type(e).__name__}")
+                code = grpc.StatusCode.INTERNAL.name
+            recorder.record(code, started)
             async with writing:
                 await context.write(reply)
-            recorder.record(code, started)
+        except (ExecuteBatchError, grpc.aio.UsageError):
+            pass  # the call ended under this request (client gone, deadline): nobody to answer
         finally:
             slots.release()
 

@@ -105,10 +105,9 @@ async def _infer(
         error: ServiceError = InvalidInput(problem)
         metrics.rejected.labels(error.reason).inc()
         return pb.ModelStreamInferResponse(error_message=error.message), grpc_status(error).name
-    held = 0
     try:
         held = request.ByteSize()
-        plane.buffers.hold(held)  # the message is in memory until its answer is written
+        plane.buffers.hold(held)  # the message is in memory while it is served
         try:
             result = await v2.infer(plane, request_from_proto(request), plane.core.deadline(time_remaining))
         finally:

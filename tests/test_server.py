@@ -619,6 +619,37 @@ def test_full_queue_answers_429_and_resource_exhausted_and_no_5xx(slow_server):
     assert slow_server.proc.poll() is None
 
 
+def test_a_stream_has_at_most_its_share_of_requests_in_progress(slow_server):
+    """500 v2 requests sent at once on one ModelStreamInfer call to a server computing one image
+    a batch: the server reads the stream only while fewer than 64 of its requests are in progress
+    (service/grpc_api/stream_infer.py IN_FLIGHT), so the model's queue never holds more than that
+    (read all at once, it would hold hundreds) and every request is answered."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="cifar10")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32])
+    request.raw_input_contents.append(np.zeros((1, 3, 32, 32), np.float32).tobytes())
+    depths: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            depths.append(sample(metric_samples(slow_server.http), "cnnserve_queue_depth", model="cifar10"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with grpc.insecure_channel(slow_server.grpc_target) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            answers = list(stub.ModelStreamInfer(iter([request] * 500), timeout=60))
+    finally:
+        done.set()
+        watcher.join()
+    assert len(answers) == 500 and not [a.error_message for a in answers if a.error_message]
+    assert max(depths) <= 64, sorted(depths)[-5:]
+    assert max(depths) >= 8, depths  # the stream did fill the queue while it was watched
+
+
 def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(slow_server):
     blockers = [pb.Image(raw=pb.RawImage(pixels=p.tobytes(), height=32, width=32)) for p in distinct_images(256, 6)]
     before = metric_samples(slow_server.http)

@@ -60,7 +60,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.per_message_decompression", 0),
         ("grpc.server_handshake_timeout_ms", max(1, round(settings.header_timeout_seconds * 1000))),
         # Client keepalive: accepted down to the interval, idle or not; faster is a ping flood.
-        ("grpc.http2.min_ping_interval_without_data_ms", round(settings.grpc_min_ping_interval_seconds * 1000)),
+        # At least 1 ms: grpc-core reads 0 as "no limit", which would drop the ping-flood bound.
+        ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(settings.grpc_min_ping_interval_seconds * 1000))),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 

@@ -193,7 +193,7 @@ DEADLINE_SLACK_S = 0.01
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     """A call cancelled at its deadline is a client giving up, not a reset: under load a short
-    deadline passes before the handler reads the message (64 callers at 2-8 ms had their connection
+    deadline passes before the handler reads the message (16 callers at 2-8 ms had their connection
     shut down as rapid resetters, UNAVAILABLE on every call on it). A resetter that sets such
     deadlines is left to grpc-core's stream bound (http2_limits.py), like any flood of calls."""
     remaining = context.time_remaining()
